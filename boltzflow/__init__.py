@@ -1,0 +1,2 @@
+"""boltzflow: Boltzmann sampling with distilled flows."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from boltzflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Command-line interface ``boltzflow``.
+
+Each command group lives in its own module exposing ``register(subparsers)``; the module sets
+``func`` on its parser, which receives the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from boltzflow import __version__
+
+__all__ = ["build_parser", "main"]
+
+# One module per command group, registered in this order.
+_COMMANDS = [
+    "boltzflow.cli.systems_cmd",
+    "boltzflow.cli.demo_cmd",
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="boltzflow", description="Boltzmann sampling with distilled flows."
+    )
+    parser.add_argument("--version", action="version", version=f"boltzflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in _COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code. Expected user errors print one line, not a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("boltzflow: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"boltzflow {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

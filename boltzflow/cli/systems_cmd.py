@@ -1,0 +1,80 @@
+"""``boltzflow systems`` (table of named systems) and ``boltzflow energy`` (reduced energies)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boltzflow.systems import available, definition, load_system
+
+__all__ = ["register", "systems_table"]
+
+
+def systems_table() -> list[dict[str, object]]:
+    """One row per named system: name, dim, particles, temperature, force field, log Z known."""
+    rows = []
+    for name in available():
+        spec = definition(name)
+        n, d = spec.get("n_particles"), spec.get("spatial_dim")
+        rows.append(
+            {
+                "name": name,
+                "dim": spec.get("dim", n * d if n and d else None),
+                "particles": n if n is not None else "-",
+                "temperature": f"{spec['temperature']:g} K" if "temperature" in spec else "-",
+                "force field": spec.get("force_field", "-"),
+                "log Z known": "yes" if spec["kind"] in ("many_well", "gmm") else "no",
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """Plain-text table with aligned columns."""
+    if not rows:
+        return "(empty)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines.append("  ".join("-" * widths[c] for c in cols))
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _cmd_systems(args: argparse.Namespace) -> int:
+    print(format_table(systems_table()))
+    return 0
+
+
+def _cmd_energy(args: argparse.Namespace) -> int:
+    from boltzflow.data import load_positions  # local: data module pulls in h5py
+
+    x = load_positions(Path(args.input), dataset=args.dataset)
+    with load_system(args.system) as system:
+        if x.ndim != 2 or x.shape[1] != system.dim:
+            raise ValueError(
+                f"{args.input}: expected configurations of shape (N, {system.dim}) for "
+                f"{args.system}, got {x.shape}"
+            )
+        u = system.energy(torch.as_tensor(x, dtype=torch.float64)).detach().cpu().numpy()
+        n_bad = int((~np.isfinite(u)).sum())
+    from boltzflow.io.atomic import atomic_save_npy
+
+    atomic_save_npy(Path(args.output), u)
+    print(f"wrote {len(u)} reduced energies (kT) to {args.output}; non-finite: {n_bad}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("systems", help="list the named systems")
+    p.set_defaults(func=_cmd_systems)
+
+    p = sub.add_parser("energy", help="reduced energies u(x) = U(x)/kT of configurations")
+    p.add_argument("system", help="system name (see `boltzflow systems`)")
+    p.add_argument("input", help=".npy array (N, dim) or HDF5 file")
+    p.add_argument("--dataset", default=None, help="HDF5 dataset name (default: positions)")
+    p.add_argument("-o", "--output", required=True, help="output .npy of shape (N,)")
+    p.set_defaults(func=_cmd_energy)
