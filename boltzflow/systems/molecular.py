@@ -1,0 +1,401 @@
+"""Molecular systems whose energy comes from OpenMM (``kind = "openmm"`` in ``systems/*.toml``).
+
+The reduced energy is u(x) = U(x) / kT with U the OpenMM potential energy in kJ/mol and
+kT = R·T (:mod:`boltzflow.constants`); positions are in nm, flat ``(batch, 3 * n_atoms)`` in the
+atom order of the structure file. Gradients come from OpenMM's forces: du/dx = −F / kT.
+
+Definition parameters (``[parameters]`` table):
+
+- ``structure``: PDB file (relative to the ``systems/`` folder) giving topology, atom order and the
+  reference configuration.
+- either ``forcefield``: list of OpenMM force-field XML files (built-in names such as
+  ``"amber99sbildn.xml"`` or paths relative to ``systems/``), applied to the PDB topology;
+- or ``prmtop``: an AMBER prmtop (same atom order as the PDB, checked) with ``implicit_solvent``
+  one of ``"none"``, ``"HCT"``, ``"OBC1"``, ``"OBC2"``, ``"GBn"``, ``"GBn2"``.
+- ``platform``: ``"Reference"``, ``"CPU"``, ``"CUDA"``, ``"OpenCL"`` or ``"auto"``.
+- ``n_workers``: OpenMM worker processes (0 = in-process); ``threads``: CPU-platform threads
+  per worker (0 = split the cores).
+- ``energy_cap``: reduced energy above which u is regularised (``inf`` = off, the default).
+- ``phi_atoms``, ``psi_atoms``, ``chirality_atoms``: 0-based atom indices for
+  :mod:`boltzflow.systems.geometry`.
+
+Every system is built with no cutoff, no constraints and no rigid water: the density lives on all
+3·n_atoms Cartesian coordinates.
+
+Example (scripts must keep their work under a main guard: the pool's spawned workers re-import
+the main script)::
+
+    from boltzflow.systems import load_system
+
+    if __name__ == "__main__":
+        with load_system("aldp", n_workers=2) as aldp:
+            u = aldp.energy(aldp.reference_configuration())  # tensor([-38.3655]) kT
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openmm
+import torch
+from openmm import app, unit
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from boltzflow.constants import kt_kj_per_mol
+from boltzflow.systems import geometry
+from boltzflow.systems.base import System, SystemInfo
+from boltzflow.systems.openmm_pool import OpenMMPool, resolve_platform
+
+__all__ = ["MolecularSystem", "build", "regularise_energy"]
+
+_IMPLICIT_SOLVENTS = {
+    "none": None,
+    "HCT": app.HCT,
+    "OBC1": app.OBC1,
+    "OBC2": app.OBC2,
+    "GBn": app.GBn,
+    "GBn2": app.GBn2,
+}
+_PARAMETERS = {
+    "structure",
+    "forcefield",
+    "prmtop",
+    "implicit_solvent",
+    "platform",
+    "n_workers",
+    "threads",
+    "energy_cap",
+    "phi_atoms",
+    "psi_atoms",
+    "chirality_atoms",
+}
+
+
+def regularise_energy(u: np.ndarray, cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Soften reduced energies above ``cap``: u ↦ cap + log(1 + u − cap) for u > cap.
+
+    The map is continuous with a continuous first derivative at the cap (slope 1 there), grows
+    only logarithmically beyond it, and leaves u ≤ cap and u = +inf unchanged. This is the
+    "linlog" energy cut of Boltzmann generators (Noé et al., Science 365, eaaw1147 (2019)) used
+    to keep training gradients bounded; it changes the target only where exp(−u) is negligible.
+
+    Args:
+        u: reduced energies.
+        cap: threshold in kT, or None / inf for no regularisation.
+
+    Returns:
+        ``(u_reg, slope)``: regularised energies and d u_reg / d u (1 below the cap).
+    """
+    slope = np.ones_like(u)
+    if cap is None or math.isinf(cap):
+        return u, slope
+    above = u > cap
+    excess = np.where(above, u - cap, 0.0)
+    u_reg = np.where(above, cap + np.log1p(excess), u)
+    slope = np.where(above, 1.0 / (1.0 + excess), 1.0)
+    return u_reg, slope
+
+
+class _OpenMMEnergy(torch.autograd.Function):
+    """u(x) from OpenMM; the backward pass uses the forces computed with it (du/dx = −F/kT)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, system: MolecularSystem, need_grad: bool) -> Tensor:
+        pos = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        u, grad = system._reduced_energy(pos, need_grad)
+        if grad is not None:
+            ctx.save_for_backward(torch.from_numpy(grad).to(device=x.device, dtype=x.dtype))
+        return torch.from_numpy(u).to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        # Rows with u = +inf carry zero gradient; keep a non-finite upstream factor from
+        # turning 0 into NaN there.
+        factor = torch.where(torch.isfinite(grad_u), grad_u, torch.zeros_like(grad_u))
+        return factor[:, None] * grad, None, None
+
+
+class MolecularSystem(System):
+    """A molecule whose reduced energy and forces are evaluated by OpenMM.
+
+    Args:
+        info: static description (``dim = 3 * n_atoms``, temperature in K).
+        openmm_system: the OpenMM system (no constraints, no virtual sites).
+        topology: OpenMM topology in the coordinate order.
+        positions_nm: ``(n_atoms, 3)`` reference positions in nm.
+        platform: OpenMM platform name or ``"auto"``.
+        n_workers: worker processes for :class:`OpenMMPool` (0 = in-process).
+        threads: CPU-platform threads per worker (None or 0 = split the cores).
+        energy_cap: see :func:`regularise_energy` (None = off).
+        phi_atoms, psi_atoms, chirality_atoms: atom indices for :mod:`boltzflow.systems.geometry`.
+        timeout: seconds allowed per pool evaluation (None = the pool's default).
+
+    The worker pool starts on the first energy evaluation and stops on :meth:`close` (or with
+    ``with system: ...``, or at garbage collection / interpreter exit); a later evaluation starts
+    a new pool.
+
+    Counters: :attr:`n_nonfinite` (base class) counts input rows with NaN/inf coordinates;
+    :attr:`n_failed` counts rows OpenMM could not turn into a finite energy and force, which
+    includes atoms on top of each other and also those non-finite rows (the base class hands
+    them to :meth:`_energy` as zeros). Both kinds get u = +inf and zero gradient.
+    """
+
+    def __init__(
+        self,
+        info: SystemInfo,
+        openmm_system: openmm.System,
+        topology: app.Topology,
+        positions_nm: np.ndarray,
+        *,
+        platform: str = "Reference",
+        n_workers: int = 1,
+        threads: int | None = None,
+        energy_cap: float | None = None,
+        phi_atoms: tuple[int, ...] = geometry.ALDP_PHI_ATOMS,
+        psi_atoms: tuple[int, ...] = geometry.ALDP_PSI_ATOMS,
+        chirality_atoms: tuple[int, ...] = geometry.ALDP_CHIRALITY_ATOMS,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(info)
+        n_atoms = openmm_system.getNumParticles()
+        if info.dim != 3 * n_atoms or topology.getNumAtoms() != n_atoms:
+            raise ValueError(
+                f"system {info.name!r}: dim {info.dim}, topology with {topology.getNumAtoms()} "
+                f"atoms and an OpenMM system with {n_atoms} particles do not match"
+            )
+        if openmm_system.getNumConstraints():
+            raise ValueError(f"system {info.name!r}: constraints are not supported")
+        if info.temperature is None or not info.temperature > 0:
+            raise ValueError(f"system {info.name!r}: needs a positive temperature in kelvin")
+        positions = np.asarray(positions_nm, dtype=np.float64)
+        if positions.shape != (n_atoms, 3):
+            raise ValueError(f"positions_nm must be ({n_atoms}, 3), got {positions.shape}")
+        for label, atoms in (
+            ("phi_atoms", phi_atoms),
+            ("psi_atoms", psi_atoms),
+            ("chirality_atoms", chirality_atoms),
+        ):
+            try:
+                geometry._index_tensor(list(atoms), 4, n_atoms)
+            except ValueError as err:
+                raise ValueError(f"system {info.name!r}: {label}: {err}") from err
+        self.openmm_system = openmm_system
+        self.topology = topology
+        self.phi_atoms = tuple(int(i) for i in phi_atoms)
+        self.psi_atoms = tuple(int(i) for i in psi_atoms)
+        self.chirality_atoms = tuple(int(i) for i in chirality_atoms)
+        self.platform_name = resolve_platform(platform)
+        self.n_workers = int(n_workers)
+        self.threads = threads or None
+        self.energy_cap = (
+            None if energy_cap is None or math.isinf(energy_cap) else float(energy_cap)
+        )
+        self.timeout = timeout
+        self.kt = kt_kj_per_mol(info.temperature)  # kJ/mol
+        self.n_failed = 0
+        centred = positions - positions.mean(axis=0)  # mean-free convention, energy unchanged
+        self._reference = torch.from_numpy(centred.reshape(1, -1).copy())
+        self._xml: str | None = None
+        self._pool: OpenMMPool | None = None
+        self._mdtraj_topology: Any = None
+        # The shipped structure is the L form; its chirality sign defines L for this system.
+        volume = float(geometry.chirality_volume(self._reference, self.chirality_atoms)[0])
+        self.l_form_sign = 1 if volume > 0 else -1
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def n_atoms(self) -> int:
+        return self.dim // 3
+
+    @property
+    def positions_nm(self) -> Tensor:
+        """Reference configuration ``(1, 3 * n_atoms)`` float64 in nm, centred at the origin."""
+        return self._reference.clone()
+
+    def reference_configuration(self) -> Tensor:
+        """The structure file's configuration, ``(1, 3 * n_atoms)`` float64 nm, centred."""
+        return self._reference.clone()
+
+    @property
+    def mdtraj_topology(self) -> Any:
+        """The topology as an ``mdtraj.Topology`` (imported lazily)."""
+        if self._mdtraj_topology is None:
+            import mdtraj
+
+            self._mdtraj_topology = mdtraj.Topology.from_openmm(self.topology)
+        return self._mdtraj_topology
+
+    def backbone_dihedrals(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(φ, ψ) in radians of ``(..., dim)`` positions, with this system's atom indices."""
+        return geometry.backbone_dihedrals(x, self.phi_atoms, self.psi_atoms)
+
+    def fix_chirality(self, x: Tensor) -> tuple[Tensor, float]:
+        """Mirror the non-L rows (x → −x); returns the fixed batch and the fraction mirrored."""
+        return geometry.fix_chirality(x, self.chirality_atoms, self.l_form_sign)
+
+    # -- energies --------------------------------------------------------------------------------
+    @property
+    def pool(self) -> OpenMMPool:
+        """The worker pool, started on first use (and again after :meth:`close`)."""
+        if self._pool is None or self._pool.closed:
+            if self._xml is None:
+                self._xml = openmm.XmlSerializer.serialize(self.openmm_system)
+            self._pool = OpenMMPool(
+                self._xml,
+                self.platform_name,
+                self.n_workers,
+                threads=self.threads,
+                timeout=self.timeout,
+            )
+        return self._pool
+
+    def _reduced_energy(
+        self, positions: np.ndarray, forces: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Reduced energies ``(batch,)`` and du/dx ``(batch, dim)`` (or None) in float64."""
+        batch = positions.shape[0]
+        result = self.pool.evaluate(positions.reshape(batch, self.n_atoms, 3), forces=forces)
+        self.n_failed += result.n_failed
+        u, slope = regularise_energy(result.energies / self.kt, self.energy_cap)
+        if result.forces is None:
+            return u, None
+        grad = -result.forces.reshape(batch, self.dim) / self.kt * slope[:, None]
+        return u, grad
+
+    def _energy(self, x: Tensor) -> Tensor:
+        # Forces cost about 50% more than energies alone: ask OpenMM only when a graph is built.
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        return _OpenMMEnergy.apply(x, self, need_grad)
+
+    def close(self) -> None:
+        """Stop the OpenMM worker pool (a later energy call starts a new one)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MolecularSystem(name={self.name!r}, n_atoms={self.n_atoms}, "
+            f"platform={self.platform_name!r}, n_workers={self.n_workers})"
+        )
+
+
+# -- building from a definition -------------------------------------------------------------------
+def _file(source_dir: Path, name: str, key: str, system: str) -> Path:
+    if not isinstance(name, str):
+        raise TypeError(f"system {system!r}: parameter {key!r} must be a file name, got {name!r}")
+    path = Path(source_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"system {system!r}: {key} file not found: {path}")
+    return path
+
+
+def _atoms(params: dict[str, Any], key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = params.get(key, default)
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise ValueError(f"parameter {key!r} must be a list of 4 atom indices, got {value!r}")
+    return tuple(int(i) for i in value)
+
+
+def _check_same_atoms(prmtop: app.Topology, pdb: app.Topology, system: str) -> None:
+    """The prmtop must list the PDB's atoms in the same order (element and residue by index)."""
+    a, b = list(prmtop.atoms()), list(pdb.atoms())
+    if len(a) != len(b):
+        raise ValueError(f"system {system!r}: prmtop has {len(a)} atoms, structure {len(b)}")
+    for i, (p, q) in enumerate(zip(a, b)):
+        if p.element != q.element or p.residue.name != q.residue.name:
+            raise ValueError(
+                f"system {system!r}: atom {i} differs between prmtop ({p.residue.name} {p.name}) "
+                f"and structure ({q.residue.name} {q.name}); the atom orders must match"
+            )
+
+
+def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> MolecularSystem:
+    """Build a :class:`MolecularSystem` from a ``systems/<name>.toml`` definition.
+
+    Raises:
+        ValueError: unknown or inconsistent parameters.
+        FileNotFoundError: a structure, prmtop or force-field file is missing.
+    """
+    name = spec["name"]
+    unknown = set(params) - _PARAMETERS
+    if unknown:
+        raise ValueError(
+            f"system {name!r}: unknown parameters {sorted(unknown)}; allowed: {sorted(_PARAMETERS)}"
+        )
+    if spec.get("spatial_dim", 3) != 3:
+        raise ValueError(f"system {name!r}: molecular systems have spatial_dim = 3")
+    pdb = app.PDBFile(str(_file(source_dir, params.get("structure"), "structure", name)))
+    kwargs = {
+        "nonbondedMethod": app.NoCutoff,
+        "constraints": None,
+        "rigidWater": False,
+        "removeCMMotion": False,
+    }
+    has_ff, has_prmtop = "forcefield" in params, "prmtop" in params
+    if has_ff == has_prmtop:
+        raise ValueError(f"system {name!r}: give exactly one of 'forcefield' and 'prmtop'")
+    if has_ff:
+        files = params["forcefield"]
+        if isinstance(files, str) or not files:
+            raise ValueError(f"system {name!r}: 'forcefield' must be a non-empty list of XML files")
+        # A file beside the definitions wins over OpenMM's built-in library of the same name.
+        resolved = [
+            str(Path(source_dir) / f) if (Path(source_dir) / f).is_file() else f for f in files
+        ]
+        if "implicit_solvent" in params:
+            raise ValueError(
+                f"system {name!r}: with 'forcefield' the solvent model is an XML file, "
+                "not 'implicit_solvent'"
+            )
+        try:
+            forcefield = app.ForceField(*resolved)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"system {name!r}: cannot load force field {files}: {err}"
+            ) from err
+        openmm_system = forcefield.createSystem(pdb.topology, **kwargs)
+    else:
+        prmtop = app.AmberPrmtopFile(str(_file(source_dir, params["prmtop"], "prmtop", name)))
+        _check_same_atoms(prmtop.topology, pdb.topology, name)
+        solvent = params.get("implicit_solvent", "none")
+        if solvent not in _IMPLICIT_SOLVENTS:
+            raise ValueError(
+                f"system {name!r}: implicit_solvent {solvent!r} is not one of "
+                f"{sorted(_IMPLICIT_SOLVENTS)}"
+            )
+        openmm_system = prmtop.createSystem(implicitSolvent=_IMPLICIT_SOLVENTS[solvent], **kwargs)
+    n_atoms = openmm_system.getNumParticles()
+    if spec.get("n_particles", n_atoms) != n_atoms:
+        raise ValueError(
+            f"system {name!r}: n_particles = {spec['n_particles']} but the structure has "
+            f"{n_atoms} atoms"
+        )
+    spec = {**spec, "n_particles": n_atoms, "spatial_dim": 3}
+    n_workers, threads = params.get("n_workers", 1), params.get("threads", 0)
+    if not isinstance(n_workers, int) or n_workers < 0:
+        raise ValueError(f"system {name!r}: n_workers must be an integer >= 0, got {n_workers!r}")
+    if not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"system {name!r}: threads must be an integer >= 0, got {threads!r}")
+    cap = params.get("energy_cap")
+    if cap is not None and not isinstance(cap, (int, float)):
+        raise ValueError(f"system {name!r}: energy_cap must be a number (inf = off), got {cap!r}")
+    return MolecularSystem(
+        SystemInfo.from_spec(spec, params),
+        openmm_system,
+        pdb.topology,
+        np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer)),
+        platform=str(params.get("platform", "Reference")),
+        n_workers=n_workers,
+        threads=threads,
+        energy_cap=None if cap is None else float(cap),
+        phi_atoms=_atoms(params, "phi_atoms", geometry.ALDP_PHI_ATOMS),
+        psi_atoms=_atoms(params, "psi_atoms", geometry.ALDP_PSI_ATOMS),
+        chirality_atoms=_atoms(params, "chirality_atoms", geometry.ALDP_CHIRALITY_ATOMS),
+    )
