@@ -175,7 +175,7 @@ class System(abc.ABC):
         """One representative configuration ``(1, dim)`` in float64 (a minimum or the PDB)."""
         raise NotImplementedError(f"system {self.name!r} has no reference configuration")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Release resources such as worker pools (no-op for analytic systems)."""
 
     def __enter__(self) -> System:

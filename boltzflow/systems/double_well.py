@@ -12,7 +12,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,11 @@ import torch
 from torch import Tensor
 
 from boltzflow.systems.base import System, SystemInfo
+from boltzflow.systems.minimize import relax_configuration
+from boltzflow.systems.params import check_parameters, number
 from boltzflow.systems.particles import as_particles, pair_indices
 
-__all__ = ["DoubleWellSystem", "build", "relax_configuration"]
+__all__ = ["DoubleWellSystem", "build"]
 
 _PARAMETERS = ("a", "b", "c", "d0", "tau")
 
@@ -82,51 +83,6 @@ class DoubleWellSystem(System):
         return self._reference.clone()
 
 
-def relax_configuration(
-    system: System, *, n_starts: int, scale: float, seed: int = 0, max_iter: int = 2000
-) -> Tensor:
-    """Lowest-energy result of L-BFGS minimisations of ``system.energy`` from random starts.
-
-    Args:
-        system: a particle system (the result is centred with :meth:`System.remove_mean`).
-        n_starts: number of starts, each ``scale * N(0, I)`` from one seeded CPU generator.
-        scale: spread of the starting coordinates (same units as the coordinates).
-        seed: seed of the starting points; the result is deterministic on CPU.
-        max_iter: L-BFGS iterations per start.
-
-    Returns:
-        ``(1, dim)`` float64 configuration.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    best, best_u = None, math.inf
-    for _ in range(n_starts):
-        x = (
-            scale * torch.randn(1, system.dim, generator=gen, dtype=torch.float64)
-        ).requires_grad_()
-        opt = torch.optim.LBFGS(
-            [x],
-            max_iter=max_iter,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure(x: Tensor = x, opt: torch.optim.LBFGS = opt) -> Tensor:
-            opt.zero_grad()
-            u = system.energy(x).sum()
-            u.backward()
-            return u
-
-        with torch.enable_grad():
-            opt.step(closure)
-        u = float(system.energy(x.detach()))
-        if u < best_u:
-            best, best_u = x.detach(), u
-    if best is None:
-        raise RuntimeError(f"{system.name}: every relaxation ended at a non-finite energy")
-    return system.remove_mean(best)
-
-
 def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> DoubleWellSystem:
     """Registry builder for ``kind = "double_well"`` (see :mod:`boltzflow.systems.registry`).
 
@@ -136,30 +92,12 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> Dou
         TypeError: a non-numeric parameter.
     """
     name = spec["name"]
-    _check_parameters(name, params, _PARAMETERS)
+    check_parameters(name, params, _PARAMETERS)
     if spec.get("temperature") is not None:
         raise ValueError(
             f"system {name!r} is dimensionless (energies already in kT) and has no temperature; "
             "scale the parameter 'tau' instead"
         )
-    values = {k: _number(name, k, params[k]) for k in _PARAMETERS}
+    values = {k: number(name, k, params[k]) for k in _PARAMETERS}
     info = SystemInfo.from_spec(spec, params)
     return DoubleWellSystem(info, **values)
-
-
-def _check_parameters(name: str, params: dict[str, Any], expected: tuple[str, ...]) -> None:
-    missing = [k for k in expected if k not in params]
-    unknown = sorted(set(params) - set(expected))
-    if missing or unknown:
-        raise ValueError(
-            f"system {name!r}: parameters must be exactly {list(expected)}; "
-            f"missing {missing}, unknown {unknown}"
-        )
-
-
-def _number(name: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"system {name!r}: parameter {key!r} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"system {name!r}: parameter {key!r} must be finite, got {value!r}")
-    return float(value)

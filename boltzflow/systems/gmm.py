@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from boltzflow.systems.base import System, SystemInfo, check_coordinates
-from boltzflow.systems.double_well import _check_parameters, _number
+from boltzflow.systems.params import check_parameters, number
 
 __all__ = ["GMMSystem", "build"]
 
@@ -131,10 +131,10 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> GMM
         TypeError: a non-numeric std.
     """
     name = spec["name"]
-    _check_parameters(name, params, _PARAMETERS)
+    check_parameters(name, params, _PARAMETERS)
     if spec.get("temperature") is not None:
         raise ValueError(f"system {name!r} is dimensionless and has no temperature")
-    std = _number(name, "std", params["std"])
+    std = number(name, "std", params["std"])
     try:
         means = np.asarray(params["means"], dtype=np.float64)
     except (TypeError, ValueError) as err:

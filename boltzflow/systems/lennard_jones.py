@@ -24,7 +24,8 @@ from typing import Any
 from torch import Tensor
 
 from boltzflow.systems.base import System, SystemInfo
-from boltzflow.systems.double_well import _check_parameters, _number, relax_configuration
+from boltzflow.systems.minimize import relax_configuration
+from boltzflow.systems.params import check_parameters, number
 from boltzflow.systems.particles import as_particles, pair_indices
 
 __all__ = ["PAIR_CONVENTIONS", "LennardJonesSystem", "build"]
@@ -125,7 +126,7 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> Len
         TypeError: a non-numeric parameter.
     """
     name = spec["name"]
-    _check_parameters(name, params, _PARAMETERS)
+    check_parameters(name, params, _PARAMETERS)
     if spec.get("temperature") is not None:
         raise ValueError(
             f"system {name!r} is dimensionless (energies already in kT) and has no temperature; "
@@ -134,6 +135,6 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> Len
     convention = params["pair_convention"]
     if not isinstance(convention, str):
         raise TypeError(f"system {name!r}: pair_convention must be a string, got {convention!r}")
-    values = {k: _number(name, k, params[k]) for k in ("epsilon", "r_m", "tether")}
+    values = {k: number(name, k, params[k]) for k in ("epsilon", "r_m", "tether")}
     info = SystemInfo.from_spec(spec, params)
     return LennardJonesSystem(info, pair_convention=convention, **values)

@@ -24,7 +24,7 @@ from scipy.integrate import quad
 from torch import Tensor
 
 from boltzflow.systems.base import System, SystemInfo
-from boltzflow.systems.double_well import _check_parameters, _number
+from boltzflow.systems.params import check_parameters, number
 
 __all__ = ["DoubleWell1D", "ManyWellSystem", "build"]
 
@@ -197,7 +197,7 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> Man
         TypeError: a non-numeric parameter.
     """
     name = spec["name"]
-    _check_parameters(name, params, _PARAMETERS)
+    check_parameters(name, params, _PARAMETERS)
     if spec.get("temperature") is not None:
         raise ValueError(f"system {name!r} is dimensionless and has no temperature")
     n_wells = params["n_wells"]
@@ -206,7 +206,7 @@ def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> Man
     file_wells = spec["parameters"].get("n_wells")
     if "dim" in spec and spec["dim"] != 2 * file_wells:
         raise ValueError(f"system {name!r}: dim = {spec['dim']} but 2 * n_wells = {2 * file_wells}")
-    a, b, c = (_number(name, k, params[k]) for k in ("a", "b", "c"))
+    a, b, c = (number(name, k, params[k]) for k in ("a", "b", "c"))
     well = DoubleWell1D(a, b, c)
     log_z = n_wells * (well.log_z + 0.5 * math.log(2 * math.pi))
     spec = {**spec, "dim": 2 * n_wells}

@@ -90,7 +90,8 @@ def definition(name: str) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid TOML: {err}") from err
     unknown = set(spec) - _TOP_LEVEL_KEYS
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_LEVEL_KEYS)}")
+        allowed = sorted(_TOP_LEVEL_KEYS)
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {allowed}")
     if spec.get("name", name) != name:
         raise ValueError(f"{path}: name {spec['name']!r} does not match the file name {name!r}")
     if spec.get("kind") not in _BUILDERS:
