@@ -18,6 +18,8 @@ __all__ = ["build_parser", "main"]
 _COMMANDS = [
     "boltzflow.cli.systems_cmd",
     "boltzflow.cli.demo_cmd",
+    "boltzflow.cli.data_cmd",
+    "boltzflow.cli.reweight_cmd",
 ]
 
 

@@ -1,0 +1,504 @@
+"""End-to-end importance-sampling analyses behind ``boltzflow reweight`` and ``boltzflow estimate``.
+
+:func:`reweight_analysis` turns stored proposal samples (x, log q) into weights, ESS, log Z, metrics
+against optional reference samples, plots and a markdown + JSON report. :func:`estimate_from_spec`
+evaluates observables and free-energy differences named in a TOML spec.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from boltzflow.io.report import write_report
+from boltzflow.io.samples import FORMAT_NAME, SampleSet, read_samples
+from boltzflow.metrics import (
+    chirality_rate,
+    energy_w1,
+    energy_w2,
+    nll,
+    ramachandran_kl,
+    torus_w2,
+)
+from boltzflow.sampling.estimators import (
+    free_energy_difference,
+    free_energy_profile,
+    log_partition,
+    snis_expectation,
+)
+from boltzflow.sampling.features import compute_feature, state_mask
+from boltzflow.sampling.results import Estimate
+from boltzflow.sampling.weights import (
+    clip_log_weights,
+    forward_ess_fraction,
+    kish_ess,
+    log_weights,
+)
+from boltzflow.systems.base import System
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ALDP_STATE_A",
+    "compute_energies",
+    "estimate_from_spec",
+    "load_reference",
+    "reweight_analysis",
+]
+
+#: ALDP metastable state used for ΔF (DESIGN.md): 0 < φ < 2 rad, against everything else.
+ALDP_STATE_A = (0.0, 2.0)
+
+# Below this Kish ESS the report warns that its intervals are not to be trusted.
+_MIN_RELIABLE_ESS = 30
+
+
+def compute_energies(system: System, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Reduced energies ``(N,)`` float64 of ``x`` in batches, without gradients."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    with torch.no_grad():
+        parts = [system.energy(chunk).to(torch.float64) for chunk in x.split(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def load_reference(
+    path: str | os.PathLike[str], system: System
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference positions (and their model log q if stored) from ``.npy``, a boltzflow dataset,
+    a boltzflow sample store, or a plain HDF5 file with a ``positions`` dataset."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference file not found: {path}")
+    if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                is_store = f.attrs.get("format") == FORMAT_NAME
+        except OSError:
+            is_store = True  # an SWMR file whose writer died: read_samples handles it
+        if is_store:
+            ref = read_samples(path)
+            if ref.x.shape[1] != system.dim:
+                raise ValueError(f"{path}: reference has dim {ref.x.shape[1]}, not {system.dim}")
+            return ref.x.astype(np.float64), ref.log_q
+    from boltzflow.data import load_positions
+
+    return np.asarray(load_positions(path, system=system), dtype=np.float64), None
+
+
+def _is_dihedral_system(system: System) -> bool:
+    return hasattr(system, "backbone_dihedrals") and system.spatial_dim == 3
+
+
+def _dihedrals(system: System, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    phi, psi = system.backbone_dihedrals(torch.as_tensor(x, dtype=torch.float64))
+    return phi.numpy(), psi.numpy()
+
+
+def _in_state_a(phi: np.ndarray) -> np.ndarray:
+    lo, hi = ALDP_STATE_A
+    return (phi > lo) & (phi < hi)
+
+
+def reweight_analysis(
+    samples: SampleSet | str | os.PathLike[str],
+    system: System,
+    out_dir: str | os.PathLike[str],
+    *,
+    reference: str | os.PathLike[str] | None = None,
+    clip_fraction: float = 0.0,
+    recompute_energy: bool = True,
+    n_bootstrap: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    max_ot_points: int = 2000,
+    trajectory: str | None = None,
+    n_resample: int | None = None,
+) -> dict[str, Any]:
+    """Importance-weight stored proposal samples and write plots and a report into ``out_dir``.
+
+    Args:
+        samples: a sample store (or its path) with ``x`` and ``log_q``.
+        system: the target.
+        out_dir: output folder (``report.md``, ``report.json``, ``*.png``).
+        reference: optional reference samples file (see :func:`load_reference`): adds energy
+            W1/W2, forward ESS and NLL (if it stores the proposal's log q at the reference
+            samples), and for ALDP-like systems Ramachandran KL, torus W2 and the reference ΔF.
+        clip_fraction: clip this fraction of the largest weights (reported) before estimating.
+        recompute_energy: recompute u with ``system`` (else trust a stored ``u`` column).
+        n_bootstrap: bootstrap replicates for log Z, ΔF and profile bands.
+        level: confidence level.
+        seed: seed of the bootstrap, OT subsampling and resampling.
+        max_ot_points: cap on points per side for the torus W2.
+        trajectory: write reweighted samples as a trajectory of this format (``"dcd"``,
+            ``"pdb"`` or ``"h5"``) for molecular systems.
+        n_resample: frames to resample for the trajectory (default: min(N, 1000)).
+
+    Returns:
+        The results dict (as in ``report.json``'s ``results``), with ``"plots"`` and
+        ``"report"`` paths added.
+    """
+    if not isinstance(samples, SampleSet):
+        samples = read_samples(samples)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if samples.x.shape[1] != system.dim:
+        raise ValueError(
+            f"samples have dim {samples.x.shape[1]} but {system.name} has {system.dim}"
+        )
+    if samples.log_q is None:
+        raise ValueError(
+            "the sample file has no log_q column: importance weights need the proposal's "
+            "log-density at every sample"
+        )
+    if samples.n == 0:
+        raise ValueError("the sample file holds no complete chunk of samples")
+    x = torch.as_tensor(samples.x, dtype=torch.float64)
+    log_q = torch.as_tensor(samples.log_q, dtype=torch.float64)
+    energy_check: dict[str, Any] = {}
+    if recompute_energy or samples.u is None:
+        u = compute_energies(system, x)
+        if samples.u is not None:
+            diff = np.abs(u.numpy() - samples.u)
+            finite = np.isfinite(diff)
+            energy_check["stored_u_max_abs_diff"] = (
+                float(diff[finite].max()) if finite.any() else None
+            )
+    else:
+        u = torch.as_tensor(samples.u, dtype=torch.float64)
+    log_w = log_weights(u, log_q)
+    n = samples.n
+    results: dict[str, Any] = {}
+    weights: dict[str, Any] = {
+        "N": n,
+        "ESS": kish_ess(log_w),
+        "ESS/N": kish_ess(log_w) / n,
+        "zero-weight samples (u = inf or log q invalid)": int((~torch.isfinite(log_w)).sum()),
+        **energy_check,
+    }
+    if clip_fraction > 0:
+        clipped = clip_log_weights(log_w, clip_fraction)
+        log_w = clipped.log_w
+        weights.update(
+            {
+                "clipped fraction": clipped.fraction_clipped,
+                "clipped weights": clipped.n_clipped,
+                "clipped weight mass": clipped.mass_clipped,
+                "ESS/N after clipping": kish_ess(log_w) / n,
+            }
+        )
+    weights["log Z (delta)"] = log_partition(log_w, level=level)
+    weights["log Z (bootstrap)"] = log_partition(
+        log_w, method="bootstrap", n_bootstrap=n_bootstrap, level=level, seed=seed
+    )
+    if system.log_z is not None:
+        weights["exact log Z"] = system.log_z
+    results["weights"] = weights
+    lw_np = log_w.numpy()
+    w_norm = np.exp(lw_np - np.max(lw_np))
+    w_norm /= w_norm.sum()
+    results["energy"] = {
+        "mean u, proposal": float(np.mean(u.numpy()[np.isfinite(u.numpy())]))
+        if bool(torch.isfinite(u).any())
+        else None,
+        "mean u, reweighted": snis_expectation(u.numpy(), lw_np, level=level),
+    }
+
+    ref_x = ref_lq = None
+    u_ref = None
+    if reference is not None:
+        ref_x, ref_lq = load_reference(reference, system)
+        u_ref = compute_energies(system, torch.as_tensor(ref_x))
+        finite_u = np.isfinite(u.numpy())
+        metrics: dict[str, Any] = {
+            "reference N": int(ref_x.shape[0]),
+            "energy W1, proposal (kT)": energy_w1(u_ref.numpy(), u.numpy()[finite_u]),
+            "energy W2, proposal (kT, with sqrt)": energy_w2(u_ref.numpy(), u.numpy()[finite_u]),
+            "energy W1, reweighted (kT)": energy_w1(u_ref.numpy(), u.numpy(), w_norm),
+            "energy W2, reweighted (kT, with sqrt)": energy_w2(u_ref.numpy(), u.numpy(), w_norm),
+        }
+        if ref_lq is not None:
+            lw_ref = log_weights(u_ref, torch.as_tensor(ref_lq, dtype=torch.float64))
+            metrics["forward ESS/N (over reference)"] = forward_ess_fraction(lw_ref)
+            metrics["NLL of reference under the proposal (nats)"] = nll(ref_lq, level=level)
+        results["metrics vs reference"] = metrics
+
+    plots: dict[str, Path] = {}
+    from boltzflow import plots as P
+
+    plots["energy histograms"] = P.plot_energy_histograms(
+        out / "energy_histograms.png",
+        u.numpy(),
+        log_w=lw_np,
+        u_reference=None if u_ref is None else u_ref.numpy(),
+        title=f"{system.name}: reduced energy",
+    )
+    plots["log-weight histogram"] = P.plot_log_weights(out / "log_weights.png", lw_np)
+    plots["ESS vs N"] = P.plot_ess_vs_n(out / "ess_vs_n.png", lw_np, seed=seed)
+
+    if _is_dihedral_system(system):
+        results["molecular"] = _molecular_section(
+            system, x, lw_np, w_norm, ref_x, out, plots, n_bootstrap, level, seed, max_ot_points
+        )
+        if trajectory is not None:
+            from boltzflow.io.trajectory import export_trajectory
+
+            k = n_resample or min(n, 1000)
+            path = export_trajectory(
+                out / f"reweighted.{trajectory.lstrip('.')}",
+                x.numpy(),
+                system,
+                log_w=lw_np,
+                n_resample=k,
+                seed=seed,
+            )
+            results["molecular"]["trajectory"] = f"{path.name} ({k} frames resampled by weight)"
+    elif trajectory is not None:
+        raise ValueError(f"trajectory export needs a molecular system; {system.name} is not one")
+
+    notes = [
+        f"system {system.name}, samples {samples.path}, N = {n}",
+        f"seed {seed}, bootstrap B = {n_bootstrap}, confidence level {level:g}",
+        "log w = -u(x) - log q(x); energy W2 is reported with the square root (W2, not W2^2)",
+    ]
+    if clip_fraction > 0:
+        notes.append(f"the largest {100 * clip_fraction:g}% of weights were clipped (see weights)")
+    if weights["ESS"] < _MIN_RELIABLE_ESS:
+        notes.append(
+            f"ESS = {weights['ESS']:.1f} < {_MIN_RELIABLE_ESS}: the weights are degenerate and the "
+            "delta-method and bootstrap intervals are not reliable"
+        )
+    md_path, json_path = write_report(
+        out, results, title=f"Reweighting report: {system.name}", plots=plots, notes=notes
+    )
+    results["plots"] = {k: str(v) for k, v in plots.items()}
+    results["report"] = {"markdown": str(md_path), "json": str(json_path)}
+    return results
+
+
+def _molecular_section(
+    system: System,
+    x: Tensor,
+    lw: np.ndarray,
+    w_norm: np.ndarray,
+    ref_x: np.ndarray | None,
+    out: Path,
+    plots: dict[str, Path],
+    n_bootstrap: int,
+    level: float,
+    seed: int,
+    max_ot_points: int,
+) -> dict[str, Any]:
+    from boltzflow import plots as P
+
+    phi, psi = _dihedrals(system, x)
+    atoms = getattr(system, "chirality_atoms", None)
+    l_sign = getattr(system, "l_form_sign", 1)
+    section: dict[str, Any] = {
+        "chirality: D-form fraction, proposal": chirality_rate(x, atoms, l_sign),
+        "chirality: D-form fraction, reweighted": chirality_rate(x, atoms, l_sign, w_norm),
+    }
+    in_a = _in_state_a(phi)
+    lo, hi = ALDP_STATE_A
+    label = f"ΔF = -log P({lo:g} < φ < {hi:g}) / P(otherwise) (kT)"
+    try:
+        section[f"{label}, reweighted (delta)"] = free_energy_difference(
+            in_a, ~in_a, lw, level=level
+        )
+        section[f"{label}, reweighted (bootstrap)"] = free_energy_difference(
+            in_a, ~in_a, lw, method="bootstrap", n_bootstrap=n_bootstrap, level=level, seed=seed
+        )
+    except ValueError as err:
+        section[f"{label}, reweighted"] = f"undefined: {err}"
+    panels: dict[str, tuple[Any, Any, Any]] = {
+        "proposal": (phi, psi, None),
+        "reweighted": (phi, psi, w_norm),
+    }
+    profile = free_energy_profile(
+        phi,
+        lw,
+        bins=36,
+        value_range=(-math.pi, math.pi),
+        n_bootstrap=n_bootstrap,
+        level=level,
+        seed=seed,
+    )
+    ref_profile = None
+    if ref_x is not None:
+        rphi, rpsi = _dihedrals(system, torch.as_tensor(ref_x))
+        panels["reference"] = (rphi, rpsi, None)
+        zeros = np.zeros(rphi.size)
+        r_in = _in_state_a(rphi)
+        try:
+            section[f"{label}, reference"] = free_energy_difference(r_in, ~r_in, zeros, level=level)
+        except ValueError as err:
+            section[f"{label}, reference"] = f"undefined: {err}"
+        ref_angles = np.stack([rphi, rpsi], 1)
+        angles = np.stack([phi, psi], 1)
+        section["Ramachandran KL(ref || proposal) (60x60 bins, pseudocount 1e-6)"] = (
+            ramachandran_kl(rphi, rpsi, phi, psi)
+        )
+        section["Ramachandran KL(ref || reweighted) (60x60 bins, pseudocount 1e-6)"] = (
+            ramachandran_kl(rphi, rpsi, phi, psi, w_norm)
+        )
+        section["torus W2 (φ, ψ), proposal (rad)"] = torus_w2(
+            ref_angles, angles, max_points=max_ot_points, seed=seed
+        )
+        section["torus W2 (φ, ψ), reweighted (rad)"] = torus_w2(
+            ref_angles, angles, weights=w_norm, max_points=max_ot_points, seed=seed
+        )
+        ref_profile = free_energy_profile(
+            rphi, zeros, bins=36, value_range=(-math.pi, math.pi), method="delta"
+        )
+    section["φ profile"] = profile
+    plots["Ramachandran"] = P.plot_ramachandran(out / "ramachandran.png", panels)
+    plots["free-energy profile φ"] = P.plot_free_energy_profile(
+        out / "profile_phi.png", profile, label="φ [rad]", reference=ref_profile, f_max=12.0
+    )
+    return section
+
+
+# ------------------------------------------------------------------------------------------------
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+_SPEC_KEYS = {
+    "samples",
+    "system",
+    "seed",
+    "level",
+    "method",
+    "n_bootstrap",
+    "clip_fraction",
+    "recompute_energy",
+    "observable",
+    "free_energy",
+    "title",
+}
+
+
+def estimate_from_spec(
+    spec: Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    system: System | None = None,
+) -> dict[str, Any]:
+    """Observables and free-energy differences from a TOML spec.
+
+    Spec keys: ``samples`` (path, relative to the TOML file), ``system`` (name), optional ``seed``
+    (0), ``level`` (0.95), ``method`` (``"delta"``, ``"bootstrap"`` or ``"both"``, default both),
+    ``n_bootstrap`` (1000), ``clip_fraction`` (0), ``recompute_energy`` (true), ``title``; and
+    tables ``[[observable]]`` (``name`` + a feature, see :mod:`boltzflow.sampling.features`)
+    and ``[[free_energy]]`` (``name``, ``a`` = state, ``b`` = state or ``"complement"``).
+
+    Example spec::
+
+        samples = "samples.h5"
+        system = "aldp"
+        [[observable]]
+        name = "mean energy"
+        feature = "energy"
+        [[free_energy]]
+        name = "C7ax vs rest"
+        a = [{feature = "phi", min = 0.0, max = 2.0}]
+        b = "complement"
+
+    Returns:
+        ``{"weights": ..., "observables": {name: {method: Estimate}}, "free energies": ...}``;
+        with ``out_dir`` also writes ``estimate.md`` / ``estimate.json`` there.
+    """
+    base = Path.cwd()
+    if not isinstance(spec, Mapping):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file not found: {path}")
+        try:
+            with path.open("rb") as fh:
+                spec = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML: {err}") from err
+        base = path.parent
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
+    for key in ("samples", "system"):
+        if key not in spec:
+            raise ValueError(f"the spec needs {key!r}")
+    method = spec.get("method", "both")
+    methods = {"both": ("delta", "bootstrap"), "delta": ("delta",), "bootstrap": ("bootstrap",)}
+    if method not in methods:
+        raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
+    seed, level = int(spec.get("seed", 0)), float(spec.get("level", 0.95))
+    n_boot = int(spec.get("n_bootstrap", 1000))
+    samples = read_samples(_resolve(base, spec["samples"]))
+    own_system = system is None
+    if own_system:
+        from boltzflow.systems import load_system
+
+        system = load_system(spec["system"])
+    try:
+        if samples.log_q is None:
+            raise ValueError("the sample file has no log_q column")
+        x = torch.as_tensor(samples.x, dtype=torch.float64)
+        if spec.get("recompute_energy", True) or samples.u is None:
+            u = compute_energies(system, x)
+        else:
+            u = torch.as_tensor(samples.u, dtype=torch.float64)
+        log_w = log_weights(u, torch.as_tensor(samples.log_q, dtype=torch.float64))
+        clip = float(spec.get("clip_fraction", 0.0))
+        weights: dict[str, Any] = {"N": samples.n, "ESS/N": kish_ess(log_w) / samples.n}
+        if clip > 0:
+            c = clip_log_weights(log_w, clip)
+            log_w = c.log_w
+            weights.update({"clipped fraction": c.fraction_clipped, "clipped mass": c.mass_clipped})
+        lw = log_w.numpy()
+        kw = {"level": level, "n_bootstrap": n_boot, "seed": seed}
+        observables: dict[str, dict[str, Estimate]] = {}
+        for i, obs in enumerate(spec.get("observable", [])):
+            name = obs.get("name", f"observable {i}")
+            values = compute_feature(obs, x, u, system)
+            observables[name] = {
+                m: snis_expectation(values, lw, method=m, **kw) for m in methods[method]
+            }
+        free: dict[str, dict[str, Estimate]] = {}
+        for i, fe in enumerate(spec.get("free_energy", [])):
+            name = fe.get("name", f"free energy {i}")
+            if "a" not in fe or "b" not in fe:
+                raise ValueError(f"free_energy {name!r} needs states 'a' and 'b'")
+            in_a = state_mask(fe["a"], x, u, system)
+            in_b = ~in_a if fe["b"] == "complement" else state_mask(fe["b"], x, u, system)
+            free[name] = {
+                m: free_energy_difference(in_a, in_b, lw, method=m, **kw) for m in methods[method]
+            }
+    finally:
+        if own_system:
+            system.close()
+    results = {"weights": weights, "observables": observables, "free energies (kT)": free}
+    if out_dir is not None:
+        flat = {
+            "weights": weights,
+            "observables": {f"{k} [{m}]": e for k, d in observables.items() for m, e in d.items()},
+            "free energies (kT)": {f"{k} [{m}]": e for k, d in free.items() for m, e in d.items()},
+        }
+        write_report(
+            out_dir,
+            flat,
+            title=spec.get("title", "boltzflow estimate"),
+            stem="estimate",
+            notes=[f"samples {samples.path}, system {spec['system']}, seed {seed}"],
+        )
+    return results
