@@ -8,27 +8,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boltzflow.systems import available, definition, load_system
+from boltzflow.systems import available, load_system
 
 __all__ = ["register", "systems_table"]
 
 
 def systems_table() -> list[dict[str, object]]:
-    """One row per named system: name, dim, particles, temperature, force field, log Z known."""
+    """One row per named system: name, dim, particles, temperature, force field, exact facts."""
     rows = []
     for name in available():
-        spec = definition(name)
-        n, d = spec.get("n_particles"), spec.get("spatial_dim")
-        rows.append(
-            {
-                "name": name,
-                "dim": spec.get("dim", n * d if n and d else None),
-                "particles": n if n is not None else "-",
-                "temperature": f"{spec['temperature']:g} K" if "temperature" in spec else "-",
-                "force field": spec.get("force_field", "-"),
-                "log Z known": "yes" if spec["kind"] in ("many_well", "gmm") else "no",
-            }
-        )
+        with load_system(name) as system:
+            temperature = system.temperature
+            rows.append(
+                {
+                    "name": name,
+                    "dim": system.dim,
+                    "particles": system.n_particles if system.n_particles is not None else "-",
+                    "temperature": f"{temperature:g} K" if temperature is not None else "- (kT=1)",
+                    "force field": system.info.force_field or "-",
+                    "log Z known": "yes" if system.log_z is not None else "no",
+                    "exact samples": "yes" if system.has_exact_samples else "no",
+                }
+            )
     return rows
 
 
@@ -52,13 +53,9 @@ def _cmd_systems(args: argparse.Namespace) -> int:
 def _cmd_energy(args: argparse.Namespace) -> int:
     from boltzflow.data import load_positions  # local: data module pulls in h5py
 
-    x = load_positions(Path(args.input), dataset=args.dataset)
     with load_system(args.system) as system:
-        if x.ndim != 2 or x.shape[1] != system.dim:
-            raise ValueError(
-                f"{args.input}: expected configurations of shape (N, {system.dim}) for "
-                f"{args.system}, got {x.shape}"
-            )
+        # NaN/inf rows are kept: they evaluate to u = +inf and are counted, never dropped silently.
+        x = load_positions(Path(args.input), dataset=args.dataset, system=system, nan="keep")
         u = system.energy(torch.as_tensor(x, dtype=torch.float64)).detach().cpu().numpy()
         n_bad = int((~np.isfinite(u)).sum())
     from boltzflow.io.atomic import atomic_save_npy

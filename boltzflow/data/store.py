@@ -331,7 +331,7 @@ def load_positions(
             ``system.dim`` columns, and for mean-free particle systems the centre of mass is
             removed (the public DW4 files are not mean-free).
         nan: ``"raise"`` (default) rejects rows with NaN/inf, naming how many; ``"drop"`` removes
-            them.
+            them; ``"keep"`` returns them unchanged (e.g. to evaluate them as ``u = +inf``).
 
     Returns:
         ``(N, dim)`` floating-point array (dtype as stored; integers become float64).
@@ -340,8 +340,8 @@ def load_positions(
         FileNotFoundError: no such file.
         ValueError: unknown extension, not 2-D, wrong ``dim``, non-finite rows, corrupt file.
     """
-    if nan not in ("raise", "drop"):
-        raise ValueError(f"nan must be 'raise' or 'drop', got {nan!r}")
+    if nan not in ("raise", "drop", "keep"):
+        raise ValueError(f"nan must be 'raise', 'drop' or 'keep', got {nan!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"positions file not found: {path}")
@@ -374,7 +374,8 @@ def load_positions(
                 f"{path}: {n_bad} of {x.shape[0]} rows contain NaN or inf "
                 "(pass nan='drop' to discard them)"
             )
-        x = x[finite]
+        if nan == "drop":
+            x = x[finite]
     if system is not None:
         x = _conform_to_system(x, system, path)
     return x
