@@ -110,3 +110,17 @@ def test_killed_writer_leaves_readable_file_with_complete_chunks(tmp_path):
     with SampleWriter(path, dim=66, provenance={}, mode="a") as w:
         w.append(np.zeros((10, 66)), log_q=np.zeros(10), nfe=np.zeros(10, dtype=int))
     assert read_samples(path).n == s.n + 10
+
+
+def test_atomic_write_uses_default_permissions(tmp_path):
+    import os
+
+    from boltzflow.io.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
