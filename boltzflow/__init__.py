@@ -1,2 +1,3 @@
 """boltzflow: Boltzmann sampling with distilled flows."""
+
 __version__ = "0.1.0"

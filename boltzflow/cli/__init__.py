@@ -20,6 +20,9 @@ _COMMANDS = [
     "boltzflow.cli.demo_cmd",
     "boltzflow.cli.data_cmd",
     "boltzflow.cli.reweight_cmd",
+    "boltzflow.cli.teacher_cmd",
+    "boltzflow.cli.distill_cmd",
+    "boltzflow.cli.run_cmd",
 ]
 
 

@@ -1,31 +1,65 @@
-"""``boltzflow demo``: the main job on the embedded default systems.
+"""``boltzflow demo``: the main job. Prints the systems table, then runs the quickstart workflow
+(``workflows/quickstart.toml``: DW4 data, teacher CNF, F2D2 and FALCON students, importance
+sampling, report) into ``runs/quickstart`` and ends by printing where the report, the plots and
+the samples are.
 
-For now: the systems table and the reduced energy of each system's reference configuration.
+    boltzflow demo [-o runs/quickstart] [--workflow FILE] [--set KEY=VALUE ...]
+
+A second ``boltzflow demo`` reuses every finished stage (see ``boltzflow run``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from boltzflow.cli.systems_cmd import format_table, systems_table
-from boltzflow.systems import available, load_system
 
-__all__ = ["register"]
+__all__ = ["QUICKSTART", "register"]
+
+#: the demo's workflow, in the source checkout beside the package
+QUICKSTART = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.toml"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print(format_table(systems_table()))
+    from boltzflow.cli.run_cmd import load_from_args, print_outputs
+    from boltzflow.workflow.runner import run_workflow
+
+    path = Path(args.workflow) if args.workflow else QUICKSTART
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"demo workflow not found: {path} (the demo runs from a source checkout; pass "
+            "--workflow FILE)"
+        )
+    wf = load_from_args(args, str(path))  # validated before anything runs
+    if not args.no_systems:
+        print(format_table(systems_table()))
+        print()
+    print(f"running {path.name}: {wf.description or wf.name} -> {wf.output}")
+    run = run_workflow(wf, progress=not args.no_progress)
+    report = run.out_dir / "report.json"
     print()
-    rows = []
-    for name in available():
-        with load_system(name) as system:
-            x0 = system.reference_configuration()
-            u = float(system.energy(x0)[0])
-        rows.append({"system": name, "reference configuration u (kT)": f"{u:.4f}"})
-    print(format_table(rows))
+    print(json.loads(report.read_text()).get("table_markdown", ""))
+    print_outputs(run)
+    print(f"\nopen {run.out_dir / 'report.md'} for the full report")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the embedded default systems")
+    p = sub.add_parser(
+        "demo",
+        help="run the quickstart workflow (DW4, a few minutes on a CPU) and show the report",
+        description="Print the systems table, run workflows/quickstart.toml (DW4: data, teacher, "
+        "F2D2 and FALCON students, importance sampling) and show where the report, plots and "
+        "samples are. Finished stages are reused on a second run.",
+    )
+    p.add_argument("--workflow", default=None, help=f"workflow TOML (default {QUICKSTART.name})")
+    p.add_argument("-o", "--output", default=None, help="output folder (default runs/quickstart)")
+    p.add_argument("--profile", default=None, help="apply [profiles.NAME] of the workflow")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a workflow key (repeatable)"
+    )
+    p.add_argument("--no-systems", action="store_true", help="skip the systems table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

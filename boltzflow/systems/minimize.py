@@ -55,4 +55,3 @@ def relax_configuration(
     if best is None:
         raise RuntimeError(f"{system.name}: every relaxation ended at a non-finite energy")
     return system.remove_mean(best)
-

@@ -1,0 +1,192 @@
+"""``boltzflow distill``: distil a teacher CNF into a few-step student; sampling of students.
+
+    boltzflow distill runs/dw4_teacher --method f2d2 -o runs/dw4_f2d2 \\
+        [--config workflows/configs/student_f2d2_dw4.toml] [--profile smoke]
+    boltzflow distill runs/dw4_teacher --method falcon -o runs/dw4_falcon
+    boltzflow distill runs/dw4_teacher --method nf -o runs/dw4_nf
+    boltzflow sample runs/dw4_f2d2 --steps 4 -n 10000 -o samples.h5
+
+``boltzflow sample`` belongs to :mod:`boltzflow.cli.teacher_cmd`; for a student folder it hands
+over to :func:`sample_student` here (the student's ``--steps`` is its number of flow-map steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["holds_student", "register", "sample_student"]
+
+METHODS = ("f2d2", "falcon", "nf")
+
+
+def holds_student(path: str) -> bool:
+    """True if ``path`` is a student file or a folder holding a student (or its checkpoint)."""
+    from boltzflow.train.checkpoint import load_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "student.pt").is_file():
+            return True
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        return False
+    payload = load_checkpoint(p)
+    return payload.get("kind") == "student" or payload.get("model_kind") == "student"
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from boltzflow.distill.train_students import (
+        StudentConfig,
+        load_student_config,
+        teacher_system,
+        train_student,
+    )
+    from boltzflow.flows.cnf import TeacherCNF
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method == "nf":
+        return _distill_nf(args)
+    recorded = teacher_system(args.teacher)
+    if args.system and recorded and args.system != recorded:
+        raise ValueError(
+            f"{args.teacher}: the teacher was trained for {recorded!r}, not {args.system!r}"
+        )
+    system = args.system or recorded
+    if args.config:
+        cfg = load_student_config(args.config, args.profile, method=args.method)
+    else:
+        if args.profile:
+            raise ValueError("--profile needs --config")
+        cfg = StudentConfig(method=args.method)
+    if args.train_steps is not None:
+        cfg.train.steps = args.train_steps
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.device is not None:
+        cfg.train.device = args.device
+    data = None
+    if cfg.loss.target == "data":
+        if not args.data:
+            raise ValueError("loss.target = 'data' needs --data")
+        from boltzflow.data import load_positions
+
+        data = torch.as_tensor(load_positions(args.data, system=system))
+    teacher = TeacherCNF.load(args.teacher)
+    info = {"teacher": str(args.teacher), "config": args.config, "profile": args.profile}
+    start = time.perf_counter()
+    student = train_student(
+        cfg,
+        teacher,
+        args.output,
+        system=system,
+        data=data,
+        resume=not args.restart,
+        run_info=info,
+    )
+    n_par = sum(p.numel() for p in student.parameters())
+    print(
+        f"distilled {args.method} student for {system} ({n_par} parameters, {cfg.train.steps} "
+        f"steps, {time.perf_counter() - start:.0f} s) -> {Path(args.output) / 'student.pt'}"
+    )
+    return 0
+
+
+def _distill_nf(args: argparse.Namespace) -> int:
+    from boltzflow.distill.nf import default_train_config, distill_nf
+
+    if args.config:
+        raise ValueError("--config is for f2d2/falcon; the NF student takes its defaults")
+    overrides: dict[str, Any] = {}
+    if args.train_steps is not None:
+        overrides["steps"] = args.train_steps
+    if args.device is not None:
+        overrides["device"] = args.device
+    student = distill_nf(
+        args.teacher,
+        args.output,
+        data=args.data,
+        system=args.system,
+        train=default_train_config(**overrides),
+        seed=args.seed,
+        resume=not args.restart,
+    )
+    print(f"distilled nf student for {student.system} -> {Path(args.output) / 'student.pt'}")
+    return 0
+
+
+def sample_student(args: argparse.Namespace) -> int:
+    """``boltzflow sample STUDENT_DIR --steps K -n N -o FILE`` (called by the sample command).
+
+    Writes x, log q, and with a system u and log w, to an HDF5 sample store and prints ESS/N.
+    """
+    from boltzflow.distill import load_student
+    from boltzflow.io.samples import SampleWriter
+    from boltzflow.sampling.weights import ess_fraction, log_weights
+    from boltzflow.systems import load_system
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    student = load_student(args.model, system=args.system)
+    steps = student._steps(args.steps)
+    name = args.system or student.system
+    system = load_system(name) if name and not getattr(args, "no_energy", False) else None
+    batch = getattr(args, "batch_size", None) or 4096
+    provenance = {
+        "model": student.student_kind,
+        "checkpoint": str(args.model),
+        "system": name,
+        "seed": args.seed,
+        "n": args.n,
+        "steps": steps,
+        "log_q": "density on the mean-free subspace" if student.mean_free else "density",
+    }
+    start = time.perf_counter()
+    x, log_q = student.sample(args.n, steps, seed=args.seed, batch_size=batch)
+    seconds = time.perf_counter() - start
+    cols: dict[str, Any] = {"log_q": log_q.double()}
+    try:
+        if system is not None:
+            u = system.energy(x.double()).detach()
+            cols.update(u=u, log_w=log_weights(u, cols["log_q"]))
+    finally:
+        if system is not None:
+            system.close()
+    with SampleWriter(args.output, dim=student.dim, provenance=provenance) as writer:
+        writer.append(x.double(), **cols)
+    line = (
+        f"wrote {args.n} samples to {args.output}: {student.student_kind}, {steps} steps, "
+        f"{1000 * seconds / args.n:.3f} s per 1000 samples"
+    )
+    if "log_w" in cols:
+        line += f", ESS/N {ess_fraction(cols['log_w']):.4f} (N = {args.n})"
+    print(line)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a teacher CNF into a few-step student (f2d2, falcon, nf)",
+        description="Train a student from a teacher run folder; writes OUT/student.pt.",
+    )
+    p.add_argument("teacher", help="teacher run folder or checkpoint file")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("-o", "--output", required=True, help="student run folder")
+    p.add_argument("--config", default=None, help="student TOML config (f2d2/falcon)")
+    p.add_argument("--profile", default=None, help="config profile, e.g. smoke")
+    p.add_argument("--system", default=None, help="system name (default: the teacher's)")
+    p.add_argument("--data", default=None, help="training data (FALCON from data; NF teachers)")
+    p.add_argument("--train-steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--seed", type=int, default=None, help="override train.seed")
+    p.add_argument("--device", default=None, help="override train.device")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_distill)

@@ -1,0 +1,24 @@
+"""Distilled few-step students of a teacher CNF.
+
+- :mod:`~boltzflow.distill.base`: the shared :class:`Student` interface (``sample(n, steps)``,
+  ``log_prob(x, steps)``, save/load with a system check) and :func:`load_student`;
+- :mod:`~boltzflow.distill.f2d2`: F2D2, a flow map with an average-divergence head;
+- :mod:`~boltzflow.distill.falcon`: FALCON, a flow map with exact per-step log-determinants;
+- :mod:`~boltzflow.distill.baselines`: K Euler steps of the teacher (Euler-rule or exact log q);
+- :mod:`~boltzflow.distill.train_students`: distillation runs (configs, losses, training).
+"""
+
+from boltzflow.distill.base import STUDENTS, Student, load_student, register_student
+from boltzflow.distill.baselines import EulerBaseline
+from boltzflow.distill.f2d2 import F2D2
+from boltzflow.distill.falcon import FALCON
+
+__all__ = [
+    "F2D2",
+    "FALCON",
+    "STUDENTS",
+    "EulerBaseline",
+    "Student",
+    "load_student",
+    "register_student",
+]

@@ -1,0 +1,239 @@
+"""F2D2: one flow map for positions and log density (Ai, He, Gu, Salakhutdinov, Kolter, Boffi,
+Simchowitz 2025, "Joint Distillation for Fast Likelihood Evaluation and Sampling in Flow-based
+Models", arXiv:2512.02636).
+
+The coupled ODE of a CNF, dx/dt = v(t, x) and d log p/dt = -div v(t, x), has a joint flow map
+that F2D2 parameterises linearly in the step (their joint map Phi_Y):
+
+    X(x, s, t) = x + (t - s) u(x, s, t),      log p_t = log p_s - (t - s) D(x, s, t),
+
+with u the average velocity and D the average divergence along the step,
+D(x, s, t) = 1/(t - s) int_s^t div v(tau, X(x, s, tau)) dtau. One network with a shared backbone
+gives u (the backbone's output) and D (an extra head on the backbone's pooled features). Both
+directions use the same map: s < t samples (noise -> data), s > t scores given points.
+
+Targets (the losses below; :mod:`boltzflow.distill.train_students` combines them):
+
+- diagonal: u(x, t, t) = v(t, x) and D(x, t, t) = div v(t, x) (teacher velocity and its exact
+  divergence);
+- semigroup self-consistency (shortcut models, Frans et al. 2024, arXiv:2410.12557; flow map
+  matching, Boffi et al. 2024, arXiv:2406.07507): one jump s -> t equals the two jumps s -> m -> t
+  for positions, and (t - s) D(x, s, t) = (m - s) D(x, s, m) + (t - m) D(X(x, s, m), m, t),
+  with the two-jump side as a stop-gradient target;
+- teacher pairs (optional): exact jumps read off cached teacher trajectories.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from boltzflow.distill.base import Student, prior_from_config, register_student
+from boltzflow.distill.flowmap import FeatureTap, build_two_time_backbone, time_grid
+
+__all__ = ["F2D2", "f2d2_diagonal_loss", "f2d2_pair_loss", "f2d2_semigroup_loss"]
+
+
+class _DivergenceHead(nn.Module):
+    """Scalar head on pooled backbone features; the last layer starts at zero (D = 0)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        last = nn.Linear(width, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), last)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.mlp(features)[:, 0]
+
+
+@register_student("f2d2")
+class F2D2(Student):
+    """Joint flow map of positions and log density (see the module docstring).
+
+    Args:
+        net: two-time backbone ``net(t, x, s=s) -> u (B, dim)``.
+        prior: base density.
+        model_config: description for :meth:`from_config` (see :meth:`build`).
+        system, scale, default_steps: see :class:`~boltzflow.distill.base.Student`.
+    """
+
+    def __init__(self, net: nn.Module, prior: Any, **kwargs: Any) -> None:
+        super().__init__(prior, **kwargs)
+        self.net = net
+        self.tap = FeatureTap(net)
+        self.head = _DivergenceHead(self.tap.width)
+        # D = div_shift + div_scale * head(features): the head works in normalised units
+        # (set from the teacher's divergence statistics before training, stored with the model).
+        self.register_buffer("div_shift", torch.zeros(()))
+        self.register_buffer("div_scale", torch.ones(()))
+
+    def set_divergence_scale(self, shift: float, scale: float) -> None:
+        """Set the affine output map of the divergence head (typical mean and spread of D)."""
+        if not scale > 0:
+            raise ValueError(f"divergence scale must be positive, got {scale}")
+        self.div_shift.fill_(float(shift))
+        self.div_scale.fill_(float(scale))
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str,
+        *,
+        prior: Any,
+        n_particles: int | None = None,
+        spatial_dim: int | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        system: str | None = None,
+        scale: float = 1.0,
+        default_steps: int = 4,
+    ) -> F2D2:
+        """Fresh student for a prior's dimension with the given backbone."""
+        opts = dict(backbone_options or {})
+        net = build_two_time_backbone(
+            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
+        )
+        config = {
+            "backbone": backbone,
+            "n_particles": n_particles,
+            "spatial_dim": spatial_dim,
+            "backbone_options": opts,
+            "prior": prior.config(),
+            "scale": float(scale),
+            "default_steps": int(default_steps),
+        }
+        return cls(
+            net,
+            prior,
+            model_config=config,
+            system=system,
+            scale=scale,
+            default_steps=default_steps,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, system: str | None = None) -> F2D2:
+        return cls.build(
+            config["backbone"],
+            prior=prior_from_config(config),
+            n_particles=config.get("n_particles"),
+            spatial_dim=config.get("spatial_dim"),
+            backbone_options=config.get("backbone_options"),
+            system=system,
+            scale=config.get("scale", 1.0),
+            default_steps=config.get("default_steps", 4),
+        )
+
+    def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Average velocity ``u (B, dim)`` and average divergence ``D (B,)`` over [s, t]."""
+        u = self.net(t, x, s=s)
+        return u, self.div_shift + self.div_scale * self.head(self.tap.pooled())
+
+    def jump(
+        self, x: Tensor, s: Tensor | float, t: Tensor | float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step: ``X(x, s, t) (B, dim)``, ``(t - s) D (B,)`` (= int_s^t div) and ``D``."""
+        u, div = self(x, s, t)
+        h = torch.as_tensor(t, dtype=x.dtype, device=x.device) - torch.as_tensor(
+            s, dtype=x.dtype, device=x.device
+        )
+        if h.ndim == 1:
+            return x + h[:, None] * u, h * div, div
+        return x + h * u, h * div, div
+
+    def _run(self, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(len(x))
+        for k in range(len(grid) - 1):
+            x, inc, _ = self.jump(x, grid[k], grid[k + 1])
+            x = self._project(x)
+            total = total + inc
+        return x, total
+
+    def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Noise -> data; ``ladj = sum_k (t_k+1 - t_k) D_k`` (= int_0^1 div v)."""
+        with torch.no_grad():
+            return self._run(z, time_grid(steps, like=z))
+
+    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Data -> noise by backward jumps; their summed (t - s) D is -int_0^1 div v."""
+        with torch.no_grad():
+            z, total = self._run(x, time_grid(steps, reverse=True, like=x))
+        return z, -total
+
+
+# -- losses -----------------------------------------------------------------------------------
+# Divergence errors are measured in units of the model's ``div_scale`` (1 if it has none), so
+# that ``div_weight`` balances positions and log density independently of the system.
+def _div_scale(model: nn.Module) -> Tensor | float:
+    return getattr(model, "div_scale", 1.0)
+
+
+def f2d2_diagonal_loss(
+    model: F2D2, x: Tensor, t: Tensor, v: Tensor, div: Tensor, *, div_weight: float = 1.0
+) -> tuple[Tensor, dict[str, float]]:
+    """Diagonal targets: ``u(x, t, t) = v`` and ``D(x, t, t) = div``.
+
+    Args:
+        x: ``(B, dim)`` points at times ``t (B,)``; ``v (B, dim)`` teacher velocity there and
+            ``div (B,)`` its exact divergence.
+
+    Returns:
+        loss (per-sample squared error summed over coordinates, batch mean) and its parts.
+    """
+    u, d = model(x, t, t)
+    lu = (u - v).pow(2).sum(-1).mean()
+    ld = ((d - div) / _div_scale(model)).pow(2).mean()
+    return lu + div_weight * ld, {"diag_u": float(lu.detach()), "diag_div": float(ld.detach())}
+
+
+def f2d2_pair_loss(
+    model: F2D2,
+    x_s: Tensor,
+    s: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    delta_logp: Tensor,
+    *,
+    div_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Exact jumps from teacher trajectories: ``X(x_s, s, t) = x_t`` and
+    ``(t - s) D = -(log p_t - log p_s) = -delta_logp`` (errors measured per unit time)."""
+    u, d = model(x_s, s, t)
+    h = t - s
+    u_star = (x_t - x_s) / h[:, None]
+    d_star = -delta_logp / h
+    lu = (u - u_star).pow(2).sum(-1).mean()
+    ld = ((d - d_star) / _div_scale(model)).pow(2).mean()
+    return lu + div_weight * ld, {"pair_u": float(lu.detach()), "pair_div": float(ld.detach())}
+
+
+def f2d2_semigroup_loss(
+    model: F2D2,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    m: Tensor,
+    *,
+    div_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Self-consistency: the jump s -> t against the two jumps s -> m -> t (stop-gradient).
+
+    Errors are divided by ``t - s`` (average-velocity units), so the loss does not vanish for
+    short steps. Zero for an exact flow map (tested on a linear field).
+
+    Args:
+        x: ``(B, dim)`` points at times ``s (B,)``; ``t, m (B,)`` end and intermediate times.
+    """
+    with torch.no_grad():
+        x1, inc1, _ = model.jump(x, s, m)
+        x2, inc2, _ = model.jump(x1, m, t)
+        h = (t - s)[:, None]
+        u_star = (x2 - x) / h
+        d_star = (inc1 + inc2) / (t - s)
+    u, d = model(x, s, t)
+    lu = (u - u_star).pow(2).sum(-1).mean()
+    ld = ((d - d_star) / _div_scale(model)).pow(2).mean()
+    return lu + div_weight * ld, {"semi_u": float(lu.detach()), "semi_div": float(ld.detach())}

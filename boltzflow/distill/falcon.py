@@ -1,0 +1,232 @@
+"""FALCON: a few-step flow map with exact change-of-variables likelihoods (Rehman,
+Akhound-Sadegh, Gazizov, Bengio, Tong 2025, "FALCON: Few-step Accurate Likelihoods for Continuous
+Flows", arXiv:2512.09914).
+
+The map is X(x, s, t) = x + (t - s) u(x, s, t) with the signed parameterisation
+u = sign(t - s) h(x, s, t) (``signed=True``; sign(0) = +1). Its density is the exact change of
+variables of the map it actually applies: every step's full Jacobian dX/dx is built with
+``torch.func`` (one forward pass and event_dim reverse-mode products under ``vmap``,
+:func:`boltzflow.distill.flowmap.map_and_logdet`) and
+log q(x) = log p(z) - sum_k log|det dX_k/dx|. Nothing is estimated: if the map is injective this is the density of its samples, whatever the training
+left behind; training makes it close to the teacher's flow and invertible.
+
+Mean-free particle systems: u is translation invariant with mean-free output, so dX/dx is the
+identity on the centre-of-mass directions and block diagonal, hence the full-coordinate
+determinant equals the determinant on the (n - 1) d subspace, which is what is computed (the
+argument of :mod:`boltzflow.flows.ode` for traces).
+
+Losses (combined in :mod:`boltzflow.distill.train_students`):
+
+- flow matching on the diagonal: u(x, t, t) = v(t, x), with v the teacher velocity or, from data
+  alone, the conditional velocity x1 - x0 at the interpolant (Lipman et al. 2023,
+  arXiv:2210.02747);
+- MeanFlow-style average-velocity loss with one JVP (Geng et al. 2025, arXiv:2505.13447, eq. 8,
+  written for the start point): X(x_s, s, t) does not change along the flow in s, which gives
+  u(x, s, t) = v(s, x) + (t - s) (d/ds) u(x_s, s, t), d/ds = dt_s + v . grad_x, the right side a
+  stop-gradient target from one forward-mode product;
+- invertibility: |x - X(X(x, s, t), t, s)|^2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from boltzflow.distill.base import Student, prior_from_config, register_student
+from boltzflow.distill.flowmap import (
+    build_two_time_backbone,
+    map_and_logdet,
+    subspace_basis,
+    time_grid,
+)
+
+__all__ = [
+    "FALCON",
+    "falcon_diagonal_loss",
+    "falcon_inverse_loss",
+    "falcon_meanflow_loss",
+    "falcon_pair_loss",
+]
+
+
+def _times(t: Tensor | float, like: Tensor) -> Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.expand(like.shape[0]) if t.ndim == 0 else t
+
+
+@register_student("falcon")
+class FALCON(Student):
+    """Invertible-by-training flow map with exact per-step log-determinants.
+
+    Args:
+        net: two-time backbone ``net(t, x, s=s) -> h (B, dim)``.
+        prior: base density.
+        signed: ``u = sign(t - s) h`` (FALCON's parameterisation) instead of ``u = h``.
+        model_config, system, scale, default_steps: see
+            :class:`~boltzflow.distill.base.Student`.
+    """
+
+    def __init__(self, net: nn.Module, prior: Any, *, signed: bool = True, **kwargs: Any) -> None:
+        super().__init__(prior, **kwargs)
+        self.net = net
+        self.signed = bool(signed)
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str,
+        *,
+        prior: Any,
+        n_particles: int | None = None,
+        spatial_dim: int | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        signed: bool = True,
+        system: str | None = None,
+        scale: float = 1.0,
+        default_steps: int = 4,
+    ) -> FALCON:
+        """Fresh student for a prior's dimension with the given backbone."""
+        opts = dict(backbone_options or {})
+        net = build_two_time_backbone(
+            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
+        )
+        config = {
+            "backbone": backbone,
+            "n_particles": n_particles,
+            "spatial_dim": spatial_dim,
+            "backbone_options": opts,
+            "signed": bool(signed),
+            "prior": prior.config(),
+            "scale": float(scale),
+            "default_steps": int(default_steps),
+        }
+        return cls(
+            net,
+            prior,
+            signed=signed,
+            model_config=config,
+            system=system,
+            scale=scale,
+            default_steps=default_steps,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, system: str | None = None) -> FALCON:
+        return cls.build(
+            config["backbone"],
+            prior=prior_from_config(config),
+            n_particles=config.get("n_particles"),
+            spatial_dim=config.get("spatial_dim"),
+            backbone_options=config.get("backbone_options"),
+            signed=config.get("signed", True),
+            system=system,
+            scale=config.get("scale", 1.0),
+            default_steps=config.get("default_steps", 4),
+        )
+
+    def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
+        """Average velocity ``u (B, dim)`` over [s, t]."""
+        s, t = _times(s, x), _times(t, x)
+        h = self.net(t, x, s=s)
+        if self.signed:
+            sign = torch.where(t >= s, 1.0, -1.0).to(x.dtype)
+            h = sign[:, None] * h
+        return h
+
+    def flow_map(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
+        """``X(x, s, t) = x + (t - s) u(x, s, t)``: ``(B, dim)``."""
+        s, t = _times(s, x), _times(t, x)
+        return x + (t - s)[:, None] * self(x, s, t)
+
+    def jump_with_logdet(
+        self, x: Tensor, s: Tensor | float, t: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
+        """``X(x, s, t) (B, dim)`` and ``log|det dX/dx| (B,)`` from the full Jacobian on the
+        space the flow lives on (:func:`~boltzflow.distill.flowmap.map_and_logdet`)."""
+        s_b, t_b = _times(s, x), _times(t, x)
+        return map_and_logdet(
+            lambda y: self.flow_map(y, s_b, t_b), x, subspace_basis(self.prior, x)
+        )
+
+    def _run(self, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(len(x))
+        for k in range(len(grid) - 1):
+            x, logdet = self.jump_with_logdet(x, grid[k], grid[k + 1])
+            x = self._project(x)
+            total = total + logdet
+        return x, total
+
+    def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Noise -> data; ``ladj`` = sum of the steps' log|det|."""
+        with torch.no_grad():
+            return self._run(z, time_grid(steps, like=z))
+
+    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Data -> noise with the learned backward map; ``ladj = -sum log|det dX_back/dx|``."""
+        with torch.no_grad():
+            z, total = self._run(x, time_grid(steps, reverse=True, like=x))
+        return z, -total
+
+    def inversion_error(self, x: Tensor, steps: int | None = None) -> Tensor:
+        """``|z - pull(push(z))|`` per point ``(B,)`` for flow-unit noise ``z`` (or data side
+        ``x`` with the directions swapped: it is the same composition on given points)."""
+        steps = self._steps(steps)
+        with torch.no_grad():
+            y, _ = self._run(x, time_grid(steps, like=x))
+            back, _ = self._run(y, time_grid(steps, reverse=True, like=x))
+        return (back - x).norm(dim=-1)
+
+
+# -- losses -----------------------------------------------------------------------------------
+def falcon_diagonal_loss(model: FALCON, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """Flow matching on the diagonal: ``|u(x, t, t) - v|^2`` (summed over coordinates)."""
+    return (model(x, t, t) - v).pow(2).sum(-1).mean()
+
+
+def falcon_meanflow_loss(
+    model: FALCON,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    v: Tensor,
+    *,
+    adaptive_power: float = 0.0,
+    adaptive_eps: float = 1e-3,
+) -> Tensor:
+    """Average-velocity loss with one JVP (see the module docstring).
+
+    Args:
+        x: ``(B, dim)`` points at times ``s (B,)``; ``t (B,)`` end times; ``v (B, dim)`` the
+            velocity at ``(s, x)`` (teacher, or the conditional velocity when training from data).
+        adaptive_power: MeanFlow's adaptive loss weighting (Geng et al. 2025, Sec. 4.3): each
+            sample's squared error e is weighted by sg(1 / (e + adaptive_eps)^p); p = 0 is plain
+            MSE, p = 1 behaves like log(e) and keeps the self-referential target from running
+            away.
+    """
+
+    def u_of(xx: Tensor, ss: Tensor) -> Tensor:
+        return model(xx, ss, t)
+
+    with torch.no_grad():
+        _, du_ds = jvp(u_of, (x, s), (v, torch.ones_like(s)))
+        target = v + (t - s)[:, None] * du_ds
+    err = (model(x, s, t) - target).pow(2).sum(-1)
+    if adaptive_power:
+        err = err / (err.detach() + adaptive_eps).pow(adaptive_power)
+    return err.mean()
+
+
+def falcon_inverse_loss(model: FALCON, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """Invertibility: ``|x - X(X(x, s, t), t, s)|^2`` (summed over coordinates)."""
+    y = model.flow_map(x, s, t)
+    back = model.flow_map(y, t, s)
+    return (back - x).pow(2).sum(-1).mean()
+
+
+def falcon_pair_loss(model: FALCON, x_s: Tensor, s: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """Exact jumps read off teacher trajectories: ``|u(x_s, s, t) - (x_t - x_s)/(t - s)|^2``."""
+    target = (x_t - x_s) / (t - s)[:, None]
+    return (model(x_s, s, t) - target).pow(2).sum(-1).mean()

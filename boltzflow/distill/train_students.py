@@ -1,0 +1,423 @@
+"""Distil a teacher CNF into an F2D2 or FALCON student with the shared training loop.
+
+Supervision comes from the teacher (default): a cache of teacher trajectories on a uniform grid
+(:mod:`boltzflow.distill.trajectories`, written once to ``OUT/trajectories.pt``) supplies points on
+the teacher's marginals, its velocity and exact divergence there (diagonal targets) and exact
+jumps between grid times (pair targets); the self-consistency losses (F2D2 semigroup, FALCON
+MeanFlow and invertibility) act on the same points. FALCON can instead train from data alone
+(``loss.target = "data"``): conditional flow matching on the linear interpolant with (equivariant)
+OT couplings, MeanFlow and invertibility, without a teacher.
+
+The student uses the teacher's backbone type and size and (``init_from_teacher``) starts from
+its weights, i.e. as the Euler step of the teacher
+(:func:`boltzflow.distill.flowmap.init_from_teacher`).
+
+Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
+
+    method = "f2d2"            # or "falcon"
+    [student]   default_steps, init_from_teacher, signed (FALCON)
+    [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
+                div_weight, dyadic_fraction, target ("teacher" | "data")
+    [trajectories]  n, grid, atol, rtol, batch_size, seed
+    [train]     boltzflow.train.config.TrainConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from boltzflow.distill.base import STUDENT_FILE, Student
+from boltzflow.distill.f2d2 import (
+    F2D2,
+    f2d2_diagonal_loss,
+    f2d2_pair_loss,
+    f2d2_semigroup_loss,
+)
+from boltzflow.distill.falcon import (
+    FALCON,
+    falcon_diagonal_loss,
+    falcon_inverse_loss,
+    falcon_meanflow_loss,
+    falcon_pair_loss,
+)
+from boltzflow.distill.flowmap import init_from_teacher
+from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
+from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
+from boltzflow.flows.flow_matching import couple, interpolate
+from boltzflow.systems.particles import remove_mean
+from boltzflow.train.checkpoint import load_checkpoint
+from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
+from boltzflow.train.trainer import Trainer
+
+__all__ = [
+    "METHODS",
+    "LossConfig",
+    "StudentConfig",
+    "StudentOptions",
+    "TrajectoryConfig",
+    "build_student",
+    "load_student_config",
+    "student_loss",
+    "teacher_system",
+    "train_student",
+]
+
+METHODS = ("f2d2", "falcon")
+TRAJECTORY_FILE = "trajectories.pt"
+
+
+@dataclass
+class StudentOptions:
+    """Student model: steps used by default, teacher initialisation, FALCON's signed u."""
+
+    default_steps: int = 4
+    init_from_teacher: bool = True
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.default_steps < 1:
+            raise ValueError(f"student.default_steps must be >= 1, got {self.default_steps}")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights. F2D2 uses ``diagonal``, ``pairs``, ``semigroup`` (``div_weight`` scales the
+    divergence parts); FALCON uses ``diagonal`` (flow matching), ``pairs``, ``meanflow``,
+    ``inverse``, with MeanFlow's adaptive weighting power ``meanflow_adaptive_power`` (0: plain
+    MSE). ``dyadic_fraction`` of the pairs are the aligned jumps used at 1, 2, 4, ...
+    steps, the rest any two grid times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
+
+    diagonal: float = 1.0
+    pairs: float = 1.0
+    semigroup: float = 1.0
+    meanflow: float = 1.0
+    inverse: float = 1.0
+    div_weight: float = 1.0
+    meanflow_adaptive_power: float = 1.0
+    dyadic_fraction: float = 0.5
+    target: str = "teacher"
+
+    def __post_init__(self) -> None:
+        names = ("diagonal", "pairs", "semigroup", "meanflow", "inverse", "div_weight")
+        for name in (*names, "meanflow_adaptive_power"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dyadic_fraction <= 1:
+            raise ValueError(f"loss.dyadic_fraction must be in [0, 1], got {self.dyadic_fraction}")
+        if self.target not in ("teacher", "data"):
+            raise ValueError(f"loss.target must be 'teacher' or 'data', got {self.target!r}")
+
+
+@dataclass
+class TrajectoryConfig:
+    """Teacher trajectory cache: ``n`` trajectories on ``grid`` uniform intervals (a power of 2
+    so that 1, 2, 4, ... step jumps lie on the grid)."""
+
+    n: int = 16384
+    grid: int = 16
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_size: int = 1000
+    seed: int = 12345
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError("trajectories.n and trajectories.batch_size must be >= 1")
+        if self.grid < 1 or self.grid & (self.grid - 1):
+            raise ValueError(f"trajectories.grid must be a power of 2, got {self.grid}")
+
+
+@dataclass
+class StudentConfig:
+    """A distillation run."""
+
+    method: str = "f2d2"
+    system: str | None = None
+    description: str = ""
+    student: StudentOptions = field(default_factory=StudentOptions)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
+        if self.method == "f2d2" and self.loss.target != "teacher":
+            raise ValueError("F2D2 needs the teacher's divergence: loss.target must be 'teacher'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_student_config(
+    path: str | os.PathLike[str], profile: str | None = None, **overrides: Any
+) -> StudentConfig:
+    """Read a student TOML config; ``overrides`` replace top-level keys (e.g. ``method``)."""
+    data = read_toml(path, profile)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclass_from_dict(StudentConfig, data, where=str(path))
+
+
+def teacher_system(path: str | os.PathLike[str]) -> str | None:
+    """The system name recorded in a teacher's model file or training checkpoint (or None)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (MODEL_FILE, TRAINING_FILE):
+            if (path / name).is_file():
+                path = path / name
+                break
+    payload = load_checkpoint(path, kind=("teacher_cnf", "training"))
+    run = payload.get("run_config") or payload.get("extra", {}).get("run") or {}
+    system = run.get("system") or run.get("teacher", {}).get("system")
+    return system if isinstance(system, str) else None
+
+
+def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None) -> Student:
+    """An untrained student shaped like ``teacher`` (same backbone type and options)."""
+    tc = teacher.model_config
+    common = {
+        "prior": teacher.prior,
+        "n_particles": tc.get("n_particles"),
+        "spatial_dim": tc.get("spatial_dim"),
+        "backbone_options": tc.get("backbone_options"),
+        "system": system,
+        "scale": teacher.scale,
+        "default_steps": cfg.student.default_steps,
+    }
+    if cfg.method == "f2d2":
+        student: Student = F2D2.build(tc["backbone"], **common)
+    else:
+        student = FALCON.build(tc["backbone"], signed=cfg.student.signed, **common)
+    if cfg.student.init_from_teacher:
+        init_from_teacher(student.net, teacher.net)
+    return student
+
+
+# -- minibatches ---------------------------------------------------------------------------------
+def _draw_pairs(gen: torch.Generator, b: int, grid: int, dyadic_fraction: float) -> tuple:
+    """Grid index pairs ``(i0, i1)``, ``i0 != i1``, half of them backward."""
+    levels = grid.bit_length() - 1  # grid = 2**levels
+    lvl = torch.randint(0, levels + 1, (b,), generator=gen)
+    span = 2**lvl
+    start = (torch.rand(b, generator=gen) * (grid // span)).long() * span
+    i0, i1 = start, start + span
+    a = torch.randint(0, grid + 1, (b,), generator=gen)
+    c = torch.randint(0, grid, (b,), generator=gen)
+    c = c + (c >= a).long()  # uniform over the other grid times
+    dyadic = torch.rand(b, generator=gen) < dyadic_fraction
+    i0, i1 = torch.where(dyadic, i0, a), torch.where(dyadic, i1, c)
+    back = torch.rand(b, generator=gen) < 0.5
+    return torch.where(back, i1, i0), torch.where(back, i0, i1)
+
+
+def student_loss(
+    model: Student,
+    cfg: StudentConfig,
+    *,
+    trajectories: Trajectories | None = None,
+    data: Tensor | None = None,
+) -> Any:
+    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`."""
+    lc = cfg.loss
+    b = cfg.train.batch_size
+    if lc.target == "teacher":
+        if trajectories is None:
+            raise ValueError("loss.target = 'teacher' needs teacher trajectories")
+        tr = trajectories
+        grid = len(tr.times) - 1
+    else:
+        if data is None:
+            raise ValueError("loss.target = 'data' needs training data")
+        if lc.pairs > 0:
+            raise ValueError(
+                "loss.pairs needs teacher trajectories; set it to 0 with target='data'"
+            )
+        data = data / model.scale
+    prior = model.prior
+    n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
+
+    def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
+        idx = torch.randint(len(tr), (b,), generator=gen)
+        i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction)
+        k = torch.randint(0, grid + 1, (b,), generator=gen)
+        cast = {"dtype": p.dtype, "device": p.device}
+        return {
+            "x_s": tr.x[idx, i0].to(**cast),
+            "x_t": tr.x[idx, i1].to(**cast),
+            "s": tr.times[i0].to(**cast),
+            "t": tr.times[i1].to(**cast),
+            "dlogp": (tr.logp[idx, i1] - tr.logp[idx, i0]).to(**cast),
+            "v_s": tr.v[idx, i0].to(**cast),
+            "x_k": tr.x[idx, k].to(**cast),
+            "t_k": tr.times[k].to(**cast),
+            "v_k": tr.v[idx, k].to(**cast),
+            "div_k": tr.div[idx, k].to(**cast),
+            "m": torch.rand(b, generator=gen).to(**cast),
+            "t_any": torch.rand(b, generator=gen).to(**cast),
+        }
+
+    def data_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
+        cast = {"dtype": p.dtype, "device": p.device}
+        x1 = data[torch.randint(len(data), (b,), generator=gen)].to(**cast)
+        x0 = prior.sample(b, generator=gen, **cast)
+        mode = "equivariant_ot" if n_p is not None else "ot"
+        x0 = couple(x0, x1, mode, n_particles=n_p, spatial_dim=s_d)
+        s = torch.rand(b, generator=gen).to(**cast)
+        xs, v = interpolate(x0, x1, s)
+        t = torch.rand(b, generator=gen).to(**cast)
+        return {"x_k": xs, "t_k": s, "v_k": v, "x_s": xs, "s": s, "v_s": v, "t": t, "t_any": t}
+
+    def loss(net: nn.Module, gen: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]:
+        p = next(net.parameters())
+        bt = teacher_batch(gen, p) if lc.target == "teacher" else data_batch(gen, p)
+        total = p.new_zeros(())
+        parts: dict[str, float] = {}
+        if cfg.method == "f2d2":
+            if lc.diagonal:
+                val, more = f2d2_diagonal_loss(
+                    net, bt["x_k"], bt["t_k"], bt["v_k"], bt["div_k"], div_weight=lc.div_weight
+                )
+                total, parts = total + lc.diagonal * val, {**parts, **more}
+            if lc.pairs:
+                val, more = f2d2_pair_loss(
+                    net,
+                    bt["x_s"],
+                    bt["s"],
+                    bt["x_t"],
+                    bt["t"],
+                    bt["dlogp"],
+                    div_weight=lc.div_weight,
+                )
+                total, parts = total + lc.pairs * val, {**parts, **more}
+            if lc.semigroup:
+                mid = bt["s"] + bt["m"] * (bt["t"] - bt["s"])
+                val, more = f2d2_semigroup_loss(
+                    net, bt["x_s"], bt["s"], bt["t"], mid, div_weight=lc.div_weight
+                )
+                total, parts = total + lc.semigroup * val, {**parts, **more}
+            return total, parts
+        if lc.diagonal:
+            val = falcon_diagonal_loss(net, bt["x_k"], bt["t_k"], bt["v_k"])
+            total, parts["fm"] = total + lc.diagonal * val, float(val.detach())
+        if lc.pairs:
+            val = falcon_pair_loss(net, bt["x_s"], bt["s"], bt["x_t"], bt["t"])
+            total, parts["pair"] = total + lc.pairs * val, float(val.detach())
+        if lc.meanflow:
+            val = falcon_meanflow_loss(
+                net,
+                bt["x_s"],
+                bt["s"],
+                bt["t_any"],
+                bt["v_s"],
+                adaptive_power=lc.meanflow_adaptive_power,
+            )
+            total, parts["meanflow"] = total + lc.meanflow * val, float(val.detach())
+        if lc.inverse:
+            val = falcon_inverse_loss(net, bt["x_s"], bt["s"], bt["t"])
+            total, parts["inverse"] = total + lc.inverse * val, float(val.detach())
+        return total, parts
+
+    return loss
+
+
+def _trajectories(
+    cfg: StudentConfig, teacher: TeacherCNF, out: Path, progress: bool
+) -> Trajectories:
+    """Load ``OUT/trajectories.pt`` if it was made with these settings, else generate it."""
+    tc = dataclasses.asdict(cfg.trajectories)
+    path = out / TRAJECTORY_FILE
+    if path.is_file():
+        traj, info = Trajectories.load(path)
+        if info.get("config") == tc:
+            return traj
+    traj = teacher_trajectories(
+        teacher,
+        tc["n"],
+        grid=tc["grid"],
+        seed=tc["seed"],
+        batch_size=tc["batch_size"],
+        atol=tc["atol"],
+        rtol=tc["rtol"],
+        progress=progress,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    traj.save(path, info={"config": tc})
+    return traj
+
+
+def train_student(
+    cfg: StudentConfig,
+    teacher: TeacherCNF,
+    out_dir: str | os.PathLike[str],
+    *,
+    system: str | None = None,
+    data: Tensor | None = None,
+    resume: bool = True,
+    stop_at: int | None = None,
+    progress: bool = True,
+    run_info: dict[str, Any] | None = None,
+) -> Student:
+    """Distil ``teacher`` into a student and write ``OUT/student.pt`` (EMA weights) at the end.
+
+    Args:
+        cfg: the run configuration.
+        teacher: the trained teacher.
+        out_dir: run folder (``trajectories.pt``, ``checkpoint.pt``, ``metrics.jsonl``,
+            ``run.json``, ``student.pt``).
+        system: name of the teacher's system (recorded; checked when the student is loaded).
+        data: ``(N, dim)`` training data, for FALCON with ``loss.target = "data"``.
+        resume, stop_at, progress: as :meth:`boltzflow.train.trainer.Trainer.fit`.
+        run_info: extra JSON-able facts for the run record (teacher path, ...).
+
+    Returns:
+        the student with EMA weights, in eval mode.
+
+    Raises:
+        ValueError: ``cfg.system`` differs from ``system``, or the config does not fit the data.
+    """
+    if cfg.system is not None and system is not None and cfg.system != system:
+        raise ValueError(f"config is for system {cfg.system!r} but the teacher is for {system!r}")
+    system = system or cfg.system
+    out = Path(out_dir)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, teacher, system=system)
+    trajectories = None
+    if cfg.loss.target == "teacher":
+        trajectories = _trajectories(cfg, teacher, out, progress)
+        if isinstance(student, F2D2):
+            div = trajectories.div.double()
+            student.set_divergence_scale(float(div.mean()), float(div.std().clamp_min(1e-3)))
+    else:
+        if data is None:
+            raise ValueError("loss.target = 'data' needs training data")
+        data = torch.as_tensor(data).float()
+        if student.mean_free:
+            data = remove_mean(data, student.prior.n_particles, student.prior.spatial_dim)
+    run_config = {"student": cfg.to_dict(), "system": system, **(run_info or {})}
+    trainer = Trainer(
+        student,
+        student_loss(student, cfg, trajectories=trajectories, data=data),
+        cfg.train,
+        out,
+        model_kind="student",
+        model_config=student.model_config,
+        run_config=run_config,
+        extra={"student_kind": student.student_kind, "system": system},
+        progress=progress,
+    )
+    trainer.fit(resume=resume, stop_at=stop_at)
+    ema = trainer.ema_model()
+    ema.eval()
+    if trainer.step >= cfg.train.steps:
+        ema.save(out / STUDENT_FILE, extra={"steps": trainer.step, "run": run_config})
+    return ema

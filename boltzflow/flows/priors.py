@@ -1,0 +1,138 @@
+"""Base densities of the flows: a standard Gaussian and a mean-free Gaussian for particle systems.
+
+Mean-free convention (DESIGN.md): for ``n`` particles in ``d`` dimensions the translation-invariant
+configurations live in the ``(n - 1) * d``-dimensional subspace of zero particle mean. The
+mean-free Gaussian is the standard normal density *on that subspace*,
+
+    log p(x) = -|x|^2 / 2 - ((n - 1) d / 2) log(2 pi),    for mean-free x,
+
+so its log density, every flow's log q and every NLL in boltzflow are densities with respect to
+the (n - 1) d-dimensional Lebesgue measure of the subspace (Köhler et al. 2020,
+arXiv:2006.02425; Satorras et al. 2021, arXiv:2105.09016, use the same normalisation). Sampling
+draws a full standard normal and removes the mean: the orthogonal projection of an isotropic
+Gaussian onto a subspace is the isotropic Gaussian of that subspace.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from boltzflow.systems.particles import remove_mean
+
+__all__ = ["MeanFreeGaussian", "Prior", "StandardGaussian", "build_prior"]
+
+
+class Prior:
+    """Base class: ``sample(n, generator=...)`` and ``log_prob(x)`` on flat ``(n, dim)`` tensors."""
+
+    dim: int
+    #: dimension of the space the density lives on (``dim`` or ``(n - 1) * d``)
+    event_dim: int
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Draw ``(n, dim)`` samples."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density ``(n,)`` of ``(n, dim)`` points."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """JSON-able description for checkpoints."""
+        raise NotImplementedError
+
+
+class StandardGaussian(Prior):
+    """N(0, I_dim): ``log p(x) = -|x|^2/2 - (dim/2) log 2 pi``."""
+
+    def __init__(self, dim: int) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.event_dim = dim
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Draw ``(n, dim)`` samples (drawn on CPU from ``generator``, then moved to ``device``)."""
+        return torch.randn(n, self.dim, generator=generator, dtype=dtype).to(device)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``(n,)`` log density."""
+        return -0.5 * x.pow(2).sum(-1) - 0.5 * self.event_dim * math.log(2 * math.pi)
+
+    def config(self) -> dict[str, object]:
+        return {"kind": "standard", "dim": self.dim}
+
+    def __repr__(self) -> str:
+        return f"StandardGaussian(dim={self.dim})"
+
+
+class MeanFreeGaussian(StandardGaussian):
+    """Standard normal on the mean-free subspace of ``n_particles`` particles in ``spatial_dim`` D.
+
+    ``log_prob`` expects mean-free input (it does not project: a density on the subspace is
+    undefined off it); :class:`boltzflow.flows.cnf.TeacherCNF` checks this at its boundary.
+    """
+
+    def __init__(self, n_particles: int, spatial_dim: int) -> None:
+        if n_particles < 2 or spatial_dim < 1:
+            raise ValueError(
+                f"mean-free prior needs n_particles >= 2 and spatial_dim >= 1, got "
+                f"{n_particles}, {spatial_dim}"
+            )
+        super().__init__(n_particles * spatial_dim)
+        self.n_particles = n_particles
+        self.spatial_dim = spatial_dim
+        self.event_dim = (n_particles - 1) * spatial_dim
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Draw ``(n, dim)`` mean-free samples."""
+        x = super().sample(n, generator=generator, dtype=dtype, device=device)
+        return remove_mean(x, self.n_particles, self.spatial_dim)
+
+    def config(self) -> dict[str, object]:
+        return {
+            "kind": "mean_free",
+            "n_particles": self.n_particles,
+            "spatial_dim": self.spatial_dim,
+        }
+
+    def __repr__(self) -> str:
+        return f"MeanFreeGaussian(n_particles={self.n_particles}, spatial_dim={self.spatial_dim})"
+
+
+def build_prior(config: dict[str, object]) -> Prior:
+    """Inverse of :meth:`Prior.config`.
+
+    Raises:
+        ValueError: unknown prior kind.
+    """
+    kind = config.get("kind")
+    if kind == "standard":
+        return StandardGaussian(int(config["dim"]))
+    if kind == "mean_free":
+        return MeanFreeGaussian(int(config["n_particles"]), int(config["spatial_dim"]))
+    raise ValueError(f"unknown prior kind {kind!r}; valid: ['mean_free', 'standard']")

@@ -1,0 +1,249 @@
+"""``boltzflow benchmark --workflow FILE``: the teacher-vs-students comparison for any workflow.
+
+After the workflow's data, teacher and student stages (cached as in ``boltzflow run``), one
+stage evaluates, with the same seed and N for every row:
+
+- the teacher (its configured adaptive ODE with the exact trace);
+- every student at each of ``benchmark.steps`` (an nf student once: it has no steps);
+- with ``benchmark.baselines``, K Euler steps of the teacher's own velocity with the Euler-rule
+  divergence and with the exact per-step log-determinant
+  (:class:`boltzflow.distill.baselines.EulerBaseline`): a student that does not beat the latter
+  learned nothing the teacher did not already give;
+
+and reports per row: NFE per sample, samples (with log q) per second, ESS/N with N, energy W2
+(with the square root, kT) of the reweighted samples against the held-out reference, NLL of
+``n_val`` reference points under the model's own ``log_prob`` at the same steps (a backward Euler
+estimate for the baselines), |log q - log q_teacher| (median, mean) at ``n_check`` of the model's
+samples with the teacher's exact log q, and FALCON's inversion error |z - X^-1(X(z))|.
+Writes ``benchmark.md`` and ``benchmark.json`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from boltzflow.io.atomic import atomic_write_text
+from boltzflow.io.report import jsonable
+from boltzflow.workflow.runner import StageContext
+from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stages import (
+    LOGQ_KIND,
+    REFERENCE_FILE,
+    TEACHER_FILE,
+    stage_device,
+    teacher_logq_kind,
+    teacher_sampling,
+)
+
+__all__ = ["benchmark_table", "run_benchmark_stage"]
+
+
+def _weighted(system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray | None):
+    from boltzflow.metrics import energy_w2
+    from boltzflow.sampling.analysis import compute_energies
+    from boltzflow.sampling.weights import ess_fraction, log_weights
+
+    u = compute_energies(system, x.detach().cpu())
+    log_w = log_weights(u, log_q.detach().cpu().double())
+    finite = torch.isfinite(log_w)
+    w2 = None
+    if u_ref is not None and bool(finite.any()):
+        lw = log_w[finite].numpy()
+        w = np.exp(lw - lw.max())
+        w2 = energy_w2(u_ref, u[finite].numpy(), w / w.sum())
+    return ess_fraction(log_w), w2, int((~finite).sum())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the benchmark rows (the first row is the teacher: speed-up base)."""
+    head = (
+        "| model | steps | log q | NFE/sample | samples/s | speed-up | ESS/N | E-W2 | NLL "
+        "| median abs dlogq | mean abs dlogq | inv. err (median/max) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    base = rows[0]["samples_per_s"] if rows else 1.0
+
+    def f(v: Any, spec: str) -> str:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "-"
+        return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+    for r in rows:
+        inv = (
+            f"{r['inv_err_median']:.1e} / {r['inv_err_max']:.1e}" if "inv_err_median" in r else "-"
+        )
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['log_q']} | {f(r['nfe_per_sample'], '.1f')} "
+            f"| {f(r['samples_per_s'], '.1f')} | {r['samples_per_s'] / base:.0f}x "
+            f"| {f(r['ess_fraction'], '.4f')} | {f(r['energy_w2'], '.3f')} | {f(r['nll'], '.3f')} "
+            f"| {f(r['logq_err_median'], '.3f')} | {f(r['logq_err_mean'], '.3f')} | {inv} |"
+        )
+    return "\n".join(lines)
+
+
+def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    """The ``benchmark`` stage (see the module docstring)."""
+    from boltzflow.data import read_dataset
+    from boltzflow.distill import EulerBaseline, load_student
+    from boltzflow.flows.cnf import TeacherCNF
+    from boltzflow.sampling.analysis import compute_energies
+
+    bm, device = wf.benchmark, stage_device(wf)
+    n, seed = bm.n, wf.seed + 1
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=device)
+    teacher.eval()
+    t_settings = teacher_sampling(wf)
+    ref_path = ctx.path(REFERENCE_FILE)
+    rows: list[dict[str, Any]] = []
+    with wf.open_system() as system:
+        u_ref = val = None
+        if ref_path.is_file():
+            ref = torch.as_tensor(read_dataset(ref_path).positions)
+            u_ref = compute_energies(system, ref).numpy()
+            u_ref = u_ref[np.isfinite(u_ref)]
+            val = ref[: bm.n_val].to(device=device, dtype=torch.float32)
+
+        out = teacher.sample_with_stats(n, seed=seed, progress=ctx.progress, **t_settings)
+        ess, w2, n_bad = _weighted(system, out.x, out.log_q, u_ref)
+        nll = None
+        if val is not None:
+            nll = float(-teacher.log_prob(val, **t_settings).double().mean())
+        rows.append(
+            {
+                "model": "teacher",
+                "steps": t_settings["method"],
+                "log_q": teacher_logq_kind(t_settings),
+                "nfe_per_sample": out.nfe_per_batch,
+                "samples_per_s": n / max(out.seconds, 1e-9),
+                "seconds": out.seconds,
+                "n": n,
+                "ess_fraction": ess,
+                "energy_w2": w2,
+                "non_finite_weights": n_bad,
+                "nll": nll,
+                "logq_err_median": 0.0,
+                "logq_err_mean": 0.0,
+            }
+        )
+        models: list[tuple[str, Any, str]] = []
+        for name, st in wf.students.items():
+            student = load_student(
+                ctx.path(f"students/{name}/student.pt"), system=wf.system, map_location=device
+            )
+            models.append((name, student, st.method))
+        if bm.baselines:
+            models.append(
+                ("euler (Euler-rule log q)", EulerBaseline(teacher, logdet="euler"), "euler")
+            )
+            models.append(
+                (
+                    "euler (exact step log-det)",
+                    EulerBaseline(teacher, logdet="exact"),
+                    "euler-exact",
+                )
+            )
+        jobs = [
+            (label, model, kind, k)
+            for label, model, kind in models
+            for k in ([None] if kind == "nf" else bm.steps)
+        ]
+        for label, model, kind, k in tqdm(
+            jobs, desc="benchmark", disable=None if ctx.progress else True
+        ):
+            model.eval()
+            _sync(device)
+            start = time.perf_counter()
+            x, log_q = model.sample(n, k, seed=seed, batch_size=wf.sample.batch_size)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            ess, w2, n_bad = _weighted(system, x, log_q, u_ref)
+            row: dict[str, Any] = {
+                "model": label,
+                "steps": "-" if k is None else k,
+                "log_q": LOGQ_KIND[kind],
+                "nfe_per_sample": 1 if k is None else k,
+                "samples_per_s": n / max(seconds, 1e-9),
+                "seconds": seconds,
+                "n": n,
+                "ess_fraction": ess,
+                "energy_w2": w2,
+                "non_finite_weights": n_bad,
+                "nll": None,
+            }
+            if val is not None:
+                row["nll"] = float(
+                    -model.log_prob(val, k, batch_size=wf.sample.batch_size).double().mean()
+                )
+            check = x[: bm.n_check]
+            ref_lq = teacher.log_prob(check, **t_settings).double().cpu()
+            err = (log_q[: bm.n_check].double().cpu() - ref_lq).abs()
+            err = err[torch.isfinite(err)]
+            row["logq_err_median"] = float(err.median()) if len(err) else None
+            row["logq_err_mean"] = float(err.mean()) if len(err) else None
+            if kind == "falcon":
+                p = model._param()
+                z = model.prior.sample(
+                    bm.n_check,
+                    generator=torch.Generator().manual_seed(seed + 3),
+                    dtype=p.dtype,
+                    device=p.device,
+                )
+                inv = model.inversion_error(z, k)
+                row["inv_err_median"] = float(inv.median())
+                row["inv_err_max"] = float(inv.max())
+            rows.append(row)
+    table = benchmark_table(rows)
+    header = (
+        f"{wf.system}: N = {n} samples per row (seed {seed}), NLL on "
+        f"{0 if val is None else len(val)} reference points, log q check on {bm.n_check} "
+        f"samples, device {device}"
+    )
+    payload = {
+        "workflow": wf.name,
+        "system": wf.system,
+        "settings": {
+            "n": n,
+            "seed": seed,
+            "steps": list(bm.steps),
+            "n_val": bm.n_val,
+            "n_check": bm.n_check,
+            "device": device,
+        },
+        "teacher_sampling": t_settings,
+        "rows": rows,
+        "table_markdown": table,
+    }
+    atomic_write_text(ctx.path("benchmark.json"), json.dumps(jsonable(payload), indent=2) + "\n")
+    md = [
+        f"# Benchmark: {wf.name} ({wf.system})",
+        "",
+        header,
+        "",
+        "ESS/N: Kish; E-W2: energy W2 with the square root (kT) of the reweighted samples; NLL: "
+        "-mean log q of reference points (nats, density on the mean-free subspace for particle "
+        "systems); dlogq: |log q - log q_teacher| at the model's own samples.",
+        "",
+        table,
+        "",
+    ]
+    atomic_write_text(ctx.path("benchmark.md"), "\n".join(md))
+    best = max(rows[1:] or rows, key=lambda r: r["ess_fraction"])
+    return {
+        "rows": len(rows),
+        "table": table,
+        "header": header,
+        "note": f"{len(rows)} rows; best few-step ESS/N {best['ess_fraction']:.3f} "
+        f"({best['model']} K={best['steps']})",
+    }

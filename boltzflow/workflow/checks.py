@@ -1,0 +1,224 @@
+"""Strict reading of TOML tables: types, unknown keys, required keys, files, feature specs.
+
+Every error names where it happened (``wf.toml: data.n_train``) so that an invalid workflow is
+rejected before any work starts, with the offending key and file in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "NUMBER",
+    "REQUIRED",
+    "apply_overrides",
+    "check_type",
+    "existing_file",
+    "int_list",
+    "key_path",
+    "located",
+    "merge",
+    "parse_assignment",
+    "parse_feature",
+    "parse_state",
+    "read_table",
+    "require_positive",
+]
+
+REQUIRED = object()
+NUMBER = (int, float)
+
+
+# -- small strict table reader ---------------------------------------------------------------------
+def _type_name(types: Any) -> str:
+    if isinstance(types, tuple):
+        return " or ".join(_type_name(t) for t in types)
+    return {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table"}.get(
+        types, getattr(types, "__name__", str(types))
+    )
+
+
+def check_type(value: Any, types: Any, where: str) -> Any:
+    """``value`` if it has one of ``types`` (ints pass as floats; bools are never numbers)."""
+    allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in allowed:
+        raise TypeError(f"{where}: expected {_type_name(types)}, got {value!r}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value if int in allowed else float(value)
+    if not isinstance(value, allowed):
+        raise TypeError(f"{where}: expected {_type_name(types)}, got {value!r}")
+    return value
+
+
+def key_path(where: str, key: str) -> str:
+    """Location of ``key`` inside ``where``: ``wf.toml: seed`` or ``wf.toml: data.n_train``."""
+    return f"{where}: {key}" if where.endswith(".toml") else f"{where}.{key}"
+
+
+def read_table(raw: Any, where: str, fields: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """Check a TOML table against ``{key: (types, default)}``; unknown keys raise."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{where}: expected a table, got {raw!r}")
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; valid keys: {sorted(fields)}"
+        )
+    out = {}
+    for key, (types, default) in fields.items():
+        if key in raw:
+            out[key] = check_type(raw[key], types, key_path(where, key))
+        elif default is REQUIRED:
+            raise ValueError(f"{where}: missing required key {key!r}")
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def int_list(value: Any, where: str, minimum: int = 1) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"{where}: expected a non-empty list of integers, got {value!r}")
+    for i, v in enumerate(value):
+        check_type(v, int, f"{where}[{i}]")
+        if v < minimum:
+            raise ValueError(f"{where}[{i}]: must be >= {minimum}, got {v}")
+    return list(value)
+
+
+def require_positive(value: int | float, where: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{where}: must be {bound}, got {value}")
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def located(label: str, build: Any, *args: Any, **kwargs: Any) -> Any:
+    """``build(*args, **kwargs)``; errors without a location get ``label`` in front."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        if msg.startswith(label):
+            raise
+        raise type(err)(f"{label}: {msg}") from None
+
+
+def existing_file(base: Path, value: str, where: str) -> Path:
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: file not found: {path}")
+    return path
+
+
+# -- features and states ---------------------------------------------------------------------------
+def parse_feature(spec: Any, where: str, info: Any, kind: str, extra: set[str]) -> dict:
+    from boltzflow.sampling.features import FEATURES, TRANSFORMS
+
+    if not isinstance(spec, dict):
+        raise TypeError(f"{where}: expected a table, got {spec!r}")
+    allowed = {"feature", "index", "atoms", "transform", *extra}
+    unknown = [k for k in spec if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: {sorted(allowed)}")
+    feature = spec.get("feature")
+    if feature not in FEATURES:
+        raise ValueError(f"{where}.feature: {feature!r} is not one of {sorted(FEATURES)}")
+    for key in FEATURES[feature]:
+        if key not in spec:
+            raise ValueError(f"{where}: feature {feature!r} needs key {key!r}")
+    for key in ("index", "atoms"):
+        if key in spec and key not in FEATURES[feature]:
+            raise ValueError(f"{where}.{key}: not used by feature {feature!r}")
+    if spec.get("transform", "identity") not in TRANSFORMS:
+        raise ValueError(f"{where}.transform: {spec['transform']!r} is not one of {TRANSFORMS}")
+    if "index" in spec:
+        check_type(spec["index"], int, f"{where}.index")
+        if not 0 <= spec["index"] < info.dim:
+            raise ValueError(f"{where}.index: must lie in [0, {info.dim}), got {spec['index']}")
+    if "atoms" in spec:
+        count = 2 if feature == "distance" else 4
+        atoms = spec["atoms"]
+        n = info.n_particles
+        if n is None:
+            raise ValueError(f"{where}: feature {feature!r} needs a particle system")
+        if not (
+            isinstance(atoms, list)
+            and len(atoms) == count
+            and all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < n for a in atoms)
+        ):
+            raise ValueError(f"{where}.atoms: expected {count} particle indices in [0, {n})")
+    if feature in ("phi", "psi") and kind != "openmm":
+        raise ValueError(f"{where}: feature {feature!r} needs a molecular (ALDP) system")
+    if feature == "dihedral" and info.spatial_dim != 3:
+        raise ValueError(f"{where}: dihedrals need 3-D particles")
+    for key in ("min", "max"):
+        if key in spec:
+            check_type(spec[key], NUMBER, f"{where}.{key}")
+    return dict(spec)
+
+
+def parse_state(raw: Any, where: str, info: Any, kind: str) -> list[dict[str, Any]]:
+    items = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(items, list) or not items:
+        raise TypeError(f"{where}: expected a condition table or a non-empty list of them")
+    out = []
+    for i, cond in enumerate(items):
+        w = f"{where}[{i}]" if isinstance(raw, list) else where
+        c = parse_feature(cond, w, info, kind, {"min", "max"})
+        if "min" not in c and "max" not in c:
+            raise ValueError(f"{w}: a state condition needs `min` and/or `max`")
+        out.append(c)
+    return out
+
+
+# -- command-line overrides ------------------------------------------------------------------------
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``"data.n_train=100"`` -> ``(["data", "n_train"], 100)``; the value is a TOML literal
+    (a bare word that is not one is taken as a string).
+
+    Raises:
+        ValueError: no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not sep or not all(parts):
+        raise ValueError(f"--set expects KEY.PATH=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return parts, parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return data
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = copy.deepcopy(value)  # never alias (and later mutate) the caller's
+    return merge(data, nested)

@@ -1,0 +1,376 @@
+"""The workflow report: teacher vs students (NFE, wall time, ESS/N, energy W2, log Z and the
+workflow's ΔF and observables with CIs), the full reweighting analysis of one proposal, plots.
+
+Per model and step count (one sample store each), with N samples and log w = -u - log q:
+
+- NFE/sample: sequential network evaluations per sample (the adaptive teacher: solver
+  evaluations per batch; students: their steps); wall time of drawing the samples with log q
+  (energies excluded), also per 1,000 samples;
+- ESS/N (Kish) with N;
+- energy W2 (with the square root, kT) between the held-out reference energies and the
+  importance-weighted sample energies;
+- log Z = LSE(log w) - log N and the estimates of the ``[estimates]`` table, each with its
+  confidence interval (delta method and/or seeded bootstrap); the reference row evaluates the
+  same ΔF and observables on the held-out reference data with uniform weights (an interval that
+  treats them as independent, which MCMC/MD frames are not quite).
+
+The report never hides a failure: a state with zero weight gives "undefined" with the reason, and
+an ESS below 30 is flagged as unreliable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from boltzflow.io.atomic import atomic_write_text
+from boltzflow.io.report import jsonable
+from boltzflow.sampling.results import Estimate
+from boltzflow.workflow.runner import StageContext
+from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stages import REFERENCE_FILE, copy_atomic, sample_plan
+
+__all__ = ["comparison_rows", "markdown_table", "run_report_stage"]
+
+_MIN_RELIABLE_ESS = 30
+
+
+def _methods(method: str) -> tuple[str, ...]:
+    return {"both": ("delta", "bootstrap"), "delta": ("delta",), "bootstrap": ("bootstrap",)}[
+        method
+    ]
+
+
+def _estimates(
+    wf: Workflow, x: torch.Tensor, u: torch.Tensor, log_w: np.ndarray, system: Any
+) -> dict[str, Any]:
+    """log Z, ΔF and observables of ``wf.estimates`` for one weighted sample set."""
+    from boltzflow.sampling.estimators import (
+        free_energy_difference,
+        log_partition,
+        snis_expectation,
+    )
+    from boltzflow.sampling.features import compute_feature, state_mask
+
+    es, rp = wf.estimates, wf.report
+    kw = {"level": rp.level, "n_bootstrap": rp.n_bootstrap, "seed": wf.seed}
+    out: dict[str, Any] = {}
+    if es.log_z:
+        out["log Z"] = {m: log_partition(log_w, method=m, **kw) for m in _methods(es.method)}
+    for fe in es.free_energies:
+        in_a = state_mask(fe["a"], x, u, system)
+        in_b = ~in_a if fe["b"] == "complement" else state_mask(fe["b"], x, u, system)
+        try:
+            out[f"ΔF {fe['name']}"] = {
+                m: free_energy_difference(in_a, in_b, log_w, method=m, **kw)
+                for m in _methods(es.method)
+            }
+        except ValueError as err:
+            out[f"ΔF {fe['name']}"] = {"undefined": str(err)}
+    for obs in es.observables:
+        values = compute_feature(obs, x, u, system)
+        try:
+            out[obs["name"]] = {
+                m: snis_expectation(values, log_w, method=m, **kw) for m in _methods(es.method)
+            }
+        except ValueError as err:
+            out[obs["name"]] = {"undefined": str(err)}
+    return out
+
+
+def comparison_rows(
+    wf: Workflow, out_dir: Path, system: Any, u_ref: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """One row per sample store of ``wf`` (see the module docstring)."""
+    from boltzflow.io.samples import read_samples
+    from boltzflow.metrics import energy_w2
+    from boltzflow.sampling.weights import kish_ess
+
+    rows = []
+    for model, runs in sample_plan(wf).items():
+        for label, steps in runs:
+            s = read_samples(out_dir / f"samples/{label}.h5")
+            prov = s.provenance
+            log_w = np.asarray(s.log_w, dtype=np.float64)
+            u = np.asarray(s.u, dtype=np.float64)
+            ess = kish_ess(torch.as_tensor(log_w))
+            row: dict[str, Any] = {
+                "model": model,
+                "label": label,
+                "steps": steps
+                if steps is not None
+                else (prov.get("sampling", {}).get("method", "-") if model == "teacher" else 1),
+                "log q": prov.get("log_q_kind", "-"),
+                "NFE/sample": prov.get("nfe_per_sample"),
+                "sample seconds": prov.get("sample_seconds"),
+                "s per 1000 samples": 1000.0 * prov.get("sample_seconds", math.nan) / s.n,
+                "N": s.n,
+                "ESS": ess,
+                "ESS/N": ess / s.n,
+                "non-finite weights": int((~np.isfinite(log_w)).sum()),
+            }
+            finite = np.isfinite(u) & np.isfinite(log_w)
+            if u_ref is not None and finite.any():
+                w = np.exp(log_w[finite] - log_w[finite].max())
+                row["energy W2 proposal (kT)"] = energy_w2(u_ref, u[finite])
+                row["energy W2 reweighted (kT)"] = energy_w2(u_ref, u[finite], w / w.sum())
+            x = torch.as_tensor(s.x, dtype=torch.float64)
+            row["estimates"] = _estimates(wf, x, torch.as_tensor(u), log_w, system)
+            if system.log_z is not None and "log Z" in row["estimates"]:
+                row["exact log Z inside CI"] = {
+                    m: e.contains(system.log_z) for m, e in row["estimates"]["log Z"].items()
+                }
+            rows.append(row)
+    return rows
+
+
+def _reference_row(
+    wf: Workflow, ref_x: np.ndarray, u_ref: np.ndarray, system: Any
+) -> dict[str, Any]:
+    x = torch.as_tensor(ref_x, dtype=torch.float64)
+    zeros = np.zeros(len(ref_x))
+    est = _estimates(wf, x, torch.as_tensor(u_ref), zeros, system)
+    est.pop("log Z", None)
+    return {"model": "reference data", "N": len(ref_x), "estimates": est}
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, Estimate):
+        return _fmt_estimate(v)
+    if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+        return format(float(v), spec) if isinstance(v, (float, np.floating)) else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def _fmt_estimate(e: Estimate) -> str:
+    """``value [low, high]`` with decimals to resolve the standard error (two digits of it)."""
+    if not (math.isfinite(e.value) and math.isfinite(e.stderr)) or e.stderr <= 0:
+        return f"{e.value:.4g} [{e.ci_low:.4g}, {e.ci_high:.4g}]"
+    digits = min(max(1 - math.floor(math.log10(e.stderr)), 0), 6)
+    return f"{e.value:.{digits}f} [{e.ci_low:.{digits}f}, {e.ci_high:.{digits}f}]"
+
+
+def _primary(entry: dict[str, Any]) -> Any:
+    """The estimate shown in tables: delta if present, else bootstrap, else the failure."""
+    for key in ("delta", "bootstrap"):
+        if key in entry:
+            return entry[key]
+    return "undefined"
+
+
+def markdown_table(rows: list[dict[str, Any]], exact_log_z: float | None = None) -> str:
+    """Markdown table of :func:`comparison_rows` (plus the reference row, if present)."""
+    est_names = list(dict.fromkeys(k for r in rows for k in r.get("estimates", {})))
+    head = [
+        "model",
+        "steps",
+        "log q",
+        "NFE/sample",
+        "s / 1000 samples",
+        "N",
+        "ESS/N",
+        "E-W2 reweighted (kT)",
+        *est_names,
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.get("label", r["model"]),
+            _fmt(r.get("steps")),
+            _fmt(r.get("log q")),
+            _fmt(r.get("NFE/sample"), ".1f"),
+            _fmt(r.get("s per 1000 samples"), ".3g"),
+            _fmt(r.get("N")),
+            _fmt(r.get("ESS/N"), ".4f"),
+            _fmt(r.get("energy W2 reweighted (kT)"), ".3f"),
+        ]
+        for name in est_names:
+            entry = r.get("estimates", {}).get(name)
+            if entry is None:
+                cell = f"exact {exact_log_z:.3f}" if name == "log Z" and exact_log_z else "-"
+            else:
+                cell = _fmt(_primary(entry), ".4g")
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ess_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    from boltzflow.plots._figure import new_figure, save_png
+
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    by_model: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["model"] == "teacher":
+            ax.axhline(max(r["ESS/N"], 1e-6), color="k", ls="--", label="teacher (adaptive ODE)")
+        else:
+            by_model.setdefault(r["model"], []).append((float(r["steps"]), r["ESS/N"]))
+    for model, pts in by_model.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], "o-", label=model)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in by_model.values() for p in pts})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("steps K")
+    ax.set_ylabel("ESS / N")
+    ax.set_title("importance-sampling efficiency by model")
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def _training(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    out = {"teacher": ctx.upstream.get("teacher", {})}
+    for name in wf.students:
+        out[name] = ctx.upstream.get(f"student-{name}", {})
+    return {k: {kk: vv for kk, vv in v.items() if kk != "note"} for k, v in out.items()}
+
+
+def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    """The ``report`` stage: comparison table, estimates, reweighting analysis and plots."""
+    from boltzflow.data import read_dataset
+    from boltzflow.sampling.analysis import compute_energies, reweight_analysis
+
+    out = ctx.out_dir
+    ref_path = out / REFERENCE_FILE
+    label = wf.proposal_label
+    with wf.open_system() as system:
+        ref_x = u_ref_all = u_ref = None
+        if ref_path.is_file():
+            ref_x = read_dataset(ref_path).positions.astype(np.float64)
+            u_ref_all = compute_energies(system, torch.as_tensor(ref_x)).numpy()
+            u_ref = u_ref_all[np.isfinite(u_ref_all)]
+        rows = comparison_rows(wf, out, system, u_ref)
+        all_rows = list(rows)
+        if ref_x is not None:
+            all_rows.append(_reference_row(wf, ref_x, u_ref_all, system))
+        analysis = reweight_analysis(
+            out / f"samples/{label}.h5",
+            system,
+            out / "analysis",
+            reference=ref_path if ref_path.is_file() else None,
+            n_bootstrap=wf.report.n_bootstrap,
+            level=wf.report.level,
+            seed=wf.seed,
+        )
+        exact = system.log_z
+    plots = {k: Path(v) for k, v in analysis.get("plots", {}).items()}
+    if any(r["model"] != "teacher" for r in rows):
+        plots["ESS/N by model and steps"] = _ess_plot(rows, out / "analysis" / "ess_by_model.png")
+    for path in plots.values():
+        ctx.add_output(path)
+    ctx.add_output(out / "analysis" / "report.md")
+    ctx.add_output(out / "analysis" / "report.json")
+    copy_atomic(out / f"samples/{label}.h5", out / "samples.h5")
+    table = markdown_table(all_rows, exact)
+    training = _training(ctx, wf)
+    notes = _notes(wf, rows, exact, u_ref is not None)
+    payload = {
+        "workflow": wf.name,
+        "system": wf.system,
+        "profile": wf.profile,
+        "proposal": label,
+        "exact log Z": exact,
+        "models": rows,
+        "reference": all_rows[-1] if ref_x is not None else None,
+        "training": training,
+        "analysis of the proposal": {
+            k: v for k, v in analysis.items() if k not in ("plots", "report")
+        },
+        "plots": {k: str(p.relative_to(out)) for k, p in plots.items()},
+        "notes": notes,
+        "table_markdown": table,
+    }
+    atomic_write_text(out / "report.json", json.dumps(jsonable(payload), indent=2) + "\n")
+    atomic_write_text(
+        out / "report.md", _markdown(wf, table, training, analysis, plots, notes, out)
+    )
+    best = max(rows, key=lambda r: r["ESS/N"])
+    return {
+        "rows": len(rows),
+        "best": best["label"],
+        "note": f"{len(rows)} sample sets; best ESS/N {best['ESS/N']:.3f} ({best['label']})",
+    }
+
+
+def _notes(
+    wf: Workflow, rows: list[dict[str, Any]], exact: float | None, has_ref: bool
+) -> list[str]:
+    lvl = f"{100 * wf.report.level:g}%"
+    notes = [
+        f"system {wf.system}; N = {wf.sample.n} samples per model and step count; seed {wf.seed}",
+        "log w = -u(x) - log q(x); ESS is Kish's; energy W2 with the square root (W2, not W2²)",
+        f"intervals: {lvl} confidence, {wf.estimates.method} method"
+        + (f" (bootstrap B = {wf.report.n_bootstrap})" if wf.estimates.method != "delta" else ""),
+        "NFE/sample counts sequential network evaluations; s / 1000 samples is the wall time of "
+        "drawing x with log q (energy evaluation excluded)",
+    ]
+    if has_ref:
+        notes.append(
+            "reference data: the held-out data frames with uniform weights (their interval "
+            "treats correlated MCMC/MD frames as independent, so it is too narrow)"
+        )
+    if exact is not None:
+        notes.append(f"exact log Z = {exact:.4f}")
+    if not has_ref:
+        notes.append("no reference data held out (data.n_reference = 0): no energy W2")
+    for r in rows:
+        if r["ESS"] < _MIN_RELIABLE_ESS:
+            notes.append(
+                f"{r['label']}: ESS = {r['ESS']:.1f} < {_MIN_RELIABLE_ESS}; its intervals are not "
+                "reliable"
+            )
+    return notes
+
+
+def _markdown(
+    wf: Workflow,
+    table: str,
+    training: dict[str, Any],
+    analysis: dict[str, Any],
+    plots: dict[str, Path],
+    notes: list[str],
+    out: Path,
+) -> str:
+    lines = [f"# boltzflow workflow report: {wf.name} ({wf.system})", ""]
+    if wf.description:
+        lines += [wf.description, ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    lines += ["## Teacher vs students", "", table, ""]
+    lines += [
+        "## Training",
+        "",
+        "| model | parameters | training steps | train time (s) | final loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in training.items():
+        lines.append(
+            f"| {name} | {_fmt(t.get('parameters'))} | {_fmt(t.get('steps'))} "
+            f"| {_fmt(t.get('train_seconds'), '.1f')} | {_fmt(t.get('final_loss'), '.4g')} |"
+        )
+    lines += ["", f"## Reweighting analysis of {wf.proposal_label}", ""]
+    weights = analysis.get("weights", {})
+    lines += ["| quantity | value |", "|---|---|"]
+    for k, v in weights.items():
+        lines.append(f"| {_fmt(k)} | {_fmt(v, '.5g')} |")
+    for k, v in analysis.get("metrics vs reference", {}).items():
+        lines.append(f"| {_fmt(k)} | {_fmt(v, '.5g')} |")
+    lines += [
+        "",
+        "Full analysis: [analysis/report.md](analysis/report.md); samples: `samples.h5`.",
+        "",
+    ]
+    if plots:
+        lines += ["## Plots", ""]
+        for name, path in plots.items():
+            lines += [f"### {name}", "", f"![{name}]({path.relative_to(out)})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,545 @@
+"""The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples ->
+report (and, for ``boltzflow benchmark``, the benchmark table).
+
+Output folder layout::
+
+    data/train.h5, data/reference.h5      boltzflow datasets (generated, or copied from a file)
+    teacher/teacher.pt                    teacher CNF (EMA weights; checkpoint.pt, metrics.jsonl)
+    students/trajectories-<id>.pt         cached teacher trajectories shared by F2D2/FALCON
+    students/<name>/student.pt            each student
+    samples/<label>.h5                    (x, log q, u, log w) per model and step count
+    samples.h5                            the report's proposal samples (a copy)
+    report.md, report.json                teacher vs students table, estimates with CIs
+    analysis/                             reweighting report of the proposal, plots (PNG)
+    benchmark.md, benchmark.json          ``boltzflow benchmark`` only
+    manifest.json                         stage keys and output fingerprints (the cache)
+
+Every file is written atomically (temporary file + rename), so a killed run never leaves a
+half-written output behind that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from boltzflow.io.atomic import atomic_path
+from boltzflow.workflow.cache import canonical_json
+from boltzflow.workflow.runner import Stage, StageContext
+from boltzflow.workflow.spec import StudentSpec, Workflow, sample_label
+
+__all__ = [
+    "LOGQ_KIND",
+    "build_stages",
+    "copy_atomic",
+    "sample_plan",
+    "stage_device",
+    "teacher_logq_kind",
+    "teacher_sampling",
+]
+
+TRAIN_FILE = "data/train.h5"
+REFERENCE_FILE = "data/reference.h5"
+TEACHER_FILE = "teacher/teacher.pt"
+#: how each model obtains log q (the benchmark's ``log q`` column)
+LOGQ_KIND = {
+    "teacher": "ODE, exact trace",
+    "teacher-quadrature": "ODE, exact trace by quadrature",
+    "teacher-hutchinson": "ODE, Hutchinson trace (unbiased, noisy)",
+    "f2d2": "divergence head",
+    "falcon": "exact step log-det",
+    "nf": "exact (one pass)",
+    "euler": "Euler-rule divergence",
+    "euler-exact": "exact step log-det",
+}
+
+
+def teacher_logq_kind(sampling: dict[str, Any]) -> str:
+    """How the teacher's log q is computed under ``sampling`` settings (table label)."""
+    div = sampling.get("divergence", "exact")
+    return LOGQ_KIND.get("teacher" if div == "exact" else f"teacher-{div}", f"ODE, {div} trace")
+
+
+def teacher_sampling(wf: Workflow) -> dict[str, Any]:
+    """The teacher's ODE settings for sampling: ``[teacher.sample]`` (+ the batch override)."""
+    settings = dataclasses.asdict(wf.teacher.config.sample)
+    if wf.sample.teacher_batch_size is not None:
+        settings["batch_size"] = wf.sample.teacher_batch_size
+    return settings
+
+
+def _training_key(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config without what cannot change the trained weights (sampling, description)."""
+    return {k: v for k, v in config.items() if k not in ("sample", "description")}
+
+
+def stage_device(wf: Workflow) -> str:
+    """Device for sampling: the workflow's, else the teacher's training device."""
+    return wf.device or wf.teacher.config.train.device
+
+
+def sample_plan(wf: Workflow) -> dict[str, list[tuple[str, int | None]]]:
+    """``{model: [(label, steps), ...]}`` of the sample files the workflow writes."""
+    plan: dict[str, list[tuple[str, int | None]]] = {}
+    if wf.sample.teacher:
+        plan["teacher"] = [("teacher", None)]
+    for name, st in wf.students.items():
+        steps: list[int | None] = [None] if st.method == "nf" else list(wf.sample.steps)
+        plan[name] = [(sample_label(name, k), k) for k in steps]
+    return plan
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file + rename."""
+    with atomic_path(dst, suffix=dst.suffix) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _last_metrics(folder: Path) -> dict[str, Any]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _g(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# -- data ------------------------------------------------------------------------------------------
+def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    from boltzflow.data import generate, load_positions, write_dataset
+
+    spec = wf.data
+    train_path, ref_path = ctx.path(TRAIN_FILE), ctx.path(REFERENCE_FILE)
+    if spec.generate:
+        total = spec.n_train + spec.n_reference
+        with wf.open_system() as system:
+            x, u, prov = generate(
+                system,
+                total,
+                seed=wf.seed,
+                method=spec.method,
+                progress=ctx.progress,
+                **spec.settings,
+            )
+        # MCMC output is time-major: the held-out reference is the last records of the chains.
+        parts = {"train": (x[: spec.n_train], u[: spec.n_train])}
+        if spec.n_reference:
+            parts["reference"] = (x[spec.n_train :], u[spec.n_train :])
+        note = f"generated {total} ({prov['method']}): {spec.n_train} train"
+    else:
+        x = load_positions(spec.file, spec.dataset, system=wf.system)
+        if spec.reference_file is not None:
+            ref = load_positions(spec.reference_file, system=wf.system)[: spec.n_reference or None]
+            train = x[: spec.n_train or None]
+        else:
+            n_ref = spec.n_reference
+            if n_ref >= len(x):
+                raise ValueError(
+                    f"data.n_reference = {n_ref} leaves no training rows in {spec.file} "
+                    f"({len(x)} rows)"
+                )
+            train, ref = x[: len(x) - n_ref], x[len(x) - n_ref :]
+            if spec.n_train:
+                train = train[: spec.n_train]
+        parts = {"train": (train, None)}
+        if len(ref):
+            parts["reference"] = (ref, None)
+        prov = {
+            "generator": "file",
+            "settings": {"file": str(spec.file), "dataset": spec.dataset},
+            "seed": None,
+            "system_parameters": {},
+            "temperature": None,
+        }
+        note = f"from {spec.file.name}: {len(train)} train"
+    for name, (xs, us) in parts.items():
+        path = train_path if name == "train" else ref_path
+        provenance = {**prov, "workflow_part": name}
+        write_dataset(path, xs, system=wf.system, provenance=provenance, energies=us)
+    n_ref = len(parts["reference"][0]) if "reference" in parts else 0
+    if n_ref:
+        ctx.add_output(REFERENCE_FILE)
+    else:
+        ref_path.unlink(missing_ok=True)
+    return {
+        "n_train": len(parts["train"][0]),
+        "n_reference": n_ref,
+        "note": f"{note}, {n_ref} reference",
+    }
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+def _run_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    from boltzflow.data import read_dataset
+    from boltzflow.train.teacher import SystemShape, train_teacher
+
+    data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
+    cfg = wf.teacher.config
+    start = time.perf_counter()
+    teacher = train_teacher(
+        cfg,
+        data,
+        ctx.workdir,
+        SystemShape.from_name(wf.system),
+        resume=ctx.resumed,
+        progress=ctx.progress,
+        run_info={"system": wf.system, "data": TRAIN_FILE, "workflow": wf.name},
+    )
+    last = _last_metrics(ctx.workdir)
+    return {
+        "parameters": _n_params(teacher),
+        "steps": cfg.train.steps,
+        "train_seconds": last.get("elapsed_s", time.perf_counter() - start),
+        "final_loss": last.get("loss"),
+        "note": f"{cfg.model.backbone}, {cfg.train.steps} steps, loss {_g(last.get('loss'))}",
+    }
+
+
+# -- students --------------------------------------------------------------------------------------
+def _trajectory_config(st: StudentSpec) -> dict[str, Any] | None:
+    if st.method == "nf" or st.config.loss.target != "teacher":
+        return None
+    return dataclasses.asdict(st.config.trajectories)
+
+
+def _trajectory_id(tc: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(tc).encode()).hexdigest()[:10]
+
+
+def _run_trajectories(ctx: StageContext, wf: Workflow, tc: dict[str, Any], out: str) -> dict:
+    from boltzflow.distill.trajectories import teacher_trajectories
+    from boltzflow.flows.cnf import TeacherCNF
+
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+    traj = teacher_trajectories(
+        teacher,
+        tc["n"],
+        grid=tc["grid"],
+        seed=tc["seed"],
+        batch_size=tc["batch_size"],
+        atol=tc["atol"],
+        rtol=tc["rtol"],
+        progress=ctx.progress,
+    )
+    traj.save(ctx.path(out), info={"config": tc})
+    return {"n": tc["n"], "seconds": traj.seconds, "note": f"{tc['n']} x {tc['grid']} grid"}
+
+
+def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | None) -> dict:
+    from boltzflow.flows.cnf import TeacherCNF
+
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+    info = {"teacher": TEACHER_FILE, "workflow": wf.name}
+    start = time.perf_counter()
+    if st.method == "nf":
+        from boltzflow.distill.nf import distill_nf_from_cnf
+
+        c = st.config
+        student = distill_nf_from_cnf(
+            teacher,
+            ctx.workdir,
+            system=wf.system,
+            n_pairs=c["n_pairs"],
+            pair_settings=c["pair_settings"],
+            model=c["model"],
+            train=c["train"],
+            loss=c["loss"],
+            resume=ctx.resumed,
+            progress=ctx.progress,
+            run_info=info,
+        )
+        steps = c["train"].steps
+    else:
+        from boltzflow.distill.train_students import TRAJECTORY_FILE, train_student
+
+        data = None
+        if st.config.loss.target == "data":
+            from boltzflow.data import read_dataset
+
+            data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
+        if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
+            shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
+        student = train_student(
+            st.config,
+            teacher,
+            ctx.workdir,
+            system=wf.system,
+            data=data,
+            resume=ctx.resumed,
+            progress=ctx.progress,
+            run_info=info,
+        )
+        steps = st.config.train.steps
+    last = _last_metrics(ctx.workdir)
+    return {
+        "method": st.method,
+        "parameters": _n_params(student),
+        "steps": steps,
+        "train_seconds": last.get("elapsed_s", time.perf_counter() - start),
+        "final_loss": last.get("loss"),
+        "note": f"{st.method}, {steps} steps, loss {_g(last.get('loss'))}",
+    }
+
+
+# -- sampling --------------------------------------------------------------------------------------
+def _write_samples(
+    path: Path, x: torch.Tensor, log_q: torch.Tensor, system: Any, provenance: dict, nfe: Any
+) -> float:
+    """Energies, log weights and the sample store; returns ESS/N."""
+    from boltzflow.io.samples import SampleWriter
+    from boltzflow.sampling.analysis import compute_energies
+    from boltzflow.sampling.weights import ess_fraction, log_weights
+
+    x = x.detach().cpu().double()
+    log_q = log_q.detach().cpu().double()
+    u = compute_energies(system, x)
+    log_w = log_weights(u, log_q)
+    with atomic_path(path, suffix=".h5") as tmp:
+        with SampleWriter(tmp, dim=x.shape[1], provenance=provenance) as writer:
+            writer.append(x, log_q=log_q, u=u, log_w=log_w, nfe=nfe)
+    return ess_fraction(log_w)
+
+
+def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    from boltzflow.flows.cnf import FlowOutput, TeacherCNF
+
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+    settings = teacher_sampling(wf)
+    n, seed = wf.sample.n, wf.seed + 1
+    out = FlowOutput.concat(
+        list(teacher.iter_samples(n, seed=seed, progress=ctx.progress, **settings))
+    )
+    provenance = {
+        "model": "teacher",
+        "checkpoint": TEACHER_FILE,
+        "system": wf.system,
+        "seed": seed,
+        "n": n,
+        "steps": None,
+        "nfe_per_sample": out.nfe_per_batch,
+        "sample_seconds": out.seconds,
+        "log_q_kind": teacher_logq_kind(settings),
+        "sampling": settings,
+        "log_q": "density on the mean-free subspace" if teacher.mean_free else "density",
+    }
+    nfe = torch.full((n,), out.nfe_per_batch, dtype=torch.float64)
+    with wf.open_system() as system:
+        ess = _write_samples(
+            ctx.path("samples/teacher.h5"), out.x, out.log_q, system, provenance, nfe
+        )
+    return {
+        "ess_fraction": ess,
+        "nfe_per_sample": out.nfe_per_batch,
+        "sample_seconds": out.seconds,
+        "note": f"N={n}, NFE {out.nfe_per_batch:.0f}, {out.seconds:.1f} s, ESS/N {ess:.3f}",
+    }
+
+
+def _run_sample_student(ctx: StageContext, wf: Workflow, st: StudentSpec) -> dict[str, Any]:
+    from boltzflow.distill import load_student
+
+    device = stage_device(wf)
+    folder = ctx.path(f"students/{st.name}")
+    student = load_student(folder / "student.pt", system=wf.system, map_location=device)
+    n, seed = wf.sample.n, wf.seed + 1
+    plan = sample_plan(wf)[st.name]
+    notes = []
+    out: dict[str, Any] = {}
+    with wf.open_system() as system:
+        for label, steps in tqdm(
+            plan, desc=f"sample {st.name}", disable=None if ctx.progress else True
+        ):
+            start = time.perf_counter()
+            x, log_q = student.sample(n, steps, seed=seed, batch_size=wf.sample.batch_size)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            nfe = 1 if steps is None else steps
+            provenance = {
+                "model": st.name,
+                "method": st.method,
+                "checkpoint": f"students/{st.name}/student.pt",
+                "system": wf.system,
+                "seed": seed,
+                "n": n,
+                "steps": steps,
+                "nfe_per_sample": nfe,
+                "sample_seconds": seconds,
+                "log_q_kind": LOGQ_KIND[st.method],
+                "log_q": "density on the mean-free subspace" if student.mean_free else "density",
+            }
+            ess = _write_samples(
+                ctx.path(f"samples/{label}.h5"),
+                x,
+                log_q,
+                system,
+                provenance,
+                torch.full((n,), float(nfe), dtype=torch.float64),
+            )
+            out[label] = {"ess_fraction": ess, "sample_seconds": seconds}
+            notes.append(f"K={steps or 1}: {ess:.3f}")
+    return {"runs": out, "note": "ESS/N " + ", ".join(notes)}
+
+
+# -- the graph -------------------------------------------------------------------------------------
+def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
+    """The stages of ``wf`` (see the module docstring); with ``benchmark`` the benchmark stage
+    is added after the students (and the report is left out).
+
+    The stage configurations hold everything that decides a stage's result (resolved model
+    configs, sizes, seeds, device), so a changed setting re-runs exactly the stages it affects.
+    """
+    from boltzflow.workflow.benchmark import run_benchmark_stage
+    from boltzflow.workflow.report import run_report_stage
+
+    device = stage_device(wf)
+    system = {"name": wf.system, "options": wf.system_options}
+    stages = [
+        Stage(
+            "data",
+            functools.partial(_run_data, wf=wf),
+            config={"system": system, "data": wf.data.key(), "seed": wf.seed},
+            inputs=tuple(p for p in (wf.data.file, wf.data.reference_file) if p is not None),
+            outputs=(TRAIN_FILE,),
+            description="reference configurations",
+        ),
+        Stage(
+            "teacher",
+            functools.partial(_run_teacher, wf=wf),
+            config={"system": system, "teacher": _training_key(wf.teacher.config.to_dict())},
+            deps=("data",),
+            outputs=(TEACHER_FILE,),
+            workdir="teacher",
+            description="flow-matching teacher CNF",
+        ),
+    ]
+    trajectories: dict[str, str] = {}
+    student_stages: list[str] = []
+    for name, st in wf.students.items():
+        tc = _trajectory_config(st)
+        traj_file = None
+        deps = ["teacher"]
+        if tc is not None:
+            tid = _trajectory_id(tc)
+            traj_file = f"students/trajectories-{tid}.pt"
+            stage_name = f"trajectories-{tid}"
+            if tid not in trajectories:
+                trajectories[tid] = stage_name
+                stages.append(
+                    Stage(
+                        stage_name,
+                        functools.partial(_run_trajectories, wf=wf, tc=tc, out=traj_file),
+                        config={"trajectories": tc, "device": device},
+                        deps=("teacher",),
+                        outputs=(traj_file,),
+                        description="teacher trajectories for distillation",
+                    )
+                )
+            deps.append(stage_name)
+        if st.method != "nf" and st.config.loss.target == "data":
+            deps.append("data")
+        stage = Stage(
+            f"student-{name}",
+            functools.partial(_run_student, wf=wf, st=st, traj=traj_file),
+            config={
+                "system": system,
+                "method": st.method,
+                "student": _training_key(st.config_dict()),
+            },
+            deps=tuple(deps),
+            outputs=(f"students/{name}/student.pt",),
+            workdir=f"students/{name}",
+            description=f"{st.method} student",
+        )
+        stages.append(stage)
+        student_stages.append(stage.name)
+    if benchmark:
+        stages.append(
+            Stage(
+                "benchmark",
+                functools.partial(run_benchmark_stage, wf=wf),
+                config={
+                    "system": system,
+                    "benchmark": dataclasses.asdict(wf.benchmark),
+                    "students": sorted(wf.students),
+                    "seed": wf.seed,
+                    "device": device,
+                    "batch_size": wf.sample.batch_size,
+                    "teacher_sampling": teacher_sampling(wf),
+                },
+                deps=("data", "teacher", *student_stages),
+                outputs=("benchmark.md", "benchmark.json"),
+                description="teacher vs students vs Euler baselines",
+            )
+        )
+        return stages
+    sample_stages = []
+    sample_config = {
+        "system": system,
+        "n": wf.sample.n,
+        "seed": wf.seed,
+        "device": device,
+        "batch_size": wf.sample.batch_size,
+    }
+    if wf.sample.teacher:
+        stages.append(
+            Stage(
+                "sample-teacher",
+                functools.partial(_run_sample_teacher, wf=wf),
+                config={**sample_config, "teacher_sampling": teacher_sampling(wf)},
+                deps=("teacher",),
+                outputs=("samples/teacher.h5",),
+                description="teacher samples with exact log q",
+            )
+        )
+        sample_stages.append("sample-teacher")
+    plan = sample_plan(wf)
+    for name, st in wf.students.items():
+        stages.append(
+            Stage(
+                f"sample-{name}",
+                functools.partial(_run_sample_student, wf=wf, st=st),
+                config={**sample_config, "steps": [k for _, k in plan[name]]},
+                deps=(f"student-{name}",),
+                outputs=tuple(f"samples/{label}.h5" for label, _ in plan[name]),
+                description=f"{name} samples",
+            )
+        )
+        sample_stages.append(f"sample-{name}")
+    stages.append(
+        Stage(
+            "report",
+            functools.partial(run_report_stage, wf=wf),
+            config={
+                "system": system,
+                "estimates": _jsonable(dataclasses.asdict(wf.estimates)),
+                "report": dataclasses.asdict(wf.report),
+                "seed": wf.seed,
+                "proposal": wf.proposal_label,
+            },
+            deps=("data", "teacher", *student_stages, *sample_stages),
+            outputs=("report.md", "report.json", "samples.h5"),
+            description="reweighting, estimates with CIs, plots",
+        )
+    )
+    return stages
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(canonical_json(obj))

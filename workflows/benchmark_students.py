@@ -1,0 +1,247 @@
+"""Benchmark the teacher CNF against its few-step students and the naive Euler baselines.
+
+One run, one system, one table: for the teacher (adaptive ODE, exact divergence) and for every
+student and baseline at 1, 2, 4 and 8 steps it reports
+
+- NFE per sample (sequential network evaluations; how log q is obtained is in the ``log q``
+  column: ``ode-trace`` = exact Jacobian trace at every solver stage, ``head`` = F2D2's
+  divergence head (no Jacobian), ``jac`` = full per-step Jacobian by ``dim`` forward-mode
+  products, ``euler-div`` = exact trace at each Euler step, ``exact`` = one-pass NF);
+- samples-with-log-q per second (batch ``--batch``, one thread unless ``--threads``);
+- ESS/N (Kish, N samples);
+- energy W2 (with the square root, in kT) between the reference energies and the importance
+  weighted sample energies;
+- NLL = -mean log q on reference data (the model's own ``log_prob`` at the same steps; for the
+  Euler baselines a backward Euler estimate, see :mod:`boltzflow.distill.baselines`);
+- |log q - log q_teacher| at the model's own samples (median and mean over ``--n-check``
+  samples), the teacher's exact log q from its adaptive backward solve;
+- FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples.
+
+Usage (DW4, one thread):
+
+    OMP_NUM_THREADS=1 .venv/bin/python workflows/benchmark_students.py \\
+        --teacher runs/dw4_teacher --student f2d2=runs/dw4_f2d2 \\
+        --student falcon=runs/dw4_falcon [--student nf=runs/dw4_nf] \\
+        --reference ../shared/reference/dem/val_split_DW4.npy --json runs/benchmark_students.json
+
+Prints the table (markdown) and writes the JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from boltzflow.data import load_positions
+from boltzflow.distill import EulerBaseline, load_student
+from boltzflow.distill.train_students import teacher_system
+from boltzflow.flows.cnf import TeacherCNF
+from boltzflow.io.atomic import atomic_write_text
+from boltzflow.metrics.wasserstein import energy_w2
+from boltzflow.sampling.weights import ess_fraction, log_weights, normalized_weights
+from boltzflow.systems import load_system
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "dem" / "val_split_DW4.npy"
+LOGQ_KIND = {"f2d2": "head", "falcon": "jac", "nf": "exact", "euler": "euler-div"}
+
+
+def _weighted_metrics(system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray):
+    u = system.energy(x.double()).detach()
+    log_w = log_weights(u, log_q.double())
+    w = normalized_weights(log_w)
+    finite = torch.isfinite(u)
+    w2 = energy_w2(u_ref, u[finite].numpy(), w[finite].numpy() / float(w[finite].sum()))
+    return ess_fraction(log_w), w2, int((~torch.isfinite(log_w)).sum())
+
+
+def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return teacher.log_prob(x, batch_size=batch)
+
+
+def _row(name: str, steps: Any, logq_kind: str, **values: Any) -> dict[str, Any]:
+    return {"model": name, "steps": steps, "log_q": logq_kind, **values}
+
+
+def _evaluate(
+    name: str,
+    model: Any,
+    steps: int | None,
+    *,
+    system: Any,
+    teacher: TeacherCNF,
+    args: argparse.Namespace,
+    u_ref: np.ndarray,
+    val: torch.Tensor,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    x, log_q = model.sample(args.n, steps, seed=args.seed, batch_size=args.batch)
+    seconds = time.perf_counter() - start
+    ess, w2, n_bad = _weighted_metrics(system, x, log_q, u_ref)
+    nll = float(-model.log_prob(val, steps, batch_size=args.batch).double().mean())
+    check = x[: args.n_check]
+    ref = _teacher_logq(teacher, check, args.teacher_batch)
+    err = (log_q[: args.n_check].double() - ref.double()).abs()
+    kind = getattr(model, "student_kind", "?")
+    logq_kind = LOGQ_KIND.get(kind, kind)
+    if kind == "euler":
+        logq_kind = "euler-div" if model.logdet == "euler" else "jac"
+    extra: dict[str, Any] = {}
+    if kind == "falcon":
+        p = model._param()
+        z = model.prior.sample(
+            args.n_check, generator=torch.Generator().manual_seed(args.seed + 3), dtype=p.dtype
+        )
+        inv = model.inversion_error(z, steps)
+        extra = {"inv_err_median": float(inv.median()), "inv_err_max": float(inv.max())}
+    return _row(
+        name,
+        steps if kind != "nf" else "-",
+        logq_kind,
+        nfe_per_sample=(steps if kind != "nf" else 1),
+        samples_per_s=args.n / seconds,
+        seconds=seconds,
+        ess_fraction=ess,
+        n=args.n,
+        non_finite_weights=n_bad,
+        energy_w2=w2,
+        nll=nll,
+        logq_err_median=float(err.median()),
+        logq_err_mean=float(err.mean()),
+        **extra,
+    )
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the benchmark rows."""
+    head = (
+        "| model | steps | log q | NFE/sample | samples/s | speed-up | ESS/N | E-W2 | NLL "
+        "| median abs dlogq | mean abs dlogq | inv. err (median/max) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        inv = (
+            f"{r['inv_err_median']:.1e} / {r['inv_err_max']:.1e}" if "inv_err_median" in r else "-"
+        )
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['log_q']} | {_fmt(r['nfe_per_sample'], '.1f')} "
+            f"| {_fmt(r['samples_per_s'], '.1f')} | {r['samples_per_s'] / base:.0f}x "
+            f"| {_fmt(r['ess_fraction'], '.4f')} | {_fmt(r['energy_w2'], '.3f')} "
+            f"| {_fmt(r['nll'], '.3f')} | {_fmt(r['logq_err_median'], '.3f')} "
+            f"| {_fmt(r['logq_err_mean'], '.3f')} | {inv} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=str(ROOT / "runs/dw4_teacher"))
+    parser.add_argument("--student", action="append", default=[], help="NAME=RUN_DIR (repeatable)")
+    parser.add_argument("--reference", default=str(REFERENCE), help="reference configurations")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--n", type=int, default=4096, help="samples per row (ESS/N, W2)")
+    parser.add_argument("--batch", type=int, default=4096, help="batch for the students")
+    parser.add_argument("--teacher-batch", type=int, default=4096, help="batch for the teacher")
+    parser.add_argument("--n-val", type=int, default=1000, help="reference points for the NLL")
+    parser.add_argument("--n-check", type=int, default=256, help="samples for the log q check")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=str(ROOT / "runs/benchmark_students.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    teacher = TeacherCNF.load(args.teacher)
+    teacher.eval()
+    name = teacher_system(args.teacher) or "dw4"
+    system = load_system(name)
+    ref = torch.as_tensor(load_positions(args.reference, system=name)).float()
+    u_ref = system.energy(ref.double()).detach().numpy()
+    val = ref[: args.n_val]
+    rows: list[dict[str, Any]] = []
+
+    # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
+    out = teacher.sample_with_stats(args.n, seed=args.seed, batch_size=args.teacher_batch)
+    ess, w2, n_bad = _weighted_metrics(system, out.x, out.log_q, u_ref)
+    lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
+    rows.append(
+        _row(
+            "teacher",
+            f"{teacher.sampling['method']}",
+            "ode-trace",
+            nfe_per_sample=out.nfe_per_batch,
+            samples_per_s=args.n / out.seconds,
+            seconds=out.seconds,
+            ess_fraction=ess,
+            n=args.n,
+            non_finite_weights=n_bad,
+            energy_w2=w2,
+            nll=float(-lp.log_q.double().mean()),
+            logq_err_median=0.0,
+            logq_err_mean=0.0,
+        )
+    )
+    print(f"teacher: ESS/N {ess:.4f}, {args.n / out.seconds:.1f} samples/s", flush=True)
+
+    models: list[tuple[str, Any]] = []
+    for spec in args.student:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--student expects NAME=RUN_DIR, got {spec!r}")
+        models.append((label, load_student(path, system=name)))
+    if not args.no_baselines:
+        models.append(("euler (Euler-rule log q)", EulerBaseline(teacher, logdet="euler")))
+        models.append(("euler (exact step log-det)", EulerBaseline(teacher, logdet="exact")))
+    for label, model in models:
+        model.eval()
+        for steps in [None] if getattr(model, "student_kind", "") == "nf" else args.steps:
+            row = _evaluate(
+                label, model, steps, system=system, teacher=teacher, args=args, u_ref=u_ref, val=val
+            )
+            rows.append(row)
+            print(
+                f"{label} K={row['steps']}: ESS/N {row['ess_fraction']:.4f}, "
+                f"{row['samples_per_s']:.0f}/s, median |dlogq| {row['logq_err_median']:.3f}",
+                flush=True,
+            )
+    system.close()
+    text = table(rows)
+    print()
+    print(
+        f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "
+        f"log q check on {args.n_check} samples, {args.threads} thread(s)"
+    )
+    print(text)
+    report = {
+        "system": name,
+        "teacher": str(args.teacher),
+        "students": args.student,
+        "reference": str(args.reference),
+        "settings": vars(args),
+        "teacher_sampling": teacher.sampling,
+        "rows": rows,
+        "table_markdown": text,
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
