@@ -184,7 +184,7 @@ def run_stages(
             f"cannot force unknown stage(s) {unknown}; stages: {[s.name for s in order]}"
         )
     say = log or (lambda msg: print(msg, flush=True))
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # stage outputs are recorded relative to this folder
     results: list[StageResult] = []
     with run_lock(out):
         manifest = Manifest(out, workflow)
