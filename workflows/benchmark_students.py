@@ -15,7 +15,9 @@ student and baseline at 1, 2, 4 and 8 steps it reports
   Euler baselines a backward Euler estimate, see :mod:`boltzflow.distill.baselines`);
 - |log q - log q_teacher| at the model's own samples (median and mean over ``--n-check``
   samples), the teacher's exact log q from its adaptive backward solve;
-- FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples.
+- FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
+- the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps
+  (students and baselines; the teacher is too slow for it), printed below the table.
 
 Usage (DW4, one thread):
 
@@ -62,8 +64,9 @@ def _weighted_metrics(system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: 
     return ess_fraction(log_w), w2, int((~torch.isfinite(log_w)).sum())
 
 
-def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return teacher.log_prob(x, batch_size=batch)
+def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The teacher's exact log q (adaptive backward solve, exact trace) of given points."""
+    return teacher.log_prob(x, batch_size=args.teacher_batch, trace_mode=args.check_trace_mode)
 
 
 def _row(name: str, steps: Any, logq_kind: str, **values: Any) -> dict[str, Any]:
@@ -87,20 +90,26 @@ def _evaluate(
     ess, w2, n_bad = _weighted_metrics(system, x, log_q, u_ref)
     nll = float(-model.log_prob(val, steps, batch_size=args.batch).double().mean())
     check = x[: args.n_check]
-    ref = _teacher_logq(teacher, check, args.teacher_batch)
+    ref = _teacher_logq(teacher, check, args)
     err = (log_q[: args.n_check].double() - ref.double()).abs()
     kind = getattr(model, "student_kind", "?")
     logq_kind = LOGQ_KIND.get(kind, kind)
     if kind == "euler":
         logq_kind = "euler-div" if model.logdet == "euler" else "jac"
     extra: dict[str, Any] = {}
+    if args.ess_seeds and steps in (args.ess_steps, None):
+        more = [ess]
+        for k in range(1, args.ess_seeds + 1):
+            xk, lqk = model.sample(args.n, steps, seed=args.seed + 1000 * k, batch_size=args.batch)
+            more.append(_weighted_metrics(system, xk, lqk, u_ref)[0])
+        extra["ess_fraction_seeds"] = more
     if kind == "falcon":
         p = model._param()
         z = model.prior.sample(
             args.n_check, generator=torch.Generator().manual_seed(args.seed + 3), dtype=p.dtype
         )
         inv = model.inversion_error(z, steps)
-        extra = {"inv_err_median": float(inv.median()), "inv_err_max": float(inv.max())}
+        extra.update(inv_err_median=float(inv.median()), inv_err_max=float(inv.max()))
     return _row(
         name,
         steps if kind != "nf" else "-",
@@ -158,6 +167,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--teacher-batch", type=int, default=4096, help="batch for the teacher")
     parser.add_argument("--n-val", type=int, default=1000, help="reference points for the NLL")
     parser.add_argument("--n-check", type=int, default=256, help="samples for the log q check")
+    parser.add_argument(
+        "--check-trace-mode",
+        default="vjp",
+        choices=["vjp", "jvp"],
+        help="exact-trace mode of the teacher's reference log q (same value, vjp is faster)",
+    )
+    parser.add_argument(
+        "--ess-seeds",
+        type=int,
+        default=3,
+        help="extra sampling seeds for the spread of ESS/N at --ess-steps (0: none)",
+    )
+    parser.add_argument("--ess-steps", type=int, default=4, help="steps for --ess-seeds")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
@@ -220,6 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     system.close()
     text = table(rows)
+    spread = [
+        f"{r['model']} K={r['steps']}: " + ", ".join(f"{e:.3f}" for e in r["ess_fraction_seeds"])
+        for r in rows
+        if "ess_fraction_seeds" in r
+    ]
+    if spread:
+        text += f"\n\nESS/N over {args.ess_seeds + 1} sampling seeds (N = {args.n} each):\n"
+        text += "\n".join(f"- {line}" for line in spread)
     print()
     print(
         f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "

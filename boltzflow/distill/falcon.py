@@ -7,8 +7,9 @@ u = sign(t - s) h(x, s, t) (``signed=True``; sign(0) = +1). Its density is the e
 variables of the map it actually applies: every step's full Jacobian dX/dx is built with
 ``torch.func`` (one forward pass and event_dim reverse-mode products under ``vmap``,
 :func:`boltzflow.distill.flowmap.map_and_logdet`) and
-log q(x) = log p(z) - sum_k log|det dX_k/dx|. Nothing is estimated: if the map is injective this is the density of its samples, whatever the training
-left behind; training makes it close to the teacher's flow and invertible.
+log q(x) = log p(z) - sum_k log|det dX_k/dx|. Nothing is estimated: if the map is injective
+this is the density of its samples, whatever the training left behind; training makes it
+close to the teacher's flow and invertible.
 
 Mean-free particle systems: u is translation invariant with mean-free output, so dX/dx is the
 identity on the centre-of-mass directions and block diagonal, hence the full-coordinate

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from boltzflow.distill.base import STUDENT_FILE, Student
+from boltzflow.distill.base import STUDENT_FILE, Student, load_student
 from boltzflow.distill.f2d2 import (
     F2D2,
     f2d2_diagonal_loss,
@@ -75,11 +75,14 @@ TRAJECTORY_FILE = "trajectories.pt"
 
 @dataclass
 class StudentOptions:
-    """Student model: steps used by default, teacher initialisation, FALCON's signed u."""
+    """Student model: steps used by default, teacher initialisation, FALCON's signed u, and
+    ``init_from``: a finished student (run folder or file) of the same method whose weights
+    start this run (to continue training with other settings)."""
 
     default_steps: int = 4
     init_from_teacher: bool = True
     signed: bool = True
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_steps < 1:
@@ -195,7 +198,15 @@ def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None
         student: Student = F2D2.build(tc["backbone"], **common)
     else:
         student = FALCON.build(tc["backbone"], signed=cfg.student.signed, **common)
-    if cfg.student.init_from_teacher:
+    if cfg.student.init_from is not None:
+        previous = load_student(cfg.student.init_from, system=system)
+        if type(previous) is not type(student) or previous.model_config != student.model_config:
+            raise ValueError(
+                f"student.init_from {cfg.student.init_from}: a {previous.student_kind} student "
+                f"of another shape, cannot start a {cfg.method} run from it"
+            )
+        student.load_state_dict(previous.state_dict())
+    elif cfg.student.init_from_teacher:
         init_from_teacher(student.net, teacher.net)
     return student
 
@@ -394,7 +405,7 @@ def train_student(
     trajectories = None
     if cfg.loss.target == "teacher":
         trajectories = _trajectories(cfg, teacher, out, progress)
-        if isinstance(student, F2D2):
+        if isinstance(student, F2D2) and cfg.student.init_from is None:
             div = trajectories.div.double()
             student.set_divergence_scale(float(div.mean()), float(div.std().clamp_min(1e-3)))
     else:

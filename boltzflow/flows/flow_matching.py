@@ -26,6 +26,7 @@ __all__ = [
     "flow_matching_loss",
     "interpolate",
     "kabsch_align",
+    "orbit_distance_2d",
     "ot_pairing",
     "permutation_align",
     "random_rotations",
@@ -222,7 +223,9 @@ def couple(
         x0, x1: ``(B, dim)`` prior and data minibatches.
         mode: ``"independent"`` (keep the pairing), ``"ot"`` (exact minibatch OT) or
             ``"equivariant_ot"`` (minibatch OT, then each pair aligned by
-            :func:`equivariant_align`; particle systems only).
+            :func:`equivariant_align`; particle systems only). For 2D systems of at most 5
+            particles the OT cost is the exact orbit distance (:func:`orbit_distance_2d`);
+            otherwise the Euclidean cost, with the alignment applied after the pairing.
         permutations: include particle permutations in the alignment (False for molecules).
 
     Returns:
@@ -232,14 +235,54 @@ def couple(
         raise ValueError(f"unknown coupling {mode!r}; valid: {list(COUPLINGS)}")
     if mode == "independent":
         return x0
-    x0 = x0[ot_pairing(x0, x1)]
     if mode == "ot":
-        return x0
+        return x0[ot_pairing(x0, x1)]
     if n_particles is None or spatial_dim is None:
         raise ValueError("equivariant_ot coupling needs n_particles and spatial_dim")
+    exact = (
+        spatial_dim == 2
+        and permutations
+        and not reflections
+        and n_particles <= _EXHAUSTIVE_MAX_PARTICLES
+    )
+    if exact:  # OT on the orbit distance itself, as Klein et al. (2023), eq. (9)
+        cost = orbit_distance_2d(x0, x1, n_particles)
+        x0 = x0[torch.as_tensor(linear_sum_assignment(cost.T.cpu().numpy())[1], device=x0.device)]
+    else:  # Euclidean OT, then each pair aligned (cheap approximation for larger systems)
+        x0 = x0[ot_pairing(x0, x1)]
     return equivariant_align(
         x0, x1, n_particles, spatial_dim, permutations=permutations, reflections=reflections
     )
+
+
+def orbit_distance_2d(x0: Tensor, x1: Tensor, n_particles: int) -> Tensor:
+    """All-pairs squared distance between orbits under permutations x rotations, in 2D.
+
+    ``cost[i, j] = min_{P, R} |R P x0[i] - x1[j]|^2`` for mean-free inputs, by enumerating the
+    n! permutations and the closed-form optimal angle: with C = <P x0, x1> and S = <P x0, J x1>
+    (J: rotation by 90 degrees) the minimum over R is |x0|^2 + |x1|^2 - 2 sqrt(C^2 + S^2).
+    Both C and S are single matrix products over the batch, so all B0 x B1 x n! candidates cost
+    two matmuls.
+
+    Returns:
+        ``(B0, B1)`` float64 costs (the products are computed in float32).
+    """
+    perms = torch.tensor(list(itertools.permutations(range(n_particles))), device=x0.device)
+    b0, b1 = x0.shape[0], x1.shape[0]
+    # permutations outermost so that the max over them runs over contiguous (B0, B1) blocks
+    p0 = (
+        _as_particles(x0.double(), n_particles, 2)[:, perms]
+        .transpose(0, 1)
+        .reshape(-1, 2 * n_particles)
+    )
+    p1 = _as_particles(x1.double(), n_particles, 2)
+    j1 = torch.stack([p1[..., 1], -p1[..., 0]], dim=-1).reshape(b1, -1)
+    both = p0 @ torch.cat([p1.reshape(b1, -1), j1]).T  # (P * B0, 2 * B1): C and S side by side
+    c, s = both[:, :b1], both[:, b1:]
+    best = torch.sqrt((c * c + s * s).reshape(len(perms), b0, b1).amax(dim=0)).double()
+    sq0 = x0.double().pow(2).sum(-1)[:, None]
+    sq1 = x1.double().pow(2).sum(-1)[None, :]
+    return (sq0 + sq1 - 2 * best).clamp_min(0.0)
 
 
 def random_rotations(
