@@ -64,6 +64,7 @@ class FlowOutput:
         nfe_per_batch: mean solver evaluations per batch.
         trace_evals: total batched Jacobian-trace evaluations.
         seconds: wall time of the ODE solves.
+        cpu_seconds: CPU time of the ODE solves (see :class:`~boltzflow.flows.ode.ODEResult`).
     """
 
     x: Tensor
@@ -72,11 +73,17 @@ class FlowOutput:
     nfe_per_batch: float
     trace_evals: int
     seconds: float
+    cpu_seconds: float = float("nan")
 
     @property
     def seconds_per_1000(self) -> float:
         """Wall time per 1,000 samples."""
         return 1000.0 * self.seconds / max(len(self.x), 1)
+
+    @property
+    def cpu_seconds_per_1000(self) -> float:
+        """CPU time per 1,000 samples."""
+        return 1000.0 * self.cpu_seconds / max(len(self.x), 1)
 
     @staticmethod
     def concat(parts: list[FlowOutput]) -> FlowOutput:
@@ -90,6 +97,7 @@ class FlowOutput:
             sum(p.nfe for p in parts) / len(parts),
             sum(p.trace_evals for p in parts),
             sum(p.seconds for p in parts),
+            sum(p.cpu_seconds for p in parts),
         )
 
 
@@ -290,7 +298,13 @@ class TeacherCNF(nn.Module):
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
             bar.update(len(xb))
             yield FlowOutput(
-                x1 * self.scale, log_q, res.nfe, float(res.nfe), res.trace_evals, res.seconds
+                x1 * self.scale,
+                log_q,
+                res.nfe,
+                float(res.nfe),
+                res.trace_evals,
+                res.seconds,
+                res.cpu_seconds,
             )
         bar.close()
 
@@ -353,7 +367,9 @@ class TeacherCNF(nn.Module):
             # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
             log_q = self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
             bar.update(len(xb))
-            yield FlowOutput(xb, log_q, res.nfe, float(res.nfe), res.trace_evals, res.seconds)
+            yield FlowOutput(
+                xb, log_q, res.nfe, float(res.nfe), res.trace_evals, res.seconds, res.cpu_seconds
+            )
         bar.close()
 
     def log_prob_with_stats(

@@ -86,6 +86,7 @@ def evaluate_flow(
         "sample_trace_evals": out.trace_evals,
         "sample_seconds": out.seconds,
         "sample_s_per_1000": out.seconds_per_1000,
+        "sample_cpu_s_per_1000": out.cpu_seconds_per_1000,
     }
     if val is not None:
         lp = flow.log_prob_with_stats(val, progress=progress, **settings)
@@ -104,6 +105,7 @@ def evaluate_flow(
                 "nll_nfe_per_batch": lp.nfe_per_batch,
                 "nll_seconds": lp.seconds,
                 "nll_s_per_1000": lp.seconds_per_1000,
+                "nll_cpu_s_per_1000": lp.cpu_seconds_per_1000,
             }
         )
     return report

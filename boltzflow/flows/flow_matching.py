@@ -245,7 +245,7 @@ def couple(
         and not reflections
         and n_particles <= _EXHAUSTIVE_MAX_PARTICLES
     )
-    if exact:  # OT on the orbit distance itself, as Klein et al. (2023), eq. (9)
+    if exact:  # OT on the orbit distance itself, as in Klein et al. (2023)
         cost = orbit_distance_2d(x0, x1, n_particles)
         x0 = x0[torch.as_tensor(linear_sum_assignment(cost.T.cpu().numpy())[1], device=x0.device)]
     else:  # Euclidean OT, then each pair aligned (cheap approximation for larger systems)

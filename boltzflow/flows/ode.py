@@ -76,6 +76,8 @@ class ODEResult:
         nfe: velocity-field evaluations made by the ODE solver (batched calls).
         trace_evals: batched Jacobian-trace evaluations (equal to ``nfe`` for ``"exact"``).
         seconds: wall time of the call.
+        cpu_seconds: CPU time of this process during the call (with one torch thread, the work
+            itself, independent of other load on the machine).
     """
 
     x: Tensor
@@ -83,6 +85,7 @@ class ODEResult:
     nfe: int
     trace_evals: int
     seconds: float
+    cpu_seconds: float = float("nan")
 
 
 def exact_divergence(
@@ -217,7 +220,7 @@ def integrate(
         raise ValueError(f"unknown divergence {divergence!r}; valid: {list(DIVERGENCES)}")
     if x.ndim != 2:
         raise ValueError(f"x must be (batch, dim), got {tuple(x.shape)}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     kwargs = _solver_kwargs(method, atol, rtol, steps, ts)
     counted = _Counted(field)
@@ -227,7 +230,14 @@ def integrate(
         if divergence in ("none", "quadrature"):
             if divergence == "none":
                 x1 = odeint(counted, x, ts, **kwargs)[-1]
-                return ODEResult(x1, nan, counted.calls, 0, time.perf_counter() - start)
+                return ODEResult(
+                    x1,
+                    nan,
+                    counted.calls,
+                    0,
+                    time.perf_counter() - start,
+                    time.process_time() - cpu_start,
+                )
             nodes, weights = gauss_legendre(quadrature_points, x.dtype)
             nodes, weights = nodes.to(x.device), weights.to(x.device)
             t_nodes = t0 + (t1 - t0) * nodes
@@ -239,7 +249,12 @@ def integrate(
                 )
                 delta = delta - (t1 - t0) * weights[k] * div
             return ODEResult(
-                path[-1], delta, counted.calls, quadrature_points, time.perf_counter() - start
+                path[-1],
+                delta,
+                counted.calls,
+                quadrature_points,
+                time.perf_counter() - start,
+                time.process_time() - cpu_start,
             )
 
         if divergence == "hutchinson":
@@ -259,4 +274,11 @@ def integrate(
 
         counted = _Counted(augmented)
         xs, logps = odeint(counted, (x, torch.zeros_like(nan)), ts, **kwargs)
-    return ODEResult(xs[-1], logps[-1], counted.calls, counted.calls, time.perf_counter() - start)
+    return ODEResult(
+        xs[-1],
+        logps[-1],
+        counted.calls,
+        counted.calls,
+        time.perf_counter() - start,
+        time.process_time() - cpu_start,
+    )

@@ -324,3 +324,20 @@ def test_nf_student_joins_the_comparison(tiny_run, tmp_path):
     row = next(r for r in report["models"] if r["model"] == "small")
     assert row["label"] == "small" and row["steps"] == 1 and row["NFE/sample"] == 1
     assert row["log q"] == "exact (one pass)" and 0 < row["ESS/N"] <= 1
+
+
+@pytest.mark.slow
+def test_full_quickstart_within_its_cpu_budget(tmp_path):
+    """The shipped quickstart as `make demo` runs it: all outputs, and its CPU time (one thread)
+    within the 5-minute budget (wall time on an idle 2-core machine is about the CPU time)."""
+    wf = load_workflow(QUICKSTART, output=tmp_path / "qs")
+    run = run_workflow(wf, progress=False)
+    cpu = sum(r.cpu_seconds for r in run.results)
+    wall = sum(r.seconds for r in run.results)
+    print(f"quickstart: CPU {cpu:.0f} s, wall {wall:.0f} s")
+    assert cpu < 300, f"quickstart used {cpu:.0f} s of CPU (wall {wall:.0f} s)"
+    report = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert len(report["models"]) == 7
+    assert all(r["ESS/N"] > 0 for r in report["models"])
+    for name in ("report.md", "samples.h5", "analysis/energy_histograms.png"):
+        assert (tmp_path / "qs" / name).is_file()
