@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from boltzflow.distill.base import Student, prior_from_config, register_student
-from boltzflow.distill.flowmap import FeatureTap, build_two_time_backbone, time_grid
+from boltzflow.distill.base import register_student
+from boltzflow.distill.flowmap import FeatureTap, FlowMapStudent
 
 __all__ = ["F2D2", "f2d2_diagonal_loss", "f2d2_pair_loss", "f2d2_semigroup_loss"]
 
@@ -51,19 +51,19 @@ class _DivergenceHead(nn.Module):
 
 
 @register_student("f2d2")
-class F2D2(Student):
+class F2D2(FlowMapStudent):
     """Joint flow map of positions and log density (see the module docstring).
 
     Args:
         net: two-time backbone ``net(t, x, s=s) -> u (B, dim)``.
         prior: base density.
-        model_config: description for :meth:`from_config` (see :meth:`build`).
+        model_config: description for :meth:`from_config` (see
+            :meth:`~boltzflow.distill.flowmap.FlowMapStudent.build`).
         system, scale, default_steps: see :class:`~boltzflow.distill.base.Student`.
     """
 
     def __init__(self, net: nn.Module, prior: Any, **kwargs: Any) -> None:
-        super().__init__(prior, **kwargs)
-        self.net = net
+        super().__init__(net, prior, **kwargs)
         self.tap = FeatureTap(net)
         self.head = _DivergenceHead(self.tap.width)
         # D = div_shift + div_scale * head(features): the head works in normalised units
@@ -77,55 +77,6 @@ class F2D2(Student):
             raise ValueError(f"divergence scale must be positive, got {scale}")
         self.div_shift.fill_(float(shift))
         self.div_scale.fill_(float(scale))
-
-    @classmethod
-    def build(
-        cls,
-        backbone: str,
-        *,
-        prior: Any,
-        n_particles: int | None = None,
-        spatial_dim: int | None = None,
-        backbone_options: dict[str, Any] | None = None,
-        system: str | None = None,
-        scale: float = 1.0,
-        default_steps: int = 4,
-    ) -> F2D2:
-        """Fresh student for a prior's dimension with the given backbone."""
-        opts = dict(backbone_options or {})
-        net = build_two_time_backbone(
-            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
-        )
-        config = {
-            "backbone": backbone,
-            "n_particles": n_particles,
-            "spatial_dim": spatial_dim,
-            "backbone_options": opts,
-            "prior": prior.config(),
-            "scale": float(scale),
-            "default_steps": int(default_steps),
-        }
-        return cls(
-            net,
-            prior,
-            model_config=config,
-            system=system,
-            scale=scale,
-            default_steps=default_steps,
-        )
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], *, system: str | None = None) -> F2D2:
-        return cls.build(
-            config["backbone"],
-            prior=prior_from_config(config),
-            n_particles=config.get("n_particles"),
-            spatial_dim=config.get("spatial_dim"),
-            backbone_options=config.get("backbone_options"),
-            system=system,
-            scale=config.get("scale", 1.0),
-            default_steps=config.get("default_steps", 4),
-        )
 
     def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """Average velocity ``u (B, dim)`` and average divergence ``D (B,)`` over [s, t]."""
@@ -144,24 +95,11 @@ class F2D2(Student):
             return x + h[:, None] * u, h * div, div
         return x + h * u, h * div, div
 
-    def _run(self, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(len(x))
-        for k in range(len(grid) - 1):
-            x, inc, _ = self.jump(x, grid[k], grid[k + 1])
-            x = self._project(x)
-            total = total + inc
-        return x, total
-
-    def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Noise -> data; ``ladj = sum_k (t_k+1 - t_k) D_k`` (= int_0^1 div v)."""
-        with torch.no_grad():
-            return self._run(z, time_grid(steps, like=z))
-
-    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Data -> noise by backward jumps; their summed (t - s) D is -int_0^1 div v."""
-        with torch.no_grad():
-            z, total = self._run(x, time_grid(steps, reverse=True, like=x))
-        return z, -total
+    def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # push: ladj = sum_k (t_k+1 - t_k) D_k (= int_0^1 div v); pull: the backward jumps'
+        # summed (t - s) D is -int_0^1 div v, negated by FlowMapStudent.pull
+        x, inc, _ = self.jump(x, s, t)
+        return x, inc
 
 
 # -- losses -----------------------------------------------------------------------------------

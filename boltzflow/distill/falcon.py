@@ -30,19 +30,14 @@ Losses (combined in :mod:`boltzflow.distill.train_students`):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from boltzflow.distill.base import Student, prior_from_config, register_student
-from boltzflow.distill.flowmap import (
-    build_two_time_backbone,
-    map_and_logdet,
-    subspace_basis,
-    time_grid,
-)
+from boltzflow.distill.base import register_student
+from boltzflow.distill.flowmap import FlowMapStudent, map_and_logdet, subspace_basis, time_grid
 
 __all__ = [
     "FALCON",
@@ -59,74 +54,23 @@ def _times(t: Tensor | float, like: Tensor) -> Tensor:
 
 
 @register_student("falcon")
-class FALCON(Student):
+class FALCON(FlowMapStudent):
     """Invertible-by-training flow map with exact per-step log-determinants.
 
     Args:
         net: two-time backbone ``net(t, x, s=s) -> h (B, dim)``.
         prior: base density.
-        signed: ``u = sign(t - s) h`` (FALCON's parameterisation) instead of ``u = h``.
+        signed: ``u = sign(t - s) h`` (FALCON's parameterisation) instead of ``u = h``; also an
+            option of :meth:`~boltzflow.distill.flowmap.FlowMapStudent.build`.
         model_config, system, scale, default_steps: see
             :class:`~boltzflow.distill.base.Student`.
     """
 
+    options: ClassVar[dict[str, Any]] = {"signed": True}
+
     def __init__(self, net: nn.Module, prior: Any, *, signed: bool = True, **kwargs: Any) -> None:
-        super().__init__(prior, **kwargs)
-        self.net = net
+        super().__init__(net, prior, **kwargs)
         self.signed = bool(signed)
-
-    @classmethod
-    def build(
-        cls,
-        backbone: str,
-        *,
-        prior: Any,
-        n_particles: int | None = None,
-        spatial_dim: int | None = None,
-        backbone_options: dict[str, Any] | None = None,
-        signed: bool = True,
-        system: str | None = None,
-        scale: float = 1.0,
-        default_steps: int = 4,
-    ) -> FALCON:
-        """Fresh student for a prior's dimension with the given backbone."""
-        opts = dict(backbone_options or {})
-        net = build_two_time_backbone(
-            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
-        )
-        config = {
-            "backbone": backbone,
-            "n_particles": n_particles,
-            "spatial_dim": spatial_dim,
-            "backbone_options": opts,
-            "signed": bool(signed),
-            "prior": prior.config(),
-            "scale": float(scale),
-            "default_steps": int(default_steps),
-        }
-        return cls(
-            net,
-            prior,
-            signed=signed,
-            model_config=config,
-            system=system,
-            scale=scale,
-            default_steps=default_steps,
-        )
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], *, system: str | None = None) -> FALCON:
-        return cls.build(
-            config["backbone"],
-            prior=prior_from_config(config),
-            n_particles=config.get("n_particles"),
-            spatial_dim=config.get("spatial_dim"),
-            backbone_options=config.get("backbone_options"),
-            signed=config.get("signed", True),
-            system=system,
-            scale=config.get("scale", 1.0),
-            default_steps=config.get("default_steps", 4),
-        )
 
     def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
         """Average velocity ``u (B, dim)`` over [s, t]."""
@@ -152,24 +96,10 @@ class FALCON(Student):
             lambda y: self.flow_map(y, s_b, t_b), x, subspace_basis(self.prior, x)
         )
 
-    def _run(self, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(len(x))
-        for k in range(len(grid) - 1):
-            x, logdet = self.jump_with_logdet(x, grid[k], grid[k + 1])
-            x = self._project(x)
-            total = total + logdet
-        return x, total
-
-    def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Noise -> data; ``ladj`` = sum of the steps' log|det|."""
-        with torch.no_grad():
-            return self._run(z, time_grid(steps, like=z))
-
-    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Data -> noise with the learned backward map; ``ladj = -sum log|det dX_back/dx|``."""
-        with torch.no_grad():
-            z, total = self._run(x, time_grid(steps, reverse=True, like=x))
-        return z, -total
+    def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # push: ladj = sum of the steps' log|det|; pull (the learned backward map):
+        # ladj = -sum log|det dX_back/dx|, negated by FlowMapStudent.pull
+        return self.jump_with_logdet(x, s, t)
 
     def inversion_error(self, x: Tensor, steps: int | None = None) -> Tensor:
         """``|z - pull(push(z))|`` per point ``(B,)`` for flow-unit noise ``z`` (or data side

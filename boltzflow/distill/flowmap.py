@@ -1,5 +1,7 @@
 """Building blocks shared by the flow-map students: a two-time backbone, its initialisation
-from a teacher's velocity network, a feature tap for extra heads, and time grids.
+from a teacher's velocity network, a feature tap for extra heads, time grids, and
+:class:`FlowMapStudent`, the base of F2D2 and FALCON (construction from a description and the
+few-step loop of jumps).
 
 A flow map X(x, s, t) moves a point at time s to time t. Students write it as
 X = x + (t - s) u(x, s, t) (the "average velocity" form of shortcut models, Frans et al. 2024,
@@ -15,24 +17,29 @@ correction.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from boltzflow.distill.base import Student, prior_from_config
 from boltzflow.flows.priors import MeanFreeGaussian, Prior
 from boltzflow.nn import EGNN, MLP, ParticleTransformer, build_backbone
 
 __all__ = [
     "FeatureTap",
+    "FlowMapStudent",
     "build_two_time_backbone",
     "init_from_teacher",
     "map_and_logdet",
     "subspace_basis",
     "time_grid",
 ]
+
+_FM = TypeVar("_FM", bound="FlowMapStudent")
 
 
 def build_two_time_backbone(
@@ -180,3 +187,117 @@ def map_and_logdet(
     (rows,) = vmap(pullback)(cot)  # rows[k, b] = B_k^T J_b
     restricted = torch.einsum("kbi,ij->bkj", rows, basis)
     return y, torch.linalg.slogdet(restricted)[1]
+
+
+class FlowMapStudent(Student):
+    """A student that is a two-time flow map ``net(t, x, s=s)`` applied in ``steps`` jumps.
+
+    Subclasses implement :meth:`_jump_ladj`, one jump with its contribution to
+    ``log|det dx/dz|``; this class builds the backbone and the model description, and runs the
+    jumps on a uniform time grid in either direction.
+
+    Args:
+        net: two-time backbone ``net(t, x, s=s) -> (B, dim)``.
+        prior: base density.
+        model_config, system, scale, default_steps: see
+            :class:`~boltzflow.distill.base.Student`.
+    """
+
+    #: options of the subclass's constructor recorded in ``model_config``, with their defaults
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, net: nn.Module, prior: Prior, **kwargs: Any) -> None:
+        super().__init__(prior, **kwargs)
+        self.net = net
+
+    @classmethod
+    def build(
+        cls: type[_FM],
+        backbone: str,
+        *,
+        prior: Any,
+        n_particles: int | None = None,
+        spatial_dim: int | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        system: str | None = None,
+        scale: float = 1.0,
+        default_steps: int = 4,
+        **options: Any,
+    ) -> _FM:
+        """Fresh student for a prior's dimension with the given backbone.
+
+        Args:
+            options: the subclass's own options (:attr:`options`, e.g. FALCON's ``signed``).
+
+        Raises:
+            TypeError: an option the subclass does not have.
+        """
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.build() got unexpected option(s) {unknown}; "
+                f"known: {sorted(cls.options)}"
+            )
+        # each option cast to its default's type (the description must stay plain JSON)
+        own = {k: type(d)(options.get(k, d)) for k, d in cls.options.items()}
+        opts = dict(backbone_options or {})
+        net = build_two_time_backbone(
+            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
+        )
+        config = {
+            "backbone": backbone,
+            "n_particles": n_particles,
+            "spatial_dim": spatial_dim,
+            "backbone_options": opts,
+            **own,
+            "prior": prior.config(),
+            "scale": float(scale),
+            "default_steps": int(default_steps),
+        }
+        return cls(
+            net,
+            prior,
+            **own,
+            model_config=config,
+            system=system,
+            scale=scale,
+            default_steps=default_steps,
+        )
+
+    @classmethod
+    def from_config(cls: type[_FM], config: dict[str, Any], *, system: str | None = None) -> _FM:
+        return cls.build(
+            config["backbone"],
+            prior=prior_from_config(config),
+            n_particles=config.get("n_particles"),
+            spatial_dim=config.get("spatial_dim"),
+            backbone_options=config.get("backbone_options"),
+            system=system,
+            scale=config.get("scale", 1.0),
+            default_steps=config.get("default_steps", 4),
+            **{k: config.get(k, d) for k, d in cls.options.items()},
+        )
+
+    @abc.abstractmethod
+    def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """One jump s -> t: ``X(x, s, t) (B, dim)`` and its ``log|det| (B,)`` contribution."""
+
+    def _run(self, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(len(x))
+        for k in range(len(grid) - 1):
+            x, inc = self._jump_ladj(x, grid[k], grid[k + 1])
+            x = self._project(x)
+            total = total + inc
+        return x, total
+
+    def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Noise -> data; ``ladj`` is the sum of the jumps' contributions."""
+        with torch.no_grad():
+            return self._run(z, time_grid(steps, like=z))
+
+    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Data -> noise by backward jumps; ``ladj`` is minus the sum of their contributions
+        (each is the log|det| of the backward, data -> noise, jump)."""
+        with torch.no_grad():
+            z, total = self._run(x, time_grid(steps, reverse=True, like=x))
+        return z, -total
