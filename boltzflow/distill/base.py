@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
 __all__ = ["STUDENTS", "STUDENT_FILE", "Student", "load_student", "register_student"]
 
@@ -267,26 +267,14 @@ def load_student(
         FileNotFoundError: nothing loadable at ``path``.
         ValueError: corrupt file, unknown student kind, or a student of another system.
     """
-    path = Path(path)
-    if path.is_dir():
-        for name in (STUDENT_FILE, _TRAINING_FILE):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no {STUDENT_FILE} or {_TRAINING_FILE} in the folder")
-    payload = load_checkpoint(path, kind=("student", "training"), map_location=map_location)
-    if payload["kind"] == "training":
-        if payload.get("model_kind") != "student":
-            raise ValueError(
-                f"{path}: training checkpoint of a {payload.get('model_kind')!r} model, "
-                "not a student"
-            )
-        if weights not in ("ema", "raw"):
-            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        state = payload["ema"] if weights == "ema" else payload["model"]
-    else:
-        state = payload["state_dict"]
+    path, payload, state = load_model_checkpoint(
+        path,
+        kind="student",
+        files=(STUDENT_FILE, _TRAINING_FILE),
+        label="student",
+        weights=weights,
+        map_location=map_location,
+    )
     kind = payload.get("student_kind")
     if kind not in STUDENTS:
         raise ValueError(f"{path}: unknown student kind {kind!r}; known: {sorted(STUDENTS)}")

@@ -56,7 +56,7 @@ from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, StandardGaussian, build_prior
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.trainer import Trainer
 
@@ -779,16 +779,7 @@ def _load_teacher(path: Path) -> tuple[str, Any]:
     from boltzflow.distill.base import load_student
     from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 
-    file = path
-    if path.is_dir():
-        for name in (MODEL_FILE, STUDENT_FILE, TRAINING_FILE):
-            if (path / name).is_file():
-                file = path / name
-                break
-        else:
-            raise FileNotFoundError(
-                f"{path}: no {MODEL_FILE}, {STUDENT_FILE} or {TRAINING_FILE} in the folder"
-            )
+    file = resolve_checkpoint_file(path, (MODEL_FILE, STUDENT_FILE, TRAINING_FILE))
     payload = load_checkpoint(file, kind=("teacher_cnf", "student", "training"))
     kind = payload.get("model_kind") if payload["kind"] == "training" else payload["kind"]
     if kind == "teacher_cnf":

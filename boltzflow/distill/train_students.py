@@ -52,7 +52,7 @@ from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint
+from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file
 from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
 from boltzflow.train.trainer import Trainer
 
@@ -170,12 +170,7 @@ def load_student_config(
 
 def teacher_system(path: str | os.PathLike[str]) -> str | None:
     """The system name recorded in a teacher's model file or training checkpoint (or None)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (MODEL_FILE, TRAINING_FILE):
-            if (path / name).is_file():
-                path = path / name
-                break
+    path = resolve_checkpoint_file(path, (MODEL_FILE, TRAINING_FILE))
     payload = load_checkpoint(path, kind=("teacher_cnf", "training"))
     run = payload.get("run_config") or payload.get("extra", {}).get("run") or {}
     system = run.get("system") or run.get("teacher", {}).get("system")

@@ -32,7 +32,7 @@ from boltzflow.flows.ode import ODEResult, integrate
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, StandardGaussian, build_prior
 from boltzflow.nn import build_backbone
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
 __all__ = ["DEFAULT_SAMPLING", "FlowOutput", "TeacherCNF"]
 
@@ -434,28 +434,15 @@ class TeacherCNF(nn.Module):
             FileNotFoundError: nothing loadable at ``path``.
             ValueError: corrupt/truncated file or a checkpoint of another model.
         """
-        path = Path(path)
-        if path.is_dir():
-            for name in (MODEL_FILE, TRAINING_FILE):
-                if (path / name).is_file():
-                    path = path / name
-                    break
-            else:
-                raise FileNotFoundError(f"{path}: no {MODEL_FILE} or {TRAINING_FILE} in the folder")
-        payload = load_checkpoint(path, kind=("teacher_cnf", "training"), map_location=map_location)
-        if payload["kind"] == "training":
-            if payload.get("model_kind") != "teacher_cnf":
-                raise ValueError(
-                    f"{path}: training checkpoint of a {payload.get('model_kind')!r} model, "
-                    "not a teacher"
-                )
-            if weights not in ("ema", "raw"):
-                raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-            state = payload["ema"] if weights == "ema" else payload["model"]
-            sampling = payload.get("sampling")
-        else:
-            state = payload["state_dict"]
-            sampling = payload.get("sampling")
+        path, payload, state = load_model_checkpoint(
+            path,
+            kind="teacher_cnf",
+            files=(MODEL_FILE, TRAINING_FILE),
+            label="teacher",
+            weights=weights,
+            map_location=map_location,
+        )
+        sampling = payload.get("sampling")
         model = cls.from_config(payload["model_config"], sampling=sampling)
         model.load_state_dict(state)
         run = payload.get("run_config") or payload.get("extra", {}).get("run") or {}

@@ -8,6 +8,10 @@ followed by the payload written by ``torch.save``. Loading verifies the length (
 names the missing byte count) and the digest (a corrupted file says so) before unpickling with
 ``weights_only=True`` (tensors and plain Python containers only). Every payload records the
 boltzflow and torch versions and a ``kind`` (e.g. ``"training"``, ``"teacher_cnf"``).
+
+:func:`load_model_checkpoint` reads a model either from its finished model file or from the
+training checkpoint of a run (:class:`boltzflow.train.trainer.Trainer`, kind ``"training"``,
+with ``model_kind``, ``model`` and ``ema`` weights), given the file or the run folder.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import torch
 from boltzflow import __version__
 from boltzflow.io.atomic import atomic_path
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_model_checkpoint",
+    "resolve_checkpoint_file",
+    "save_checkpoint",
+]
 
 _MAGIC = b"BOLTZFLOW-CHECKPOINT"
 _FORMAT_VERSION = 1
@@ -114,3 +124,61 @@ def load_checkpoint(
                 f"{path}: checkpoint kind {payload.get('kind')!r}, expected one of {list(kinds)}"
             )
     return payload
+
+
+def resolve_checkpoint_file(path: str | os.PathLike[str], names: tuple[str, ...]) -> Path:
+    """``path`` itself, or for a folder the first of ``names`` present in it.
+
+    Raises:
+        FileNotFoundError: a folder holding none of ``names``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    listed = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    raise FileNotFoundError(f"{path}: no {listed} in the folder")
+
+
+def load_model_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    files: tuple[str, ...],
+    label: str,
+    weights: str = "ema",
+    map_location: str | torch.device | None = "cpu",
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Load a model of ``kind`` from its model file, a training checkpoint or a run folder.
+
+    Args:
+        path: a checkpoint of ``kind`` (weights under ``state_dict``), a training checkpoint
+            whose ``model_kind`` is ``kind``, or a folder holding one of ``files`` (tried in
+            order).
+        kind: the model file's checkpoint kind (e.g. ``"teacher_cnf"``, ``"student"``).
+        files: file names looked for in a folder.
+        label: what the model is called in errors (e.g. ``"teacher"``).
+        weights: for training checkpoints, ``"ema"`` or ``"raw"``.
+        map_location: device for the tensors.
+
+    Returns:
+        the file read, its payload and the chosen state dict.
+
+    Raises:
+        FileNotFoundError: nothing loadable at ``path``.
+        ValueError: corrupt file (:class:`CheckpointError`), a checkpoint of another kind or
+            model, or unknown ``weights``.
+    """
+    path = resolve_checkpoint_file(path, files)
+    payload = load_checkpoint(path, kind=(kind, "training"), map_location=map_location)
+    if payload["kind"] != "training":
+        return path, payload, payload["state_dict"]
+    if payload.get("model_kind") != kind:
+        raise ValueError(
+            f"{path}: training checkpoint of a {payload.get('model_kind')!r} model, not a {label}"
+        )
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    return path, payload, payload["ema"] if weights == "ema" else payload["model"]

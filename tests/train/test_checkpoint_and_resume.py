@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from boltzflow.flows.cnf import TeacherCNF
-from boltzflow.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from boltzflow.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_checkpoint,
+    save_checkpoint,
+)
 from boltzflow.train.config import TeacherConfig, TrainConfig
 from boltzflow.train.teacher import SystemShape, train_teacher
 from boltzflow.train.trainer import EMA, Trainer, lr_factor
@@ -43,6 +48,28 @@ def test_corrupt_byte_is_reported(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(path)
+
+
+def test_model_checkpoint_from_file_folder_or_training_state(tmp_path):
+    model_w, raw_w, ema_w = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+    kw = {"kind": "toy", "files": ("toy.pt", "checkpoint.pt"), "label": "toy model"}
+    with pytest.raises(FileNotFoundError, match=r"no toy.pt or checkpoint.pt in the folder"):
+        load_model_checkpoint(tmp_path, **kw)
+    save_checkpoint(
+        tmp_path / "checkpoint.pt",
+        {"kind": "training", "model_kind": "toy", "model": {"w": raw_w}, "ema": {"w": ema_w}},
+    )
+    path, payload, state = load_model_checkpoint(tmp_path, **kw)
+    assert path == tmp_path / "checkpoint.pt" and payload["kind"] == "training"
+    assert torch.equal(state["w"], ema_w)
+    assert torch.equal(load_model_checkpoint(tmp_path, weights="raw", **kw)[2]["w"], raw_w)
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'raw', got 'best'"):
+        load_model_checkpoint(tmp_path, weights="best", **kw)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: .* of a 'toy' model, not a other"):
+        load_model_checkpoint(tmp_path, kind="other", files=kw["files"], label="other")
+    save_checkpoint(tmp_path / "toy.pt", {"kind": "toy", "state_dict": {"w": model_w}})
+    path, payload, state = load_model_checkpoint(tmp_path, **kw)  # the model file comes first
+    assert path == tmp_path / "toy.pt" and torch.equal(state["w"], model_w)
 
 
 def test_other_files_kinds_and_versions_are_rejected(tmp_path):
