@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from boltzflow.io.report import write_report
 from boltzflow.io.samples import FORMAT_NAME, SampleSet, read_samples
+from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.metrics import (
     chirality_rate,
     energy_w1,
@@ -43,11 +43,6 @@ from boltzflow.sampling.weights import (
     log_weights,
 )
 from boltzflow.systems.base import System
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "ALDP_STATE_A",
@@ -424,13 +419,7 @@ def estimate_from_spec(
     base = Path.cwd()
     if not isinstance(spec, Mapping):
         path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"spec file not found: {path}")
-        try:
-            with path.open("rb") as fh:
-                spec = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML: {err}") from err
+        spec = read_toml_file(path, "spec")
         base = path.parent
     unknown = set(spec) - _SPEC_KEYS
     if unknown:

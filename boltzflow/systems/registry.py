@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.systems.base import System
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["SYSTEMS_DIR_ENV", "available", "definition", "load_system", "systems_dir"]
 
@@ -83,11 +78,7 @@ def definition(name: str) -> dict[str, Any]:
     path = systems_dir() / f"{name}.toml"
     if not path.is_file():
         raise KeyError(f"unknown system {name!r}; known systems: {', '.join(available())}")
-    try:
-        with path.open("rb") as fh:
-            spec = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from err
+    spec = read_toml_file(path, "system definition")
     unknown = set(spec) - _TOP_LEVEL_KEYS
     if unknown:
         allowed = sorted(_TOP_LEVEL_KEYS)

@@ -11,10 +11,8 @@ A config file has sections that map onto dataclasses (``[model]``, ``[flow_match
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,12 +21,8 @@ from typing import Any, TypeVar
 
 from boltzflow.flows.flow_matching import COUPLINGS
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
+from boltzflow.io.tomlfile import apply_profile, check_keys, read_toml_file
 from boltzflow.nn import BACKBONES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "FlowMatchingConfig",
@@ -230,17 +224,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config
             keys).
         TypeError: a value of the wrong type (names the key).
     """
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a table, got {data!r}")
+    check_keys(data, where, {f.name for f in dataclasses.fields(cls)})
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key {unknown[0]!r}"
-            + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; valid keys: {sorted(fields)}"
-        )
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -251,37 +236,16 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def read_toml(path: str | os.PathLike[str], profile: str | None = None) -> dict[str, Any]:
     """Parse a TOML config and apply ``[profiles.<profile>]`` over its base sections.
 
     Raises:
         FileNotFoundError: missing file.
         ValueError: invalid TOML or unknown profile (lists the defined ones).
+        TypeError: ``profiles`` is not a table.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from err
-    profiles = data.pop("profiles", {})
-    if profile is not None:
-        if profile not in profiles:
-            raise ValueError(f"{path}: no profile {profile!r}; defined: {sorted(profiles)}")
-        data = _merge(data, profiles[profile])
-    return data
+    return apply_profile(read_toml_file(path, "config"), profile, str(path))
 
 
 def load_teacher_config(path: str | os.PathLike[str], profile: str | None = None) -> TeacherConfig:

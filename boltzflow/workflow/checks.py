@@ -7,15 +7,12 @@ rejected before any work starts, with the offending key and file in the message.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from boltzflow.io.tomlfile import check_keys, parse_toml
+from boltzflow.io.tomlfile import merge_tables as merge
 
 __all__ = [
     "NUMBER",
@@ -66,15 +63,7 @@ def key_path(where: str, key: str) -> str:
 
 def read_table(raw: Any, where: str, fields: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
     """Check a TOML table against ``{key: (types, default)}``; unknown keys raise."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"{where}: expected a table, got {raw!r}")
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key {unknown[0]!r}"
-            + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; valid keys: {sorted(fields)}"
-        )
+    check_keys(raw, where, fields)
     out = {}
     for key, (types, default) in fields.items():
         if key in raw:
@@ -102,16 +91,6 @@ def require_positive(value: int | float, where: str, allow_zero: bool = False) -
         raise ValueError(f"{where}: must be {bound}, got {value}")
 
 
-def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def located(label: str, build: Any, *args: Any, **kwargs: Any) -> Any:
     """``build(*args, **kwargs)``; errors without a location get ``label`` in front."""
     try:
@@ -135,12 +114,7 @@ def existing_file(base: Path, value: str, where: str) -> Path:
 def parse_feature(spec: Any, where: str, info: Any, kind: str, extra: set[str]) -> dict:
     from boltzflow.sampling.features import FEATURES, TRANSFORMS
 
-    if not isinstance(spec, dict):
-        raise TypeError(f"{where}: expected a table, got {spec!r}")
-    allowed = {"feature", "index", "atoms", "transform", *extra}
-    unknown = [k for k in spec if k not in allowed]
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: {sorted(allowed)}")
+    check_keys(spec, where, {"feature", "index", "atoms", "transform", *extra})
     feature = spec.get("feature")
     if feature not in FEATURES:
         raise ValueError(f"{where}.feature: {feature!r} is not one of {sorted(FEATURES)}")
@@ -205,8 +179,8 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise ValueError(f"--set expects KEY.PATH=VALUE, got {text!r}")
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+        parsed = parse_toml(f"v = {value.strip()}")["v"]
+    except ValueError:  # not a TOML literal
         parsed = value.strip()
     return parts, parsed
 

@@ -69,17 +69,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from boltzflow.io.tomlfile import apply_profile, read_toml_file
 from boltzflow.workflow.checks import (
     REQUIRED,
     apply_overrides,
@@ -552,21 +547,8 @@ def load_workflow(
         KeyError: an unknown system (the message lists the known ones).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"workflow file not found: {path}")
-    try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from err
     wf = path.name
-    profiles = raw.pop("profiles", {})
-    if not isinstance(profiles, dict):
-        raise TypeError(f"{wf}: profiles: expected a table of profiles")
-    if profile is not None:
-        if profile not in profiles:
-            raise ValueError(f"{wf}: no profile {profile!r}; defined: {sorted(profiles)}")
-        raw = merge(raw, profiles[profile])
+    raw = apply_profile(read_toml_file(path, "workflow"), profile, wf)
     raw = apply_overrides(raw, overrides)
     top = read_table(raw, wf, _TOP)
     info, kind = _system_info(top["system"], f"{wf}: system")
