@@ -64,12 +64,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if args.profile:
             raise ValueError("--profile needs --config")
         cfg = StudentConfig(method=args.method)
-    if args.train_steps is not None:
-        cfg.train.steps = args.train_steps
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    if args.device is not None:
-        cfg.train.device = args.device
+    cfg.train.set_given(steps=args.train_steps, seed=args.seed, device=args.device)
     data = None
     if cfg.loss.target == "data":
         if not args.data:

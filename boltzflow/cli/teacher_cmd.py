@@ -79,12 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("name the system with --system (or `system = ...` in the config)")
     if cfg.system is not None and args.system is not None and cfg.system != args.system:
         raise ValueError(f"--system {args.system!r} but {args.config} is for {cfg.system!r}")
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    if args.device is not None:
-        cfg.train.device = args.device
+    cfg.train.set_given(steps=args.steps, seed=args.seed, device=args.device)
     cfg.system = system
     shape = SystemShape.from_name(system)
     data = torch.as_tensor(load_positions(args.data, args.dataset, system=system))

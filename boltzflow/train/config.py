@@ -74,6 +74,19 @@ class TrainConfig:
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must have two entries, got {self.betas}")
 
+    def set_given(self, **values: Any) -> None:
+        """Set the fields given a value, skipping ``None`` (command-line options left unset).
+
+        Raises:
+            TypeError: a name that is not a field.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        for name, value in values.items():
+            if name not in names:
+                raise TypeError(f"TrainConfig has no field {name!r}")
+            if value is not None:
+                setattr(self, name, value)
+
 
 _BACKBONE_KEYS = {
     "egnn": {"hidden", "layers", "distinct_particles", "attention", "coords_range"},

@@ -73,3 +73,11 @@ def test_dict_round_trip_and_int_to_float():
     assert TeacherConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"train\.steps must be >= 1"):
         dataclass_from_dict(TrainConfig, {"steps": 0}, "train")
+
+
+def test_train_config_set_given_skips_unset_options():
+    cfg = TrainConfig(steps=7, seed=3)
+    cfg.set_given(steps=None, seed=5, device="cuda")
+    assert (cfg.steps, cfg.seed, cfg.device) == (7, 5, "cuda")
+    with pytest.raises(TypeError, match="no field 'stepz'"):
+        cfg.set_given(stepz=1)
