@@ -367,6 +367,40 @@ def _config_source(t: dict[str, Any], base: Path, where: str) -> tuple[dict[str,
         raise ValueError(f"{where}.config: {err}") from None
 
 
+def _merged_config(
+    t: dict[str, Any],
+    data: dict[str, Any],
+    source: Path | None,
+    where: str,
+    *,
+    what: str,
+    sections: tuple[str, ...],
+    system: str,
+    device: str | None,
+) -> tuple[dict[str, Any], str]:
+    """A run config: the config file's tables (``data``, from ``source``) with the workflow
+    table ``t``'s inline sections and description, the device and the system over them; and the
+    label that locates its errors.
+
+    Raises:
+        ValueError: the config file names another system than the workflow's.
+    """
+    file_system = data.pop("system", None)
+    if file_system is not None and file_system != system:
+        raise ValueError(
+            f"{where}.config: {source} is a {what} config for system {file_system!r}, but the "
+            f"workflow's system is {system!r}"
+        )
+    inline = {s: t[s] for s in sections if t[s] is not None}
+    if t["description"] is not None:
+        inline["description"] = t["description"]
+    merged = merge(data, inline)
+    if device is not None:
+        merged = merge(merged, {"train": {"device": device}})
+    merged["system"] = system
+    return merged, f"{where} (config {source})" if source else where
+
+
 def _parse_teacher(
     raw: Any, base: Path, where: str, system: str, device: str | None
 ) -> TeacherSpec:
@@ -376,20 +410,16 @@ def _parse_teacher(
     fields.update({s: (dict, None) for s in _TEACHER_SECTIONS})
     t = read_table(raw, where, fields)
     data, source = _config_source(t, base, where)
-    file_system = data.pop("system", None)
-    if file_system is not None and file_system != system:
-        raise ValueError(
-            f"{where}.config: {source} is a teacher config for system {file_system!r}, but the "
-            f"workflow's system is {system!r}"
-        )
-    inline = {s: t[s] for s in _TEACHER_SECTIONS if t[s] is not None}
-    if t["description"] is not None:
-        inline["description"] = t["description"]
-    merged = merge(data, inline)
-    if device is not None:
-        merged = merge(merged, {"train": {"device": device}})
-    merged["system"] = system
-    label = f"{where} (config {source})" if source else where
+    merged, label = _merged_config(
+        t,
+        data,
+        source,
+        where,
+        what="teacher",
+        sections=_TEACHER_SECTIONS,
+        system=system,
+        device=device,
+    )
     cfg = located(label, TeacherConfig.from_dict, merged, where=label)
     return TeacherSpec(config=cfg, source=source, profile=t["profile"])
 
@@ -425,20 +455,10 @@ def _parse_student(
     file_method = data.pop("method", method)
     if file_method != method:
         raise ValueError(f"{where}.config: {source} is a {file_method!r} config, not {method!r}")
-    file_system = data.pop("system", None)
-    if file_system is not None and file_system != system:
-        raise ValueError(
-            f"{where}.config: {source} is a student config for system {file_system!r}, but the "
-            f"workflow's system is {system!r}"
-        )
-    inline = {s: t[s] for s in sections if t[s] is not None}
-    if t["description"] is not None:
-        inline["description"] = t["description"]
-    merged = merge(data, inline)
-    if device is not None:
-        merged = merge(merged, {"train": {"device": device}})
-    merged.update(method=method, system=system)
-    label = f"{where} (config {source})" if source else where
+    merged, label = _merged_config(
+        t, data, source, where, what="student", sections=sections, system=system, device=device
+    )
+    merged["method"] = method
     cfg = located(label, dataclass_from_dict, StudentConfig, merged, where=label)
     return StudentSpec(name=name, method=method, config=cfg, source=source)
 
