@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior
+from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, check_points
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
@@ -145,21 +145,7 @@ class Student(nn.Module, abc.ABC):
         Raises:
             ValueError: wrong shape, or points off the mean-free subspace.
         """
-        p = self._param()
-        x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected points of shape (N, {self.dim}), got {tuple(x.shape)}")
-        x = x.to(dtype=p.dtype, device=p.device)
-        if self.mean_free and len(x):
-            n, d = self.prior.n_particles, self.prior.spatial_dim
-            com = float(x.reshape(len(x), n, d).mean(1).abs().max())
-            if com > 1e-4 * (1.0 + float(x.abs().max())):
-                raise ValueError(
-                    f"points are not mean-free (largest particle-mean component {com:.3g}); "
-                    "remove the centre of mass first"
-                )
-            x = self._project(x)
-        return x
+        return check_points(self.prior, x, self._param())
 
     def sample(
         self, n: int, steps: int | None = None, *, seed: int = 0, batch_size: int = 4096

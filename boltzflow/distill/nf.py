@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
-from boltzflow.flows.priors import MeanFreeGaussian, Prior, StandardGaussian, build_prior
+from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, gaussian_prior
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
@@ -214,12 +214,9 @@ class NFStudent(Student):
             system: system name recorded for load-time checks.
         """
         config = config or NFModelConfig()
-        if mean_free:
-            if n_particles is None or spatial_dim is None:
-                raise ValueError("mean_free=True needs n_particles and spatial_dim")
-            prior: Prior = MeanFreeGaussian(n_particles, spatial_dim)
-        else:
-            prior = StandardGaussian(dim)
+        prior = gaussian_prior(
+            dim, n_particles=n_particles, spatial_dim=spatial_dim, mean_free=mean_free
+        )
         flow = CouplingFlow(prior.event_dim, **config.flow_options())
         scale = 1.0 if config.scale is None else float(config.scale)
         model_config = {

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boltzflow.flows.ode import ODEResult, integrate
-from boltzflow.flows.priors import MeanFreeGaussian, Prior, StandardGaussian, build_prior
+from boltzflow.flows.priors import (
+    MeanFreeGaussian,
+    Prior,
+    build_prior,
+    check_points,
+    gaussian_prior,
+)
 from boltzflow.nn import build_backbone
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
@@ -164,12 +170,9 @@ class TeacherCNF(nn.Module):
         net = build_backbone(
             backbone, dim=dim, n_particles=n_particles, spatial_dim=spatial_dim, **options
         )
-        if mean_free:
-            if n_particles is None or spatial_dim is None:
-                raise ValueError("mean_free=True needs n_particles and spatial_dim")
-            prior: Prior = MeanFreeGaussian(n_particles, spatial_dim)
-        else:
-            prior = StandardGaussian(dim)
+        prior = gaussian_prior(
+            dim, n_particles=n_particles, spatial_dim=spatial_dim, mean_free=mean_free
+        )
         config = {
             "backbone": backbone,
             "dim": dim,
@@ -333,24 +336,7 @@ class TeacherCNF(nn.Module):
         return out.x, out.log_q
 
     def _check_points(self, x: Tensor) -> Tensor:
-        p = self._param()
-        if not isinstance(x, Tensor):
-            x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected points of shape (N, {self.dim}), got {tuple(x.shape)}")
-        x = x.to(dtype=p.dtype, device=p.device)
-        if self.mean_free:
-            n, d = self.prior.n_particles, self.prior.spatial_dim
-            com = x.reshape(len(x), n, d).mean(1).abs().max() if len(x) else torch.tensor(0.0)
-            scale = 1.0 + float(x.abs().max()) if len(x) else 1.0
-            if float(com) > 1e-4 * scale:
-                raise ValueError(
-                    f"points are not mean-free (largest particle-mean component {float(com):.3g});"
-                    " log q is a density on the mean-free subspace: remove the centre of mass "
-                    "first (boltzflow.data.load_positions does so for mean-free systems)"
-                )
-            x = remove_mean(x, n, d)
-        return x
+        return check_points(self.prior, x, self._param())
 
     def iter_log_prob(
         self, x: Tensor, *, seed: int = 0, progress: bool = False, **settings: Any

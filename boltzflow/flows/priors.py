@@ -22,7 +22,14 @@ from torch import Tensor
 
 from boltzflow.systems.particles import remove_mean
 
-__all__ = ["MeanFreeGaussian", "Prior", "StandardGaussian", "build_prior"]
+__all__ = [
+    "MeanFreeGaussian",
+    "Prior",
+    "StandardGaussian",
+    "build_prior",
+    "check_points",
+    "gaussian_prior",
+]
 
 
 class Prior:
@@ -136,3 +143,58 @@ def build_prior(config: dict[str, object]) -> Prior:
     if kind == "mean_free":
         return MeanFreeGaussian(int(config["n_particles"]), int(config["spatial_dim"]))
     raise ValueError(f"unknown prior kind {kind!r}; valid: ['mean_free', 'standard']")
+
+
+def gaussian_prior(
+    dim: int,
+    *,
+    n_particles: int | None = None,
+    spatial_dim: int | None = None,
+    mean_free: bool = False,
+) -> Prior:
+    """The flows' base density: mean-free Gaussian for translation-invariant particle systems
+    (``mean_free``), else the standard Gaussian of dimension ``dim``.
+
+    Raises:
+        ValueError: ``mean_free`` without ``n_particles`` and ``spatial_dim``.
+    """
+    if not mean_free:
+        return StandardGaussian(dim)
+    if n_particles is None or spatial_dim is None:
+        raise ValueError("mean_free=True needs n_particles and spatial_dim")
+    return MeanFreeGaussian(n_particles, spatial_dim)
+
+
+def check_points(prior: Prior, x: Tensor, like: Tensor) -> Tensor:
+    """Validate ``(N, dim)`` points for a flow with base density ``prior``.
+
+    Points of a mean-free prior must be mean-free up to round-off (largest particle-mean
+    component at most 1e-4 (1 + max |x|)); they are then projected exactly.
+
+    Args:
+        prior: the flow's base density.
+        x: ``(N, prior.dim)`` points (anything ``torch.as_tensor`` takes).
+        like: tensor whose dtype and device the points are cast to.
+
+    Returns:
+        ``(N, dim)`` points (mean-free for a mean-free prior).
+
+    Raises:
+        ValueError: wrong shape, or points off the mean-free subspace.
+    """
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[1] != prior.dim:
+        raise ValueError(f"expected points of shape (N, {prior.dim}), got {tuple(x.shape)}")
+    x = x.to(dtype=like.dtype, device=like.device)
+    if not isinstance(prior, MeanFreeGaussian):
+        return x
+    n, d = prior.n_particles, prior.spatial_dim
+    if len(x):
+        com = float(x.reshape(len(x), n, d).mean(1).abs().max())
+        if com > 1e-4 * (1.0 + float(x.abs().max())):
+            raise ValueError(
+                f"points are not mean-free (largest particle-mean component {com:.3g}); log q "
+                "is a density on the mean-free subspace: remove the centre of mass first "
+                "(boltzflow.data.load_positions does so for mean-free systems)"
+            )
+    return remove_mean(x, n, d)

@@ -19,7 +19,13 @@ from boltzflow.flows.flow_matching import (
     random_rotations,
     rotate,
 )
-from boltzflow.flows.priors import MeanFreeGaussian, StandardGaussian, build_prior
+from boltzflow.flows.priors import (
+    MeanFreeGaussian,
+    StandardGaussian,
+    build_prior,
+    check_points,
+    gaussian_prior,
+)
 from boltzflow.systems.particles import remove_mean
 
 F64 = torch.float64
@@ -190,6 +196,25 @@ def test_prior_config_round_trip_and_errors():
         build_prior({"kind": "laplace"})
     with pytest.raises(ValueError):
         MeanFreeGaussian(1, 3)
+
+
+def test_gaussian_prior_and_point_checks():
+    assert gaussian_prior(6).config() == StandardGaussian(6).config()
+    prior = gaussian_prior(6, n_particles=3, spatial_dim=2, mean_free=True)
+    assert prior.config() == MeanFreeGaussian(3, 2).config()
+    with pytest.raises(ValueError, match="needs n_particles and spatial_dim"):
+        gaussian_prior(6, mean_free=True)
+    like = torch.zeros((), dtype=F64)
+    x = _mf(5, 3, 2, 0).float()
+    out = check_points(prior, x, like)
+    assert out.dtype == F64 and out.reshape(5, 3, 2).sum(1).abs().max() < 1e-12
+    assert check_points(prior, x[:0], like).shape == (0, 6)
+    with pytest.raises(ValueError, match=r"not mean-free \(largest particle-mean component 1"):
+        check_points(prior, x + 1.0, like)
+    with pytest.raises(ValueError, match=r"expected points of shape \(N, 6\), got \(5, 4\)"):
+        check_points(prior, x[:, :4], like)
+    off = torch.ones(2, 6)
+    assert torch.equal(check_points(StandardGaussian(6), off, like), off.double())
 
 
 def test_orbit_distance_matches_pairwise_alignment():
