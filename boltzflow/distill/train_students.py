@@ -121,7 +121,8 @@ class LossConfig:
 @dataclass
 class TrajectoryConfig:
     """Teacher trajectory cache: ``n`` trajectories on ``grid`` uniform intervals (a power of 2
-    so that 1, 2, 4, ... step jumps lie on the grid)."""
+    so that 1, 2, 4, ... step jumps lie on the grid). The fields are keywords of
+    :func:`boltzflow.distill.trajectories.teacher_trajectories`."""
 
     n: int = 16384
     grid: int = 16
@@ -343,16 +344,7 @@ def _trajectories(
         traj, info = Trajectories.load(path)
         if info.get("config") == tc:
             return traj
-    traj = teacher_trajectories(
-        teacher,
-        tc["n"],
-        grid=tc["grid"],
-        seed=tc["seed"],
-        batch_size=tc["batch_size"],
-        atol=tc["atol"],
-        rtol=tc["rtol"],
-        progress=progress,
-    )
+    traj = teacher_trajectories(teacher, **tc, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     traj.save(path, info={"config": tc})
     return traj

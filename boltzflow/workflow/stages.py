@@ -227,16 +227,7 @@ def _run_trajectories(ctx: StageContext, wf: Workflow, tc: dict[str, Any], out: 
     from boltzflow.flows.cnf import TeacherCNF
 
     teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
-    traj = teacher_trajectories(
-        teacher,
-        tc["n"],
-        grid=tc["grid"],
-        seed=tc["seed"],
-        batch_size=tc["batch_size"],
-        atol=tc["atol"],
-        rtol=tc["rtol"],
-        progress=ctx.progress,
-    )
+    traj = teacher_trajectories(teacher, **tc, progress=ctx.progress)
     traj.save(ctx.path(out), info={"config": tc})
     return {"n": tc["n"], "seconds": traj.seconds, "note": f"{tc['n']} x {tc['grid']} grid"}
 
