@@ -24,6 +24,8 @@ Objectives (all minimised with the shared :class:`~boltzflow.train.trainer.Train
   authors' code, which matches every 4th Glow step), the final latent ("latent" distillation)
   and samples decoded by both flows from the *same* noise ("synthesized" distillation). MSE is
   the elementwise mean, as in the authors' code (``nn.MSELoss``); all in flow units.
+  Options: part of each batch drawn from the teacher instead of the data, and distillation
+  weights annealed linearly to 0 (:class:`NFLossConfig`).
 - :func:`distill_nf_from_cnf`: regression onto the teacher CNF's ODE pairs ``(z0, x1 = phi(z0))``
   (dopri5, positions only, generated once and cached):
 
@@ -123,9 +125,15 @@ class NFLossConfig:
 
     Defaults: NLL weight 1 and 0.1 for each distillation term, the 0.9 : 0.1 NLL-to-KD ratio of
     Walton et al.'s tabular configs (github.com/vklyukin/nf_distillation,
-    ``conf/training/tabular.yaml``); on DW4 (``workflows/nf_distillation_dw4.py``) weights of
-    1 gave no gain over training from scratch, 0.1 did. For a CNF teacher
+    ``conf/training/tabular.yaml``). On DW4 (``workflows/nf_distillation_dw4.py``) no setting
+    tried beat the same student trained from scratch (see that script). For a CNF teacher
     :func:`distill_nf_from_cnf` defaults to regression weights 1 (``final``, ``sample``).
+
+    ``synthetic_fraction`` (NF teacher only): that share of every minibatch is drawn fresh
+    from the teacher (``x = g_T(eps)``, no augmentation) instead of the data, the
+    "synthesized" data of Walton et al.; all terms are evaluated on the mixed batch.
+    ``anneal``: the distillation weights (latent, final, sample; not the NLL) decay linearly
+    from their value at step 0 to 0 at the last step.
 
     ``latent_weight`` is ignored for a CNF teacher (it has no blocks). ``rotations``,
     ``reflections`` (O(d) instead of SO(d)) and ``permutations`` augment particle systems.
@@ -135,6 +143,8 @@ class NFLossConfig:
     latent_weight: float = 0.1
     final_weight: float = 0.1
     sample_weight: float = 0.1
+    synthetic_fraction: float = 0.0
+    anneal: bool = False
     rotations: bool = False
     reflections: bool = False
     permutations: bool = False
@@ -143,6 +153,10 @@ class NFLossConfig:
         for name in ("nll_weight", "latent_weight", "final_weight", "sample_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.synthetic_fraction <= 1:
+            raise ValueError(
+                f"loss.synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}"
+            )
 
 
 def default_train_config(**overrides: Any) -> TrainConfig:
@@ -464,29 +478,50 @@ def train_nf(
 
 
 # -- NF -> NF distillation ----------------------------------------------------------------------
+def _anneal_factor(step: int, steps: int) -> float:
+    """Linear decay of the distillation weights from 1 at step 0 to 0 at ``steps``."""
+    return max(0.0, 1.0 - step / max(steps, 1))
+
+
+@torch.no_grad()
+def _teacher_draws(teacher: NFStudent, k: int, gen: torch.Generator, like: Tensor) -> Tensor:
+    """``(k, event_dim)`` fresh teacher samples in flow coordinates (noise drawn from ``gen``)."""
+    eps = torch.randn(k, teacher.flow.dim, generator=gen).to(device=like.device, dtype=like.dtype)
+    return teacher.flow.decode(eps)[0]
+
+
 def nf_distillation_terms(
-    student: NFStudent, teacher: NFStudent, u: Tensor, eps: Tensor | None
+    student: NFStudent,
+    teacher: NFStudent,
+    u: Tensor,
+    eps: Tensor | None,
+    *,
+    latents: bool = True,
 ) -> dict[str, Tensor]:
     """The four terms of the NF -> NF objective on one minibatch (flow coordinates).
 
     Args:
         student, teacher: flows sharing ``scale`` and dimension.
-        u: ``(B, event_dim)`` data in flow coordinates.
+        u: ``(B, event_dim)`` data (or teacher samples) in flow coordinates.
         eps: ``(B', event_dim)`` noise for the decoded-sample term (None skips it).
+        latents: compute the latent-matching terms (False: ``latent`` and ``final`` are 0 and
+            the teacher's encode pass is skipped).
 
     Returns:
         ``nll``, ``latent`` (intermediate blocks; 0 when the student has one block), ``final``
         and ``sample`` (0 without ``eps``), each a scalar tensor.
     """
     z_s, ladj_s, lat_s = student.flow.encode(u, return_latents=True)
-    with torch.no_grad():
-        _, _, lat_t = teacher.flow.encode(u, return_latents=True)
     nll = -(-0.5 * z_s.square().sum(-1) - 0.5 * student.flow.dim * _LOG_2PI + ladj_s).mean()
-    pairs = latent_pairs(student.n_blocks, teacher.n_blocks)
-    inter = [_mse(lat_s[j], lat_t[k]) for j, k in pairs[:-1]]
-    latent = torch.stack(inter).mean() if inter else u.new_zeros(())
-    j, k = pairs[-1]
-    final = _mse(lat_s[j], lat_t[k])
+    latent = final = u.new_zeros(())
+    if latents:
+        with torch.no_grad():
+            _, _, lat_t = teacher.flow.encode(u, return_latents=True)
+        pairs = latent_pairs(student.n_blocks, teacher.n_blocks)
+        inter = [_mse(lat_s[j], lat_t[k]) for j, k in pairs[:-1]]
+        latent = torch.stack(inter).mean() if inter else u.new_zeros(())
+        j, k = pairs[-1]
+        final = _mse(lat_s[j], lat_t[k])
     sample = u.new_zeros(())
     if eps is not None:
         with torch.no_grad():
@@ -546,19 +581,29 @@ def distill_nf_from_nf(
     for p in teacher.parameters():
         p.requires_grad_(False)
     batch = train.batch_size
+    n_syn = round(loss.synthetic_fraction * batch)
     w = loss
+    steps = train.steps
 
     def loss_fn(m: nn.Module, gen: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]:
         p = next(m.parameters())
-        (xb,) = _augment([x[torch.randint(len(x), (batch,), generator=gen)]], gen, loss, n, d)
-        u = m.to_flow_coords(xb.to(device=p.device, dtype=p.dtype))
+        parts = []
+        if batch > n_syn:
+            idx = torch.randint(len(x), (batch - n_syn,), generator=gen)
+            (xb,) = _augment([x[idx]], gen, loss, n, d)
+            parts.append(m.to_flow_coords(xb.to(device=p.device, dtype=p.dtype)))
+        if n_syn:
+            parts.append(_teacher_draws(teacher, n_syn, gen, p))
+        u = torch.cat(parts)
         eps = None
         if w.sample_weight > 0:
             eps = torch.randn(batch, m.flow.dim, generator=gen).to(device=p.device, dtype=p.dtype)
-        terms = nf_distillation_terms(m, teacher, u, eps)
-        total = (
-            w.nll_weight * terms["nll"]
-            + w.latent_weight * terms["latent"]
+        terms = nf_distillation_terms(
+            m, teacher, u, eps, latents=w.latent_weight > 0 or w.final_weight > 0
+        )
+        kd = _anneal_factor(step, steps) if w.anneal else 1.0
+        total = w.nll_weight * terms["nll"] + kd * (
+            w.latent_weight * terms["latent"]
             + w.final_weight * terms["final"]
             + w.sample_weight * terms["sample"]
         )

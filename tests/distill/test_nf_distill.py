@@ -3,6 +3,7 @@ regression, at tiny sizes through the shared Trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -182,3 +183,74 @@ def test_distill_nf_from_an_nf_teacher_dir(tmp_path):
         progress=False,
     )
     assert student.n_blocks == 1 and student.scale == teacher.scale
+
+
+def _kl_teacher_student(teacher: NFStudent, student: NFStudent, n: int = 2000) -> float:
+    """Monte Carlo KL(q_T || q_S) on teacher samples (nats)."""
+    x, log_q_t = teacher.sample(n, seed=11)
+    return float((log_q_t - student.log_prob(x)).mean())
+
+
+def test_synthetic_fraction_trains_on_fresh_teacher_samples(tmp_path):
+    teacher = _random_teacher(blocks=2)
+    wrong, _ = teacher.sample(1000, seed=0)
+    wrong = 3.0 * wrong  # data the student must ignore when every point is a teacher sample
+    fresh = NFStudent.build(
+        NFModelConfig(blocks=2, hidden=16, scale=teacher.scale),
+        dim=8,
+        n_particles=4,
+        spatial_dim=2,
+        mean_free=True,
+    )
+    loss = NFLossConfig(latent_weight=0.0, final_weight=0.0, sample_weight=0.0)
+    student = distill_nf_from_nf(
+        teacher,
+        wrong,
+        tmp_path,
+        model=NFModelConfig(blocks=2, hidden=16),
+        train=default_train_config(steps=150, lr=3e-3, **TINY_TRAIN),
+        loss=dataclasses.replace(loss, synthetic_fraction=1.0),
+        progress=False,
+    )
+    before, after = _kl_teacher_student(teacher, fresh), _kl_teacher_student(teacher, student)
+    assert after < 0.5 * before, f"KL(teacher || student) {before:.4f} -> {after:.4f}"
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        NFLossConfig(synthetic_fraction=1.5)
+
+
+def test_latent_terms_can_be_skipped():
+    teacher = _random_teacher()
+    student = _random_teacher(blocks=2, seed=5)
+    u = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = nf_distillation_terms(student, teacher, u, None)
+        cheap = nf_distillation_terms(student, teacher, u, None, latents=False)
+    torch.testing.assert_close(cheap["nll"], full["nll"])
+    assert float(full["final"]) > 0 and float(full["latent"]) > 0
+    assert float(cheap["final"]) == float(cheap["latent"]) == float(cheap["sample"]) == 0.0
+
+
+def test_anneal_scales_distillation_terms_linearly_to_zero(tmp_path):
+    teacher = _random_teacher()
+    data, _ = teacher.sample(500, seed=0)
+    steps = 40
+    # nll weight 0 and lr ~0: the logged loss is the window mean of (1 - s / steps) * final
+    train = default_train_config(
+        steps=steps, lr=1e-9, batch_size=128, warmup_steps=1, log_every=steps
+    )
+    loss = NFLossConfig(
+        nll_weight=0.0, latent_weight=0.0, final_weight=1.0, sample_weight=0.0, anneal=True
+    )
+    distill_nf_from_nf(
+        teacher,
+        data,
+        tmp_path,
+        model=NFModelConfig(blocks=2, hidden=16),
+        train=train,
+        loss=loss,
+        progress=False,
+    )
+    (logged,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = sum(1 - s / steps for s in range(steps)) / steps  # 0.5125
+    ratio = logged["loss"] / logged["final"]
+    assert abs(ratio - expected) < 0.03, f"loss / final {ratio:.4f}, expected {expected:.4f}"
