@@ -1,8 +1,8 @@
 """The README's Python example runs as written, on a tiny quickstart student.
 
 The example loads the F2D2 student that `make demo` leaves in ``runs/quickstart/students/f2d2``.
-Here the quickstart workflow is shrunk to seconds (the TINY pattern of
-tests/workflow/test_workflow_pipeline.py) and only the stages that student needs are run (data,
+Here the quickstart workflow is shrunk to seconds (``TINY`` of
+tests/quickstart_tiny.py) and only the stages that student needs are run (data,
 teacher, teacher trajectories, student-f2d2) into ``tmp/runs/quickstart``; the example is then
 executed with ``tmp`` as the working directory.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from quickstart_tiny import TINY
+
 from boltzflow.workflow import load_workflow
 from boltzflow.workflow.runner import run_stages
 from boltzflow.workflow.stages import build_stages
@@ -19,33 +21,6 @@ from boltzflow.workflow.stages import build_stages
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 QUICKSTART = ROOT / "workflows" / "quickstart.toml"
-
-#: the quickstart's data, teacher and F2D2 student at tiny size (same code paths)
-TINY = {
-    "data.n_train": 64,
-    "data.n_reference": 32,
-    "data.settings": {"n_chains": 16, "burn_in": 20, "stride": 2},
-    "teacher.model.hidden": 8,
-    "teacher.model.layers": 1,
-    "teacher.train": {
-        "steps": 6,
-        "batch_size": 16,
-        "warmup_steps": 1,
-        "log_every": 2,
-        "checkpoint_every": 3,
-    },
-    "teacher.sample.atol": 1e-3,
-    "teacher.sample.rtol": 1e-3,
-    "students.f2d2.trajectories": {"n": 16, "grid": 2, "batch_size": 16},
-    "students.f2d2.train": {
-        "steps": 3,
-        "batch_size": 8,
-        "warmup_steps": 1,
-        "log_every": 1,
-        "checkpoint_every": 2,
-    },
-    "students.falcon.trajectories": {"n": 16, "grid": 2, "batch_size": 16},
-}
 
 
 def _python_block() -> str:

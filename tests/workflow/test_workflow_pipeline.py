@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quickstart_tiny import TINY
 
 from boltzflow.cli import main
 from boltzflow.io.samples import read_samples
@@ -22,47 +23,6 @@ from boltzflow.workflow.cache import MANIFEST_FILE
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "workflows" / "quickstart.toml"
 
-#: the quickstart shrunk to seconds (same stages, same code paths)
-TINY = {
-    "data.n_train": 64,
-    "data.n_reference": 32,
-    "data.settings": {"n_chains": 16, "burn_in": 20, "stride": 2},
-    "teacher.model.hidden": 8,
-    "teacher.model.layers": 1,
-    "teacher.train": {
-        "steps": 6,
-        "batch_size": 16,
-        "warmup_steps": 1,
-        "log_every": 2,
-        "checkpoint_every": 3,
-    },
-    "teacher.sample.atol": 1e-3,
-    "teacher.sample.rtol": 1e-3,
-    "students.f2d2.trajectories": {"n": 16, "grid": 2, "batch_size": 16},
-    "students.f2d2.train": {
-        "steps": 3,
-        "batch_size": 8,
-        "warmup_steps": 1,
-        "log_every": 1,
-        "checkpoint_every": 2,
-    },
-    "students.falcon.trajectories": {"n": 16, "grid": 2, "batch_size": 16},
-    "students.falcon.train": {
-        "steps": 3,
-        "batch_size": 8,
-        "warmup_steps": 1,
-        "log_every": 1,
-        "checkpoint_every": 2,
-    },
-    "sample.n": 48,
-    "sample.steps": [1, 2],
-    "report.proposal_steps": 2,
-    "report.n_bootstrap": 20,
-    "benchmark.steps": [1],
-    "benchmark.n": 16,
-    "benchmark.n_val": 8,
-    "benchmark.n_check": 4,
-}
 STAGES = {
     "data",
     "teacher",
