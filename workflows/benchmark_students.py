@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -46,22 +45,12 @@ from boltzflow.distill import EulerBaseline, load_student
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.metrics.wasserstein import energy_w2
-from boltzflow.sampling.weights import ess_fraction, log_weights, normalized_weights
 from boltzflow.systems import load_system
+from boltzflow.workflow.benchmark import benchmark_table, weighted_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dem" / "val_split_DW4.npy"
 LOGQ_KIND = {"f2d2": "head", "falcon": "jac", "nf": "exact", "euler": "euler-div"}
-
-
-def _weighted_metrics(system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray):
-    u = system.energy(x.double()).detach()
-    log_w = log_weights(u, log_q.double())
-    w = normalized_weights(log_w)
-    finite = torch.isfinite(u)
-    w2 = energy_w2(u_ref, u[finite].numpy(), w[finite].numpy() / float(w[finite].sum()))
-    return ess_fraction(log_w), w2, int((~torch.isfinite(log_w)).sum())
 
 
 def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -87,7 +76,7 @@ def _evaluate(
     start = time.perf_counter()
     x, log_q = model.sample(args.n, steps, seed=args.seed, batch_size=args.batch)
     seconds = time.perf_counter() - start
-    ess, w2, n_bad = _weighted_metrics(system, x, log_q, u_ref)
+    ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
     nll = float(-model.log_prob(val, steps, batch_size=args.batch).double().mean())
     check = x[: args.n_check]
     ref = _teacher_logq(teacher, check, args)
@@ -101,7 +90,7 @@ def _evaluate(
         more = [ess]
         for k in range(1, args.ess_seeds + 1):
             xk, lqk = model.sample(args.n, steps, seed=args.seed + 1000 * k, batch_size=args.batch)
-            more.append(_weighted_metrics(system, xk, lqk, u_ref)[0])
+            more.append(weighted_metrics(system, xk, lqk, u_ref)[0])
         extra["ess_fraction_seeds"] = more
     if kind == "falcon":
         p = model._param()
@@ -126,34 +115,6 @@ def _evaluate(
         logq_err_mean=float(err.mean()),
         **extra,
     )
-
-
-def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of the benchmark rows."""
-    head = (
-        "| model | steps | log q | NFE/sample | samples/s | speed-up | ESS/N | E-W2 | NLL "
-        "| median abs dlogq | mean abs dlogq | inv. err (median/max) |"
-    )
-    lines = [head, "|" + "---|" * 12]
-    base = rows[0]["samples_per_s"]
-    for r in rows:
-        inv = (
-            f"{r['inv_err_median']:.1e} / {r['inv_err_max']:.1e}" if "inv_err_median" in r else "-"
-        )
-        lines.append(
-            f"| {r['model']} | {r['steps']} | {r['log_q']} | {_fmt(r['nfe_per_sample'], '.1f')} "
-            f"| {_fmt(r['samples_per_s'], '.1f')} | {r['samples_per_s'] / base:.0f}x "
-            f"| {_fmt(r['ess_fraction'], '.4f')} | {_fmt(r['energy_w2'], '.3f')} "
-            f"| {_fmt(r['nll'], '.3f')} | {_fmt(r['logq_err_median'], '.3f')} "
-            f"| {_fmt(r['logq_err_mean'], '.3f')} | {inv} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -198,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
     out = teacher.sample_with_stats(args.n, seed=args.seed, batch_size=args.teacher_batch)
-    ess, w2, n_bad = _weighted_metrics(system, out.x, out.log_q, u_ref)
+    ess, w2, n_bad = weighted_metrics(system, out.x, out.log_q, u_ref)
     lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
     rows.append(
         _row(
@@ -241,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
     system.close()
-    text = table(rows)
+    text = benchmark_table(rows)
     spread = [
         f"{r['model']} K={r['steps']}: " + ", ".join(f"{e:.3f}" for e in r["ess_fraction_seeds"])
         for r in rows

@@ -22,7 +22,6 @@ Checkpoint payload (:func:`boltzflow.train.checkpoint.save_checkpoint`, kind ``"
 from __future__ import annotations
 
 import abc
-import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +29,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, check_points
+from boltzflow.flows.priors import (
+    Prior,
+    PriorFlowMixin,
+    build_prior,
+    check_points,
+)
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
@@ -63,7 +67,7 @@ def _system_name(system: Any) -> str | None:
     raise TypeError(f"system must be a name or a System, got {type(system).__name__}")
 
 
-class Student(nn.Module, abc.ABC):
+class Student(PriorFlowMixin, nn.Module, abc.ABC):
     """Few-step model with ``sample(n, steps)`` and ``log_prob(x, steps)``.
 
     Args:
@@ -113,21 +117,6 @@ class Student(nn.Module, abc.ABC):
         """Rebuild an (untrained) student from :attr:`model_config`."""
 
     # -- shared machinery ------------------------------------------------------------------------
-    @property
-    def mean_free(self) -> bool:
-        return isinstance(self.prior, MeanFreeGaussian)
-
-    @property
-    def event_dim(self) -> int:
-        """Dimension of the space log q is a density on."""
-        return self.prior.event_dim
-
-    def _param(self) -> Tensor:
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.is_floating_point():
-                return tensor
-        return torch.zeros(())
-
     def _steps(self, steps: int | None) -> int:
         steps = self.default_steps if steps is None else int(steps)
         if steps < 1:
@@ -196,9 +185,6 @@ class Student(nn.Module, abc.ABC):
         finally:
             self.train(was_training)
         return torch.cat(out) if out else x.new_zeros(0)
-
-    def _log_scale(self) -> float:
-        return self.event_dim * math.log(self.scale)
 
     # -- persistence -----------------------------------------------------------------------------
     def payload(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from tqdm.auto import tqdm
 
 from boltzflow.flows.ode import ODEResult, integrate
 from boltzflow.flows.priors import (
-    MeanFreeGaussian,
     Prior,
+    PriorFlowMixin,
     build_prior,
     check_points,
     gaussian_prior,
@@ -107,7 +106,7 @@ class FlowOutput:
         )
 
 
-class TeacherCNF(nn.Module):
+class TeacherCNF(PriorFlowMixin, nn.Module):
     """Continuous normalizing flow x_1 = x_0 + int_0^1 v(t, x_t) dt with x_0 ~ prior.
 
     Args:
@@ -212,26 +211,6 @@ class TeacherCNF(nn.Module):
                 f"unknown sampling option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_SAMPLING)}"
             )
         return dict(options)
-
-    # -- properties --------------------------------------------------------------------------
-    @property
-    def mean_free(self) -> bool:
-        return isinstance(self.prior, MeanFreeGaussian)
-
-    @property
-    def event_dim(self) -> int:
-        """Dimension of the space log q is a density on ((n - 1) d for mean-free systems)."""
-        return self.prior.event_dim
-
-    def _param(self) -> Tensor:
-        """A tensor carrying the model's dtype and device (first parameter or buffer)."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.is_floating_point():
-                return tensor
-        return torch.zeros(())
-
-    def _log_scale(self) -> float:
-        return self.event_dim * math.log(self.scale)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         """Velocity v(t, x) in flow units (``x / scale``): ``(B, dim)``."""

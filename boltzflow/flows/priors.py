@@ -25,6 +25,7 @@ from boltzflow.systems.particles import remove_mean
 __all__ = [
     "MeanFreeGaussian",
     "Prior",
+    "PriorFlowMixin",
     "StandardGaussian",
     "build_prior",
     "check_points",
@@ -163,6 +164,35 @@ def gaussian_prior(
     if n_particles is None or spatial_dim is None:
         raise ValueError("mean_free=True needs n_particles and spatial_dim")
     return MeanFreeGaussian(n_particles, spatial_dim)
+
+
+class PriorFlowMixin:
+    """Shared properties of a flow that maps the base density ``self.prior`` (a :class:`Prior`)
+    to data in units of ``self.scale``: the teacher CNF and every student. Mix in before
+    ``nn.Module``."""
+
+    prior: Prior
+    scale: float
+
+    @property
+    def mean_free(self) -> bool:
+        return isinstance(self.prior, MeanFreeGaussian)
+
+    @property
+    def event_dim(self) -> int:
+        """Dimension of the space log q is a density on ((n - 1) d for mean-free systems)."""
+        return self.prior.event_dim
+
+    def _param(self) -> Tensor:
+        """A tensor carrying the model's dtype and device (first parameter or buffer)."""
+        for tensor in (*self.parameters(), *self.buffers()):  # type: ignore[attr-defined]
+            if tensor.is_floating_point():
+                return tensor
+        return torch.zeros(())
+
+    def _log_scale(self) -> float:
+        """log |det| of the map from flow units to data units, x = scale * y."""
+        return self.event_dim * math.log(self.scale)
 
 
 def check_points(prior: Prior, x: Tensor, like: Tensor) -> Tensor:

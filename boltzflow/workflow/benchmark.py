@@ -42,10 +42,15 @@ from boltzflow.workflow.stages import (
     teacher_sampling,
 )
 
-__all__ = ["benchmark_table", "run_benchmark_stage"]
+__all__ = ["benchmark_table", "run_benchmark_stage", "weighted_metrics"]
 
 
-def _weighted(system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray | None):
+def weighted_metrics(
+    system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray | None
+) -> tuple[float, float | None, int]:
+    """ESS/N, reweighted energy W2 (kT, with the square root) against reference energies
+    ``u_ref`` (None: no W2), and the number of non-finite log weights, for samples ``x (N, dim)``
+    with log densities ``log_q (N,)``."""
     from boltzflow.metrics import energy_w2
     from boltzflow.sampling.analysis import compute_energies
     from boltzflow.sampling.weights import ess_fraction, log_weights
@@ -116,7 +121,7 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
             val = ref[: bm.n_val].to(device=device, dtype=torch.float32)
 
         out = teacher.sample_with_stats(n, seed=seed, progress=ctx.progress, **t_settings)
-        ess, w2, n_bad = _weighted(system, out.x, out.log_q, u_ref)
+        ess, w2, n_bad = weighted_metrics(system, out.x, out.log_q, u_ref)
         nll = None
         if val is not None:
             nll = float(-teacher.log_prob(val, **t_settings).double().mean())
@@ -168,7 +173,7 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
             x, log_q = model.sample(n, k, seed=seed, batch_size=wf.sample.batch_size)
             _sync(device)
             seconds = time.perf_counter() - start
-            ess, w2, n_bad = _weighted(system, x, log_q, u_ref)
+            ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
             row: dict[str, Any] = {
                 "model": label,
                 "steps": "-" if k is None else k,
