@@ -92,9 +92,7 @@ class FALCON(FlowMapStudent):
         """``X(x, s, t) (B, dim)`` and ``log|det dX/dx| (B,)`` from the full Jacobian on the
         space the flow lives on (:func:`~boltzflow.distill.flowmap.map_and_logdet`)."""
         s_b, t_b = _times(s, x), _times(t, x)
-        return map_and_logdet(
-            lambda y: self.flow_map(y, s_b, t_b), x, subspace_basis(self.prior, x)
-        )
+        return map_and_logdet(self.flow_map, x, subspace_basis(self.prior, x), extra=(s_b, t_b))
 
     def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # push: ladj = sum of the steps' log|det|; pull (the learned backward map):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from boltzflow.distill.base import Student, prior_from_config
+from boltzflow.flows.ode import jacobian_rows
 from boltzflow.flows.priors import MeanFreeGaussian, Prior
 from boltzflow.nn import EGNN, MLP, ParticleTransformer, build_backbone
 
@@ -161,7 +162,12 @@ def subspace_basis(prior: Prior, like: Tensor) -> Tensor:
 
 
 def map_and_logdet(
-    fn: Callable[[Tensor], Tensor], x: Tensor, basis: Tensor
+    fn: Callable[..., Tensor],
+    x: Tensor,
+    basis: Tensor,
+    *,
+    extra: tuple[Tensor, ...] = (),
+    batch_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A batched map's value and the log|det| of each sample's Jacobian on a subspace.
 
@@ -172,20 +178,31 @@ def map_and_logdet(
     identity across it, as every mean-free translation-invariant step x + h u(x) is, its
     determinant equals the full-coordinate one; the density on the subspace needs exactly it.
     On CPU this is about 4x faster than ``vmap(jacfwd)`` per sample with all ``dim`` directions.
+    The batch goes through in chunks of ``batch_rows`` rows
+    (:func:`~boltzflow.flows.ode.jacobian_rows`: 256 on CPU, where smaller passes are 3x
+    faster, all at once on CUDA).
 
     Args:
-        fn: ``(B, dim) -> (B, dim)`` map acting on samples independently.
+        fn: ``fn(x (B, dim), *extra) -> (B, dim)``, acting on samples independently.
         x: ``(B, dim)`` points.
         basis: ``(dim, m)`` orthonormal basis (:func:`subspace_basis`).
+        extra: per-sample tensors ``(B, ...)`` passed to ``fn``, chunked with ``x`` (not
+            differentiated).
+        batch_rows: rows per vectorised pass (default by device).
 
     Returns:
         ``fn(x) (B, dim)`` and ``log|det B^T J B| (B,)``.
     """
     b = x.shape[0]
+    rows = jacobian_rows(x, batch_rows)
+    if b > rows:
+        chunks = zip(x.split(rows), *(e.split(rows) for e in extra), strict=True)
+        parts = [map_and_logdet(fn, c[0], basis, extra=c[1:], batch_rows=rows) for c in chunks]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     cot = basis.T[:, None, :].expand(basis.shape[1], b, basis.shape[0])
-    y, pullback = vjp(fn, x)
-    (rows,) = vmap(pullback)(cot)  # rows[k, b] = B_k^T J_b
-    restricted = torch.einsum("kbi,ij->bkj", rows, basis)
+    y, pullback = vjp(lambda y: fn(y, *extra), x)
+    (rows_,) = vmap(pullback)(cot)  # rows_[k, b] = B_k^T J_b
+    restricted = torch.einsum("kbi,ij->bkj", rows_, basis)
     return y, torch.linalg.slogdet(restricted)[1]
 
 

@@ -110,8 +110,13 @@ def _subspace_basis(n: int, d: int) -> Tensor:
     return q[:, : (n - 1) * d]
 
 
+@pytest.mark.parametrize("cpu_rows", [256, 2])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_falcon_log_q_equals_brute_force_jacobian_of_its_composed_map(steps: int) -> None:
+def test_falcon_log_q_equals_brute_force_jacobian_of_its_composed_map(
+    steps: int, cpu_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cpu_rows = 2: the step Jacobians go through in uneven chunks of 2 sample rows
+    monkeypatch.setattr("boltzflow.flows.ode.CPU_JACOBIAN_ROWS", cpu_rows)
     torch.manual_seed(1)
     model = FALCON.build(
         "egnn",

@@ -117,19 +117,34 @@ def test_mean_free_linear_field_density_on_the_subspace():
     assert (back.double() - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("batch_rows", [None, 2])
 @pytest.mark.parametrize("mode", ["vjp", "jvp", "loop"])
-def test_exact_divergence_equals_autograd_jacobian_trace(mode):
+def test_exact_divergence_equals_autograd_jacobian_trace(mode, batch_rows):
     torch.manual_seed(0)
     net = EGNN(4, 2, hidden=16, layers=2).double()
     for layer in net.layers:  # make the field far from the near-zero initialisation
         nn.init.normal_(layer.coord_mlp[-1].weight, std=0.05)
     x = remove_mean(torch.randn(5, 8, dtype=F64), 4, 2)
     t = torch.tensor(0.3, dtype=F64)
-    v, div = exact_divergence(net, t, x, mode=mode)
+    v, div = exact_divergence(net, t, x, mode=mode, batch_rows=batch_rows)  # 2: uneven chunks
     for i in range(5):
         jac = torch.autograd.functional.jacobian(lambda y: net(t, y[None])[0], x[i])
         assert float(div[i]) == pytest.approx(float(torch.trace(jac.detach())), abs=1e-10)
     assert torch.allclose(v, net(t, x))
+
+
+def test_exact_divergence_chunks_per_sample_times_with_their_rows():
+    torch.manual_seed(0)
+    net = EGNN(4, 2, hidden=16, layers=2).double()
+    for layer in net.layers:
+        nn.init.normal_(layer.coord_mlp[-1].weight, std=0.05)
+    x = remove_mean(torch.randn(7, 8, dtype=F64), 4, 2)
+    t = torch.linspace(0.0, 1.0, 7, dtype=F64)
+    v, div = exact_divergence(net, t, x, batch_rows=3)
+    v_all, div_all = exact_divergence(net, t, x, batch_rows=7)
+    assert torch.allclose(v, v_all, atol=1e-12) and torch.allclose(div, div_all, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_rows"):
+        exact_divergence(net, t, x, batch_rows=0)
 
 
 def test_hutchinson_is_unbiased():
