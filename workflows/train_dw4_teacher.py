@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=1, help="sampling seed")
     parser.add_argument("--json", default=None, help="report path (default OUT/report.json)")
+    parser.add_argument(
+        "--samples", default=None, help="also write the N samples (x, log q, u, log w) to this .h5"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--trace-mode",
@@ -94,7 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trace_mode:
         teacher.sampling["trace_mode"] = args.trace_mode
     report = evaluate_flow(
-        teacher, system, n_samples=args.n_samples, seed=args.seed, val=val, progress=True
+        teacher,
+        system,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        val=val,
+        progress=True,
+        samples_path=args.samples,
     )
     report.update(
         system="dw4",

@@ -8,14 +8,17 @@ MeanFlow and invertibility) act on the same points. FALCON can instead train fro
 (``loss.target = "data"``): conditional flow matching on the linear interpolant with (equivariant)
 OT couplings, MeanFlow and invertibility, without a teacher.
 
-The student uses the teacher's backbone type and size and (``init_from_teacher``) starts from
-its weights, i.e. as the Euler step of the teacher
-(:func:`boltzflow.distill.flowmap.init_from_teacher`).
+The student uses the teacher's backbone type and, by default, its size and (``init_from_teacher``)
+starts from its weights, i.e. as the Euler step of the teacher
+(:func:`boltzflow.distill.flowmap.init_from_teacher`). ``[student.backbone]`` overrides backbone
+options (e.g. ``hidden = 32`` for a smaller, faster student), which needs
+``init_from_teacher = false``.
 
 Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
 
     method = "f2d2"            # or "falcon"
-    [student]   default_steps, init_from_teacher, signed (FALCON)
+    [student]   default_steps, init_from_teacher, signed (FALCON), init_from
+    [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
     [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
                 div_weight, dyadic_fraction, target ("teacher" | "data")
     [trajectories]  n, grid, atol, rtol, batch_size, seed
@@ -75,18 +78,27 @@ TRAJECTORY_FILE = "trajectories.pt"
 
 @dataclass
 class StudentOptions:
-    """Student model: steps used by default, teacher initialisation, FALCON's signed u, and
+    """Student model: steps used by default, teacher initialisation, FALCON's signed u,
     ``init_from``: a finished student (run folder or file) of the same method whose weights
-    start this run (to continue training with other settings)."""
+    start this run (to continue training with other settings), and ``backbone``: options that
+    replace the teacher's backbone options (a student of another size)."""
 
     default_steps: int = 4
     init_from_teacher: bool = True
     signed: bool = True
     init_from: str | None = None
+    backbone: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.default_steps < 1:
             raise ValueError(f"student.default_steps must be >= 1, got {self.default_steps}")
+        if not isinstance(self.backbone, dict):
+            raise TypeError(f"student.backbone must be a table, got {self.backbone!r}")
+        if self.backbone and self.init_from_teacher:
+            raise ValueError(
+                f"student.backbone {self.backbone} changes the teacher's network, so the student "
+                "cannot start from the teacher's weights: set student.init_from_teacher = false"
+            )
 
 
 @dataclass
@@ -179,13 +191,14 @@ def teacher_system(path: str | os.PathLike[str]) -> str | None:
 
 
 def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None) -> Student:
-    """An untrained student shaped like ``teacher`` (same backbone type and options)."""
+    """An untrained student with the teacher's backbone type and options (those in
+    ``cfg.student.backbone`` replaced)."""
     tc = teacher.model_config
     common = {
         "prior": teacher.prior,
         "n_particles": tc.get("n_particles"),
         "spatial_dim": tc.get("spatial_dim"),
-        "backbone_options": tc.get("backbone_options"),
+        "backbone_options": {**(tc.get("backbone_options") or {}), **cfg.student.backbone},
         "system": system,
         "scale": teacher.scale,
         "default_steps": cfg.student.default_steps,

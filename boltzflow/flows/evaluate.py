@@ -15,11 +15,13 @@ for translation-invariant particle systems.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from boltzflow.io.samples import SampleWriter
 from boltzflow.sampling.weights import ess_fraction, kish_ess, log_weights, normalized_weights
 
 __all__ = ["evaluate_flow", "nll_summary"]
@@ -44,6 +46,7 @@ def evaluate_flow(
     seed: int = 0,
     val: Tensor | None = None,
     progress: bool = False,
+    samples_path: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Sample a flow, weight against the system, and (optionally) score reference data.
@@ -54,6 +57,8 @@ def evaluate_flow(
         n_samples: number of samples N.
         seed: sampling seed.
         val: ``(M, dim)`` reference configurations for the NLL (mean-free where required).
+        samples_path: also write the samples (``x``, ``log_q``, ``u``, ``log_w``) to this HDF5
+            sample store (:class:`~boltzflow.io.samples.SampleWriter`, replaced if present).
         **settings: ODE settings forwarded to the flow (``method``, ``atol``, ...).
 
     Returns:
@@ -66,6 +71,10 @@ def evaluate_flow(
     out = flow.sample_with_stats(n_samples, seed=seed, progress=progress, **settings)
     u = system.energy(out.x.double()).detach()
     log_w = log_weights(u, out.log_q.double())
+    if samples_path is not None:
+        provenance = {"model": type(flow).__name__, "seed": seed, "settings": settings}
+        with SampleWriter(samples_path, dim=out.x.shape[1], provenance=provenance) as writer:
+            writer.append(out.x.double(), log_q=out.log_q.double(), u=u, log_w=log_w)
     n_finite = int(torch.isfinite(log_w).sum())
     log_z = float(torch.logsumexp(log_w, 0) - math.log(n_samples))
     w = normalized_weights(log_w)

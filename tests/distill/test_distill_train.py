@@ -164,3 +164,15 @@ def test_student_configs_load(path: Path) -> None:
         from boltzflow.train.config import dataclass_from_dict
 
         dataclass_from_dict(StudentConfig, {"loss": {"semigrup": 1.0}})
+
+
+def test_student_backbone_options_replace_the_teachers(toy_teacher: TeacherCNF) -> None:
+    """``[student.backbone]`` builds a student of another size (not from the teacher's weights);
+    asking for both is refused with the reason."""
+    small = StudentOptions(init_from_teacher=False, backbone={"hidden": 8})
+    student = build_student(StudentConfig(method="falcon", student=small), toy_teacher, system=None)
+    assert student.model_config["backbone_options"]["hidden"] == 8
+    n_student = sum(p.numel() for p in student.parameters())
+    assert n_student < sum(p.numel() for p in toy_teacher.parameters())
+    with pytest.raises(ValueError, match="init_from_teacher = false"):
+        StudentOptions(backbone={"hidden": 8})

@@ -12,6 +12,7 @@ import torch
 
 from boltzflow.cli import main as cli
 from boltzflow.io.samples import read_samples
+from boltzflow.sampling.weights import ess_fraction
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "workflows" / "configs"
@@ -44,9 +45,15 @@ def test_dw4_workflow_script_smoke(reference_dir, tmp_path):
             str(reference_dir / "dem/train_split_DW4.npy"),
             "--val",
             str(reference_dir / "dem/val_split_DW4.npy"),
+            "--samples",
+            str(tmp_path / "samples.h5"),
         ]
     )
     saved = json.loads((out / "report.json").read_text())
+    samples = read_samples(tmp_path / "samples.h5")
+    assert samples.x.shape == (64, 8)
+    # the stored weights are the ones the report's ESS came from
+    assert ess_fraction(torch.as_tensor(samples.log_w)) == pytest.approx(saved["ess_fraction"])
     assert saved["n_samples"] == 64 and saved["n_val"] == 32
     for key in (
         "ess_fraction",
