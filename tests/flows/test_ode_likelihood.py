@@ -117,13 +117,19 @@ def test_mean_free_linear_field_density_on_the_subspace():
     assert (back.double() - expected).abs().max() < 1e-4
 
 
+def _perturbed_egnn(std: float) -> EGNN:
+    """A small float64 EGNN whose field is far from the near-zero initialisation."""
+    torch.manual_seed(0)
+    net = EGNN(4, 2, hidden=16, layers=2).double()
+    for layer in net.layers:
+        nn.init.normal_(layer.coord_mlp[-1].weight, std=std)
+    return net
+
+
 @pytest.mark.parametrize("batch_rows", [None, 2])
 @pytest.mark.parametrize("mode", ["vjp", "jvp", "loop"])
 def test_exact_divergence_equals_autograd_jacobian_trace(mode, batch_rows):
-    torch.manual_seed(0)
-    net = EGNN(4, 2, hidden=16, layers=2).double()
-    for layer in net.layers:  # make the field far from the near-zero initialisation
-        nn.init.normal_(layer.coord_mlp[-1].weight, std=0.05)
+    net = _perturbed_egnn(0.05)
     x = remove_mean(torch.randn(5, 8, dtype=F64), 4, 2)
     t = torch.tensor(0.3, dtype=F64)
     v, div = exact_divergence(net, t, x, mode=mode, batch_rows=batch_rows)  # 2: uneven chunks
@@ -134,10 +140,7 @@ def test_exact_divergence_equals_autograd_jacobian_trace(mode, batch_rows):
 
 
 def test_exact_divergence_chunks_per_sample_times_with_their_rows():
-    torch.manual_seed(0)
-    net = EGNN(4, 2, hidden=16, layers=2).double()
-    for layer in net.layers:
-        nn.init.normal_(layer.coord_mlp[-1].weight, std=0.05)
+    net = _perturbed_egnn(0.05)
     x = remove_mean(torch.randn(7, 8, dtype=F64), 4, 2)
     t = torch.linspace(0.0, 1.0, 7, dtype=F64)
     v, div = exact_divergence(net, t, x, batch_rows=3)
@@ -182,10 +185,7 @@ def test_rk4_converges_to_the_closed_form(linear_case):
 
 
 def test_quadrature_trace_matches_exact_trace_on_a_nonlinear_field():
-    torch.manual_seed(0)
-    net = EGNN(4, 2, hidden=16, layers=2).double()
-    for layer in net.layers:
-        nn.init.normal_(layer.coord_mlp[-1].weight, std=0.02)
+    net = _perturbed_egnn(0.02)
     x0 = remove_mean(torch.randn(8, 8, dtype=F64), 4, 2)
     exact = integrate(net, x0, atol=1e-8, rtol=1e-8)
     quad = integrate(net, x0, atol=1e-8, rtol=1e-8, divergence="quadrature", quadrature_points=12)
