@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, ld_ref = map_and_logdet(step, x, basis, batch_rows=args.batch)
     rows_out = []
     for rows in args.rows:
-        _, div = exact_divergence(teacher_net, t, x, batch_rows=rows)
-        _, ld = map_and_logdet(step, x, basis, batch_rows=rows)
+        with torch.no_grad():
+            _, div = exact_divergence(teacher_net, t, x, batch_rows=rows)
+            _, ld = map_and_logdet(step, x, basis, batch_rows=rows)
         row = {
             "rows": rows,
             "trace_vjp_s": _seconds(

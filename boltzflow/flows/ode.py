@@ -67,9 +67,10 @@ TRACE_MODES = ("vjp", "jvp", "loop")
 
 #: Sample rows per vectorised Jacobian pass on CPU. ``vmap`` over ``dim`` products of a whole
 #: large batch moves ``dim`` copies of every intermediate through memory at once; on one CPU
-#: thread (DW4 EGNN 3 x 64, float32, batch 4,096) the exact trace took 4.9 s per evaluation in
-#: one pass and 1.1 s in chunks of 256 rows, FALCON's 6 x 6 step Jacobian 2.9 s vs 0.86 s
-#: (docs/benchmarks.md). On CUDA the whole batch goes in one pass.
+#: thread (DW4 EGNN 3 x 64, float32, batch 4,096) chunks of 256-512 rows made the exact trace
+#: 2-4x and FALCON's 6 x 6 step Jacobian 2.5-3x faster than one pass
+#: (``workflows/benchmark_jacobian_rows.py``, docs/benchmarks.md). On CUDA the whole batch goes
+#: in one pass.
 CPU_JACOBIAN_ROWS = 256
 
 

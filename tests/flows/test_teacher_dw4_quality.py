@@ -1,4 +1,4 @@
-"""DW4 teacher to quality, end to end (slow: ~20 min training + ~30 min exact-likelihood
+"""DW4 teacher to quality, end to end (slow: ~20 min training + ~15 min exact-likelihood
 evaluation on one CPU thread).
 
 Reproduces `workflows/train_dw4_teacher.py` with `workflows/configs/teacher_dw4.toml` (EGNN 3 x 64,
