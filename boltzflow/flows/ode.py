@@ -141,7 +141,8 @@ def exact_divergence(
     b, dim = x.shape
     rows = jacobian_rows(x, batch_rows)
     if mode != "loop" and b > rows:
-        ts = t.split(rows) if t.ndim == 1 else [t] * len(range(0, b, rows))
+        per_row = isinstance(t, Tensor) and t.ndim == 1
+        ts = t.split(rows) if per_row else [t] * len(range(0, b, rows))
         parts = [
             exact_divergence(field, tc, xc, mode=mode, chunk_size=chunk_size, batch_rows=rows)
             for tc, xc in zip(ts, x.split(rows), strict=True)
