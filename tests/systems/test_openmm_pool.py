@@ -69,13 +69,19 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def _busy(pool: OpenMMPool, ref: np.ndarray, n: int) -> tuple[threading.Thread, list]:
-    """Run ``pool.evaluate`` on a large batch in a thread; the list receives result or error."""
+    """Keep ``pool.evaluate`` busy on batches of ``n`` rows in a thread, one call after another,
+    until a call raises (at most 60 s); the list receives that error. A single batch could
+    finish before the test acts on a fast machine; back-to-back calls are mid-batch whenever
+    the test acts."""
     outcome: list = []
     batch = np.broadcast_to(ref, (n, 22, 3))
 
     def run() -> None:
+        deadline = time.monotonic() + 60.0
         try:
-            outcome.append(pool.evaluate(batch, forces=False))
+            while time.monotonic() < deadline:
+                pool.evaluate(batch, forces=False)
+            outcome.append(TimeoutError("the pool kept answering for 60 s"))
         except BaseException as err:
             outcome.append(err)
 
@@ -158,7 +164,7 @@ def test_argument_errors(system_xml: str, ref: np.ndarray):
 def test_close_mid_batch_leaves_no_worker(system_xml: str, ref: np.ndarray):
     pool = OpenMMPool(system_xml, "Reference", n_workers=2, threads=1)
     pids = pool.pids
-    thread, outcome = _busy(pool, ref, 60_000)  # about 2 s of work per worker
+    thread, outcome = _busy(pool, ref, 60_000)
     start = time.monotonic()
     pool.close()
     thread.join(15.0)
