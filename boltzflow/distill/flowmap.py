@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from boltzflow.distill.base import Student, prior_from_config
-from boltzflow.flows.ode import jacobian_rows
+from boltzflow.flows.ode import jacobian_rows, over_row_chunks
 from boltzflow.flows.priors import MeanFreeGaussian, Prior
 from boltzflow.nn import EGNN, MLP, ParticleTransformer, build_backbone
 
@@ -196,9 +196,12 @@ def map_and_logdet(
     b = x.shape[0]
     rows = jacobian_rows(x, batch_rows)
     if b > rows:
-        chunks = zip(x.split(rows), *(e.split(rows) for e in extra), strict=True)
-        parts = [map_and_logdet(fn, c[0], basis, extra=c[1:], batch_rows=rows) for c in chunks]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        def part(xc: Tensor, *ec: Tensor) -> tuple[Tensor, Tensor]:
+            return map_and_logdet(fn, xc, basis, extra=ec, batch_rows=rows)
+
+        y, logdet = over_row_chunks(part, rows, x, *extra)
+        return y, logdet
     cot = basis.T[:, None, :].expand(basis.shape[1], b, basis.shape[0])
     y, pullback = vjp(lambda y: fn(y, *extra), x)
     (rows_,) = vmap(pullback)(cot)  # rows_[k, b] = B_k^T J_b

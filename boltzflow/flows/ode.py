@@ -88,6 +88,15 @@ def jacobian_rows(x: Tensor, batch_rows: int | None = None) -> int:
     return int(batch_rows)
 
 
+def over_row_chunks(
+    fn: Callable[..., tuple[Tensor, ...]], rows: int, *tensors: Tensor
+) -> tuple[Tensor, ...]:
+    """``fn`` applied to successive ``rows``-row slices of ``tensors`` (all ``(B, ...)``), its
+    outputs (a tuple of ``(b, ...)`` tensors per slice) concatenated along the batch."""
+    parts = [fn(*chunk) for chunk in zip(*(t.split(rows) for t in tensors), strict=True)]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
 @dataclass
 class ODEResult:
     """Outcome of :func:`integrate`.
@@ -141,13 +150,16 @@ def exact_divergence(
     b, dim = x.shape
     rows = jacobian_rows(x, batch_rows)
     if mode != "loop" and b > rows:
-        per_row = isinstance(t, Tensor) and t.ndim == 1
-        ts = t.split(rows) if per_row else [t] * len(range(0, b, rows))
-        parts = [
-            exact_divergence(field, tc, xc, mode=mode, chunk_size=chunk_size, batch_rows=rows)
-            for tc, xc in zip(ts, x.split(rows), strict=True)
-        ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        def part(xc: Tensor, *tc: Tensor) -> tuple[Tensor, ...]:
+            tt = tc[0] if tc else t
+            return exact_divergence(
+                field, tt, xc, mode=mode, chunk_size=chunk_size, batch_rows=rows
+            )
+
+        per_row = (t,) if isinstance(t, Tensor) and t.ndim == 1 else ()
+        v, div = over_row_chunks(part, rows, x, *per_row)
+        return v, div
     basis = torch.eye(dim, dtype=x.dtype, device=x.device)[:, None, :].expand(dim, b, dim)
 
     def f(y: Tensor) -> Tensor:
