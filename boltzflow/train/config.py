@@ -44,7 +44,9 @@ class TrainConfig:
 
     AdamW (Loshchilov & Hutter 2019) with linear warm-up over ``warmup_steps`` then cosine decay
     to ``lr * min_lr_ratio`` at ``steps``; gradients clipped to norm ``grad_clip`` (0 disables);
-    EMA of the weights with decay ``ema_decay``.
+    EMA of the weights with decay ``ema_decay``. ``data_workers``: background processes that
+    build minibatches ahead (losses whose batches depend on the step alone, e.g. the teacher's
+    OT couplings); it changes the speed, never the result.
     """
 
     steps: int = 10_000
@@ -60,11 +62,14 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     device: str = "cpu"
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_workers < 0:
+            raise ValueError(f"train.data_workers must be >= 0, got {self.data_workers}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.ema_decay < 1:

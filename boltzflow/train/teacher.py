@@ -3,7 +3,8 @@
 One step: draw a data minibatch x1 (and, for non-equivariant particle backbones, rotate it by
 random rotations), draw prior samples x0, re-pair them by the configured coupling, and regress the
 velocity on x1 - x0 at a uniform random time (:mod:`boltzflow.flows.flow_matching`). All of it
-draws from the trainer's generator, so runs reproduce and resume exactly.
+draws from a generator seeded by (seed, step), so runs reproduce and resume exactly, and the
+batches can be built ahead in background processes (``train.data_workers``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from boltzflow.flows.cnf import MODEL_FILE, TeacherCNF
-from boltzflow.flows.flow_matching import couple, flow_matching_loss, random_rotations, rotate
+from boltzflow.flows.flow_matching import (
+    couple,
+    flow_matching_loss,
+    interpolant_draws,
+    random_rotations,
+    rotate,
+)
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.config import SampleConfig, TeacherConfig
+from boltzflow.train.prefetch import step_generator
 from boltzflow.train.trainer import Trainer
 
-__all__ = ["SystemShape", "build_teacher", "teacher_loss", "train_teacher"]
+__all__ = ["SystemShape", "TeacherLoss", "build_teacher", "train_teacher"]
 
 
 @dataclass(frozen=True)
@@ -74,28 +82,48 @@ def build_teacher(cfg: TeacherConfig, shape: SystemShape) -> TeacherCNF:
     )
 
 
-def teacher_loss(teacher: TeacherCNF, data: Tensor, cfg: TeacherConfig, shape: SystemShape) -> Any:
-    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`."""
-    n, d = shape.n_particles, shape.spatial_dim
-    fm = cfg.flow_matching
-    particles = n is not None and d is not None
-    augment = fm.augment_rotations
-    if augment is None:
-        augment = particles and not getattr(teacher.net, "equivariant", False)
-    if augment and not particles:
-        raise ValueError("flow_matching.augment_rotations needs a particle system")
-    if fm.coupling == "equivariant_ot" and not particles:
-        raise ValueError("coupling 'equivariant_ot' needs a particle system; use 'ot'")
-    batch = cfg.train.batch_size
-    data = data / teacher.scale  # the flow's units
+class TeacherLoss:
+    """Flow-matching loss of one training step, as a :class:`~boltzflow.train.trainer.BatchedLoss`.
 
-    def loss(model: nn.Module, gen: torch.Generator, step: int) -> Tensor:
-        p = next(model.parameters())
-        idx = torch.randint(len(data), (batch,), generator=gen)
-        x1 = data[idx].to(device=p.device, dtype=p.dtype)
-        if augment:
-            x1 = rotate(x1, random_rotations(batch, d, generator=gen).to(p.device), n, d)
-        x0 = model.prior.sample(batch, generator=gen, dtype=p.dtype, device=p.device)
+    ``make_batch(step)`` draws everything random from :func:`step_generator` ``(seed, step)``:
+    data indices, optional random rotations, prior samples, the coupling, times and noise, as
+    CPU float32 tensors ``(x0, x1, t, noise)``; it runs in the trainer's background workers when
+    ``train.data_workers > 0``. ``batch_loss(model, batch)`` regresses the velocity.
+
+    Args:
+        teacher: the model being trained (its prior, scale and backbone symmetry are read).
+        data: ``(N, dim)`` training configurations in physical units.
+        cfg: run configuration (flow-matching options, batch size, seed).
+        shape: the system's dimension and particle structure.
+    """
+
+    def __init__(
+        self, teacher: TeacherCNF, data: Tensor, cfg: TeacherConfig, shape: SystemShape
+    ) -> None:
+        n, d = shape.n_particles, shape.spatial_dim
+        fm = cfg.flow_matching
+        particles = n is not None and d is not None
+        augment = fm.augment_rotations
+        if augment is None:
+            augment = particles and not getattr(teacher.net, "equivariant", False)
+        if augment and not particles:
+            raise ValueError("flow_matching.augment_rotations needs a particle system")
+        if fm.coupling == "equivariant_ot" and not particles:
+            raise ValueError("coupling 'equivariant_ot' needs a particle system; use 'ot'")
+        self.n_particles, self.spatial_dim, self.augment = n, d, bool(augment)
+        self.fm, self.batch, self.seed = fm, cfg.train.batch_size, cfg.train.seed
+        self.prior = teacher.prior
+        self.data = (data / teacher.scale).float()  # the flow's units
+
+    def make_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(x0, x1, t, noise)`` of ``step``: coupled ``(B, dim)`` pairs, ``(B,)`` times and
+        ``(B, dim)`` interpolant noise (None when sigma is 0)."""
+        gen = step_generator(self.seed, step)
+        n, d, b, fm = self.n_particles, self.spatial_dim, self.batch, self.fm
+        x1 = self.data[torch.randint(len(self.data), (b,), generator=gen)]
+        if self.augment:
+            x1 = rotate(x1, random_rotations(b, d, generator=gen), n, d)
+        x0 = self.prior.sample(b, generator=gen, dtype=torch.float32, device="cpu")
         x0 = couple(
             x0,
             x1,
@@ -105,11 +133,29 @@ def teacher_loss(teacher: TeacherCNF, data: Tensor, cfg: TeacherConfig, shape: S
             reflections=fm.reflections,
             permutations=fm.permutations,
         )
-        return flow_matching_loss(
-            model.net, x0, x1, generator=gen, sigma=fm.sigma, n_particles=n, spatial_dim=d
+        t, noise = interpolant_draws(
+            b, x0.shape[1], generator=gen, sigma=fm.sigma, n_particles=n, spatial_dim=d
         )
+        return x0, x1, t, noise
 
-    return loss
+    def batch_loss(
+        self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor, Tensor | None]
+    ) -> Tensor:
+        """Scalar flow-matching loss of ``model`` on a batch from :meth:`make_batch`."""
+        p = next(model.parameters())
+        x0, x1, t, noise = (
+            None if v is None else v.to(device=p.device, dtype=p.dtype) for v in batch
+        )
+        return flow_matching_loss(
+            model.net,
+            x0,
+            x1,
+            t=t,
+            noise=noise,
+            sigma=self.fm.sigma,
+            n_particles=self.n_particles,
+            spatial_dim=self.spatial_dim,
+        )
 
 
 def train_teacher(
@@ -151,7 +197,7 @@ def train_teacher(
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
     trainer = Trainer(
         teacher,
-        teacher_loss(teacher, data, cfg, shape),
+        TeacherLoss(teacher, data, cfg, shape),
         cfg.train,
         out_dir,
         model_kind="teacher_cnf",

@@ -7,7 +7,9 @@ exact: a run interrupted after a checkpoint and resumed produces bit-identical w
 uninterrupted one on CPU (same seed, same thread count).
 
 The caller supplies ``loss_fn(model, generator, step) -> loss`` (a scalar tensor, or
-``(loss, {name: float})`` for extra metrics) which draws its own minibatch from ``generator``.
+``(loss, {name: float})`` for extra metrics) which draws its own minibatch from ``generator``,
+or a :class:`BatchedLoss`, whose minibatches depend on the step alone and can therefore be built
+ahead by ``config.data_workers`` background processes (:mod:`boltzflow.train.prefetch`).
 
 Run folder layout: ``checkpoint.pt`` (latest full training state), ``metrics.jsonl`` (one JSON
 object per logged step), ``run.json`` (the run's configuration, written at the start).
@@ -22,8 +24,9 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +35,25 @@ from tqdm.auto import tqdm
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
 from boltzflow.train.config import TrainConfig
+from boltzflow.train.prefetch import step_batches
 
-__all__ = ["EMA", "Trainer", "lr_factor"]
+__all__ = ["EMA", "BatchedLoss", "Trainer", "lr_factor"]
 
 LossFn = Callable[[nn.Module, torch.Generator, int], "Tensor | tuple[Tensor, dict[str, float]]"]
+
+
+@runtime_checkable
+class BatchedLoss(Protocol):
+    """A loss whose minibatch is a pure function of the step number.
+
+    ``make_batch(step)`` builds it (CPU tensors; it may run in a worker process, so the object
+    must be picklable), ``batch_loss(model, batch)`` evaluates the loss on the model's device.
+    """
+
+    def make_batch(self, step: int) -> Any: ...
+
+    def batch_loss(self, model: nn.Module, batch: Any) -> Any: ...
+
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -98,7 +116,8 @@ class Trainer:
     Args:
         model: the module to train (moved to ``config.device``).
         loss_fn: ``loss_fn(model, generator, step)``; ``generator`` is a CPU ``torch.Generator``
-            seeded from ``config.seed`` whose state is checkpointed.
+            seeded from ``config.seed`` whose state is checkpointed. Or a :class:`BatchedLoss`
+            (minibatches built ahead by ``config.data_workers`` processes).
         config: loop settings.
         out_dir: run folder (created).
         model_kind: recorded in checkpoints (``"teacher_cnf"``, ``"f2d2"``, ...).
@@ -198,8 +217,13 @@ class Trainer:
                 f"{path}: checkpoint of a {state.get('model_kind')!r} model, "
                 f"not {self.model_kind!r}"
             )
-        diff = _diff(state.get("train_config", {}), _asdict(self.config), "train")
-        diff += _diff(state.get("run_config", {}), self.run_config, "run")
+        # how the work is spread over processes does not change the result
+        diff = _diff(
+            _result_keys(state.get("train_config", {})), _result_keys(_asdict(self.config)), "train"
+        )
+        diff += _diff(
+            _result_keys(state.get("run_config", {})), _result_keys(self.run_config), "run"
+        )
         if diff:
             raise ValueError(
                 f"{path}: cannot resume, the configuration changed: {', '.join(diff[:6])}"
@@ -265,12 +289,22 @@ class Trainer:
             desc=self.model_kind,
             dynamic_ncols=True,
         )
-        try:
+        stream = (
+            step_batches(self.loss_fn.make_batch, self.step, end, cfg.data_workers)
+            if isinstance(self.loss_fn, BatchedLoss)
+            else nullcontext(None)
+        )
+        with bar, stream as batches:  # closing the stream stops its workers
             while self.step < end:
-                out = self.loss_fn(self.model, self.generator, self.step)
+                if batches is None:
+                    out = self.loss_fn(self.model, self.generator, self.step)
+                else:
+                    out = self.loss_fn.batch_loss(self.model, next(batches))
                 loss, more = out if isinstance(out, tuple) else (out, {})
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+                    raise FloatingPointError(
+                        f"non-finite loss {float(loss.detach())} at step {self.step}"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -306,13 +340,22 @@ class Trainer:
                     self.save()  # also writes the metrics
                 elif logged:
                     self._write_metrics()
-        finally:
-            bar.close()
         return self.metrics[-1] if self.metrics else {"step": self.step}
 
     def ema_model(self) -> nn.Module:
         """A copy of the model with the EMA weights."""
         return self.ema.copy_to(self.model)
+
+
+# train-config keys that change how the work is done, not what is computed
+_RESULT_NEUTRAL = ("data_workers",)
+
+
+def _result_keys(cfg: Any) -> Any:
+    """``cfg`` without the :data:`_RESULT_NEUTRAL` keys, at any depth of nested dicts."""
+    if not isinstance(cfg, dict):
+        return cfg
+    return {k: _result_keys(v) for k, v in cfg.items() if k not in _RESULT_NEUTRAL}
 
 
 def _asdict(cfg: Any) -> dict[str, Any]:

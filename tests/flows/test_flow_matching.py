@@ -12,6 +12,7 @@ from boltzflow.flows.flow_matching import (
     couple,
     equivariant_align,
     flow_matching_loss,
+    interpolant_draws,
     interpolate,
     kabsch_align,
     ot_pairing,
@@ -161,6 +162,20 @@ def test_flow_matching_loss_noise_is_mean_free_for_particles():
     )
     assert seen[0].reshape(8, 4, 2).sum(1).abs().max() < 1e-5
     assert (seen[0] - x0).abs().max() > 0.1
+
+
+def test_predrawn_times_and_noise_reproduce_the_generator_path():
+    x0, x1 = _mf(8, 4, 2, 1).float(), _mf(8, 4, 2, 2).float()
+    net = torch.nn.Linear(8, 8)
+    kw = {"sigma": 0.3, "n_particles": 4, "spatial_dim": 2}
+    direct = flow_matching_loss(
+        lambda t, x: net(x), x0, x1, generator=torch.Generator().manual_seed(5), **kw
+    )
+    t, noise = interpolant_draws(8, 8, generator=torch.Generator().manual_seed(5), **kw)
+    assert noise is not None and noise.reshape(8, 4, 2).sum(1).abs().max() < 1e-5
+    given = flow_matching_loss(lambda t, x: net(x), x0, x1, t=t, noise=noise, **kw)
+    assert torch.equal(direct, given)
+    assert interpolant_draws(8, 8, generator=torch.Generator().manual_seed(5))[1] is None
 
 
 def test_mean_free_gaussian_is_the_standard_normal_of_the_subspace():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from boltzflow.train.checkpoint import (
 )
 from boltzflow.train.config import TeacherConfig, TrainConfig
 from boltzflow.train.teacher import SystemShape, train_teacher
-from boltzflow.train.trainer import EMA, Trainer, lr_factor
+from boltzflow.train.trainer import EMA, BatchedLoss, Trainer, lr_factor
 
 
 def _payload() -> dict:
@@ -227,3 +228,52 @@ def test_teacher_learns_a_gaussian(tmp_path):
     diff = target.log_prob(data[:500]).sum(-1) - teacher.log_prob(data[:500], atol=1e-6, rtol=1e-6)
     kl, se = float(diff.mean()), float(diff.std() / math.sqrt(500))
     assert -4 * se < kl < 0.05, f"KL(p||q) estimate {kl:.4f} ± {se:.4f}, expected in [0, 0.05)"
+
+
+def test_background_workers_change_nothing_but_speed(tmp_path):
+    """Batches built by worker processes are the batches the loop would build itself, also
+    across a resume that changes the number of workers."""
+    data, cfg = _data(), _config()
+    train_teacher(cfg, data, tmp_path / "inline", SHAPE, progress=False)
+    cfg.train.data_workers = 1
+    train_teacher(cfg, data, tmp_path / "split", SHAPE, progress=False, stop_at=4)
+    cfg.train.data_workers = 2
+    train_teacher(cfg, data, tmp_path / "split", SHAPE, progress=False)
+    inline, split = _state(tmp_path / "inline"), _state(tmp_path / "split")
+    for key in ("model", "ema"):
+        for name, value in inline[key].items():
+            assert torch.equal(value, split[key][name]), f"{key}.{name} differs with workers"
+
+
+class _FailsAtStep3:
+    """A picklable batched loss whose loss evaluation raises at step 3."""
+
+    def __init__(self) -> None:
+        self.steps_seen: list[int] = []
+
+    def make_batch(self, step: int) -> torch.Tensor:
+        return torch.full((4, 2), float(step))
+
+    def batch_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        step = int(batch[0, 0])
+        self.steps_seen.append(step)
+        if step == 3:
+            raise RuntimeError("boom at step 3")
+        return model(batch).pow(2).mean()
+
+
+def test_workers_stop_when_the_loop_raises(tmp_path):
+    loss = _FailsAtStep3()
+    assert isinstance(loss, BatchedLoss)
+    cfg = TrainConfig(steps=50, data_workers=2, log_every=1, checkpoint_every=1)
+    trainer = Trainer(torch.nn.Linear(2, 2), loss, cfg, tmp_path, model_kind="toy", model_config={})
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        trainer.fit(resume=False)
+    assert loss.steps_seen == [0, 1, 2, 3]  # in order, none skipped
+    assert trainer.step == 3
+    assert multiprocessing.active_children() == []
+
+
+def test_negative_worker_count_is_rejected():
+    with pytest.raises(ValueError, match="data_workers must be >= 0, got -1"):
+        TrainConfig(data_workers=-1)
