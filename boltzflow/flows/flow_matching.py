@@ -262,30 +262,30 @@ def orbit_distance_2d(x0: Tensor, x1: Tensor, n_particles: int) -> Tensor:
     ``cost[i, j] = min_{P, R} |R P x0[i] - x1[j]|^2`` for mean-free inputs, by enumerating the
     n! permutations and the closed-form optimal angle: with C = <P x0, x1> and S = <P x0, J x1>
     (J: rotation by 90 degrees) the minimum over R is |x0|^2 + |x1|^2 - 2 sqrt(C^2 + S^2).
-    Both C and S are single matrix products over the batch, so all B0 x B1 x n! candidates cost
-    two matmuls.
+    For each permutation, C and S for all B0 x B1 pairs are one matrix product.
 
     Returns:
         ``(B0, B1)`` float64 costs (the products are computed in float32).
     """
-    perms = torch.tensor(list(itertools.permutations(range(n_particles))), device=x0.device)
+    perms = itertools.permutations(range(n_particles))
     b0, b1 = x0.shape[0], x1.shape[0]
-    # permutations outermost so that the max over them runs over contiguous (B0, B1) blocks
     # float32 products: 2.5x faster than float64 on CPU (inner dimension 2n is too small for
     # BLAS to pay), and the cost's round-off (~1e-6 relative) only reorders near-ties
-    p0 = (
-        _as_particles(x0.float(), n_particles, 2)[:, perms]
-        .transpose(0, 1)
-        .reshape(-1, 2 * n_particles)
-    )
+    p0 = _as_particles(x0.float(), n_particles, 2)
     p1 = _as_particles(x1.float(), n_particles, 2)
     j1 = torch.stack([p1[..., 1], -p1[..., 0]], dim=-1).reshape(b1, -1)
-    both = p0 @ torch.cat([p1.reshape(b1, -1), j1]).T  # (P * B0, 2 * B1): C and S side by side
-    c, s = both[:, :b1], both[:, b1:]
-    best = torch.sqrt((c * c + s * s).reshape(len(perms), b0, b1).amax(dim=0)).double()
+    rhs = torch.cat([p1.reshape(b1, -1), j1]).T.contiguous()  # (2n, 2 B1): x1 and J x1
+    # one permutation at a time with a running maximum: the (B0, 2 B1) blocks stay in cache
+    # (4x faster on CPU than one product over all n! permutations stacked)
+    best = None
+    for perm in perms:
+        both = p0[:, list(perm)].reshape(b0, -1) @ rhs  # (B0, 2 B1): C and S side by side
+        both.square_()
+        r2 = both[:, :b1] + both[:, b1:]
+        best = r2 if best is None else torch.maximum(best, r2, out=best)
     sq0 = x0.double().pow(2).sum(-1)[:, None]
     sq1 = x1.double().pow(2).sum(-1)[None, :]
-    return (sq0 + sq1 - 2 * best).clamp_min(0.0)
+    return (sq0 + sq1 - 2 * best.sqrt().double()).clamp_min(0.0)
 
 
 def random_rotations(
