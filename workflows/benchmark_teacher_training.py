@@ -1,4 +1,5 @@
-"""Teacher training speed with the minibatches built inline or by a background worker.
+"""Teacher training speed with the minibatches built inline or by a background worker, and
+with the loss compiled (``train.compile``).
 
 With equivariant-OT couplings the assignment problems of one DW4 step (the 4! x B x B orbit
 cost and the Hungarian solve) cost about as much as the EGNN's forward and backward pass, so a
@@ -6,17 +7,19 @@ worker process that builds the next batches while the optimiser runs raises the 
 on two cores (1.4x measured on 2026-12-02, docs/benchmarks.md). This script trains the DW4
 teacher config for the same number of steps in each layout, side by side, times the steady
 state (after the first logged window), and checks that every layout ends with bit-identical
-weights (the batches depend on (seed, step) only).
+weights (the batches depend on (seed, step) only); compiled layouts are compared with the first
+compiled one (compilation changes the float rounding, not the batches). Rates are steady-state:
+the compilation itself (tens of seconds, in the first window) is left out.
 On a shared virtual machine the rate drifts by tens of percent over minutes, so the layouts are
 run in turn ``--repeats`` times and the median rate is reported.
 
 Usage (two idle cores)::
 
     .venv/bin/python workflows/benchmark_teacher_training.py [--steps 500] [--repeats 3] \\
-        [--layouts 1x0 2x0 1x1 1x2] [--json runs/benchmark_teacher_training.json]
+        [--layouts 1x0 2x0 1x1 1x2 1x1c] [--json runs/benchmark_teacher_training.json]
 
 A layout ``TxW`` is T torch threads in the training process and W data workers (one thread
-each). Prints a markdown table and writes JSON.
+each); a trailing ``c`` compiles the loss. Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -40,21 +43,31 @@ from boltzflow.train.teacher import SystemShape, train_teacher
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _layout(text: str) -> tuple[int, int]:
+def _layout(text: str) -> tuple[int, int, bool]:
+    compiled = text.lower().endswith("c")
     try:
-        threads, workers = (int(v) for v in text.lower().split("x"))
+        threads, workers = (int(v) for v in text.lower().removesuffix("c").split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"layout must look like 1x1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"layout must look like 1x1 or 1x1c, got {text!r}"
+        ) from None
     if threads < 1 or workers < 0:
         raise argparse.ArgumentTypeError(f"need >= 1 thread and >= 0 workers, got {text!r}")
-    return threads, workers
+    return threads, workers, compiled
 
 
 def time_layout(
-    cfg: Any, data: torch.Tensor, shape: SystemShape, threads: int, workers: int, steps: int
+    cfg: Any,
+    data: torch.Tensor,
+    shape: SystemShape,
+    threads: int,
+    workers: int,
+    steps: int,
+    compiled: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train ``steps`` steps in one layout; returns its timing row and final raw weights."""
     cfg.train.data_workers = workers
+    cfg.train.compile = compiled
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -68,9 +81,10 @@ def time_layout(
     first, last = metrics[0], metrics[-1]
     steady = (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
     row = {
-        "layout": f"{threads}x{workers}",
+        "layout": f"{threads}x{workers}" + ("c" if compiled else ""),
         "threads": threads,
         "data_workers": workers,
+        "compile": compiled,
         "steps": last["step"],
         "wall_s": last["elapsed_s"],
         "steps_per_s": steady,
@@ -88,7 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--layouts", type=_layout, nargs="+", default=[(1, 0), (2, 0), (1, 1), (1, 2)]
+        "--layouts",
+        type=_layout,
+        nargs="+",
+        default=[(1, 0, False), (2, 0, False), (1, 1, False), (1, 2, False), (1, 1, True)],
     )
     parser.add_argument("--json", default=str(ROOT / "runs/benchmark_teacher_training.json"))
     args = parser.parse_args(argv)
@@ -102,13 +119,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data = torch.as_tensor(load_positions(args.data, system=cfg.system))
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    reference = None
+    reference: dict[bool, dict[str, torch.Tensor]] = {}  # first weights, eager and compiled
     for repeat in range(args.repeats):
-        for threads, workers in args.layouts:
-            row, state = time_layout(cfg, data, shape, threads, workers, args.steps)
-            if reference is None:
-                reference = state
-            row["same_weights"] = all(torch.equal(v, reference[k]) for k, v in state.items())
+        for threads, workers, compiled in args.layouts:
+            row, state = time_layout(cfg, data, shape, threads, workers, args.steps, compiled)
+            first = reference.setdefault(compiled, state)
+            row["same_weights"] = all(torch.equal(v, first[k]) for k, v in state.items())
             runs.setdefault(row["layout"], []).append(row)
             print(
                 f"  [{repeat + 1}/{args.repeats}] {row['layout']}: "
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"\n{cfg.system} teacher training, {args.steps} steps x {args.repeats} repeats, "
         f"batch {cfg.train.batch_size}"
     )
-    print("| threads x workers | steps/s (median) | runs | speed-up | same weights |")
+    print("| threads x workers (c: compiled) | steps/s (median) | runs | speed-up | same weights |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(

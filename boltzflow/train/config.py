@@ -46,7 +46,10 @@ class TrainConfig:
     to ``lr * min_lr_ratio`` at ``steps``; gradients clipped to norm ``grad_clip`` (0 disables);
     EMA of the weights with decay ``ema_decay``. ``data_workers``: background processes that
     build minibatches ahead (losses whose batches depend on the step alone, e.g. the teacher's
-    OT couplings); it changes the speed, never the result.
+    OT couplings); it changes the speed, never the result. ``compile``: run the loss of such
+    batches through ``torch.compile`` (inductor; needs a C++ compiler on CPU): about 1.4x faster
+    forward and backward passes for the small DW4 EGNN on one CPU thread, at the price of a
+    compilation of about a minute and float rounding that differs from the eager run.
     """
 
     steps: int = 10_000
@@ -63,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     device: str = "cpu"
     data_workers: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):

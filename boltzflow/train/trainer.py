@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -86,10 +87,14 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in model.state_dict().items():
-            if value.is_floating_point():
-                self.shadow[key].mul_(d).add_(value.detach(), alpha=1 - d)
-            else:
+        state = model.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        if floats:  # one fused call per operation instead of two per tensor
+            shadow = [self.shadow[k] for k in floats]
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(shadow, [state[k].detach() for k in floats], alpha=1 - d)
+        for key, value in state.items():
+            if not value.is_floating_point():
                 self.shadow[key].copy_(value)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -146,6 +151,13 @@ class Trainer:
             raise ValueError("train.device is 'cuda' but CUDA is not available")
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
+        if config.compile and not isinstance(loss_fn, BatchedLoss):
+            raise ValueError(
+                "train.compile needs a loss whose batches are built ahead (a BatchedLoss, "
+                "such as the teacher's); this model's loss draws its batches inside the step"
+            )
+        if config.compile and self.device.type == "cpu" and not _cpp_compiler():
+            raise ValueError("train.compile on CPU needs a C++ compiler on PATH (g++, or $CXX)")
         self.out_dir = Path(out_dir)
         self.model_kind = model_kind
         self.model_config = model_config
@@ -294,12 +306,15 @@ class Trainer:
             if isinstance(self.loss_fn, BatchedLoss)
             else nullcontext(None)
         )
+        batch_loss = getattr(self.loss_fn, "batch_loss", None)
+        if cfg.compile:
+            batch_loss = torch.compile(batch_loss)
         with bar, stream as batches:  # closing the stream stops its workers
             while self.step < end:
                 if batches is None:
                     out = self.loss_fn(self.model, self.generator, self.step)
                 else:
-                    out = self.loss_fn.batch_loss(self.model, next(batches))
+                    out = batch_loss(self.model, next(batches))
                 loss, more = out if isinstance(out, tuple) else (out, {})
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -356,6 +371,11 @@ def _result_keys(cfg: Any) -> Any:
     if not isinstance(cfg, dict):
         return cfg
     return {k: _result_keys(v) for k, v in cfg.items() if k not in _RESULT_NEUTRAL}
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call, if there is one."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
 def _asdict(cfg: Any) -> dict[str, Any]:
