@@ -1,8 +1,8 @@
-"""DW4 teacher to quality, end to end (slow: ~20 min training on 2 cores (one thread plus one batch
-worker) + ~15 min exact-likelihood evaluation on one thread).
+"""DW4 teacher to quality, end to end (slow: ~19 min training on 2 cores (one thread plus one batch
+worker, compiled loss) + ~20 min exact-likelihood evaluation on one thread).
 
 Reproduces `workflows/train_dw4_teacher.py` with `workflows/configs/teacher_dw4.toml` (EGNN 3 x 64,
-equivariant-OT flow matching, 35,000 steps, seed 0) on the public EFM DW4 train split, then
+equivariant-OT flow matching, 40,000 steps, seed 0) on the public EFM DW4 train split, then
 samples N = 10,000 with exact-trace dopri5 likelihoods and scores the 10,000-point val split.
 Thresholds from the issue: ESS/N >= 0.8 (EFM paper, Table 1: 0.88-0.92) and NLL within 0.3 nats
 of the target's entropy H = log Z + <u> (on the 6-dim mean-free subspace, H ~ 7.15).
