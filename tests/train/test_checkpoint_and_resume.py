@@ -8,6 +8,7 @@ import multiprocessing
 
 import pytest
 import torch
+from tiny_teacher import SHAPE, tiny_config, tiny_data
 
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.train.checkpoint import (
@@ -111,38 +112,12 @@ def test_ema_update_rule():
     assert float(ema.shadow["weight"]) == pytest.approx(1 - d)
 
 
-SHAPE = SystemShape(dim=8, n_particles=4, spatial_dim=2, mean_free=True)
-
-
-def _config(steps: int = 8) -> TeacherConfig:
-    return TeacherConfig.from_dict(
-        {
-            "model": {"backbone": "egnn", "hidden": 8, "layers": 1},
-            "train": {
-                "steps": steps,
-                "batch_size": 16,
-                "warmup_steps": 2,
-                "log_every": 2,
-                "checkpoint_every": 4,
-                "seed": 7,
-            },
-            "sample": {"method": "rk4", "steps": 4, "batch_size": 16},
-        }
-    )
-
-
-def _data() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    base = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]).reshape(1, 8)
-    return base + 0.3 * torch.randn(200, 8, generator=gen)
-
-
 def _state(path):
     return load_checkpoint(path / "checkpoint.pt", kind="training")
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
-    data, cfg = _data(), _config()
+    data, cfg = tiny_data(), tiny_config()
     train_teacher(cfg, data, tmp_path / "full", SHAPE, progress=False)
     train_teacher(cfg, data, tmp_path / "split", SHAPE, progress=False, stop_at=4)
     assert _state(tmp_path / "split")["step"] == 4
@@ -168,21 +143,21 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_resume_with_changed_config_names_the_key(tmp_path):
-    data = _data()
-    train_teacher(_config(), data, tmp_path, SHAPE, progress=False, stop_at=2)
-    changed = _config()
+    data = tiny_data()
+    train_teacher(tiny_config(), data, tmp_path, SHAPE, progress=False, stop_at=2)
+    changed = tiny_config()
     changed.train.lr = 1e-3
     with pytest.raises(ValueError, match=r"train\.lr"):
         train_teacher(changed, data, tmp_path, SHAPE, progress=False)
 
 
 def test_corrupt_training_checkpoint_gives_a_clear_error(tmp_path):
-    data = _data()
-    train_teacher(_config(), data, tmp_path, SHAPE, progress=False, stop_at=2)
+    data = tiny_data()
+    train_teacher(tiny_config(), data, tmp_path, SHAPE, progress=False, stop_at=2)
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated"):
-        train_teacher(_config(), data, tmp_path, SHAPE, progress=False)
+        train_teacher(tiny_config(), data, tmp_path, SHAPE, progress=False)
 
 
 def test_trainer_rejects_non_finite_loss(tmp_path):
@@ -233,7 +208,7 @@ def test_teacher_learns_a_gaussian(tmp_path):
 def test_background_workers_change_nothing_but_speed(tmp_path):
     """Batches built by worker processes are the batches the loop would build itself, also
     across a resume that changes the number of workers."""
-    data, cfg = _data(), _config()
+    data, cfg = tiny_data(), tiny_config()
     train_teacher(cfg, data, tmp_path / "inline", SHAPE, progress=False)
     cfg.train.data_workers = 1
     train_teacher(cfg, data, tmp_path / "split", SHAPE, progress=False, stop_at=4)
