@@ -49,7 +49,8 @@ class TrainConfig:
     OT couplings); it changes the speed, never the result. ``compile``: run the loss of such
     batches through ``torch.compile`` (inductor; needs a C++ compiler on CPU): about 1.4x faster
     forward and backward passes for the small DW4 EGNN on one CPU thread, at the price of a
-    compilation of about a minute and float rounding that differs from the eager run.
+    compilation of tens of seconds (up to a minute with a cold cache) and float rounding that
+    differs from the eager run.
     """
 
     steps: int = 10_000
