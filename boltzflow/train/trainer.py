@@ -82,20 +82,21 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.updates = 0
+        # averaged in one foreach call per operation; integer buffers (counters) are copied
+        self._floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        self._others = [k for k in self.shadow if k not in self._floats]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         state = model.state_dict()
-        floats = [k for k, v in state.items() if v.is_floating_point()]
-        if floats:  # one fused call per operation instead of two per tensor
-            shadow = [self.shadow[k] for k in floats]
+        if self._floats:
+            shadow = [self.shadow[k] for k in self._floats]
             torch._foreach_mul_(shadow, d)
-            torch._foreach_add_(shadow, [state[k].detach() for k in floats], alpha=1 - d)
-        for key, value in state.items():
-            if not value.is_floating_point():
-                self.shadow[key].copy_(value)
+            torch._foreach_add_(shadow, [state[k].detach() for k in self._floats], alpha=1 - d)
+        for key in self._others:
+            self.shadow[key].copy_(state[key])
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.shadow
@@ -301,14 +302,12 @@ class Trainer:
             desc=self.model_kind,
             dynamic_ncols=True,
         )
-        stream = (
-            step_batches(self.loss_fn.make_batch, self.step, end, cfg.data_workers)
-            if isinstance(self.loss_fn, BatchedLoss)
-            else nullcontext(None)
-        )
-        batch_loss = getattr(self.loss_fn, "batch_loss", None)
-        if cfg.compile:
-            batch_loss = torch.compile(batch_loss)
+        stream, batch_loss = nullcontext(None), None
+        if isinstance(self.loss_fn, BatchedLoss):
+            stream = step_batches(self.loss_fn.make_batch, self.step, end, cfg.data_workers)
+            batch_loss = self.loss_fn.batch_loss
+            if cfg.compile:  # the constructor allows compile only here
+                batch_loss = torch.compile(batch_loss)
         with bar, stream as batches:  # closing the stream stops its workers
             while self.step < end:
                 if batches is None:
