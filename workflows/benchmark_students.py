@@ -14,7 +14,8 @@ student and baseline at 1, 2, 4 and 8 steps it reports
 - NLL = -mean log q on reference data (the model's own ``log_prob`` at the same steps; for the
   Euler baselines a backward Euler estimate, see :mod:`boltzflow.distill.baselines`);
 - |log q - log q_teacher| at the model's own samples (median and mean over ``--n-check``
-  samples), the teacher's exact log q from its adaptive backward solve;
+  samples), the teacher's exact log q from its adaptive backward solve; and the median of
+  the same error when the model's ``log_prob`` scores those points (data -> noise);
 - FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps
   (students and baselines; the teacher is too slow for it), printed below the table.
@@ -46,7 +47,7 @@ from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.systems import load_system
-from boltzflow.workflow.benchmark import benchmark_table, weighted_metrics
+from boltzflow.workflow.benchmark import benchmark_table, logq_errors, weighted_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dem" / "val_split_DW4.npy"
@@ -80,7 +81,7 @@ def _evaluate(
     nll = float(-model.log_prob(val, steps, batch_size=args.batch).double().mean())
     check = x[: args.n_check]
     ref = _teacher_logq(teacher, check, args)
-    err = (log_q[: args.n_check].double() - ref.double()).abs()
+    errors = logq_errors(model, steps, check, log_q[: args.n_check], ref, batch_size=args.batch)
     kind = getattr(model, "student_kind", "?")
     logq_kind = LOGQ_KIND.get(kind, kind)
     if kind == "euler":
@@ -111,8 +112,7 @@ def _evaluate(
         non_finite_weights=n_bad,
         energy_w2=w2,
         nll=nll,
-        logq_err_median=float(err.median()),
-        logq_err_mean=float(err.mean()),
+        **errors,
         **extra,
     )
 
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             nll=float(-lp.log_q.double().mean()),
             logq_err_median=0.0,
             logq_err_mean=0.0,
+            logq_err_score_median=0.0,
         )
     )
     print(f"teacher: ESS/N {ess:.4f}, {args.n / out.seconds:.1f} samples/s", flush=True)

@@ -1,0 +1,55 @@
+"""The benchmark's log q errors (sampler and scoring directions) and its markdown table."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from boltzflow.workflow.benchmark import benchmark_table, logq_errors
+
+
+class _OffsetScorer:
+    """Scores points as the reference plus a fixed per-point offset (known errors)."""
+
+    def __init__(self, ref: torch.Tensor, offset: torch.Tensor) -> None:
+        self.ref, self.offset = ref, offset
+
+    def log_prob(self, x: torch.Tensor, steps: int | None, *, batch_size: int) -> torch.Tensor:
+        assert steps == 4 and batch_size == 8 and x.shape == (5, 2)
+        return self.ref + self.offset
+
+
+def test_logq_errors_both_directions_and_non_finite_points_dropped():
+    ref = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+    x = torch.zeros(5, 2)
+    log_q = ref + torch.tensor([0.1, -0.3, 0.2, float("nan"), -0.5])
+    model = _OffsetScorer(ref, torch.tensor([0.0, 0.05, -0.01, 0.02, float("inf")]))
+    out = logq_errors(model, 4, x, log_q.float(), ref, batch_size=8)
+    # |errors| 0.1, 0.3, 0.2, 0.5 (NaN dropped): torch's median is the lower middle value
+    assert math.isclose(out["logq_err_median"], 0.2, abs_tol=1e-6)
+    assert math.isclose(out["logq_err_mean"], 0.275, abs_tol=1e-6)
+    # scored: 0, 0.05, 0.01, 0.02 (inf dropped)
+    assert math.isclose(out["logq_err_score_median"], 0.01, abs_tol=1e-6)
+
+
+def test_table_shows_dash_where_a_row_lacks_the_scored_error():
+    base = {
+        "steps": 4,
+        "log_q": "head",
+        "nfe_per_sample": 4,
+        "samples_per_s": 100.0,
+        "ess_fraction": 0.5,
+        "energy_w2": 0.1,
+        "nll": 7.0,
+        "logq_err_median": 0.2,
+        "logq_err_mean": 0.3,
+    }
+    rows = [
+        {"model": "teacher", **base, "logq_err_score_median": 0.0},
+        {"model": "old", **base, "samples_per_s": 5000.0},
+    ]
+    lines = benchmark_table(rows).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 14
+    assert "| 0.200 | 0.300 | 0.000 | - |" in lines[2]
+    assert "| 50x |" in lines[3] and "| 0.200 | 0.300 | - | - |" in lines[3]
