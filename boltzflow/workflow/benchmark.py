@@ -87,15 +87,18 @@ def logq_errors(
         ``logq_err_score_median`` for ``model.log_prob`` scoring the same points (data -> noise).
     """
     ref = ref.double().cpu()
-    scored = model.log_prob(x, steps, batch_size=batch_size)
-    out: dict[str, float | None] = {}
-    for key, lq in (("logq_err", log_q), ("logq_err_score", scored)):
+
+    def finite_abs_error(lq: torch.Tensor) -> torch.Tensor:
         err = (lq.detach().double().cpu() - ref).abs()
-        err = err[torch.isfinite(err)]
-        out[f"{key}_median"] = float(err.median()) if len(err) else None
-        if key == "logq_err":
-            out[f"{key}_mean"] = float(err.mean()) if len(err) else None
-    return out
+        return err[torch.isfinite(err)]
+
+    err = finite_abs_error(log_q)
+    scored = finite_abs_error(model.log_prob(x, steps, batch_size=batch_size))
+    return {
+        "logq_err_median": float(err.median()) if len(err) else None,
+        "logq_err_mean": float(err.mean()) if len(err) else None,
+        "logq_err_score_median": float(scored.median()) if len(scored) else None,
+    }
 
 
 def _sync(device: str) -> None:
