@@ -17,8 +17,10 @@ student and baseline at 1, 2, 4 and 8 steps it reports
   samples), the teacher's exact log q from its adaptive backward solve; and the median of
   the same error when the model's ``log_prob`` scores those points (data -> noise);
 - FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
-- the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps
-  (students and baselines; the teacher is too slow for it), printed below the table.
+- the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
+  the students and baselines and (``--teacher-ess-seeds``, on by default) for the teacher on the
+  same prior draws, with each model's ratio to the teacher seed by seed, printed below the
+  table.
 
 Usage (DW4, one thread):
 
@@ -47,7 +49,12 @@ from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.systems import load_system
-from boltzflow.workflow.benchmark import benchmark_table, logq_errors, weighted_metrics
+from boltzflow.workflow.benchmark import (
+    benchmark_table,
+    ess_seed_summary,
+    logq_errors,
+    weighted_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dem" / "val_split_DW4.npy"
@@ -141,6 +148,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="extra sampling seeds for the spread of ESS/N at --ess-steps (0: none)",
     )
     parser.add_argument("--ess-steps", type=int, default=4, help="steps for --ess-seeds")
+    parser.add_argument(
+        "--no-teacher-ess-seeds",
+        dest="teacher_ess_seeds",
+        action="store_false",
+        help="skip the teacher on the extra seeds (each costs a full teacher sampling run)",
+    )
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
@@ -161,6 +174,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = teacher.sample_with_stats(args.n, seed=args.seed, batch_size=args.teacher_batch)
     ess, w2, n_bad = weighted_metrics(system, out.x, out.log_q, u_ref)
     lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
+    teacher_extra: dict[str, Any] = {}
+    if args.ess_seeds and args.teacher_ess_seeds:
+        more = [ess]
+        for k in range(1, args.ess_seeds + 1):
+            outk = teacher.sample_with_stats(
+                args.n, seed=args.seed + 1000 * k, batch_size=args.teacher_batch
+            )
+            more.append(weighted_metrics(system, outk.x, outk.log_q, u_ref)[0])
+        teacher_extra["ess_fraction_seeds"] = more
     rows.append(
         _row(
             "teacher",
@@ -177,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logq_err_median=0.0,
             logq_err_mean=0.0,
             logq_err_score_median=0.0,
+            **teacher_extra,
         )
     )
     print(f"teacher: ESS/N {ess:.4f}, {args.n / out.seconds:.1f} samples/s", flush=True)
@@ -204,14 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     system.close()
     text = benchmark_table(rows)
-    spread = [
-        f"{r['model']} K={r['steps']}: " + ", ".join(f"{e:.3f}" for e in r["ess_fraction_seeds"])
-        for r in rows
-        if "ess_fraction_seeds" in r
-    ]
+    spread = ess_seed_summary(rows)
     if spread:
         text += f"\n\nESS/N over {args.ess_seeds + 1} sampling seeds (N = {args.n} each):\n"
-        text += "\n".join(f"- {line}" for line in spread)
+        text += spread
     print()
     print(
         f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "

@@ -42,7 +42,13 @@ from boltzflow.workflow.stages import (
     teacher_sampling,
 )
 
-__all__ = ["benchmark_table", "logq_errors", "run_benchmark_stage", "weighted_metrics"]
+__all__ = [
+    "benchmark_table",
+    "ess_seed_summary",
+    "logq_errors",
+    "run_benchmark_stage",
+    "weighted_metrics",
+]
 
 
 def weighted_metrics(
@@ -136,6 +142,31 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
             f"| {f(r['logq_err_median'], '.3f')} | {f(r['logq_err_mean'], '.3f')} "
             f"| {f(r.get('logq_err_score_median'), '.3f')} | {inv} |"
         )
+    return "\n".join(lines)
+
+
+def ess_seed_summary(rows: list[dict[str, Any]]) -> str:
+    """Markdown list of ESS/N over sampling seeds, one line per row with ``ess_fraction_seeds``.
+
+    When the first row (the teacher) has them too, every other line adds the ratio to the
+    teacher seed by seed (same prior draws) and the ratio of the means over seeds; "" when no
+    row has seeds.
+    """
+    teacher = rows[0].get("ess_fraction_seeds") if rows else None
+    lines = []
+    for i, r in enumerate(rows):
+        seeds = r.get("ess_fraction_seeds")
+        if not seeds:
+            continue
+        line = f"- {r['model']} K={r['steps']}: " + ", ".join(f"{e:.3f}" for e in seeds)
+        line += f" (mean {float(np.mean(seeds)):.3f})"
+        if i > 0 and teacher and len(teacher) == len(seeds):
+            ratios = ", ".join(f"{e / t:.2f}" for e, t in zip(seeds, teacher, strict=True))
+            line += (
+                f"; / teacher, seed by seed: {ratios}; "
+                f"of the means: {float(np.mean(seeds)) / float(np.mean(teacher)):.2f}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from boltzflow.workflow.benchmark import benchmark_table, logq_errors
+from boltzflow.workflow.benchmark import benchmark_table, ess_seed_summary, logq_errors
 
 
 class _OffsetScorer:
@@ -53,3 +53,28 @@ def test_table_shows_dash_where_a_row_lacks_the_scored_error():
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 14
     assert "| 0.200 | 0.300 | 0.000 | - |" in lines[2]
     assert "| 50x |" in lines[3] and "| 0.200 | 0.300 | - | - |" in lines[3]
+
+
+def test_ess_seed_summary_gives_ratios_to_the_teacher_seed_by_seed():
+    rows = [
+        {"model": "teacher", "steps": "dopri5", "ess_fraction_seeds": [0.8, 0.5]},
+        {"model": "f2d2", "steps": 1},
+        {"model": "f2d2", "steps": 4, "ess_fraction_seeds": [0.4, 0.5]},
+    ]
+    lines = ess_seed_summary(rows).splitlines()
+    assert lines[0] == "- teacher K=dopri5: 0.800, 0.500 (mean 0.650)"
+    # 0.4 / 0.8, 0.5 / 0.5, and 0.45 / 0.65
+    assert lines[1] == (
+        "- f2d2 K=4: 0.400, 0.500 (mean 0.450); / teacher, seed by seed: 0.50, 1.00; "
+        "of the means: 0.69"
+    )
+    assert len(lines) == 2
+
+
+def test_ess_seed_summary_without_teacher_seeds_has_no_ratios():
+    rows = [
+        {"model": "teacher", "steps": "dopri5"},
+        {"model": "a", "steps": 4, "ess_fraction_seeds": [0.3]},
+    ]
+    assert ess_seed_summary(rows) == "- a K=4: 0.300 (mean 0.300)"
+    assert ess_seed_summary([]) == ""
