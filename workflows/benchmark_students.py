@@ -19,8 +19,8 @@ student and baseline at 1, 2, 4 and 8 steps it reports
 - FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
   the students and baselines and (``--teacher-ess-seeds``, on by default) for the teacher on the
-  same prior draws, with each model's ratio to the teacher seed by seed, printed below the
-  table.
+  same prior draws, with each model's ratio to the teacher seed by seed and the ESS/N of all
+  the seeds' samples pooled, printed below the table.
 
 Usage (DW4, one thread):
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,27 @@ LOGQ_KIND = {"f2d2": "head", "falcon": "jac", "nf": "exact", "euler": "euler-div
 def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """The teacher's exact log q (adaptive backward solve, exact trace) of given points."""
     return teacher.log_prob(x, batch_size=args.teacher_batch, trace_mode=args.check_trace_mode)
+
+
+def _ess_over_seeds(
+    sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    log_q: torch.Tensor,
+    ess: float,
+    *,
+    system: Any,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """ESS/N at the main seed (``x``, ``log_q``, ``ess`` of the row) and at ``--ess-seeds``
+    further seeds ``seed + 1000 k``, and of all their samples pooled (N times the seeds)."""
+    values, xs, lqs = [ess], [x], [log_q]
+    for k in range(1, args.ess_seeds + 1):
+        xk, lqk = sample(args.seed + 1000 * k)
+        values.append(weighted_metrics(system, xk, lqk, None)[0])
+        xs.append(xk)
+        lqs.append(lqk)
+    pooled = weighted_metrics(system, torch.cat(xs), torch.cat(lqs), None)[0]
+    return {"ess_fraction_seeds": values, "ess_fraction_pooled": pooled}
 
 
 def _row(name: str, steps: Any, logq_kind: str, **values: Any) -> dict[str, Any]:
@@ -95,11 +117,16 @@ def _evaluate(
         logq_kind = "euler-div" if model.logdet == "euler" else "jac"
     extra: dict[str, Any] = {}
     if args.ess_seeds and steps in (args.ess_steps, None):
-        more = [ess]
-        for k in range(1, args.ess_seeds + 1):
-            xk, lqk = model.sample(args.n, steps, seed=args.seed + 1000 * k, batch_size=args.batch)
-            more.append(weighted_metrics(system, xk, lqk, u_ref)[0])
-        extra["ess_fraction_seeds"] = more
+        extra.update(
+            _ess_over_seeds(
+                lambda seed: model.sample(args.n, steps, seed=seed, batch_size=args.batch),
+                x,
+                log_q,
+                ess,
+                system=system,
+                args=args,
+            )
+        )
     if kind == "falcon":
         p = model._param()
         z = model.prior.sample(
@@ -176,13 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
     teacher_extra: dict[str, Any] = {}
     if args.ess_seeds and args.teacher_ess_seeds:
-        more = [ess]
-        for k in range(1, args.ess_seeds + 1):
-            outk = teacher.sample_with_stats(
-                args.n, seed=args.seed + 1000 * k, batch_size=args.teacher_batch
-            )
-            more.append(weighted_metrics(system, outk.x, outk.log_q, u_ref)[0])
-        teacher_extra["ess_fraction_seeds"] = more
+        teacher_extra = _ess_over_seeds(
+            lambda seed: teacher.sample(args.n, seed=seed, batch_size=args.teacher_batch),
+            out.x,
+            out.log_q,
+            ess,
+            system=system,
+            args=args,
+        )
     rows.append(
         _row(
             "teacher",

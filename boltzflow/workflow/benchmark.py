@@ -148,9 +148,10 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
 def ess_seed_summary(rows: list[dict[str, Any]]) -> str:
     """Markdown list of ESS/N over sampling seeds, one line per row with ``ess_fraction_seeds``.
 
-    When the first row (the teacher) has them too, every other line adds the ratio to the
-    teacher seed by seed (same prior draws) and the ratio of the means over seeds; "" when no
-    row has seeds.
+    With ``ess_fraction_pooled`` (ESS/N of all the seeds' samples together) it is shown beside
+    the mean. When the first row (the teacher) has seeds too, every other line adds the ratio to
+    the teacher seed by seed (same prior draws), of the means and of the pooled values; "" when
+    no row has seeds.
     """
     teacher = rows[0].get("ess_fraction_seeds") if rows else None
     lines = []
@@ -159,13 +160,18 @@ def ess_seed_summary(rows: list[dict[str, Any]]) -> str:
         if not seeds:
             continue
         line = f"- {r['model']} K={r['steps']}: " + ", ".join(f"{e:.3f}" for e in seeds)
-        line += f" (mean {float(np.mean(seeds)):.3f})"
+        line += f" (mean {float(np.mean(seeds)):.3f}"
+        pooled = r.get("ess_fraction_pooled")
+        line += f"; pooled {pooled:.3f})" if pooled is not None else ")"
         if i > 0 and teacher and len(teacher) == len(seeds):
             ratios = ", ".join(f"{e / t:.2f}" for e, t in zip(seeds, teacher, strict=True))
             line += (
                 f"; / teacher, seed by seed: {ratios}; "
                 f"of the means: {float(np.mean(seeds)) / float(np.mean(teacher)):.2f}"
             )
+            t_pooled = rows[0].get("ess_fraction_pooled")
+            if pooled is not None and t_pooled:
+                line += f"; pooled: {pooled / t_pooled:.2f}"
         lines.append(line)
     return "\n".join(lines)
 

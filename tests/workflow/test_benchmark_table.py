@@ -57,16 +57,26 @@ def test_table_shows_dash_where_a_row_lacks_the_scored_error():
 
 def test_ess_seed_summary_gives_ratios_to_the_teacher_seed_by_seed():
     rows = [
-        {"model": "teacher", "steps": "dopri5", "ess_fraction_seeds": [0.8, 0.5]},
+        {
+            "model": "teacher",
+            "steps": "dopri5",
+            "ess_fraction_seeds": [0.8, 0.5],
+            "ess_fraction_pooled": 0.6,
+        },
         {"model": "f2d2", "steps": 1},
-        {"model": "f2d2", "steps": 4, "ess_fraction_seeds": [0.4, 0.5]},
+        {
+            "model": "f2d2",
+            "steps": 4,
+            "ess_fraction_seeds": [0.4, 0.5],
+            "ess_fraction_pooled": 0.3,
+        },
     ]
     lines = ess_seed_summary(rows).splitlines()
-    assert lines[0] == "- teacher K=dopri5: 0.800, 0.500 (mean 0.650)"
-    # 0.4 / 0.8, 0.5 / 0.5, and 0.45 / 0.65
+    assert lines[0] == "- teacher K=dopri5: 0.800, 0.500 (mean 0.650; pooled 0.600)"
+    # 0.4 / 0.8, 0.5 / 0.5; 0.45 / 0.65; 0.3 / 0.6
     assert lines[1] == (
-        "- f2d2 K=4: 0.400, 0.500 (mean 0.450); / teacher, seed by seed: 0.50, 1.00; "
-        "of the means: 0.69"
+        "- f2d2 K=4: 0.400, 0.500 (mean 0.450; pooled 0.300); / teacher, seed by seed: "
+        "0.50, 1.00; of the means: 0.69; pooled: 0.50"
     )
     assert len(lines) == 2
 
