@@ -18,7 +18,7 @@ student and baseline at 1, 2, 4 and 8 steps it reports
   the same error when the model's ``log_prob`` scores those points (data -> noise);
 - FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
-  the students and baselines and (``--teacher-ess-seeds``, on by default) for the teacher on the
+  the students and baselines and (unless ``--no-teacher-ess-seeds``) for the teacher on the
   same prior draws, with each model's ratio to the teacher seed by seed and the ESS/N of all
   the seeds' samples pooled, printed below the table.
 
@@ -49,6 +49,8 @@ from boltzflow.distill import EulerBaseline, load_student
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
+from boltzflow.sampling.analysis import compute_energies
+from boltzflow.sampling.weights import ess_fraction, log_weights
 from boltzflow.systems import load_system
 from boltzflow.workflow.benchmark import (
     benchmark_table,
@@ -77,15 +79,16 @@ def _ess_over_seeds(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """ESS/N at the main seed (``x``, ``log_q``, ``ess`` of the row) and at ``--ess-seeds``
-    further seeds ``seed + 1000 k``, and of all their samples pooled (N times the seeds)."""
-    values, xs, lqs = [ess], [x], [log_q]
-    for k in range(1, args.ess_seeds + 1):
-        xk, lqk = sample(args.seed + 1000 * k)
-        values.append(weighted_metrics(system, xk, lqk, None)[0])
-        xs.append(xk)
-        lqs.append(lqk)
-    pooled = weighted_metrics(system, torch.cat(xs), torch.cat(lqs), None)[0]
-    return {"ess_fraction_seeds": values, "ess_fraction_pooled": pooled}
+    further seeds ``seed + 1000 k``, and of all their samples pooled (N times the seeds); each
+    sample's energy is evaluated once."""
+
+    def log_w(xs: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        return log_weights(compute_energies(system, xs.detach().cpu()), lq.detach().cpu().double())
+
+    parts = [log_w(x, log_q)]
+    parts += [log_w(*sample(args.seed + 1000 * k)) for k in range(1, args.ess_seeds + 1)]
+    values = [ess] + [ess_fraction(lw) for lw in parts[1:]]
+    return {"ess_fraction_seeds": values, "ess_fraction_pooled": ess_fraction(torch.cat(parts))}
 
 
 def _row(name: str, steps: Any, logq_kind: str, **values: Any) -> dict[str, Any]:
