@@ -25,7 +25,10 @@ Losses (combined in :mod:`boltzflow.distill.train_students`):
   written for the start point): X(x_s, s, t) does not change along the flow in s, which gives
   u(x, s, t) = v(s, x) + (t - s) (d/ds) u(x_s, s, t), d/ds = dt_s + v . grad_x, the right side a
   stop-gradient target from one forward-mode product;
-- invertibility: |x - X(X(x, s, t), t, s)|^2.
+- invertibility: |x - X(X(x, s, t), t, s)|^2;
+- optional, beyond the paper's recipe (``loss.logdet``, off by default): on exact teacher jumps,
+  the map's own log|det dX/dx| against the teacher's log-density change, the likelihood
+  supervision that F2D2 gives its divergence head, applied here to the exact Jacobian.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "FALCON",
     "falcon_diagonal_loss",
     "falcon_inverse_loss",
+    "falcon_logdet_pair_loss",
     "falcon_meanflow_loss",
     "falcon_pair_loss",
 ]
@@ -159,3 +163,14 @@ def falcon_pair_loss(model: FALCON, x_s: Tensor, s: Tensor, x_t: Tensor, t: Tens
     """Exact jumps read off teacher trajectories: ``|u(x_s, s, t) - (x_t - x_s)/(t - s)|^2``."""
     target = (x_t - x_s) / (t - s)[:, None]
     return (model(x_s, s, t) - target).pow(2).sum(-1).mean()
+
+
+def falcon_logdet_pair_loss(
+    model: FALCON, x_s: Tensor, s: Tensor, t: Tensor, delta_logp: Tensor
+) -> Tensor:
+    """Exact teacher jumps in log density: ``(log|det dX(x_s, s, t)/dx| + delta_logp)^2`` in
+    nats^2, with ``delta_logp (B,) = log p_t(x_t) - log p_s(x_s)`` along the teacher's flow (a
+    flow map moves log density by minus its log-determinant). Differentiates through the full
+    Jacobian of every sample (``event_dim`` reverse-mode products)."""
+    _, ladj = model.jump_with_logdet(x_s, s, t)
+    return (ladj + delta_logp).pow(2).mean()

@@ -20,7 +20,8 @@ Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
     [student]   default_steps, init_from_teacher, signed (FALCON), init_from
     [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
     [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
-                div_weight, dyadic_fraction, target ("teacher" | "data")
+                logdet (FALCON, optional), div_weight, dyadic_fraction, aligned_steps,
+                target ("teacher" | "data")
     [trajectories]  n, grid, atol, rtol, batch_size, seed
     [train]     boltzflow.train.config.TrainConfig
 """
@@ -47,6 +48,7 @@ from boltzflow.distill.falcon import (
     FALCON,
     falcon_diagonal_loss,
     falcon_inverse_loss,
+    falcon_logdet_pair_loss,
     falcon_meanflow_loss,
     falcon_pair_loss,
 )
@@ -106,21 +108,26 @@ class LossConfig:
     """Loss weights. F2D2 uses ``diagonal``, ``pairs``, ``semigroup`` (``div_weight`` scales the
     divergence parts); FALCON uses ``diagonal`` (flow matching), ``pairs``, ``meanflow``,
     ``inverse``, with MeanFlow's adaptive weighting power ``meanflow_adaptive_power`` (0: plain
-    MSE). ``dyadic_fraction`` of the pairs are the aligned jumps used at 1, 2, 4, ...
-    steps, the rest any two grid times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
+    MSE), and optionally ``logdet`` (its exact step log-determinants against the teacher's
+    log-density change on the same jumps as ``pairs``; 0, off, by default).
+    ``dyadic_fraction`` of the pairs are aligned jumps, those used at 1, 2, 4, ... steps (or
+    only at the step counts listed in ``aligned_steps``, e.g. ``[4]``), the rest any two grid
+    times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
 
     diagonal: float = 1.0
     pairs: float = 1.0
     semigroup: float = 1.0
     meanflow: float = 1.0
     inverse: float = 1.0
+    logdet: float = 0.0
     div_weight: float = 1.0
     meanflow_adaptive_power: float = 1.0
     dyadic_fraction: float = 0.5
+    aligned_steps: list[int] = field(default_factory=list)
     target: str = "teacher"
 
     def __post_init__(self) -> None:
-        names = ("diagonal", "pairs", "semigroup", "meanflow", "inverse", "div_weight")
+        names = ("diagonal", "pairs", "semigroup", "meanflow", "inverse", "logdet", "div_weight")
         for name in (*names, "meanflow_adaptive_power"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -128,6 +135,10 @@ class LossConfig:
             raise ValueError(f"loss.dyadic_fraction must be in [0, 1], got {self.dyadic_fraction}")
         if self.target not in ("teacher", "data"):
             raise ValueError(f"loss.target must be 'teacher' or 'data', got {self.target!r}")
+        self.aligned_steps = [int(k) for k in self.aligned_steps]
+        for k in self.aligned_steps:
+            if k < 1 or k & (k - 1):
+                raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")
 
 
 @dataclass
@@ -167,6 +178,17 @@ class StudentConfig:
             raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
         if self.method == "f2d2" and self.loss.target != "teacher":
             raise ValueError("F2D2 needs the teacher's divergence: loss.target must be 'teacher'")
+        grid = self.trajectories.grid
+        if any(k > grid for k in self.loss.aligned_steps):
+            raise ValueError(
+                f"loss.aligned_steps {self.loss.aligned_steps} has step counts beyond the "
+                f"trajectory grid of {grid} intervals"
+            )
+        if self.method != "falcon" and self.loss.logdet:
+            raise ValueError(
+                f"loss.logdet trains FALCON's exact log-determinants; method {self.method!r} "
+                "does not use it: set it to 0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,11 +243,18 @@ def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None
 
 
 # -- minibatches ---------------------------------------------------------------------------------
-def _draw_pairs(gen: torch.Generator, b: int, grid: int, dyadic_fraction: float) -> tuple:
-    """Grid index pairs ``(i0, i1)``, ``i0 != i1``, half of them backward."""
-    levels = grid.bit_length() - 1  # grid = 2**levels
-    lvl = torch.randint(0, levels + 1, (b,), generator=gen)
-    span = 2**lvl
+def _draw_pairs(
+    gen: torch.Generator,
+    b: int,
+    grid: int,
+    dyadic_fraction: float,
+    aligned_steps: list[int] | None = None,
+) -> tuple:
+    """Grid index pairs ``(i0, i1)``, ``i0 != i1``, half of them backward; the aligned ones are
+    the jumps of ``aligned_steps`` step sampling (default: 1, 2, 4, ..., ``grid`` steps)."""
+    # default order grid, grid / 2, ..., 1 steps: draw k gives span 2**k, as in earlier runs
+    steps = torch.tensor(aligned_steps or [grid >> k for k in range(grid.bit_length())])
+    span = grid // steps[torch.randint(0, len(steps), (b,), generator=gen)]
     start = (torch.rand(b, generator=gen) * (grid // span)).long() * span
     i0, i1 = start, start + span
     a = torch.randint(0, grid + 1, (b,), generator=gen)
@@ -255,17 +284,18 @@ def student_loss(
     else:
         if data is None:
             raise ValueError("loss.target = 'data' needs training data")
-        if lc.pairs > 0:
-            raise ValueError(
-                "loss.pairs needs teacher trajectories; set it to 0 with target='data'"
-            )
+        for name in ("pairs", "logdet"):
+            if getattr(lc, name) > 0:
+                raise ValueError(
+                    f"loss.{name} needs teacher trajectories; set it to 0 with target='data'"
+                )
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
 
     def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
         idx = torch.randint(len(tr), (b,), generator=gen)
-        i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction)
+        i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction, lc.aligned_steps)
         k = torch.randint(0, grid + 1, (b,), generator=gen)
         cast = {"dtype": p.dtype, "device": p.device}
         return {
@@ -342,6 +372,9 @@ def student_loss(
         if lc.inverse:
             val = falcon_inverse_loss(net, bt["x_s"], bt["s"], bt["t"])
             total, parts["inverse"] = total + lc.inverse * val, float(val.detach())
+        if lc.logdet:
+            val = falcon_logdet_pair_loss(net, bt["x_s"], bt["s"], bt["t"], bt["dlogp"])
+            total, parts["logdet"] = total + lc.logdet * val, float(val.detach())
         return total, parts
 
     return loss

@@ -17,6 +17,7 @@ from boltzflow.distill.train_students import (
     StudentConfig,
     StudentOptions,
     TrajectoryConfig,
+    _draw_pairs,
     build_student,
     load_student_config,
     train_student,
@@ -176,3 +177,33 @@ def test_student_backbone_options_replace_the_teachers(toy_teacher: TeacherCNF) 
     assert n_student < sum(p.numel() for p in toy_teacher.parameters())
     with pytest.raises(ValueError, match="init_from_teacher = false"):
         StudentOptions(backbone={"hidden": 8})
+
+
+def test_falcon_logdet_loss_and_aligned_steps(toy_teacher: TeacherCNF, tmp_path: Path) -> None:
+    """``loss.logdet`` trains the map's exact step log-determinants against the teacher's
+    log-density change; ``loss.aligned_steps`` restricts the aligned jumps to those step counts."""
+    cfg = _config("falcon", steps=120)
+    cfg.loss = LossConfig(logdet=1.0, aligned_steps=[2], dyadic_fraction=1.0)
+    train_student(cfg, toy_teacher, tmp_path, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["logdet"] < metrics[0]["logdet"], "log-determinant loss did not decrease"
+
+    g = torch.Generator().manual_seed(0)
+    i0, i1 = _draw_pairs(g, 4000, 16, 1.0, [4])
+    assert ((i1 - i0).abs() == 4).all() and (i0 % 4 == 0).all() and (i1 % 4 == 0).all()
+    assert 0.45 < float((i1 > i0).float().mean()) < 0.55  # both directions
+
+    with pytest.raises(ValueError, match="powers of 2"):
+        LossConfig(aligned_steps=[3])
+    with pytest.raises(ValueError, match="beyond the trajectory grid"):
+        StudentConfig(
+            method="falcon",
+            loss=LossConfig(aligned_steps=[8]),
+            trajectories=TrajectoryConfig(grid=4),
+        )
+    with pytest.raises(ValueError, match=r"loss\.logdet trains FALCON"):
+        StudentConfig(method="f2d2", loss=LossConfig(logdet=1.0))
+    with pytest.raises(ValueError, match=r"loss\.logdet needs teacher trajectories"):
+        bad = _config("falcon", steps=1)
+        bad.loss = LossConfig(pairs=0.0, logdet=1.0, target="data")
+        train_student(bad, toy_teacher, tmp_path / "bad", data=_toy_data(), progress=False)
