@@ -107,16 +107,21 @@ def test_falcon_losses_vanish_on_exact_linear_flow_map() -> None:
     assert float(falcon_logdet_pair_loss(bad, x, s, t, -(t - s) * torch.trace(A))) > 1e-8
 
 
-def test_falcon_logdet_loss_gradient_matches_finite_differences() -> None:
-    # the loss differentiates through vmapped reverse-mode Jacobian rows and slogdet
-    torch.manual_seed(4)
-    model = FALCON.build(
+def _small_egnn_falcon() -> FALCON:
+    """A float64 FALCON on 3 particles in 2-D (EGNN 2 x 8, mean-free prior)."""
+    return FALCON.build(
         "egnn",
         prior=MeanFreeGaussian(3, 2),
         n_particles=3,
         spatial_dim=2,
         backbone_options={"hidden": 8, "layers": 2},
     ).double()
+
+
+def test_falcon_logdet_loss_gradient_matches_finite_differences() -> None:
+    # the loss differentiates through vmapped reverse-mode Jacobian rows and slogdet
+    torch.manual_seed(4)
+    model = _small_egnn_falcon()
     x = model.prior.sample(6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     s = torch.zeros(6, dtype=torch.float64)
     t = torch.full((6,), 0.5, dtype=torch.float64)
@@ -153,13 +158,7 @@ def test_falcon_log_q_equals_brute_force_jacobian_of_its_composed_map(
     # cpu_rows = 2: the step Jacobians go through in uneven chunks of 2 sample rows
     monkeypatch.setattr("boltzflow.flows.ode.CPU_JACOBIAN_ROWS", cpu_rows)
     torch.manual_seed(1)
-    model = FALCON.build(
-        "egnn",
-        prior=MeanFreeGaussian(3, 2),
-        n_particles=3,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 2},
-    ).double()
+    model = _small_egnn_falcon()
     with torch.no_grad():  # make the map far from the identity
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
