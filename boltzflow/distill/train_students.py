@@ -135,7 +135,13 @@ class LossConfig:
             raise ValueError(f"loss.dyadic_fraction must be in [0, 1], got {self.dyadic_fraction}")
         if self.target not in ("teacher", "data"):
             raise ValueError(f"loss.target must be 'teacher' or 'data', got {self.target!r}")
-        self.aligned_steps = [int(k) for k in self.aligned_steps]
+        if not isinstance(self.aligned_steps, list | tuple) or not all(
+            isinstance(k, int) for k in self.aligned_steps
+        ):
+            raise TypeError(
+                f"loss.aligned_steps must be a list of step counts, got {self.aligned_steps!r}"
+            )
+        self.aligned_steps = list(self.aligned_steps)
         for k in self.aligned_steps:
             if k < 1 or k & (k - 1):
                 raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")

@@ -195,6 +195,8 @@ def test_falcon_logdet_loss_and_aligned_steps(toy_teacher: TeacherCNF, tmp_path:
 
     with pytest.raises(ValueError, match="powers of 2"):
         LossConfig(aligned_steps=[3])
+    with pytest.raises(TypeError, match="list of step counts"):
+        LossConfig(aligned_steps=4)
     with pytest.raises(ValueError, match="beyond the trajectory grid"):
         StudentConfig(
             method="falcon",
