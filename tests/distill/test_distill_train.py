@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,34 @@ def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     wrong = ["distill", str(teacher), "--method", "falcon", "-o", str(tmp_path / "x")]
     assert main([*wrong, "--system", "lj13"]) == 2
     assert "trained for 'dw4', not 'lj13'" in capsys.readouterr().err
+
+
+def test_student_accuracy_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``workflows/student_accuracy.py``: ESS/N over seeds and the log q error with its CI."""
+    teacher = _dw4_like_teacher(tmp_path / "teacher")
+    config = ROOT / "workflows/configs/student_f2d2_dw4.toml"
+    out = tmp_path / "f2d2"
+    args = ["distill", str(teacher), "--method", "f2d2", "-o", str(out)]
+    assert main([*args, "--config", str(config), "--profile", "smoke"]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "student_accuracy", ROOT / "workflows/student_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = tmp_path / "acc.json"
+    common = ["--teacher", str(teacher), "--student", f"s={out}", "--steps", "2", "--n", "64"]
+    module.main([*common, "--seeds", "3", "--dlogq", "40", "--json", str(report)])
+    rows = json.loads(report.read_text())["rows"]
+    assert set(rows) == {"teacher", "s"}
+    for r in rows.values():
+        assert len(r["ess_fraction"]) == 3 and r["seeds"] == [500, 537, 574]
+        assert r["lowest"] <= r["mean"] and 0 < r["pooled"] <= 1 and r["se"] >= 0
+    for key in ("dlogq", "dlogq_scored"):
+        ci = rows["s"][key]
+        assert ci["lo"] <= ci["median"] <= ci["hi"], ci
+    assert "| s |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main([*common, "--student", "no-equals-sign"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
