@@ -138,12 +138,18 @@ def _dw4_like_teacher(folder: Path) -> Path:
     return folder
 
 
-def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _smoke_f2d2(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny DW4-shaped teacher and its F2D2 student from ``boltzflow distill`` (smoke profile)."""
     teacher = _dw4_like_teacher(tmp_path / "teacher")
     config = ROOT / "workflows/configs/student_f2d2_dw4.toml"
     out = tmp_path / "f2d2"
     args = ["distill", str(teacher), "--method", "f2d2", "-o", str(out)]
     assert main([*args, "--config", str(config), "--profile", "smoke"]) == 0
+    return teacher, out
+
+
+def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    teacher, out = _smoke_f2d2(tmp_path)
     assert (out / "student.pt").is_file() and (out / "trajectories.pt").is_file()
     samples = tmp_path / "s.h5"
     assert main(["sample", str(out), "--steps", "2", "-n", "50", "-o", str(samples)]) == 0
@@ -159,11 +165,7 @@ def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_student_accuracy_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``workflows/student_accuracy.py``: ESS/N over seeds and the log q error with its CI."""
-    teacher = _dw4_like_teacher(tmp_path / "teacher")
-    config = ROOT / "workflows/configs/student_f2d2_dw4.toml"
-    out = tmp_path / "f2d2"
-    args = ["distill", str(teacher), "--method", "f2d2", "-o", str(out)]
-    assert main([*args, "--config", str(config), "--profile", "smoke"]) == 0
+    teacher, out = _smoke_f2d2(tmp_path)
     spec = importlib.util.spec_from_file_location(
         "student_accuracy", ROOT / "workflows/student_accuracy.py"
     )
