@@ -49,13 +49,13 @@ from boltzflow.distill import EulerBaseline, load_student
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.sampling.analysis import compute_energies
-from boltzflow.sampling.weights import ess_fraction, log_weights
+from boltzflow.sampling.weights import ess_fraction
 from boltzflow.systems import load_system
 from boltzflow.workflow.benchmark import (
     benchmark_table,
     ess_seed_summary,
     logq_errors,
+    sample_log_weights,
     weighted_metrics,
 )
 
@@ -81,12 +81,9 @@ def _ess_over_seeds(
     """ESS/N at the main seed (``x``, ``log_q``, ``ess`` of the row) and at ``--ess-seeds``
     further seeds ``seed + 1000 k``, and of all their samples pooled (N times the seeds); each
     sample's energy is evaluated once."""
-
-    def log_w(xs: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return log_weights(compute_energies(system, xs.detach().cpu()), lq.detach().cpu().double())
-
-    parts = [log_w(x, log_q)]
-    parts += [log_w(*sample(args.seed + 1000 * k)) for k in range(1, args.ess_seeds + 1)]
+    parts = [sample_log_weights(system, x, log_q)]
+    seeds = [args.seed + 1000 * k for k in range(1, args.ess_seeds + 1)]
+    parts += [sample_log_weights(system, *sample(seed)) for seed in seeds]
     values = [ess] + [ess_fraction(lw) for lw in parts[1:]]
     return {"ess_fraction_seeds": values, "ess_fraction_pooled": ess_fraction(torch.cat(parts))}
 

@@ -32,18 +32,15 @@ from boltzflow.distill import load_student
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.sampling.analysis import compute_energies
 from boltzflow.sampling.estimators import bootstrap_replicates
-from boltzflow.sampling.weights import ess_fraction, log_weights
+from boltzflow.sampling.weights import ess_fraction
 from boltzflow.systems import load_system
+from boltzflow.workflow.benchmark import logq_abs_errors, sample_log_weights
 
 
 def ess_spread(system: Any, sample: Any, seeds: list[int]) -> dict[str, Any]:
     """ESS/N of ``sample(seed) -> (x (N, dim), log_q (N,))`` on each seed, and pooled."""
-    parts = []
-    for seed in seeds:
-        x, log_q = sample(seed)
-        parts.append(log_weights(compute_energies(system, x.detach().cpu()), log_q.double().cpu()))
+    parts = [sample_log_weights(system, *sample(seed)) for seed in seeds]
     values = [ess_fraction(lw) for lw in parts]
     mean = float(np.mean(values))
     se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
@@ -109,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             )
     for key, model in students.items() if args.dlogq else ():
         x, log_q = model.sample(args.dlogq, args.steps, seed=args.dlogq_seed, batch_size=4096)
-        ref = teacher.log_prob(x).double()
+        ref = teacher.log_prob(x)
         with torch.no_grad():
-            scored = model.log_prob(x, args.steps, batch_size=4096).double()
-        rows[key]["dlogq"] = median_ci((log_q.double() - ref).abs().detach().numpy())
-        rows[key]["dlogq_scored"] = median_ci((scored - ref).abs().numpy())
+            err, scored = logq_abs_errors(model, args.steps, x, log_q, ref, batch_size=4096)
+        rows[key]["dlogq"] = median_ci(err.numpy())
+        rows[key]["dlogq_scored"] = median_ci(scored.numpy())
     base = rows.get("teacher", {}).get("mean")
     print(f"{name}: K = {args.steps}, N = {args.n} per seed, seeds {seeds[0]} + {args.stride} j")
     print("| model | ESS/N mean ± s.e. | lowest | pooled | / teacher | median |dlogq| | scored |")

@@ -45,8 +45,10 @@ from boltzflow.workflow.stages import (
 __all__ = [
     "benchmark_table",
     "ess_seed_summary",
+    "logq_abs_errors",
     "logq_errors",
     "run_benchmark_stage",
+    "sample_log_weights",
     "weighted_metrics",
 ]
 
@@ -72,6 +74,36 @@ def weighted_metrics(
     return ess_fraction(log_w), w2, int((~finite).sum())
 
 
+def sample_log_weights(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Log weights ``-u(x) - log q (N,)`` (float64, CPU) of samples ``x (N, dim)``."""
+    from boltzflow.sampling.analysis import compute_energies
+    from boltzflow.sampling.weights import log_weights
+
+    return log_weights(compute_energies(system, x.detach().cpu()), log_q.detach().cpu().double())
+
+
+def logq_abs_errors(
+    model: Any,
+    steps: int | None,
+    x: torch.Tensor,
+    log_q: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite |log q - ref| (nats, float64) for the sampler's ``log_q (B,)`` and for
+    ``model.log_prob`` scoring the same points ``x (B, dim)``; ``ref (B,)`` the teacher's
+    exact log q of ``x``."""
+    ref = ref.detach().double().cpu()
+
+    def finite_abs_error(lq: torch.Tensor) -> torch.Tensor:
+        err = (lq.detach().double().cpu() - ref).abs()
+        return err[torch.isfinite(err)]
+
+    scored = model.log_prob(x, steps, batch_size=batch_size)
+    return finite_abs_error(log_q), finite_abs_error(scored)
+
+
 def logq_errors(
     model: Any,
     steps: int | None,
@@ -92,14 +124,7 @@ def logq_errors(
         ``logq_err_median``/``logq_err_mean`` for the sampler's log q and
         ``logq_err_score_median`` for ``model.log_prob`` scoring the same points (data -> noise).
     """
-    ref = ref.double().cpu()
-
-    def finite_abs_error(lq: torch.Tensor) -> torch.Tensor:
-        err = (lq.detach().double().cpu() - ref).abs()
-        return err[torch.isfinite(err)]
-
-    err = finite_abs_error(log_q)
-    scored = finite_abs_error(model.log_prob(x, steps, batch_size=batch_size))
+    err, scored = logq_abs_errors(model, steps, x, log_q, ref, batch_size=batch_size)
     return {
         "logq_err_median": float(err.median()) if len(err) else None,
         "logq_err_mean": float(err.mean()) if len(err) else None,
