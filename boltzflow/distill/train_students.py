@@ -20,8 +20,8 @@ Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
     [student]   default_steps, init_from_teacher, signed (FALCON), init_from
     [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
     [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
-                logdet (FALCON, optional), div_weight, dyadic_fraction, aligned_steps,
-                target ("teacher" | "data")
+                logdet, energy, energy_steps (FALCON, optional), div_weight,
+                dyadic_fraction, aligned_steps, target ("teacher" | "data")
     [trajectories]  n, grid, atol, rtol, batch_size, seed
     [train]     boltzflow.train.config.TrainConfig
 """
@@ -47,6 +47,7 @@ from boltzflow.distill.f2d2 import (
 from boltzflow.distill.falcon import (
     FALCON,
     falcon_diagonal_loss,
+    falcon_energy_loss,
     falcon_inverse_loss,
     falcon_logdet_pair_loss,
     falcon_meanflow_loss,
@@ -56,6 +57,7 @@ from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
+from boltzflow.systems import load_system
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file
 from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
@@ -109,7 +111,9 @@ class LossConfig:
     divergence parts); FALCON uses ``diagonal`` (flow matching), ``pairs``, ``meanflow``,
     ``inverse``, with MeanFlow's adaptive weighting power ``meanflow_adaptive_power`` (0: plain
     MSE), and optionally ``logdet`` (its exact step log-determinants against the teacher's
-    log-density change on the same jumps as ``pairs``; 0, off, by default).
+    log-density change on the same jumps as ``pairs``; 0, off, by default) and ``energy`` (the
+    reverse KL to the system's Boltzmann density of its ``energy_steps``-step samples, default
+    ``student.default_steps``; needs the system's energy; 0, off, by default).
     ``dyadic_fraction`` of the pairs are aligned jumps, those used at 1, 2, 4, ... steps (or
     only at the step counts listed in ``aligned_steps``, e.g. ``[4]``), the rest any two grid
     times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
@@ -120,6 +124,8 @@ class LossConfig:
     meanflow: float = 1.0
     inverse: float = 1.0
     logdet: float = 0.0
+    energy: float = 0.0
+    energy_steps: int | None = None
     div_weight: float = 1.0
     meanflow_adaptive_power: float = 1.0
     dyadic_fraction: float = 0.5
@@ -127,7 +133,16 @@ class LossConfig:
     target: str = "teacher"
 
     def __post_init__(self) -> None:
-        names = ("diagonal", "pairs", "semigroup", "meanflow", "inverse", "logdet", "div_weight")
+        names = (
+            "diagonal",
+            "pairs",
+            "semigroup",
+            "meanflow",
+            "inverse",
+            "logdet",
+            "energy",
+            "div_weight",
+        )
         for name in (*names, "meanflow_adaptive_power"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -142,6 +157,10 @@ class LossConfig:
                 f"loss.aligned_steps must be a list of step counts, got {self.aligned_steps!r}"
             )
         self.aligned_steps = list(self.aligned_steps)
+        if self.energy_steps is not None and (
+            not isinstance(self.energy_steps, int) or self.energy_steps < 1
+        ):
+            raise ValueError(f"loss.energy_steps must be an integer >= 1, got {self.energy_steps}")
         for k in self.aligned_steps:
             if k < 1 or k & (k - 1):
                 raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")
@@ -190,11 +209,12 @@ class StudentConfig:
                 f"loss.aligned_steps {self.loss.aligned_steps} has step counts beyond the "
                 f"trajectory grid of {grid} intervals"
             )
-        if self.method != "falcon" and self.loss.logdet:
-            raise ValueError(
-                f"loss.logdet trains FALCON's exact log-determinants; method {self.method!r} "
-                "does not use it: set it to 0"
-            )
+        for name in ("logdet", "energy"):
+            if self.method != "falcon" and getattr(self.loss, name):
+                raise ValueError(
+                    f"loss.{name} trains FALCON's exact log-determinants; method "
+                    f"{self.method!r} does not use it: set it to 0"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -298,6 +318,15 @@ def student_loss(
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
+    target = None
+    if lc.energy:
+        if model.system is None:
+            raise ValueError("loss.energy needs the student's system for its energy; none is set")
+        target = load_system(model.system)
+    energy_steps = lc.energy_steps or cfg.student.default_steps
+
+    def flow_energy(x: Tensor) -> Tensor:
+        return target.energy(x * model.scale)
 
     def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
         idx = torch.randint(len(tr), (b,), generator=gen)
@@ -381,6 +410,10 @@ def student_loss(
         if lc.logdet:
             val = falcon_logdet_pair_loss(net, bt["x_s"], bt["s"], bt["t"], bt["dlogp"])
             total, parts["logdet"] = total + lc.logdet * val, float(val.detach())
+        if lc.energy:
+            z = prior.sample(b, generator=gen, dtype=p.dtype, device=p.device)
+            val = falcon_energy_loss(net, z, energy_steps, flow_energy)
+            total, parts["energy"] = total + lc.energy * val, float(val.detach())
         return total, parts
 
     return loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,34 @@ def test_student_accuracy_script(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "| s |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main([*common, "--student", "no-equals-sign"])
+
+
+def test_falcon_energy_loss_trains_on_the_system_energy(
+    toy_teacher: TeacherCNF, tmp_path: Path
+) -> None:
+    """``loss.energy`` adds the reverse KL of the student's samples to the system's Boltzmann
+    density (here DW4 on a tiny DW4-shaped teacher); it needs FALCON and a known system."""
+    teacher = TeacherCNF.load(_dw4_like_teacher(tmp_path / "teacher") / "teacher.pt")
+    cfg = StudentConfig(
+        method="falcon",
+        loss=LossConfig(energy=1.0, energy_steps=2),
+        trajectories=TrajectoryConfig(n=64, grid=4, atol=1e-3, rtol=1e-3, batch_size=64),
+        train=TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5, log_every=20),
+    )
+    train_student(cfg, teacher, tmp_path / "student", system="dw4", progress=False)
+    metrics = [
+        json.loads(line)
+        for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(math.isfinite(m["energy"]) for m in metrics), metrics
+    assert metrics[-1]["energy"] < metrics[0]["energy"], "reverse KL did not decrease"
+
+    with pytest.raises(ValueError, match=r"loss\.energy trains FALCON"):
+        StudentConfig(method="f2d2", loss=LossConfig(energy=1.0))
+    with pytest.raises(ValueError, match=r"loss\.energy_steps must be"):
+        LossConfig(energy=1.0, energy_steps=0)
+    with pytest.raises(ValueError, match="needs the student's system"):
+        train_student(cfg, toy_teacher, tmp_path / "no_system", progress=False)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
