@@ -9,6 +9,7 @@ when the map is perturbed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -119,6 +120,26 @@ def _small_egnn_falcon() -> FALCON:
     ).double()
 
 
+def _check_gradient(model: nn.Module, loss: Callable[[], Tensor], name: str) -> None:
+    """The autograd gradient of ``loss()`` along a random direction of the first weight matrix
+    matches a central finite difference (float64 model)."""
+    model.zero_grad()
+    loss().backward()
+    param = next(p for p in model.parameters() if p.ndim == 2)
+    direction = torch.randn_like(param)
+    analytic = float((param.grad * direction).sum())
+    eps = 1e-6
+    with torch.no_grad():
+        param.add_(eps * direction)
+        up = float(loss())
+        param.sub_(2 * eps * direction)
+        down = float(loss())
+        param.add_(eps * direction)
+    numeric = (up - down) / (2 * eps)
+    assert abs(analytic) > 1e-6, f"the {name} loss gives no gradient"
+    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
 def test_falcon_logdet_loss_gradient_matches_finite_differences() -> None:
     # the loss differentiates through vmapped reverse-mode Jacobian rows and slogdet
     torch.manual_seed(4)
@@ -127,21 +148,7 @@ def test_falcon_logdet_loss_gradient_matches_finite_differences() -> None:
     s = torch.zeros(6, dtype=torch.float64)
     t = torch.full((6,), 0.5, dtype=torch.float64)
     target = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64)
-    model.zero_grad()
-    falcon_logdet_pair_loss(model, x, s, t, target).backward()
-    param = next(p for p in model.parameters() if p.ndim == 2)
-    direction = torch.randn_like(param)
-    analytic = float((param.grad * direction).sum())
-    eps = 1e-6
-    with torch.no_grad():
-        param.add_(eps * direction)
-        up = float(falcon_logdet_pair_loss(model, x, s, t, target))
-        param.sub_(2 * eps * direction)
-        down = float(falcon_logdet_pair_loss(model, x, s, t, target))
-        param.add_(eps * direction)
-    numeric = (up - down) / (2 * eps)
-    assert abs(analytic) > 1e-6, "the log-determinant loss gives no gradient"
-    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    _check_gradient(model, lambda: falcon_logdet_pair_loss(model, x, s, t, target), "log-det")
 
 
 def test_falcon_energy_loss_is_zero_when_the_target_is_the_maps_own_density() -> None:
@@ -182,21 +189,7 @@ def test_falcon_energy_loss_gradient_matches_finite_differences() -> None:
     def loss() -> Tensor:
         return falcon_energy_loss(model, z, 2, energy)
 
-    model.zero_grad()
-    loss().backward()
-    param = next(p for p in model.parameters() if p.ndim == 2)
-    direction = torch.randn_like(param)
-    analytic = float((param.grad * direction).sum())
-    eps = 1e-6
-    with torch.no_grad():
-        param.add_(eps * direction)
-        up = float(loss())
-        param.sub_(2 * eps * direction)
-        down = float(loss())
-        param.add_(eps * direction)
-    numeric = (up - down) / (2 * eps)
-    assert abs(analytic) > 1e-6, "the energy loss gives no gradient"
-    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    _check_gradient(model, loss, "energy")
 
 
 def _subspace_basis(n: int, d: int) -> Tensor:
