@@ -57,7 +57,7 @@ from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
-from boltzflow.systems import load_system
+from boltzflow.systems import System, load_system
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file
 from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
@@ -298,8 +298,10 @@ def student_loss(
     *,
     trajectories: Trajectories | None = None,
     data: Tensor | None = None,
+    target: System | None = None,
 ) -> Any:
-    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`."""
+    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`;
+    ``target`` is the system whose energy ``loss.energy`` uses (the caller closes it)."""
     lc = cfg.loss
     b = cfg.train.batch_size
     if lc.target == "teacher":
@@ -318,11 +320,8 @@ def student_loss(
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
-    target = None
-    if lc.energy:
-        if model.system is None:
-            raise ValueError("loss.energy needs the student's system for its energy; none is set")
-        target = load_system(model.system)
+    if lc.energy and target is None:
+        raise ValueError("loss.energy needs target, the system whose energy it uses")
     energy_steps = lc.energy_steps or cfg.student.default_steps
 
     def flow_energy(x: Tensor) -> Tensor:
@@ -468,6 +467,8 @@ def train_student(
     if cfg.system is not None and system is not None and cfg.system != system:
         raise ValueError(f"config is for system {cfg.system!r} but the teacher is for {system!r}")
     system = system or cfg.system
+    if cfg.loss.energy and system is None:
+        raise ValueError("loss.energy needs the student's system for its energy; none is set")
     out = Path(out_dir)
     teacher.eval()
     for p in teacher.parameters():
@@ -487,18 +488,23 @@ def train_student(
         if student.mean_free:
             data = remove_mean(data, student.prior.n_particles, student.prior.spatial_dim)
     run_config = {"student": cfg.to_dict(), "system": system, **(run_info or {})}
-    trainer = Trainer(
-        student,
-        student_loss(student, cfg, trajectories=trajectories, data=data),
-        cfg.train,
-        out,
-        model_kind="student",
-        model_config=student.model_config,
-        run_config=run_config,
-        extra={"student_kind": student.student_kind, "system": system},
-        progress=progress,
-    )
-    trainer.fit(resume=resume, stop_at=stop_at)
+    target = load_system(system) if cfg.loss.energy else None
+    try:  # an OpenMM system's worker pool stops here, also on errors and Ctrl-C
+        trainer = Trainer(
+            student,
+            student_loss(student, cfg, trajectories=trajectories, data=data, target=target),
+            cfg.train,
+            out,
+            model_kind="student",
+            model_config=student.model_config,
+            run_config=run_config,
+            extra={"student_kind": student.student_kind, "system": system},
+            progress=progress,
+        )
+        trainer.fit(resume=resume, stop_at=stop_at)
+    finally:
+        if target is not None:
+            target.close()
     ema = trainer.ema_model()
     ema.eval()
     if trainer.step >= cfg.train.steps:

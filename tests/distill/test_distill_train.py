@@ -22,6 +22,7 @@ from boltzflow.distill.train_students import (
     _draw_pairs,
     build_student,
     load_student_config,
+    student_loss,
     train_student,
 )
 from boltzflow.flows.cnf import TeacherCNF
@@ -214,6 +215,12 @@ def test_falcon_energy_loss_trains_on_the_system_energy(
         LossConfig(energy=1.0, energy_steps=0)
     with pytest.raises(ValueError, match="needs the student's system"):
         train_student(cfg, toy_teacher, tmp_path / "no_system", progress=False)
+    with pytest.raises(ValueError, match="needs target"):
+        from_data = StudentConfig(
+            method="falcon", loss=LossConfig(energy=1.0, pairs=0.0, target="data")
+        )
+        student = build_student(from_data, teacher, system="dw4")
+        student_loss(student, from_data, data=torch.zeros(4, 8))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
