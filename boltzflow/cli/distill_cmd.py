@@ -66,9 +66,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         cfg = StudentConfig(method=args.method)
     cfg.train.set_given(steps=args.train_steps, seed=args.seed, device=args.device)
     data = None
-    if cfg.loss.target == "data":
-        if not args.data:
-            raise ValueError("loss.target = 'data' needs --data")
+    if cfg.loss.target == "data" and not args.data:
+        raise ValueError("loss.target = 'data' needs --data")
+    if args.data:
         from boltzflow.data import load_positions
 
         data = torch.as_tensor(load_positions(args.data, system=system))
@@ -178,7 +178,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="student TOML config (f2d2/falcon)")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke")
     p.add_argument("--system", default=None, help="system name (default: the teacher's)")
-    p.add_argument("--data", default=None, help="training data (FALCON from data; NF teachers)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="training data (FALCON from data or for loss.likelihood; NF teachers)",
+    )
     p.add_argument("--train-steps", type=int, default=None, help="override train.steps")
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
     p.add_argument("--device", default=None, help="override train.device")

@@ -35,7 +35,9 @@ __all__ = [
     "FlowMapStudent",
     "build_two_time_backbone",
     "init_from_teacher",
+    "map_and_jacobian",
     "map_and_logdet",
+    "newton_inverse",
     "subspace_basis",
     "time_grid",
 ]
@@ -161,7 +163,7 @@ def subspace_basis(prior: Prior, like: Tensor) -> Tensor:
     return basis.to(dtype=like.dtype, device=like.device)
 
 
-def map_and_logdet(
+def map_and_jacobian(
     fn: Callable[..., Tensor],
     x: Tensor,
     basis: Tensor,
@@ -169,7 +171,7 @@ def map_and_logdet(
     extra: tuple[Tensor, ...] = (),
     batch_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A batched map's value and the log|det| of each sample's Jacobian on a subspace.
+    """A batched map's value and each sample's Jacobian restricted to a subspace.
 
     With ``basis`` B (orthonormal columns), one forward pass and ``B.shape[1]`` reverse-mode
     products stacked by ``vmap`` give rows B_k^T J_b of every sample's Jacobian (samples are
@@ -177,7 +179,8 @@ def map_and_logdet(
     restricted Jacobian B^T J_b B. For a map that keeps the subspace (J B = B B^T J B) and is the
     identity across it, as every mean-free translation-invariant step x + h u(x) is, its
     determinant equals the full-coordinate one; the density on the subspace needs exactly it.
-    On CPU this is about 4x faster than ``vmap(jacfwd)`` per sample with all ``dim`` directions.
+    On CPU this is about 4x faster than ``vmap(jacfwd)`` per sample with all ``dim`` directions,
+    and 1.5-4x faster than one reverse pass over the batch repeated once per direction.
     The batch goes through in chunks of ``batch_rows`` rows
     (:func:`~boltzflow.flows.ode.jacobian_rows`: 256 on CPU, where smaller passes are 3x
     faster, all at once on CUDA).
@@ -191,22 +194,98 @@ def map_and_logdet(
         batch_rows: rows per vectorised pass (default by device).
 
     Returns:
-        ``fn(x) (B, dim)`` and ``log|det B^T J B| (B,)``.
+        ``fn(x) (B, dim)`` and ``B^T J B (B, m, m)`` (row: output direction, column: input).
     """
     b = x.shape[0]
     rows = jacobian_rows(x, batch_rows)
     if b > rows:
 
         def part(xc: Tensor, *ec: Tensor) -> tuple[Tensor, Tensor]:
-            return map_and_logdet(fn, xc, basis, extra=ec, batch_rows=rows)
+            return map_and_jacobian(fn, xc, basis, extra=ec, batch_rows=rows)
 
-        y, logdet = over_row_chunks(part, rows, x, *extra)
-        return y, logdet
+        y, jac = over_row_chunks(part, rows, x, *extra)
+        return y, jac
     cot = basis.T[:, None, :].expand(basis.shape[1], b, basis.shape[0])
     y, pullback = vjp(lambda y: fn(y, *extra), x)
     (rows_,) = vmap(pullback)(cot)  # rows_[k, b] = B_k^T J_b
-    restricted = torch.einsum("kbi,ij->bkj", rows_, basis)
-    return y, torch.linalg.slogdet(restricted)[1]
+    return y, torch.einsum("kbi,ij->bkj", rows_, basis)
+
+
+def map_and_logdet(
+    fn: Callable[..., Tensor],
+    x: Tensor,
+    basis: Tensor,
+    *,
+    extra: tuple[Tensor, ...] = (),
+    batch_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``fn(x) (B, dim)`` and ``log|det B^T J B| (B,)``; arguments as
+    :func:`map_and_jacobian`."""
+    y, jac = map_and_jacobian(fn, x, basis, extra=extra, batch_rows=batch_rows)
+    return y, torch.linalg.slogdet(jac)[1]
+
+
+def newton_inverse(
+    fn: Callable[..., Tensor],
+    y: Tensor,
+    init: Tensor,
+    basis: Tensor,
+    *,
+    extra: tuple[Tensor, ...] = (),
+    iters: int = 20,
+    tol: float = 1e-5,
+    halvings: int = 8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``fn(x) = y`` per sample by damped Newton steps on the subspace of ``basis``.
+
+    Each step solves ``(B^T J B) d = B^T (fn(x) - y)`` and moves ``x - lam B d`` with the
+    largest ``lam`` in 1, 1/2, ..., 2^-halvings that lowers that sample's residual (a
+    backtracking line search, so a point off the map's image stalls instead of diverging; such a
+    sample is then left alone). Only the samples still iterating are evaluated. Stops when
+    every residual is below ``tol`` or no sample can move. No gradients.
+
+    Args:
+        fn: ``fn(x (B, dim), *extra) -> (B, dim)``, acting on samples independently.
+        y: ``(B, dim)`` targets; ``init``: ``(B, dim)`` starting points.
+        basis, extra: as :func:`map_and_jacobian`.
+
+    Returns:
+        ``x (B, dim)``, the restricted Jacobian at ``x (B, m, m)`` and the residual
+        ``|fn(x) - y| (B,)`` (a sample with residual above ``tol`` did not converge).
+    """
+    with torch.no_grad():
+        x = init.clone()
+        fx, jac = map_and_jacobian(fn, x, basis, extra=extra)
+        res = (fx - y).norm(dim=-1)
+        alive = torch.ones_like(res, dtype=torch.bool)
+        for _ in range(iters):
+            idx = torch.nonzero(alive & (res > tol))[:, 0]
+            if len(idx) == 0:
+                break
+            ex = tuple(e[idx] for e in extra)
+            step, info = torch.linalg.solve_ex(jac[idx], ((fx[idx] - y[idx]) @ basis)[..., None])
+            step = torch.where((info == 0)[:, None], step[..., 0], 0.0) @ basis.T
+            lam = torch.ones_like(idx, dtype=x.dtype)
+            better = torch.zeros_like(idx, dtype=torch.bool)
+            for _ in range(halvings + 1):  # only the samples not yet improved are evaluated
+                todo = torch.nonzero(~better)[:, 0]
+                x_try = x[idx[todo]] - lam[todo, None] * step[todo]
+                f_try, j_try = map_and_jacobian(fn, x_try, basis, extra=tuple(e[todo] for e in ex))
+                res_try = (f_try - y[idx[todo]]).norm(dim=-1)
+                gain = res_try < res[idx[todo]]
+                sel = idx[todo[gain]]
+                x[sel], fx[sel], jac[sel], res[sel] = (
+                    x_try[gain],
+                    f_try[gain],
+                    j_try[gain],
+                    res_try[gain],
+                )
+                better[todo[gain]] = True
+                if better.all():
+                    break
+                lam[todo[~gain]] /= 2
+            alive[idx[~better]] = False  # no step lowers the residual: off the image, stop it
+    return x, jac, res
 
 
 class FlowMapStudent(Student):

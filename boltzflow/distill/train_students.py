@@ -20,7 +20,8 @@ Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
     [student]   default_steps, init_from_teacher, signed (FALCON), init_from
     [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
     [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
-                logdet, energy, energy_steps (FALCON, optional), div_weight,
+                logdet, energy, energy_steps, likelihood, likelihood_steps (FALCON,
+                optional), div_weight,
                 dyadic_fraction, aligned_steps, target ("teacher" | "data")
     [trajectories]  n, grid, atol, rtol, batch_size, seed
     [train]     boltzflow.train.config.TrainConfig
@@ -49,6 +50,7 @@ from boltzflow.distill.falcon import (
     falcon_diagonal_loss,
     falcon_energy_loss,
     falcon_inverse_loss,
+    falcon_likelihood_loss,
     falcon_logdet_pair_loss,
     falcon_meanflow_loss,
     falcon_pair_loss,
@@ -113,7 +115,10 @@ class LossConfig:
     MSE), and optionally ``logdet`` (its exact step log-determinants against the teacher's
     log-density change on the same jumps as ``pairs``; 0, off, by default) and ``energy`` (the
     reverse KL to the system's Boltzmann density of its ``energy_steps``-step samples, default
-    ``student.default_steps``; needs the system's energy; 0, off, by default).
+    ``student.default_steps``; needs the system's energy; 0, off, by default) and
+    ``likelihood`` (maximum likelihood under its ``likelihood_steps``-step sampling density of
+    the training data, or of the teacher's samples, the ends of its trajectories, when no data
+    are given; 0, off, by default).
     ``dyadic_fraction`` of the pairs are aligned jumps, those used at 1, 2, 4, ... steps (or
     only at the step counts listed in ``aligned_steps``, e.g. ``[4]``), the rest any two grid
     times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
@@ -126,6 +131,8 @@ class LossConfig:
     logdet: float = 0.0
     energy: float = 0.0
     energy_steps: int | None = None
+    likelihood: float = 0.0
+    likelihood_steps: int | None = None
     div_weight: float = 1.0
     meanflow_adaptive_power: float = 1.0
     dyadic_fraction: float = 0.5
@@ -141,6 +148,7 @@ class LossConfig:
             "inverse",
             "logdet",
             "energy",
+            "likelihood",
             "div_weight",
         )
         for name in (*names, "meanflow_adaptive_power"):
@@ -157,10 +165,10 @@ class LossConfig:
                 f"loss.aligned_steps must be a list of step counts, got {self.aligned_steps!r}"
             )
         self.aligned_steps = list(self.aligned_steps)
-        if self.energy_steps is not None and (
-            not isinstance(self.energy_steps, int) or self.energy_steps < 1
-        ):
-            raise ValueError(f"loss.energy_steps must be an integer >= 1, got {self.energy_steps}")
+        for name in ("energy_steps", "likelihood_steps"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or k < 1):
+                raise ValueError(f"loss.{name} must be an integer >= 1, got {k}")
         for k in self.aligned_steps:
             if k < 1 or k & (k - 1):
                 raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")
@@ -209,7 +217,7 @@ class StudentConfig:
                 f"loss.aligned_steps {self.loss.aligned_steps} has step counts beyond the "
                 f"trajectory grid of {grid} intervals"
             )
-        for name in ("logdet", "energy"):
+        for name in ("logdet", "energy", "likelihood"):
             if self.method != "falcon" and getattr(self.loss, name):
                 raise ValueError(
                     f"loss.{name} trains FALCON's exact log-determinants; method "
@@ -317,12 +325,16 @@ def student_loss(
                 raise ValueError(
                     f"loss.{name} needs teacher trajectories; set it to 0 with target='data'"
                 )
+    if data is not None:
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
     if lc.energy and target is None:
         raise ValueError("loss.energy needs target, the system whose energy it uses")
     energy_steps = lc.energy_steps or cfg.student.default_steps
+    likelihood_steps = lc.likelihood_steps or cfg.student.default_steps
+    # maximum-likelihood points: the data if given, else the teacher's samples
+    ml_points = data if data is not None else (tr.x[:, -1] if trajectories is not None else None)
 
     def flow_energy(x: Tensor) -> Tensor:
         return target.energy(x * model.scale)
@@ -413,6 +425,12 @@ def student_loss(
             z = prior.sample(b, generator=gen, dtype=p.dtype, device=p.device)
             val = falcon_energy_loss(net, z, energy_steps, flow_energy)
             total, parts["energy"] = total + lc.energy * val, float(val.detach())
+        if lc.likelihood:
+            pts = ml_points[torch.randint(len(ml_points), (b,), generator=gen)]
+            val, parts["nll_dropped"] = falcon_likelihood_loss(
+                net, pts.to(dtype=p.dtype, device=p.device), likelihood_steps
+            )
+            total, parts["nll"] = total + lc.likelihood * val, float(val.detach())
         return total, parts
 
     return loss
@@ -454,7 +472,8 @@ def train_student(
         out_dir: run folder (``trajectories.pt``, ``checkpoint.pt``, ``metrics.jsonl``,
             ``run.json``, ``student.pt``).
         system: name of the teacher's system (recorded; checked when the student is loaded).
-        data: ``(N, dim)`` training data, for FALCON with ``loss.target = "data"``.
+        data: ``(N, dim)`` training data, for FALCON with ``loss.target = "data"`` or for its
+            ``loss.likelihood`` (which otherwise uses the teacher's samples).
         resume, stop_at, progress: as :meth:`boltzflow.train.trainer.Trainer.fit`.
         run_info: extra JSON-able facts for the run record (teacher path, ...).
 
@@ -481,9 +500,14 @@ def train_student(
         if isinstance(student, F2D2) and cfg.student.init_from is None:
             div = trajectories.div.double()
             student.set_divergence_scale(float(div.mean()), float(div.std().clamp_min(1e-3)))
-    else:
-        if data is None:
-            raise ValueError("loss.target = 'data' needs training data")
+    elif data is None:
+        raise ValueError("loss.target = 'data' needs training data")
+    if data is not None:
+        if cfg.loss.target == "teacher" and not cfg.loss.likelihood:
+            raise ValueError(
+                "training data are used by loss.target = 'data' or loss.likelihood only; "
+                "this run uses neither"
+            )
         data = torch.as_tensor(data).float()
         if student.mean_free:
             data = remove_mean(data, student.prior.n_particles, student.prior.spatial_dim)

@@ -223,6 +223,32 @@ def test_falcon_energy_loss_trains_on_the_system_energy(
         student_loss(student, from_data, data=torch.zeros(4, 8))
 
 
+def test_falcon_likelihood_loss_trains_on_data_or_teacher_samples(
+    toy_teacher: TeacherCNF, tmp_path: Path
+) -> None:
+    """``loss.likelihood`` maximises the likelihood of the given data (or, without data, of the
+    teacher's samples) under the student's own few-step density; both lower it, with every point
+    inverted."""
+    cfg = _config("falcon", steps=60)
+    cfg.loss.likelihood, cfg.loss.likelihood_steps = 1.0, 2
+    cfg.train.log_every = 20
+    for name, data in (("data", _toy_data()), ("teacher", None)):
+        train_student(cfg, toy_teacher, tmp_path / name, data=data, progress=False)
+        metrics = [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert all(math.isfinite(m["nll"]) and m["nll_dropped"] == 0 for m in metrics), metrics
+        assert metrics[-1]["nll"] < metrics[0]["nll"], f"{name}: likelihood did not improve"
+
+    with pytest.raises(ValueError, match=r"loss\.likelihood trains FALCON"):
+        StudentConfig(method="f2d2", loss=LossConfig(likelihood=1.0))
+    with pytest.raises(ValueError, match=r"loss\.likelihood_steps must be"):
+        LossConfig(likelihood=1.0, likelihood_steps=0)
+    with pytest.raises(ValueError, match="this run uses neither"):
+        train_student(_config("falcon"), toy_teacher, tmp_path / "unused", data=_toy_data())
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_student_configs_load(path: Path) -> None:
     for profile in (None, "smoke"):
