@@ -38,6 +38,7 @@ Losses (combined in :mod:`boltzflow.distill.train_students`):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -117,13 +118,33 @@ class FALCON(FlowMapStudent):
         # ladj = -sum log|det dX_back/dx|, negated by FlowMapStudent.pull
         return self.jump_with_logdet(x, s, t)
 
+    def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Data -> noise through the exact preimages of the push (:meth:`exact_pull`), so that
+        :meth:`log_prob` is the density of the sampler itself. A point whose preimage is not
+        found to ``1e-5`` (flow units) gets ``ladj = NaN`` (log q unknown), with a warning."""
+        z, ladj, res = self.exact_pull(x, steps)
+        bad = res > 1e-5
+        if bad.any():
+            warnings.warn(
+                f"FALCON log q: {int(bad.sum())} of {len(x)} points were not inverted to 1e-5 "
+                f"(largest residual {float(res.max()):.2e}); their log q is NaN",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return z, torch.where(bad, torch.nan, ladj)
+
+    def learned_pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Data -> noise by the learned backward jumps X(x, t, s) as they are (FALCON's inverse;
+        fast, but its log q is not the sampler's density where the map is not exactly
+        invertible)."""
+        return super().pull(x, steps)
+
     def exact_pull(
         self, x: Tensor, steps: int | None = None, *, iters: int = 20, tol: float = 1e-5
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The preimage under the ``steps``-step push of flow-unit points ``x (B, dim)``, found
-        step by step (last jump first) by damped Newton iterations started from the learned
-        backward jump (:func:`~boltzflow.distill.flowmap.newton_inverse`), unlike :meth:`pull`,
-        which applies the learned backward map as it is.
+        step by step (last jump first) by damped Newton iterations (:meth:`invert_jump`), unlike
+        :meth:`learned_pull`, which applies the learned backward map as it is.
 
         Returns:
             noise ``z (B, dim)``, ``ladj (B,)`` the sum of the push jumps' log|det| at the
@@ -137,25 +158,44 @@ class FALCON(FlowMapStudent):
         y = self._project(x.detach())
         ladj = x.new_zeros(len(x))
         worst = x.new_zeros(len(x))
+        for k in reversed(range(steps)):
+            s, t = _times(grid[k], y), _times(grid[k + 1], y)
+            y, jac, res = self.invert_jump(y, s, t, basis, iters=iters, tol=tol)
+            ladj = ladj + torch.linalg.slogdet(jac)[1]
+            worst = torch.maximum(worst, res)
+        return y, ladj, worst
+
+    def invert_jump(
+        self, y: Tensor, s: Tensor, t: Tensor, basis: Tensor, *, iters: int = 20, tol: float = 1e-5
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Preimage ``x (B, dim)`` of ``y`` under the jump ``s -> t`` (times ``(B,)``), its
+        restricted Jacobian ``(B, m, m)`` and residual ``(B,)``, without gradients: Newton
+        iterations from the learned backward jump, and for the points where they stall (they
+        can end on a fold of the map, where the Jacobian is nearly singular) again from ``y``
+        itself; each point keeps the smaller residual."""
         with torch.no_grad():
-            for k in reversed(range(steps)):
-                s, t = _times(grid[k], y), _times(grid[k + 1], y)
-                y, jac, res = newton_inverse(
+            y = y.detach()
+            x, jac, res = newton_inverse(
+                self.flow_map, y, self.flow_map(y, t, s), basis, extra=(s, t), iters=iters, tol=tol
+            )
+            idx = torch.nonzero(res > tol)[:, 0]
+            if len(idx):
+                x2, jac2, res2 = newton_inverse(
                     self.flow_map,
-                    y,
-                    self.flow_map(y, t, s),
+                    y[idx],
+                    y[idx],
                     basis,
-                    extra=(s, t),
+                    extra=(s[idx], t[idx]),
                     iters=iters,
                     tol=tol,
                 )
-                ladj = ladj + torch.linalg.slogdet(jac)[1]
-                worst = torch.maximum(worst, res)
-        return y, ladj, worst
+                take = res2 < res[idx]
+                x[idx[take]], jac[idx[take]], res[idx[take]] = x2[take], jac2[take], res2[take]
+        return x, jac, res
 
     def inversion_error(self, x: Tensor, steps: int | None = None) -> Tensor:
-        """``|z - pull(push(z))|`` per point ``(B,)`` for flow-unit noise ``z`` (or data side
-        ``x`` with the directions swapped: it is the same composition on given points)."""
+        """``|z - learned_pull(push(z))|`` per point ``(B,)`` for flow-unit noise ``z`` (or
+        data side ``x`` with the directions swapped: the same composition on given points)."""
         steps = self._steps(steps)
         with torch.no_grad():
             y, _ = self._run(x, time_grid(steps, like=x))
@@ -265,11 +305,7 @@ def falcon_likelihood_loss(
     ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for k in reversed(range(steps)):
         s, t = _times(grid[k], y), _times(grid[k + 1], y)
-        with torch.no_grad():
-            init = model.flow_map(y, t, s)
-        x_star, jac, res = newton_inverse(
-            model.flow_map, y.detach(), init, basis, extra=(s, t), iters=iters, tol=tol
-        )
+        x_star, jac, res = model.invert_jump(y, s, t, basis, iters=iters, tol=tol)
         ok = ok & (res <= tol)
         residual = (model.flow_map(x_star, s, t) - y) @ basis
         corr, info = torch.linalg.solve_ex(jac, residual[..., None])

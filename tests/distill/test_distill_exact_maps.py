@@ -222,8 +222,31 @@ def test_falcon_exact_pull_round_trips_an_egnn_push() -> None:
     assert float(res.max()) < 1e-11
     torch.testing.assert_close(back, z, rtol=0, atol=1e-8)
     torch.testing.assert_close(ladj_back, ladj, rtol=0, atol=1e-8)
-    learned, _ = model.pull(x, 2)
+    # log_prob scores points with the sampler's own density (preimages to its tolerance, 1e-5)
+    torch.testing.assert_close(
+        model.log_prob(x, 2), model.prior.log_prob(z) - ladj, rtol=0, atol=1e-4
+    )
+    learned, _ = model.learned_pull(x, 2)
     assert float((learned - z).norm(dim=-1).median()) > 1e-4, "untrained backward map is exact?"
+
+
+class TanhJump(nn.Module):
+    """One jump 0 -> 1 is X(x) = tanh(x): its image is the open square (-1, 1)^2."""
+
+    def forward(self, t: Tensor, x: Tensor, s: Tensor | None = None) -> Tensor:
+        h = torch.as_tensor(t - s, dtype=x.dtype).expand(len(x))
+        return (torch.tanh(x) - x) / torch.where(h == 0, 1.0, h)[:, None]
+
+
+def test_falcon_log_prob_is_nan_with_a_warning_off_the_maps_image() -> None:
+    model = FALCON(TanhJump(), StandardGaussian(2), signed=False, model_config={})
+    x = torch.tensor([[0.5, -0.3], [2.0, 0.1]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="1 of 2 points were not inverted"):
+        logq = model.log_prob(x, 1)
+    z = torch.atanh(x[0])
+    exact = model.prior.log_prob(z[None]) - torch.log1p(-x[0] ** 2).sum()
+    torch.testing.assert_close(logq[:1].double(), exact, rtol=0, atol=1e-4)
+    assert torch.isnan(logq[1])
 
 
 def test_falcon_likelihood_loss_gradient_matches_finite_differences() -> None:
