@@ -244,7 +244,7 @@ def test_falcon_log_prob_is_nan_with_a_warning_off_the_maps_image() -> None:
     with pytest.warns(RuntimeWarning, match="1 of 2 points were not inverted"):
         logq = model.log_prob(x, 1)
     z = torch.atanh(x[0])
-    exact = model.prior.log_prob(z[None]) - torch.log1p(-x[0] ** 2).sum()
+    exact = model.prior.log_prob(z[None]) - torch.log1p(-(x[0] ** 2)).sum()
     torch.testing.assert_close(logq[:1].double(), exact, rtol=0, atol=1e-4)
     assert torch.isnan(logq[1])
 
