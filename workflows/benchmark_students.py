@@ -55,6 +55,7 @@ from boltzflow.workflow.benchmark import (
     benchmark_table,
     ess_seed_summary,
     logq_errors,
+    reference_nll,
     sample_log_weights,
     weighted_metrics,
 )
@@ -107,7 +108,7 @@ def _evaluate(
     x, log_q = model.sample(args.n, steps, seed=args.seed, batch_size=args.batch)
     seconds = time.perf_counter() - start
     ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
-    nll = float(-model.log_prob(val, steps, batch_size=args.batch).double().mean())
+    nll, nll_unscored = reference_nll(model, val, steps, batch_size=args.batch)
     check = x[: args.n_check]
     ref = _teacher_logq(teacher, check, args)
     errors = logq_errors(model, steps, check, log_q[: args.n_check], ref, batch_size=args.batch)
@@ -146,6 +147,7 @@ def _evaluate(
         non_finite_weights=n_bad,
         energy_w2=w2,
         nll=nll,
+        nll_unscored=nll_unscored,
         **errors,
         **extra,
     )

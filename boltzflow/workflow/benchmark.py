@@ -47,6 +47,7 @@ __all__ = [
     "ess_seed_summary",
     "logq_abs_errors",
     "logq_errors",
+    "reference_nll",
     "run_benchmark_stage",
     "sample_log_weights",
     "weighted_metrics",
@@ -102,6 +103,17 @@ def logq_abs_errors(
 
     scored = model.log_prob(x, steps, batch_size=batch_size)
     return finite_abs_error(log_q), finite_abs_error(scored)
+
+
+def reference_nll(
+    model: Any, val: torch.Tensor, steps: int | None, *, batch_size: int
+) -> tuple[float | None, int]:
+    """Mean ``-model.log_prob`` (nats) over reference points ``val (M, dim)`` with a finite log
+    q, and how many were left out (a FALCON point that its exact inverse did not reach gets
+    NaN and a warning); None when none is finite."""
+    nll = -model.log_prob(val, steps, batch_size=batch_size).detach().double().cpu()
+    finite = torch.isfinite(nll)
+    return (float(nll[finite].mean()) if finite.any() else None), int((~finite).sum())
 
 
 def logq_errors(
@@ -160,10 +172,13 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
         inv = (
             f"{r['inv_err_median']:.1e} / {r['inv_err_max']:.1e}" if "inv_err_median" in r else "-"
         )
+        nll = f(r["nll"], ".3f")
+        if r.get("nll_unscored"):
+            nll += f" ({r['nll_unscored']} n/a)"
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['log_q']} | {f(r['nfe_per_sample'], '.1f')} "
             f"| {f(r['samples_per_s'], '.1f')} | {r['samples_per_s'] / base:.0f}x "
-            f"| {f(r['ess_fraction'], '.4f')} | {f(r['energy_w2'], '.3f')} | {f(r['nll'], '.3f')} "
+            f"| {f(r['ess_fraction'], '.4f')} | {f(r['energy_w2'], '.3f')} | {nll} "
             f"| {f(r['logq_err_median'], '.3f')} | {f(r['logq_err_mean'], '.3f')} "
             f"| {f(r.get('logq_err_score_median'), '.3f')} | {inv} |"
         )
@@ -292,8 +307,8 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
                 "nll": None,
             }
             if val is not None:
-                row["nll"] = float(
-                    -model.log_prob(val, k, batch_size=wf.sample.batch_size).double().mean()
+                row["nll"], row["nll_unscored"] = reference_nll(
+                    model, val, k, batch_size=wf.sample.batch_size
                 )
             check = x[: bm.n_check]
             ref_lq = teacher.log_prob(check, **t_settings)

@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from boltzflow.workflow.benchmark import benchmark_table, ess_seed_summary, logq_errors
+from boltzflow.workflow.benchmark import (
+    benchmark_table,
+    ess_seed_summary,
+    logq_errors,
+    reference_nll,
+)
 
 
 class _OffsetScorer:
@@ -31,6 +36,27 @@ def test_logq_errors_both_directions_and_non_finite_points_dropped():
     assert math.isclose(out["logq_err_mean"], 0.275, abs_tol=1e-6)
     # scored: 0, 0.05, 0.01, 0.02 (inf dropped)
     assert math.isclose(out["logq_err_score_median"], 0.01, abs_tol=1e-6)
+
+
+def test_reference_nll_leaves_out_and_counts_unscored_points():
+    ref = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+    model = _OffsetScorer(ref, torch.tensor([0.0, 0.0, float("nan"), 0.0, 0.0]))
+    nll, unscored = reference_nll(model, torch.zeros(5, 2), 4, batch_size=8)
+    assert unscored == 1 and math.isclose(nll, -(1.0 - 2.0 + 3.0 + 0.0) / 4)
+    row = {
+        "model": "falcon",
+        "steps": 4,
+        "log_q": "jac",
+        "nfe_per_sample": 4,
+        "samples_per_s": 1.0,
+        "ess_fraction": 0.5,
+        "energy_w2": 0.1,
+        "nll": nll,
+        "nll_unscored": unscored,
+        "logq_err_median": 0.2,
+        "logq_err_mean": 0.3,
+    }
+    assert "| -0.500 (1 n/a) |" in benchmark_table([row])
 
 
 def test_table_shows_dash_where_a_row_lacks_the_scored_error():
