@@ -11,12 +11,15 @@ student and baseline at 1, 2, 4 and 8 steps it reports
 - ESS/N (Kish, N samples);
 - energy W2 (with the square root, in kT) between the reference energies and the importance
   weighted sample energies;
-- NLL = -mean log q on reference data (the model's own ``log_prob`` at the same steps; for the
-  Euler baselines a backward Euler estimate, see :mod:`boltzflow.distill.baselines`);
+- NLL = -mean log q on reference data (the model's own ``log_prob`` at the same steps; for
+  FALCON its sampler's density at the Newton preimages, points without one left out and
+  counted, "n/a"; for the Euler baselines a backward Euler estimate, see
+  :mod:`boltzflow.distill.baselines`);
 - |log q - log q_teacher| at the model's own samples (median and mean over ``--n-check``
   samples), the teacher's exact log q from its adaptive backward solve; and the median of
   the same error when the model's ``log_prob`` scores those points (data -> noise);
-- FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples;
+- FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples, X^-1 its learned
+  backward map;
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
   the students and baselines and (unless ``--no-teacher-ess-seeds``) for the teacher on the
   same prior draws, with each model's ratio to the teacher seed by seed and the ESS/N of all
