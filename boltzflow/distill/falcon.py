@@ -34,6 +34,14 @@ Losses (combined in :mod:`boltzflow.distill.train_students`):
   the few-step samples, differentiated through the steps and their exact log-determinants
   ("training by energy" of Boltzmann generators, Noe, Olsson, Koehler, Wu 2019, Science 365,
   eaaw1147). Only FALCON's log q is exact for its own map, so only FALCON gets this term.
+- optional, beyond the paper's recipe (``loss.likelihood``, off by default): maximum likelihood
+  of data (or of the teacher's samples) under the density of the K-step sampler itself, with the
+  exact preimages of the push found by Newton iterations and implicit-function gradients
+  (:func:`falcon_likelihood_loss`). The forward KL covers the target's mass, which importance
+  weights need and the reverse KL above does not give.
+
+:meth:`FALCON.log_prob` scores given points through the same Newton preimages, so it is the
+density of the sampler; :meth:`FALCON.learned_pull` applies the learned backward map instead.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ __all__ = [
     "falcon_meanflow_loss",
     "falcon_pair_loss",
 ]
+
+
+#: residual (flow units) below which a Newton preimage counts as found
+NEWTON_TOL = 1e-5
 
 
 def _times(t: Tensor | float, like: Tensor) -> Tensor:
@@ -121,12 +133,13 @@ class FALCON(FlowMapStudent):
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """Data -> noise through the exact preimages of the push (:meth:`exact_pull`), so that
         :meth:`log_prob` is the density of the sampler itself. A point whose preimage is not
-        found to ``1e-5`` (flow units) gets ``ladj = NaN`` (log q unknown), with a warning."""
+        found to :data:`NEWTON_TOL` gets ``ladj = NaN`` (log q unknown), with a warning."""
         z, ladj, res = self.exact_pull(x, steps)
-        bad = res > 1e-5
+        bad = res > NEWTON_TOL
         if bad.any():
             warnings.warn(
-                f"FALCON log q: {int(bad.sum())} of {len(x)} points were not inverted to 1e-5 "
+                f"FALCON log q: {int(bad.sum())} of {len(x)} points were not inverted to "
+                f"{NEWTON_TOL:g} "
                 f"(largest residual {float(res.max()):.2e}); their log q is NaN",
                 RuntimeWarning,
                 stacklevel=3,
@@ -140,7 +153,7 @@ class FALCON(FlowMapStudent):
         return super().pull(x, steps)
 
     def exact_pull(
-        self, x: Tensor, steps: int | None = None, *, iters: int = 20, tol: float = 1e-5
+        self, x: Tensor, steps: int | None = None, *, iters: int = 20, tol: float = NEWTON_TOL
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The preimage under the ``steps``-step push of flow-unit points ``x (B, dim)``, found
         step by step (last jump first) by damped Newton iterations (:meth:`invert_jump`), unlike
@@ -166,7 +179,14 @@ class FALCON(FlowMapStudent):
         return y, ladj, worst
 
     def invert_jump(
-        self, y: Tensor, s: Tensor, t: Tensor, basis: Tensor, *, iters: int = 20, tol: float = 1e-5
+        self,
+        y: Tensor,
+        s: Tensor,
+        t: Tensor,
+        basis: Tensor,
+        *,
+        iters: int = 20,
+        tol: float = NEWTON_TOL,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Preimage ``x (B, dim)`` of ``y`` under the jump ``s -> t`` (times ``(B,)``), its
         restricted Jacobian ``(B, m, m)`` and residual ``(B,)``, without gradients: Newton
@@ -283,7 +303,7 @@ def falcon_energy_loss(
 
 
 def falcon_likelihood_loss(
-    model: FALCON, x: Tensor, steps: int, *, iters: int = 20, tol: float = 1e-5
+    model: FALCON, x: Tensor, steps: int, *, iters: int = 20, tol: float = NEWTON_TOL
 ) -> tuple[Tensor, float]:
     """Maximum likelihood of points ``x (B, dim)`` (flow units) under the density of the
     ``steps``-step sampler: ``-mean log q(x)`` in nats, with log q by exact change of variables
@@ -293,7 +313,8 @@ def falcon_likelihood_loss(
     gradients), x* - J^-1 (X_theta(x*) - y) equals x* in value and has the derivative of the
     exact inverse in theta and y (J the step's Jacobian at x*, held fixed); each jump's
     log-determinant is then taken there with gradients. Points whose preimage did not converge
-    (residual above ``tol``: off the map's image) are left out.
+    (residual above ``tol``: off the map's image, or a fold the iterations did not escape) are
+    left out.
 
     Returns:
         the loss and the fraction of points left out.
