@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,7 @@ from boltzflow.distill.flowmap import (
 
 __all__ = [
     "FALCON",
+    "Preimage",
     "falcon_diagonal_loss",
     "falcon_energy_loss",
     "falcon_inverse_loss",
@@ -82,6 +83,19 @@ NEWTON_TOL = 1e-5
 def _times(t: Tensor | float, like: Tensor) -> Tensor:
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.expand(like.shape[0]) if t.ndim == 0 else t
+
+
+class Preimage(NamedTuple):
+    """One inverted jump ``s -> t`` (times ``(B,)``): preimage ``x (B, dim)``, the restricted
+    Jacobian there ``(B, m, m)`` on the subspace of ``basis (dim, m)``, and the residual
+    ``(B,)``."""
+
+    s: Tensor
+    t: Tensor
+    x: Tensor
+    jac: Tensor
+    res: Tensor
+    basis: Tensor
 
 
 @register_student("falcon")
@@ -156,7 +170,7 @@ class FALCON(FlowMapStudent):
         self, x: Tensor, steps: int | None = None, *, iters: int = 20, tol: float = NEWTON_TOL
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The preimage under the ``steps``-step push of flow-unit points ``x (B, dim)``, found
-        step by step (last jump first) by damped Newton iterations (:meth:`invert_jump`), unlike
+        step by step (last jump first) by damped Newton iterations (:meth:`preimages`), unlike
         :meth:`learned_pull`, which applies the learned backward map as it is.
 
         Returns:
@@ -165,18 +179,32 @@ class FALCON(FlowMapStudent):
             sampler itself at ``x``, and the largest per-jump residual ``(B,)`` (above ``tol``:
             ``x`` is not, to that tolerance, in the image of the map). No gradients.
         """
+        z = self._project(x.detach())
+        ladj = x.new_zeros(len(x))
+        worst = x.new_zeros(len(x))
+        for jump in self.preimages(x, steps, iters=iters, tol=tol):
+            z = jump.x
+            ladj = ladj + torch.linalg.slogdet(jump.jac)[1]
+            worst = torch.maximum(worst, jump.res)
+        return z, ladj, worst
+
+    def preimages(
+        self, x: Tensor, steps: int | None = None, *, iters: int = 20, tol: float = NEWTON_TOL
+    ) -> list[Preimage]:
+        """The jumps of the ``steps``-step push inverted one by one, last first, from flow-unit
+        points ``x (B, dim)`` (:meth:`invert_jump`); each entry's target is the previous
+        entry's preimage (the first's is ``x``). No gradients."""
         steps = self._steps(steps)
         grid = time_grid(steps, like=x)
         basis = subspace_basis(self.prior, x)
         y = self._project(x.detach())
-        ladj = x.new_zeros(len(x))
-        worst = x.new_zeros(len(x))
+        out = []
         for k in reversed(range(steps)):
             s, t = _times(grid[k], y), _times(grid[k + 1], y)
-            y, jac, res = self.invert_jump(y, s, t, basis, iters=iters, tol=tol)
-            ladj = ladj + torch.linalg.slogdet(jac)[1]
-            worst = torch.maximum(worst, res)
-        return y, ladj, worst
+            pre, jac, res = self.invert_jump(y, s, t, basis, iters=iters, tol=tol)
+            out.append(Preimage(s, t, pre, jac, res, basis))
+            y = pre
+        return out
 
     def invert_jump(
         self,
@@ -307,7 +335,7 @@ def falcon_likelihood_loss(
 ) -> tuple[Tensor, float]:
     """Maximum likelihood of points ``x (B, dim)`` (flow units) under the density of the
     ``steps``-step sampler: ``-mean log q(x)`` in nats, with log q by exact change of variables
-    at the preimages that :meth:`FALCON.exact_pull` finds.
+    at the preimages that :meth:`FALCON.preimages` finds.
 
     Gradients follow the implicit function theorem: at a preimage x* of y = X(x*) (found without
     gradients), x* - J^-1 (X_theta(x*) - y) equals x* in value and has the derivative of the
@@ -319,20 +347,16 @@ def falcon_likelihood_loss(
     Returns:
         the loss and the fraction of points left out.
     """
-    grid = time_grid(steps, like=x)
-    basis = subspace_basis(model.prior, x)
     y = model._project(x.detach())
     ladj = x.new_zeros(len(x))
     ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    for k in reversed(range(steps)):
-        s, t = _times(grid[k], y), _times(grid[k + 1], y)
-        x_star, jac, res = model.invert_jump(y, s, t, basis, iters=iters, tol=tol)
-        ok = ok & (res <= tol)
-        residual = (model.flow_map(x_star, s, t) - y) @ basis
-        corr, info = torch.linalg.solve_ex(jac, residual[..., None])
+    for jump in model.preimages(x, steps, iters=iters, tol=tol):
+        ok = ok & (jump.res <= tol)
+        residual = (model.flow_map(jump.x, jump.s, jump.t) - y) @ jump.basis
+        corr, info = torch.linalg.solve_ex(jump.jac, residual[..., None])
         ok = ok & (info == 0)
-        y = x_star - torch.where(ok[:, None], corr[..., 0], 0.0) @ basis.T
-        _, inc = model.jump_with_logdet(y, s, t)
+        y = jump.x - torch.where(ok[:, None], corr[..., 0], 0.0) @ jump.basis.T
+        _, inc = model.jump_with_logdet(y, jump.s, jump.t)
         ladj = ladj + inc
     nll = ladj - model.prior.log_prob(y)
     ok = ok & torch.isfinite(nll)

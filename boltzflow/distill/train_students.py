@@ -21,8 +21,8 @@ Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
     [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
     [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
                 logdet, energy, energy_steps, likelihood, likelihood_steps (FALCON,
-                optional), div_weight,
-                dyadic_fraction, aligned_steps, target ("teacher" | "data")
+                optional), div_weight, dyadic_fraction, aligned_steps,
+                target ("teacher" | "data")
     [trajectories]  n, grid, atol, rtol, batch_size, seed
     [train]     boltzflow.train.config.TrainConfig
 """
