@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kw = {"level": args.level, "n_bootstrap": args.n_bootstrap, "seed": args.seed}
 
     with wf.open_system() as system:
-        x, log_q = student.sample(n, steps, seed=args.seed)
+        x, log_q = student.sample(n, steps=steps, seed=args.seed)
         x, mirrored = system.fix_chirality(x.double())
         u = compute_energies(system, x)
         log_w = log_weights(u, log_q.double()).numpy()

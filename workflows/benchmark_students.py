@@ -108,7 +108,7 @@ def _evaluate(
     val: torch.Tensor,
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    x, log_q = model.sample(args.n, steps, seed=args.seed, batch_size=args.batch)
+    x, log_q = model.sample(args.n, steps=steps, seed=args.seed, batch_size=args.batch)
     seconds = time.perf_counter() - start
     ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
     nll, nll_unscored = reference_nll(model, val, steps, batch_size=args.batch)
@@ -123,7 +123,7 @@ def _evaluate(
     if args.ess_seeds and steps in (args.ess_steps, None):
         extra.update(
             _ess_over_seeds(
-                lambda seed: model.sample(args.n, steps, seed=seed, batch_size=args.batch),
+                lambda seed: model.sample(args.n, steps=steps, seed=seed, batch_size=args.batch),
                 x,
                 log_q,
                 ess,

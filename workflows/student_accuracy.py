@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         for key, model in students.items():
             rows[key] = ess_spread(
                 system,
-                lambda s, m=model: m.sample(args.n, args.steps, seed=s, batch_size=4096),
+                lambda s, m=model: m.sample(args.n, steps=args.steps, seed=s, batch_size=4096),
                 seeds,
             )
     for key, model in students.items() if args.dlogq else ():
-        x, log_q = model.sample(args.dlogq, args.steps, seed=args.dlogq_seed, batch_size=4096)
+        x, log_q = model.sample(args.dlogq, steps=args.steps, seed=args.dlogq_seed, batch_size=4096)
         ref = teacher.log_prob(x)
         with torch.no_grad():
             err, scored = logq_abs_errors(model, args.steps, x, log_q, ref, batch_size=4096)

@@ -1,4 +1,4 @@
-"""``boltzflow distill``: distil a teacher CNF into a few-step student; sampling of students.
+"""``boltzflow distill``: distil a teacher CNF into a few-step student.
 
     boltzflow distill runs/dw4_teacher --method f2d2 -o runs/dw4_f2d2 \\
         [--config workflows/configs/student_f2d2_dw4.toml] [--profile smoke]
@@ -6,8 +6,7 @@
     boltzflow distill runs/dw4_teacher --method nf -o runs/dw4_nf
     boltzflow sample runs/dw4_f2d2 --steps 4 -n 10000 -o samples.h5
 
-``boltzflow sample`` belongs to :mod:`boltzflow.cli.teacher_cmd`; for a student folder it hands
-over to :func:`sample_student` here (the student's ``--steps`` is its number of flow-map steps).
+``boltzflow sample`` (:mod:`boltzflow.cli.sample_cmd`) samples any of them.
 """
 
 from __future__ import annotations
@@ -19,24 +18,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["holds_student", "register", "sample_student"]
+__all__ = ["register"]
 
 METHODS = ("f2d2", "falcon", "nf")
-
-
-def holds_student(path: str) -> bool:
-    """True if ``path`` is a student file or a folder holding a student (or its checkpoint)."""
-    from boltzflow.train.checkpoint import load_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        if (p / "student.pt").is_file():
-            return True
-        p = p / "checkpoint.pt"
-    if not p.is_file():
-        return False
-    payload = load_checkpoint(p)
-    return payload.get("kind") == "student" or payload.get("model_kind") == "student"
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -112,57 +96,6 @@ def _distill_nf(args: argparse.Namespace) -> int:
         resume=not args.restart,
     )
     print(f"distilled nf student for {student.system} -> {Path(args.output) / 'student.pt'}")
-    return 0
-
-
-def sample_student(args: argparse.Namespace) -> int:
-    """``boltzflow sample STUDENT_DIR --steps K -n N -o FILE`` (called by the sample command).
-
-    Writes x, log q, and with a system u and log w, to an HDF5 sample store and prints ESS/N.
-    """
-    from boltzflow.distill import load_student
-    from boltzflow.io.samples import SampleWriter
-    from boltzflow.sampling.weights import ess_fraction, log_weights
-    from boltzflow.systems import load_system
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
-    student = load_student(args.model, system=args.system)
-    steps = student._steps(args.steps)
-    name = args.system or student.system
-    system = load_system(name) if name and not getattr(args, "no_energy", False) else None
-    batch = getattr(args, "batch_size", None) or 4096
-    provenance = {
-        "model": student.student_kind,
-        "checkpoint": str(args.model),
-        "system": name,
-        "seed": args.seed,
-        "n": args.n,
-        "steps": steps,
-        "log_q": "density on the mean-free subspace" if student.mean_free else "density",
-    }
-    start = time.perf_counter()
-    x, log_q = student.sample(args.n, steps, seed=args.seed, batch_size=batch)
-    seconds = time.perf_counter() - start
-    cols: dict[str, Any] = {"log_q": log_q.double()}
-    try:
-        if system is not None:
-            u = system.energy(x.double()).detach()
-            cols.update(u=u, log_w=log_weights(u, cols["log_q"]))
-    finally:
-        if system is not None:
-            system.close()
-    with SampleWriter(args.output, dim=student.dim, provenance=provenance) as writer:
-        writer.append(x.double(), **cols)
-    line = (
-        f"wrote {args.n} samples to {args.output}: {student.student_kind}, {steps} steps, "
-        f"{1000 * seconds / args.n:.3f} s per 1000 samples"
-    )
-    if "log_w" in cols:
-        line += f", ESS/N {ess_fraction(cols['log_w']):.4f} (N = {args.n})"
-    print(line)
     return 0
 
 

@@ -1,7 +1,7 @@
-"""``boltzflow train teacher``, ``boltzflow sample`` and ``boltzflow nll`` for teacher CNFs.
+"""``boltzflow train teacher`` and ``boltzflow nll`` for teacher CNFs (``boltzflow sample`` is
+:mod:`boltzflow.cli.sample_cmd`).
 
     boltzflow train teacher --system dw4 --data train.npy --config teacher_dw4.toml -o runs/t
-    boltzflow sample runs/t -n 10000 -o samples.h5
     boltzflow nll runs/t --data val.npy
 
 ``train`` is a command group: student modules add their own ``train <model>`` subcommand with
@@ -20,7 +20,7 @@ import torch
 
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
 
-__all__ = ["register", "train_group"]
+__all__ = ["ode_options", "ode_settings", "register", "train_group"]
 
 
 def train_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -34,27 +34,27 @@ def train_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     return parser._boltzflow_group  # type: ignore[attr-defined]
 
 
-def _ode_options(p: argparse.ArgumentParser) -> None:
+def ode_options(
+    p: argparse.ArgumentParser, *, steps_help: str = "steps of a fixed-step method"
+) -> None:
+    """Add the ODE settings of a teacher (and ``--threads``) to a command's parser."""
     g = p.add_argument_group("ODE settings (default: the model's own)")
     g.add_argument("--method", choices=ADAPTIVE_METHODS + FIXED_METHODS)
     g.add_argument("--atol", type=float)
     g.add_argument("--rtol", type=float)
-    g.add_argument("--steps", type=int, help="steps of a fixed-step method")
+    g.add_argument("--steps", type=int, help=steps_help)
     g.add_argument("--divergence", choices=DIVERGENCES)
     g.add_argument("--trace-mode", choices=TRACE_MODES)
     g.add_argument("--quadrature-points", type=int)
-    g.add_argument("--batch-size", type=int, help="samples per ODE solve")
+    g.add_argument("--batch-size", type=int, help="samples per batch")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("method", "atol", "rtol", "divergence", "trace_mode", "quadrature_points", "batch_size")
-    out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.steps is not None:
-        out["steps"] = args.steps
-    elif args.method in ADAPTIVE_METHODS:
-        out["steps"] = None  # the model default may be a fixed-step setting
-    return out
+def ode_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ODE settings given on the command line (``steps`` and ``batch_size`` included)."""
+    keys = ("method", "atol", "rtol", "steps", "divergence", "trace_mode", "quadrature_points")
+    keys += ("batch_size",)
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def _load_teacher(folder: str) -> tuple[Any, dict[str, Any]]:
@@ -94,59 +94,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- sample ---------------------------------------------------------------------------------------
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from boltzflow.cli.distill_cmd import holds_student, sample_student
-    from boltzflow.io.samples import SampleWriter
-    from boltzflow.sampling.weights import ess_fraction, log_weights
-    from boltzflow.systems import load_system
-
-    if holds_student(args.model):  # a distilled student: --steps is its number of map steps
-        return sample_student(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
-    teacher, info = _load_teacher(args.model)
-    settings = _settings(args)
-    system_name = args.system or info.get("system")
-    system = load_system(system_name) if system_name and not args.no_energy else None
-    provenance = {
-        "model": "teacher_cnf",
-        "checkpoint": info.get("checkpoint"),
-        "system": system_name,
-        "seed": args.seed,
-        "n": args.n,
-        "sampling": {**teacher.sampling, **settings},
-        "log_q": "density on the mean-free subspace" if teacher.mean_free else "density",
-    }
-    all_log_w, nfe, seconds = [], 0, 0.0
-    try:
-        with SampleWriter(args.output, dim=teacher.dim, provenance=provenance) as writer:
-            for batch in teacher.iter_samples(args.n, seed=args.seed, progress=True, **settings):
-                cols: dict[str, Any] = {"log_q": batch.log_q.double()}
-                if system is not None:
-                    u = system.energy(batch.x.double()).detach()
-                    log_w = log_weights(u, cols["log_q"])
-                    cols.update(u=u, log_w=log_w)
-                    all_log_w.append(log_w)
-                nfe_col = torch.full((len(batch.x),), batch.nfe, dtype=torch.int64)
-                writer.append(batch.x.double(), **cols, nfe=nfe_col)
-                nfe, seconds = nfe + batch.nfe, seconds + batch.seconds
-    finally:
-        if system is not None:
-            system.close()
-    n_batches = math.ceil(args.n / int(settings.get("batch_size", teacher.sampling["batch_size"])))
-    line = (
-        f"wrote {args.n} samples to {args.output}: NFE {nfe / n_batches:.1f} per batch, "
-        f"{1000 * seconds / args.n:.2f} s per 1000 samples"
-    )
-    if all_log_w:
-        line += f", ESS/N {ess_fraction(torch.cat(all_log_w)):.4f} (N = {args.n})"
-    print(line)
-    return 0
-
-
 # -- nll ------------------------------------------------------------------------------------------
 def _cmd_nll(args: argparse.Namespace) -> int:
     from boltzflow.data import load_positions
@@ -160,7 +107,7 @@ def _cmd_nll(args: argparse.Namespace) -> int:
     x = load_positions(args.data, args.dataset, system=system)
     if args.n is not None:
         x = x[: args.n]
-    out = teacher.log_prob_with_stats(torch.as_tensor(x), progress=True, **_settings(args))
+    out = teacher.log_prob_with_stats(torch.as_tensor(x), progress=True, **ode_settings(args))
     report: dict[str, Any] = nll_summary(out.log_q)
     k = teacher.event_dim
     report.update(
@@ -200,16 +147,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples with exact log q from a trained teacher")
-    p.add_argument("model", help="teacher run folder or checkpoint file")
-    p.add_argument("-n", type=int, required=True, help="number of samples")
-    p.add_argument("-o", "--output", required=True, help="HDF5 sample file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system", default=None, help="target system for u and log w")
-    p.add_argument("--no-energy", action="store_true", help="skip u and log w")
-    _ode_options(p)
-    p.set_defaults(func=_cmd_sample)
-
     p = sub.add_parser("nll", help="negative log-likelihood of configurations under a teacher")
     p.add_argument("model", help="teacher run folder or checkpoint file")
     p.add_argument("--data", required=True, help=".npy or HDF5 configurations")
@@ -217,5 +154,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=None, help="use the first N configurations")
     p.add_argument("--system", default=None, help="system (for centring); default: the model's")
     p.add_argument("--json", default=None, help="write the summary as JSON")
-    _ode_options(p)
+    ode_options(p)
     p.set_defaults(func=_cmd_nll)

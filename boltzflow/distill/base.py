@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import abc
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +36,14 @@ from boltzflow.flows.priors import (
     PriorFlowMixin,
     build_prior,
     check_points,
+)
+from boltzflow.models.protocol import (
+    FlowOutput,
+    SamplingMixin,
+    check_batch_size,
+    check_count,
+    check_steps,
+    check_trained_for,
 )
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
@@ -58,16 +68,7 @@ def register_student(name: str) -> Any:
     return wrap
 
 
-def _system_name(system: Any) -> str | None:
-    if system is None or isinstance(system, str):
-        return system
-    name = getattr(system, "name", None)
-    if isinstance(name, str):
-        return name
-    raise TypeError(f"system must be a name or a System, got {type(system).__name__}")
-
-
-class Student(PriorFlowMixin, nn.Module, abc.ABC):
+class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
     """Few-step model with ``sample(n, steps)`` and ``log_prob(x, steps)``.
 
     Args:
@@ -79,6 +80,12 @@ class Student(PriorFlowMixin, nn.Module, abc.ABC):
     """
 
     student_kind: ClassVar[str] = "student"
+    #: how log q is obtained (a value of :data:`boltzflow.models.protocol.LOG_Q_KINDS`)
+    log_q_kind: ClassVar[str] = ""
+    #: whether ``steps`` selects the discretisation (False for one-pass flows)
+    uses_steps: ClassVar[bool] = True
+    #: default rows per batch of ``sample`` and ``log_prob``
+    batch_size: ClassVar[int] = 4096
 
     def __init__(
         self,
@@ -118,10 +125,8 @@ class Student(PriorFlowMixin, nn.Module, abc.ABC):
 
     # -- shared machinery ------------------------------------------------------------------------
     def _steps(self, steps: int | None) -> int:
-        steps = self.default_steps if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        return steps
+        """``steps`` or the default, checked."""
+        return self.default_steps if check_steps(steps) is None else int(steps)
 
     def _project(self, x: Tensor) -> Tensor:
         if self.mean_free:
@@ -136,45 +141,64 @@ class Student(PriorFlowMixin, nn.Module, abc.ABC):
         """
         return check_points(self.prior, x, self._param())
 
-    def sample(
-        self, n: int, steps: int | None = None, *, seed: int = 0, batch_size: int = 4096
-    ) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` samples with their log density in ``steps`` steps.
+    def iter_samples(
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[FlowOutput]:
+        """Yield ``n`` samples with their log density in ``steps`` steps, batch by batch.
 
         Args:
             n: number of samples.
             steps: number of steps (default :attr:`default_steps`).
-            seed: seeds the prior draw; the same seed gives the same output.
-            batch_size: rows per batch.
+            seed: seeds the prior draw (all ``n`` points first); the same seed gives the same
+                output.
+            batch_size: rows per batch (default :attr:`batch_size`).
+            progress: unused (the few-step students are fast); accepted for the protocol.
 
-        Returns:
-            ``x (n, dim)`` (data units, mean-free for particle systems) and ``log_q (n,)``.
+        Yields:
+            :class:`~boltzflow.models.protocol.FlowOutput` per batch: ``x (B, dim)`` (data units,
+            mean-free for particle systems), ``log_q (B,)`` and ``steps`` network evaluations.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_count(n)
+        batch_size = check_batch_size(batch_size) or self.batch_size
         steps = self._steps(steps)
+        nfe = steps if self.uses_steps else 1
         p = self._param()
         gen = torch.Generator().manual_seed(seed)
         z_all = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
-        xs, lqs = [], []
         was_training = self.training
         self.eval()
         try:
             for start in range(0, n, batch_size):
+                t0, c0 = time.perf_counter(), time.process_time()
                 z = z_all[start : start + batch_size]
                 x, ladj = self.push(z, steps)
-                xs.append(self._project(x.detach()) * self.scale)
-                lqs.append((self.prior.log_prob(z) - ladj).detach() - self._log_scale())
+                x = self._project(x.detach()) * self.scale
+                log_q = (self.prior.log_prob(z) - ladj).detach() - self._log_scale()
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                yield FlowOutput(x, log_q, nfe, nfe, 0, seconds, cpu)
         finally:
             self.train(was_training)
-        return torch.cat(xs), torch.cat(lqs)
 
-    def log_prob(self, x: Tensor, steps: int | None = None, *, batch_size: int = 4096) -> Tensor:
-        """``(N,)`` log q of ``(N, dim)`` data-unit points, mapping them to noise in ``steps``."""
+    def log_prob(
+        self, x: Tensor, *, steps: int | None = None, batch_size: int | None = None
+    ) -> Tensor:
+        """``(N,)`` log q of ``(N, dim)`` data-unit points, mapping them to noise in ``steps``.
+
+        Raises:
+            ValueError: wrong shape, non-finite values, points off the mean-free subspace, or
+                a non-positive ``steps``/``batch_size``.
+        """
         x = self.check_points(x)
         steps = self._steps(steps)
+        batch_size = check_batch_size(batch_size) or self.batch_size
         out = []
         was_training = self.training
         self.eval()
@@ -251,15 +275,8 @@ def load_student(
     if kind not in STUDENTS:
         raise ValueError(f"{path}: unknown student kind {kind!r}; known: {sorted(STUDENTS)}")
     trained_for = payload.get("system")
-    wanted = _system_name(system)
-    if wanted is not None and trained_for is not None and wanted != trained_for:
-        raise ValueError(
-            f"{path}: this {kind} student was trained for system {trained_for!r}, not {wanted!r}"
-        )
     model = STUDENTS[kind].from_config(payload["model_config"], system=trained_for)
-    dim = getattr(system, "dim", None)
-    if dim is not None and int(dim) != model.dim:
-        raise ValueError(f"{path}: student has dim {model.dim}, system {wanted!r} has dim {dim}")
+    check_trained_for(path, f"{kind} student", trained_for, system, model.dim)
     model.load_state_dict(state)
     return model.to(map_location) if map_location is not None else model
 

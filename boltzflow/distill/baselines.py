@@ -28,6 +28,7 @@ from boltzflow.distill.base import Student, register_student
 from boltzflow.distill.flowmap import map_and_logdet, subspace_basis, time_grid
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import exact_divergence
+from boltzflow.models.protocol import LOG_Q_KINDS
 
 __all__ = ["LOGDETS", "EulerBaseline"]
 
@@ -55,6 +56,11 @@ class EulerBaseline(Student):
         super().__init__(teacher.prior, model_config=config, system=system, scale=teacher.scale)
         self.net: nn.Module = teacher.net
         self.logdet = logdet
+
+    @property
+    def log_q_kind(self) -> str:  # type: ignore[override]
+        """Euler-rule divergence or the exact step log-determinant."""
+        return LOG_Q_KINDS["euler_rule" if self.logdet == "euler" else "step_logdet"]
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, system: str | None = None) -> EulerBaseline:

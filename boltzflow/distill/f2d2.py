@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from boltzflow.distill.base import register_student
 from boltzflow.distill.flowmap import FeatureTap, FlowMapStudent
+from boltzflow.models.protocol import LOG_Q_KINDS
 
 __all__ = ["F2D2", "f2d2_diagonal_loss", "f2d2_pair_loss", "f2d2_semigroup_loss"]
 
@@ -61,6 +62,8 @@ class F2D2(FlowMapStudent):
             :meth:`~boltzflow.distill.flowmap.FlowMapStudent.build`).
         system, scale, default_steps: see :class:`~boltzflow.distill.base.Student`.
     """
+
+    log_q_kind = LOG_Q_KINDS["learned_head"]
 
     def __init__(self, net: nn.Module, prior: Any, **kwargs: Any) -> None:
         super().__init__(net, prior, **kwargs)

@@ -62,6 +62,7 @@ from boltzflow.distill.flowmap import (
     subspace_basis,
     time_grid,
 )
+from boltzflow.models.protocol import LOG_Q_KINDS
 
 __all__ = [
     "FALCON",
@@ -110,6 +111,8 @@ class FALCON(FlowMapStudent):
         model_config, system, scale, default_steps: see
             :class:`~boltzflow.distill.base.Student`.
     """
+
+    log_q_kind = LOG_Q_KINDS["step_logdet"]
 
     options: ClassVar[dict[str, Any]] = {"signed": True}
 

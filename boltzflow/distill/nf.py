@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, gaussian_prior
+from boltzflow.models.protocol import LOG_Q_KINDS
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
@@ -185,6 +186,9 @@ class NFStudent(Student):
         system: system name, checked on load.
         scale: coordinate unit of the flow.
     """
+
+    log_q_kind = LOG_Q_KINDS["one_pass"]
+    uses_steps = False
 
     def __init__(
         self,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,22 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from boltzflow.flows.ode import ODEResult, integrate
+from boltzflow.flows.ode import ADAPTIVE_METHODS, ODEResult, integrate
 from boltzflow.flows.priors import (
     Prior,
     PriorFlowMixin,
     build_prior,
     check_points,
     gaussian_prior,
+)
+from boltzflow.models.protocol import (
+    LOG_Q_KINDS,
+    FlowOutput,
+    SamplingMixin,
+    check_batch_size,
+    check_count,
+    check_steps,
+    check_trained_for,
 )
 from boltzflow.nn import build_backbone
 from boltzflow.systems.particles import remove_mean
@@ -58,55 +66,7 @@ MODEL_FILE = "teacher.pt"
 TRAINING_FILE = "checkpoint.pt"
 
 
-@dataclass
-class FlowOutput:
-    """Samples (or evaluated points) with log densities and cost.
-
-    Attributes:
-        x: ``(N, dim)`` positions (data side).
-        log_q: ``(N,)`` model log density at ``x``.
-        nfe: total solver evaluations summed over batches (each batched).
-        nfe_per_batch: mean solver evaluations per batch.
-        trace_evals: total batched Jacobian-trace evaluations.
-        seconds: wall time of the ODE solves.
-        cpu_seconds: CPU time of the ODE solves (see :class:`~boltzflow.flows.ode.ODEResult`).
-    """
-
-    x: Tensor
-    log_q: Tensor
-    nfe: int
-    nfe_per_batch: float
-    trace_evals: int
-    seconds: float
-    cpu_seconds: float = float("nan")
-
-    @property
-    def seconds_per_1000(self) -> float:
-        """Wall time per 1,000 samples."""
-        return 1000.0 * self.seconds / max(len(self.x), 1)
-
-    @property
-    def cpu_seconds_per_1000(self) -> float:
-        """CPU time per 1,000 samples."""
-        return 1000.0 * self.cpu_seconds / max(len(self.x), 1)
-
-    @staticmethod
-    def concat(parts: list[FlowOutput]) -> FlowOutput:
-        """Join per-batch outputs (costs add up; ``nfe_per_batch`` is the mean)."""
-        if not parts:
-            raise ValueError("no batches to concatenate")
-        return FlowOutput(
-            torch.cat([p.x for p in parts]),
-            torch.cat([p.log_q for p in parts]),
-            sum(p.nfe for p in parts),
-            sum(p.nfe for p in parts) / len(parts),
-            sum(p.trace_evals for p in parts),
-            sum(p.seconds for p in parts),
-            sum(p.cpu_seconds for p in parts),
-        )
-
-
-class TeacherCNF(PriorFlowMixin, nn.Module):
+class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
     """Continuous normalizing flow x_1 = x_0 + int_0^1 v(t, x_t) dt with x_0 ~ prior.
 
     Args:
@@ -116,7 +76,15 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
             TBG/EFM ALDP models do), so log q(x) = log q_flow(x / scale) - event_dim log(scale).
         model_config: constructor description stored in checkpoints (see :meth:`build`).
         sampling: default ODE settings (keys of :data:`DEFAULT_SAMPLING`).
+        system: name of the system the teacher was trained for (checked on load).
+
+    The model protocol (:mod:`boltzflow.models.protocol`): ``steps`` of ``sample``/``log_prob``
+    are the steps of a fixed-step ODE method (None: the model's own ODE settings, which an
+    adaptive solver needs), and further keywords override the ODE settings.
     """
+
+    #: the teacher's ODE settings, not ``steps``, choose its discretisation
+    uses_steps = False
 
     def __init__(
         self,
@@ -126,6 +94,7 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         model_config: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
         scale: float = 1.0,
+        system: str | None = None,
     ) -> None:
         super().__init__()
         if not scale > 0:
@@ -135,6 +104,7 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         self.dim = prior.dim
         self.scale = float(scale)
         self.model_config = dict(model_config or {})
+        self.system = system
         #: where the model was loaded from (set by :meth:`load`): checkpoint path, kind, run info
         self.source: dict[str, Any] = {}
         self.sampling = dict(DEFAULT_SAMPLING)
@@ -217,12 +187,41 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         return self.net(t, x)
 
     # -- sampling and likelihood -------------------------------------------------------------
-    def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+    def settings_with(
+        self,
+        overrides: dict[str, Any] | None = None,
+        steps: int | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, Any]:
+        """The model's ODE settings with ``overrides`` (None values ignored), ``steps`` and
+        ``batch_size`` applied; an adaptive method without explicit ``steps`` gets none.
+
+        Raises:
+            TypeError: an unknown setting (the message lists the valid ones).
+            ValueError: non-positive ``steps`` or ``batch_size``.
+        """
+        overrides = self._check_sampling(overrides or {})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if check_steps(steps) is not None:
+            given["steps"] = steps
+        if check_batch_size(batch_size) is not None:
+            given["batch_size"] = batch_size
         settings = dict(self.sampling)
-        settings.update(self._check_sampling({k: v for k, v in overrides.items() if v is not None}))
-        if "steps" in overrides:  # explicit None must be able to clear steps
-            settings["steps"] = overrides["steps"]
+        settings.update(given)
+        if settings["method"] in ADAPTIVE_METHODS and "steps" not in given:
+            settings["steps"] = None  # the model default may be a fixed-step setting
         return settings
+
+    def log_q_kind_for(self, settings: dict[str, Any] | None = None) -> str:
+        """How log q is computed under the model's settings updated by ``settings``."""
+        div = {**self.sampling, **(settings or {})}.get("divergence", "exact")
+        key = {"exact": "ode_exact", "quadrature": "ode_quadrature"}.get(div, f"ode_{div}")
+        return LOG_Q_KINDS.get(key, f"ODE, {div} trace")
+
+    @property
+    def log_q_kind(self) -> str:
+        """How log q is computed under the model's own ODE settings."""
+        return self.log_q_kind_for()
 
     def _solve(
         self, x: Tensor, t0: float, t1: float, settings: dict[str, Any], gen: torch.Generator
@@ -255,16 +254,34 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         return batch_size
 
     def iter_samples(
-        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **settings: Any,
     ) -> Iterator[FlowOutput]:
-        """Yield ``n`` samples batch by batch (``settings["batch_size"]`` rows each).
+        """Yield ``n`` samples with exact (or estimated) log q batch by batch.
 
-        All ``n`` prior points are drawn first from ``seed``, so the concatenated output equals
-        :meth:`sample_with_stats` with the same arguments. Arguments as there.
+        All ``n`` prior points are drawn first from ``seed``, so the concatenated output is the
+        same for any batch size up to solver tolerance (and identical for the same one).
+
+        Args:
+            n: number of samples.
+            steps: steps of a fixed-step ODE method (None: the model's settings).
+            seed: seeds the prior draw (and Hutchinson probes); same seed -> same output.
+            batch_size: rows per ODE solve (None: ``sampling["batch_size"]``).
+            progress: show a progress bar.
+            **settings: override :attr:`sampling` (``method``, ``atol``, ``rtol``,
+                ``divergence``, ``trace_mode``, ``quadrature_points``).
+
+        Yields:
+            :class:`FlowOutput` per batch with ``x (B, dim)`` and ``log_q (B,)``.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        opts = self._settings(settings)
+        check_count(n)
+        opts = self.settings_with(settings, steps, batch_size)
         batch_size = self._batch_size(opts)
         p = self._param()
         gen = torch.Generator().manual_seed(seed)
@@ -290,39 +307,22 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
             )
         bar.close()
 
-    def sample_with_stats(
-        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
-    ) -> FlowOutput:
-        """Draw ``n`` samples with exact (or estimated) log q and report the cost.
-
-        Args:
-            n: number of samples.
-            seed: seeds the prior draw (and Hutchinson probes); same seed -> same output.
-            progress: show a progress bar.
-            **settings: override :attr:`sampling` (``method``, ``atol``, ``rtol``, ``steps``,
-                ``divergence``, ``trace_mode``, ``quadrature_points``, ``batch_size``).
-
-        Returns:
-            :class:`FlowOutput` with ``x (n, dim)`` and ``log_q (n,)`` in the model's dtype.
-        """
-        return FlowOutput.concat(
-            list(self.iter_samples(n, seed=seed, progress=progress, **settings))
-        )
-
-    def sample(self, n: int, *, seed: int = 0, **settings: Any) -> tuple[Tensor, Tensor]:
-        """``(x (n, dim), log_q (n,))``; see :meth:`sample_with_stats`."""
-        out = self.sample_with_stats(n, seed=seed, **settings)
-        return out.x, out.log_q
-
     def _check_points(self, x: Tensor) -> Tensor:
         return check_points(self.prior, x, self._param())
 
     def iter_log_prob(
-        self, x: Tensor, *, seed: int = 0, progress: bool = False, **settings: Any
+        self,
+        x: Tensor,
+        *,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **settings: Any,
     ) -> Iterator[FlowOutput]:
         """Yield log q of ``x`` batch by batch; arguments as :meth:`log_prob_with_stats`."""
         x = self._check_points(x)
-        opts = self._settings(settings)
+        opts = self.settings_with(settings, steps, batch_size)
         batch_size = self._batch_size(opts)
         probe_gen = torch.Generator().manual_seed(seed + 1)
         bar = tqdm(total=len(x), disable=None if progress else True, desc="log q", unit="x")
@@ -338,29 +338,44 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         bar.close()
 
     def log_prob_with_stats(
-        self, x: Tensor, *, seed: int = 0, progress: bool = False, **settings: Any
+        self,
+        x: Tensor,
+        *,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **settings: Any,
     ) -> FlowOutput:
         """Log density of given points by integrating them back to the prior (t = 1 -> 0).
 
         Args:
             x: ``(N, dim)`` points (mean-free for particle systems).
+            steps, batch_size, **settings: as in :meth:`iter_samples`.
             seed: seeds the Hutchinson probes if that divergence is chosen.
             progress: show a progress bar.
-            **settings: as in :meth:`sample_with_stats`.
 
         Returns:
             :class:`FlowOutput` whose ``x`` is the input and ``log_q`` its log density.
 
         Raises:
-            ValueError: wrong shape, or points off the mean-free subspace.
+            ValueError: wrong shape, non-finite values, or points off the mean-free subspace.
         """
-        return FlowOutput.concat(
-            list(self.iter_log_prob(x, seed=seed, progress=progress, **settings))
+        batches = self.iter_log_prob(
+            x, steps=steps, batch_size=batch_size, seed=seed, progress=progress, **settings
         )
+        return FlowOutput.concat(list(batches))
 
-    def log_prob(self, x: Tensor, **settings: Any) -> Tensor:
+    def log_prob(
+        self,
+        x: Tensor,
+        *,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        **settings: Any,
+    ) -> Tensor:
         """``(N,)`` log q of ``(N, dim)`` points; see :meth:`log_prob_with_stats`."""
-        return self.log_prob_with_stats(x, **settings).log_q
+        return self.log_prob_with_stats(x, steps=steps, batch_size=batch_size, **settings).log_q
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
@@ -371,6 +386,7 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
             )
         payload = {
             "kind": "teacher_cnf",
+            "system": self.system,
             "model_config": self.model_config,
             "sampling": self.sampling,
             "state_dict": self.state_dict(),
@@ -383,6 +399,7 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         cls,
         path: str | os.PathLike[str],
         *,
+        system: Any = None,
         weights: str = "ema",
         map_location: str | torch.device | None = "cpu",
     ) -> TeacherCNF:
@@ -392,12 +409,15 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
             path: a file written by :meth:`save`, a training checkpoint from
                 :class:`boltzflow.train.trainer.Trainer`, or a run folder holding
                 ``teacher.pt`` or ``checkpoint.pt``.
+            system: the system (name or :class:`~boltzflow.systems.System`) it will be used
+                with; if given it must match the one the teacher was trained for.
             weights: for training checkpoints, ``"ema"`` (default) or ``"raw"`` weights.
             map_location: device for the tensors.
 
         Raises:
             FileNotFoundError: nothing loadable at ``path``.
-            ValueError: corrupt/truncated file or a checkpoint of another model.
+            ValueError: corrupt/truncated file, a checkpoint of another model, or a teacher
+                trained for another system.
         """
         path, payload, state = load_model_checkpoint(
             path,
@@ -409,7 +429,9 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         )
         sampling = payload.get("sampling")
         model = cls.from_config(payload["model_config"], sampling=sampling)
-        model.load_state_dict(state)
         run = payload.get("run_config") or payload.get("extra", {}).get("run") or {}
+        model.system = payload.get("system") or run.get("system")
+        check_trained_for(path, "teacher", model.system, system, model.dim)
+        model.load_state_dict(state)
         model.source = {"checkpoint": str(path), "kind": payload["kind"], "run": run}
         return model.to(map_location) if map_location is not None else model

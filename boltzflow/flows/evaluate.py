@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from boltzflow.io.samples import SampleWriter
-from boltzflow.sampling.weights import ess_fraction, kish_ess, log_weights, normalized_weights
+from boltzflow.sampling.draw import Draw, compute_energies, iter_draws, write_draws
+from boltzflow.sampling.weights import ess_fraction, kish_ess, normalized_weights
 
 __all__ = ["evaluate_flow", "nll_summary"]
 
@@ -68,13 +68,14 @@ def evaluate_flow(
         ``val``: ``nll``, ``nll_se``, ``n_val``, ``mean_u_val``, ``entropy_val``, ``nll_gap``
         (NLL - entropy_val, with ``nll_gap_se``), ``nll_nfe_per_batch``, ``nll_s_per_1000``.
     """
-    out = flow.sample_with_stats(n_samples, seed=seed, progress=progress, **settings)
-    u = system.energy(out.x.double()).detach()
-    log_w = log_weights(u, out.log_q.double())
+    batches = list(
+        iter_draws(flow, n_samples, system=system, seed=seed, progress=progress, **settings)
+    )
     if samples_path is not None:
         provenance = {"model": type(flow).__name__, "seed": seed, "settings": settings}
-        with SampleWriter(samples_path, dim=out.x.shape[1], provenance=provenance) as writer:
-            writer.append(out.x.double(), log_q=out.log_q.double(), u=u, log_w=log_w)
+        write_draws(samples_path, batches, dim=flow.dim, provenance=provenance)
+    draw = Draw.from_batches(batches)
+    u, log_w, cost = draw.samples.u, draw.samples.log_w, draw.cost
     n_finite = int(torch.isfinite(log_w).sum())
     log_z = float(torch.logsumexp(log_w, 0) - math.log(n_samples))
     w = normalized_weights(log_w)
@@ -91,15 +92,15 @@ def evaluate_flow(
         "log_z_se": math.sqrt(max(n_samples / ess - 1.0, 0.0) / n_samples),
         "mean_u_is": mean_u_is,
         "entropy_is": log_z + mean_u_is,
-        "sample_nfe_per_batch": out.nfe_per_batch,
-        "sample_trace_evals": out.trace_evals,
-        "sample_seconds": out.seconds,
-        "sample_s_per_1000": out.seconds_per_1000,
-        "sample_cpu_s_per_1000": out.cpu_seconds_per_1000,
+        "sample_nfe_per_batch": cost.nfe_per_sample,
+        "sample_trace_evals": cost.trace_evals,
+        "sample_seconds": cost.seconds,
+        "sample_s_per_1000": cost.seconds_per_1000,
+        "sample_cpu_s_per_1000": 1000.0 * cost.cpu_seconds / n_samples,
     }
     if val is not None:
         lp = flow.log_prob_with_stats(val, progress=progress, **settings)
-        u_val = system.energy(lp.x.double()).detach()
+        u_val = compute_energies(system, lp.x)
         mean_u_val = float(u_val.mean())
         report.update(nll_summary(lp.log_q))
         # NLL - H = mean(-log q - u) over the data - log Z: one per-point average and log Z

@@ -210,12 +210,15 @@ def check_points(prior: Prior, x: Tensor, like: Tensor) -> Tensor:
         ``(N, dim)`` points (mean-free for a mean-free prior).
 
     Raises:
-        ValueError: wrong shape, or points off the mean-free subspace.
+        ValueError: wrong shape, non-finite values, or points off the mean-free subspace.
     """
     x = torch.as_tensor(x)
     if x.ndim != 2 or x.shape[1] != prior.dim:
         raise ValueError(f"expected points of shape (N, {prior.dim}), got {tuple(x.shape)}")
     x = x.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
     if not isinstance(prior, MeanFreeGaussian):
         return x
     n, d = prior.n_particles, prior.spatial_dim

@@ -209,6 +209,7 @@ def train_teacher(
     trainer.fit(resume=resume, stop_at=stop_at)
     ema = trainer.ema_model()
     ema.eval()
+    ema.system = run_config.get("system")
     if trainer.step >= cfg.train.steps:
         ema.save(Path(out_dir) / MODEL_FILE, extra={"steps": trainer.step, "run": run_config})
     return ema

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -31,14 +30,13 @@ from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.report import jsonable
+from boltzflow.sampling.results import WeightedSamples
 from boltzflow.workflow.runner import StageContext
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stages import (
-    LOGQ_KIND,
     REFERENCE_FILE,
     TEACHER_FILE,
     stage_device,
-    teacher_logq_kind,
     teacher_sampling,
 )
 
@@ -51,21 +49,19 @@ __all__ = [
     "run_benchmark_stage",
     "sample_log_weights",
     "weighted_metrics",
+    "weighted_sample_metrics",
 ]
 
 
-def weighted_metrics(
-    system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray | None
+def weighted_sample_metrics(
+    samples: WeightedSamples, u_ref: np.ndarray | None
 ) -> tuple[float, float | None, int]:
     """ESS/N, reweighted energy W2 (kT, with the square root) against reference energies
-    ``u_ref`` (None: no W2), and the number of non-finite log weights, for samples ``x (N, dim)``
-    with log densities ``log_q (N,)``."""
+    ``u_ref`` (None: no W2), and the number of non-finite log weights of weighted samples."""
     from boltzflow.metrics import energy_w2
-    from boltzflow.sampling.analysis import compute_energies
-    from boltzflow.sampling.weights import ess_fraction, log_weights
+    from boltzflow.sampling.weights import ess_fraction
 
-    u = compute_energies(system, x.detach().cpu())
-    log_w = log_weights(u, log_q.detach().cpu().double())
+    log_w, u = samples.log_w, samples.u
     finite = torch.isfinite(log_w)
     w2 = None
     if u_ref is not None and bool(finite.any()):
@@ -75,12 +71,24 @@ def weighted_metrics(
     return ess_fraction(log_w), w2, int((~finite).sum())
 
 
+def _weighted(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> WeightedSamples:
+    from boltzflow.sampling.draw import compute_energies
+
+    x = x.detach().cpu()
+    return WeightedSamples.from_energies(x, log_q.detach().cpu(), compute_energies(system, x))
+
+
+def weighted_metrics(
+    system: Any, x: torch.Tensor, log_q: torch.Tensor, u_ref: np.ndarray | None
+) -> tuple[float, float | None, int]:
+    """:func:`weighted_sample_metrics` of samples ``x (N, dim)`` with log densities
+    ``log_q (N,)`` weighted against ``system``."""
+    return weighted_sample_metrics(_weighted(system, x, log_q), u_ref)
+
+
 def sample_log_weights(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Log weights ``-u(x) - log q (N,)`` (float64, CPU) of samples ``x (N, dim)``."""
-    from boltzflow.sampling.analysis import compute_energies
-    from boltzflow.sampling.weights import log_weights
-
-    return log_weights(compute_energies(system, x.detach().cpu()), log_q.detach().cpu().double())
+    return _weighted(system, x, log_q).log_w
 
 
 def logq_abs_errors(
@@ -101,17 +109,17 @@ def logq_abs_errors(
         err = (lq.detach().double().cpu() - ref).abs()
         return err[torch.isfinite(err)]
 
-    scored = model.log_prob(x, steps, batch_size=batch_size)
+    scored = model.log_prob(x, steps=steps, batch_size=batch_size)
     return finite_abs_error(log_q), finite_abs_error(scored)
 
 
 def reference_nll(
-    model: Any, val: torch.Tensor, steps: int | None, *, batch_size: int
+    model: Any, val: torch.Tensor, steps: int | None, *, batch_size: int | None
 ) -> tuple[float | None, int]:
     """Mean ``-model.log_prob`` (nats) over reference points ``val (M, dim)`` with a finite log
     q, and how many were left out (a FALCON point that its exact inverse did not reach gets
     NaN and a warning); None when none is finite."""
-    nll = -model.log_prob(val, steps, batch_size=batch_size).detach().double().cpu()
+    nll = -model.log_prob(val, steps=steps, batch_size=batch_size).detach().double().cpu()
     finite = torch.isfinite(nll)
     return (float(nll[finite].mean()) if finite.any() else None), int((~finite).sum())
 
@@ -142,11 +150,6 @@ def logq_errors(
         "logq_err_mean": float(err.mean()) if len(err) else None,
         "logq_err_score_median": float(scored.median()) if len(scored) else None,
     }
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def benchmark_table(rows: list[dict[str, Any]]) -> str:
@@ -221,13 +224,14 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     from boltzflow.data import read_dataset
     from boltzflow.distill import EulerBaseline, load_student
     from boltzflow.flows.cnf import TeacherCNF
-    from boltzflow.sampling.analysis import compute_energies
+    from boltzflow.sampling.draw import compute_energies, draw_samples
 
     bm, device = wf.benchmark, stage_device(wf)
     n, seed = bm.n, wf.seed + 1
-    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=device)
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), system=wf.system, map_location=device)
     teacher.eval()
     t_settings = teacher_sampling(wf)
+    teacher.sampling = teacher.settings_with(t_settings)
     ref_path = ctx.path(REFERENCE_FILE)
     rows: list[dict[str, Any]] = []
     with wf.open_system() as system:
@@ -238,66 +242,36 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
             u_ref = u_ref[np.isfinite(u_ref)]
             val = ref[: bm.n_val].to(device=device, dtype=torch.float32)
 
-        out = teacher.sample_with_stats(n, seed=seed, progress=ctx.progress, **t_settings)
-        ess, w2, n_bad = weighted_metrics(system, out.x, out.log_q, u_ref)
-        nll = None
-        if val is not None:
-            nll = float(-teacher.log_prob(val, **t_settings).double().mean())
-        rows.append(
-            {
-                "model": "teacher",
-                "steps": t_settings["method"],
-                "log_q": teacher_logq_kind(t_settings),
-                "nfe_per_sample": out.nfe_per_batch,
-                "samples_per_s": n / max(out.seconds, 1e-9),
-                "seconds": out.seconds,
-                "n": n,
-                "ess_fraction": ess,
-                "energy_w2": w2,
-                "non_finite_weights": n_bad,
-                "nll": nll,
-                "logq_err_median": 0.0,
-                "logq_err_mean": 0.0,
-                "logq_err_score_median": 0.0,
-            }
-        )
-        models: list[tuple[str, Any, str]] = []
+        models: list[tuple[str, Any, str]] = [("teacher", teacher, "teacher")]
         for name, st in wf.students.items():
             student = load_student(
                 ctx.path(f"students/{name}/student.pt"), system=wf.system, map_location=device
             )
             models.append((name, student, st.method))
         if bm.baselines:
-            models.append(
-                ("euler (Euler-rule log q)", EulerBaseline(teacher, logdet="euler"), "euler")
-            )
-            models.append(
-                (
-                    "euler (exact step log-det)",
-                    EulerBaseline(teacher, logdet="exact"),
-                    "euler-exact",
-                )
-            )
+            for logdet, label in (("euler", "Euler-rule log q"), ("exact", "exact step log-det")):
+                models.append((f"euler ({label})", EulerBaseline(teacher, logdet=logdet), "euler"))
         jobs = [
             (label, model, kind, k)
             for label, model, kind in models
-            for k in ([None] if kind == "nf" else bm.steps)
+            for k in (bm.steps if model.uses_steps else [None])
         ]
         for label, model, kind, k in tqdm(
             jobs, desc="benchmark", disable=None if ctx.progress else True
         ):
             model.eval()
-            _sync(device)
-            start = time.perf_counter()
-            x, log_q = model.sample(n, k, seed=seed, batch_size=wf.sample.batch_size)
-            _sync(device)
-            seconds = time.perf_counter() - start
-            ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
+            # the teacher batches by its own ODE settings, the few-step models by the workflow's
+            batch = None if kind == "teacher" else wf.sample.batch_size
+            draw = draw_samples(
+                model, n, system=system, steps=k, seed=seed, batch_size=batch, progress=False
+            )
+            samples, seconds = draw.samples, draw.cost.seconds
+            ess, w2, n_bad = weighted_sample_metrics(samples, u_ref)
             row: dict[str, Any] = {
                 "model": label,
-                "steps": "-" if k is None else k,
-                "log_q": LOGQ_KIND[kind],
-                "nfe_per_sample": 1 if k is None else k,
+                "steps": t_settings["method"] if kind == "teacher" else "-" if k is None else k,
+                "log_q": model.log_q_kind,
+                "nfe_per_sample": draw.cost.nfe_per_sample,
                 "samples_per_s": n / max(seconds, 1e-9),
                 "seconds": seconds,
                 "n": n,
@@ -307,17 +281,19 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
                 "nll": None,
             }
             if val is not None:
-                row["nll"], row["nll_unscored"] = reference_nll(
-                    model, val, k, batch_size=wf.sample.batch_size
-                )
-            check = x[: bm.n_check]
-            ref_lq = teacher.log_prob(check, **t_settings)
+                row["nll"], row["nll_unscored"] = reference_nll(model, val, k, batch_size=batch)
+            if kind == "teacher":  # the reference log q itself
+                row.update(logq_err_median=0.0, logq_err_mean=0.0, logq_err_score_median=0.0)
+                rows.append(row)
+                continue
+            check = samples.x[: bm.n_check].to(device)
+            ref_lq = teacher.log_prob(check)
             row.update(
                 logq_errors(
                     model,
                     k,
                     check,
-                    log_q[: bm.n_check],
+                    samples.log_q[: bm.n_check],
                     ref_lq,
                     batch_size=wf.sample.batch_size,
                 )

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_path
 from boltzflow.workflow.cache import canonical_json
@@ -38,35 +37,16 @@ from boltzflow.workflow.runner import Stage, StageContext
 from boltzflow.workflow.spec import StudentSpec, Workflow, sample_label
 
 __all__ = [
-    "LOGQ_KIND",
     "build_stages",
     "copy_atomic",
     "sample_plan",
     "stage_device",
-    "teacher_logq_kind",
     "teacher_sampling",
 ]
 
 TRAIN_FILE = "data/train.h5"
 REFERENCE_FILE = "data/reference.h5"
 TEACHER_FILE = "teacher/teacher.pt"
-#: how each model obtains log q (the benchmark's ``log q`` column)
-LOGQ_KIND = {
-    "teacher": "ODE, exact trace",
-    "teacher-quadrature": "ODE, exact trace by quadrature",
-    "teacher-hutchinson": "ODE, Hutchinson trace (unbiased, noisy)",
-    "f2d2": "divergence head",
-    "falcon": "exact step log-det",
-    "nf": "exact (one pass)",
-    "euler": "Euler-rule divergence",
-    "euler-exact": "exact step log-det",
-}
-
-
-def teacher_logq_kind(sampling: dict[str, Any]) -> str:
-    """How the teacher's log q is computed under ``sampling`` settings (table label)."""
-    div = sampling.get("divergence", "exact")
-    return LOGQ_KIND.get("teacher" if div == "exact" else f"teacher-{div}", f"ODE, {div} trace")
 
 
 def teacher_sampling(wf: Workflow) -> dict[str, Any]:
@@ -289,102 +269,81 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
 
 
 # -- sampling --------------------------------------------------------------------------------------
-def _write_samples(
-    path: Path, x: torch.Tensor, log_q: torch.Tensor, system: Any, provenance: dict, nfe: Any
-) -> float:
-    """Energies, log weights and the sample store; returns ESS/N."""
-    from boltzflow.io.samples import SampleWriter
-    from boltzflow.sampling.analysis import compute_energies
-    from boltzflow.sampling.weights import ess_fraction, log_weights
+def _sample_model(
+    ctx: StageContext,
+    wf: Workflow,
+    model: Any,
+    label: str,
+    steps: int | None,
+    provenance: dict[str, Any],
+    sampling: dict[str, Any],
+    batch_size: int | None = None,
+) -> tuple[float, Any]:
+    """Draw ``wf.sample.n`` samples of ``model`` in ``steps`` (``batch_size`` rows at a time;
+    None: the model's own) and write ``samples/<label>.h5``; returns ESS/N and the
+    :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance."""
+    from boltzflow.sampling.draw import Draw, iter_draws, write_draws
 
-    x = x.detach().cpu().double()
-    log_q = log_q.detach().cpu().double()
-    u = compute_energies(system, x)
-    log_w = log_weights(u, log_q)
-    with atomic_path(path, suffix=".h5") as tmp:
-        with SampleWriter(tmp, dim=x.shape[1], provenance=provenance) as writer:
-            writer.append(x, log_q=log_q, u=u, log_w=log_w, nfe=nfe)
-    return ess_fraction(log_w)
-
-
-def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
-    from boltzflow.flows.cnf import FlowOutput, TeacherCNF
-
-    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
-    settings = teacher_sampling(wf)
     n, seed = wf.sample.n, wf.seed + 1
-    out = FlowOutput.concat(
-        list(teacher.iter_samples(n, seed=seed, progress=ctx.progress, **settings))
-    )
-    provenance = {
-        "model": "teacher",
-        "checkpoint": TEACHER_FILE,
+    with wf.open_system() as system:
+        batches = list(
+            iter_draws(
+                model,
+                n,
+                system=system,
+                steps=steps,
+                seed=seed,
+                batch_size=batch_size,
+                progress=ctx.progress,
+            )
+        )
+    draw = Draw.from_batches(batches)
+    prov = {
+        **provenance,
         "system": wf.system,
         "seed": seed,
         "n": n,
-        "steps": None,
-        "nfe_per_sample": out.nfe_per_batch,
-        "sample_seconds": out.seconds,
-        "log_q_kind": teacher_logq_kind(settings),
-        "sampling": settings,
-        "log_q": "density on the mean-free subspace" if teacher.mean_free else "density",
+        "steps": steps,
+        "nfe_per_sample": draw.cost.nfe_per_sample,
+        "sample_seconds": draw.cost.seconds,
+        "log_q_kind": model.log_q_kind,
+        "sampling": sampling,
+        "log_q": "density on the mean-free subspace" if model.mean_free else "density",
     }
-    nfe = torch.full((n,), out.nfe_per_batch, dtype=torch.float64)
-    with wf.open_system() as system:
-        ess = _write_samples(
-            ctx.path("samples/teacher.h5"), out.x, out.log_q, system, provenance, nfe
-        )
+    write_draws(ctx.path(f"samples/{label}.h5"), batches, dim=model.dim, provenance=prov)
+    return draw.samples.ess_fraction, draw.cost
+
+
+def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
+    from boltzflow.flows.cnf import TeacherCNF
+
+    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+    teacher.sampling = teacher.settings_with(teacher_sampling(wf))
+    provenance = {"model": "teacher", "checkpoint": TEACHER_FILE}
+    ess, cost = _sample_model(ctx, wf, teacher, "teacher", None, provenance, teacher.sampling)
     return {
         "ess_fraction": ess,
-        "nfe_per_sample": out.nfe_per_batch,
-        "sample_seconds": out.seconds,
-        "note": f"N={n}, NFE {out.nfe_per_batch:.0f}, {out.seconds:.1f} s, ESS/N {ess:.3f}",
+        "nfe_per_sample": cost.nfe_per_sample,
+        "sample_seconds": cost.seconds,
+        "note": f"N={cost.n}, NFE {cost.nfe_per_sample:.0f}, {cost.seconds:.1f} s, ESS/N {ess:.3f}",
     }
 
 
 def _run_sample_student(ctx: StageContext, wf: Workflow, st: StudentSpec) -> dict[str, Any]:
     from boltzflow.distill import load_student
 
-    device = stage_device(wf)
     folder = ctx.path(f"students/{st.name}")
-    student = load_student(folder / "student.pt", system=wf.system, map_location=device)
-    n, seed = wf.sample.n, wf.seed + 1
-    plan = sample_plan(wf)[st.name]
+    student = load_student(folder / "student.pt", system=wf.system, map_location=stage_device(wf))
     notes = []
     out: dict[str, Any] = {}
-    with wf.open_system() as system:
-        for label, steps in tqdm(
-            plan, desc=f"sample {st.name}", disable=None if ctx.progress else True
-        ):
-            start = time.perf_counter()
-            x, log_q = student.sample(n, steps, seed=seed, batch_size=wf.sample.batch_size)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            nfe = 1 if steps is None else steps
-            provenance = {
-                "model": st.name,
-                "method": st.method,
-                "checkpoint": f"students/{st.name}/student.pt",
-                "system": wf.system,
-                "seed": seed,
-                "n": n,
-                "steps": steps,
-                "nfe_per_sample": nfe,
-                "sample_seconds": seconds,
-                "log_q_kind": LOGQ_KIND[st.method],
-                "log_q": "density on the mean-free subspace" if student.mean_free else "density",
-            }
-            ess = _write_samples(
-                ctx.path(f"samples/{label}.h5"),
-                x,
-                log_q,
-                system,
-                provenance,
-                torch.full((n,), float(nfe), dtype=torch.float64),
-            )
-            out[label] = {"ess_fraction": ess, "sample_seconds": seconds}
-            notes.append(f"K={steps or 1}: {ess:.3f}")
+    checkpoint = f"students/{st.name}/student.pt"
+    provenance = {"model": st.name, "method": st.method, "checkpoint": checkpoint}
+    for label, steps in sample_plan(wf)[st.name]:
+        batch = wf.sample.batch_size
+        sampling = {"batch_size": batch}
+        ess, cost = _sample_model(ctx, wf, student, label, steps, provenance, sampling, batch)
+        out[label] = {"ess_fraction": ess, "sample_seconds": cost.seconds}
+        notes.append(f"K={steps or 1}: {ess:.3f}")
     return {"runs": out, "note": "ESS/N " + ", ".join(notes)}
 
 

@@ -224,7 +224,7 @@ def test_falcon_exact_pull_round_trips_an_egnn_push() -> None:
     torch.testing.assert_close(ladj_back, ladj, rtol=0, atol=1e-8)
     # log_prob scores points with the sampler's own density (preimages to its tolerance, 1e-5)
     torch.testing.assert_close(
-        model.log_prob(x, 2), model.prior.log_prob(z) - ladj, rtol=0, atol=1e-4
+        model.log_prob(x, steps=2), model.prior.log_prob(z) - ladj, rtol=0, atol=1e-4
     )
     learned, _ = model.learned_pull(x, 2)
     assert float((learned - z).norm(dim=-1).median()) > 1e-4, "untrained backward map is exact?"
@@ -242,7 +242,7 @@ def test_falcon_log_prob_is_nan_with_a_warning_off_the_maps_image() -> None:
     model = FALCON(TanhJump(), StandardGaussian(2), signed=False, model_config={})
     x = torch.tensor([[0.5, -0.3], [2.0, 0.1]], dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="1 of 2 points were not inverted"):
-        logq = model.log_prob(x, 1)
+        logq = model.log_prob(x, steps=1)
     z = torch.atanh(x[0])
     exact = model.prior.log_prob(z[None]) - torch.log1p(-(x[0] ** 2)).sum()
     torch.testing.assert_close(logq[:1].double(), exact, rtol=0, atol=1e-4)
@@ -293,7 +293,7 @@ def test_falcon_log_q_equals_brute_force_jacobian_of_its_composed_map(
     with torch.no_grad():  # make the map far from the identity
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    x, log_q = model.sample(5, steps, seed=2)
+    x, log_q = model.sample(5, steps=steps, seed=2)
     z = model.prior.sample(5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     basis = _subspace_basis(3, 2)
 
@@ -333,15 +333,15 @@ def test_euler_baselines_match_closed_forms_for_a_linear_field() -> None:
     z = torch.randn(6, 2, generator=g, dtype=torch.float64)
     log_p = StandardGaussian(2).log_prob(z)
     exact = EulerBaseline(teacher, logdet="exact")
-    x, lq = exact.sample(6, steps, seed=0)
+    x, lq = exact.sample(6, steps=steps, seed=0)
     assert torch.allclose(x, z @ torch.linalg.matrix_power(step, steps).T, atol=1e-12)
     expected = log_p - steps * torch.linalg.slogdet(step)[1]
     assert torch.allclose(lq, expected, atol=1e-10), (lq, expected)
     euler = EulerBaseline(teacher, logdet="euler")
-    _, lq_e = euler.sample(6, steps, seed=0)
+    _, lq_e = euler.sample(6, steps=steps, seed=0)
     assert torch.allclose(lq_e, log_p - float(torch.trace(A)), atol=1e-10)
     # backward: K Euler steps of -v from x: ladj = -sum log|det(I - h A)|
-    back = exact.log_prob(x, steps)
+    back = exact.log_prob(x, steps=steps)
     z_back = x @ torch.linalg.matrix_power(torch.eye(2, dtype=torch.float64) - h * A, steps).T
     expected_back = StandardGaussian(2).log_prob(z_back) + steps * math.log(
         abs(float(torch.linalg.det(torch.eye(2, dtype=torch.float64) - h * A)))

@@ -43,17 +43,17 @@ def test_save_load_roundtrip_and_wrong_system(kind: str, tmp_path: Path) -> None
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, log_q = student.sample(7, 2, seed=4)
+    x, log_q = student.sample(7, steps=2, seed=4)
     assert x.shape == (7, 6) and log_q.shape == (7,) and torch.isfinite(log_q).all()
     assert x.reshape(7, 3, 2).mean(1).abs().max() < 1e-6, "samples must be mean-free"
-    x2, log_q2 = student.sample(7, 2, seed=4)
+    x2, log_q2 = student.sample(7, steps=2, seed=4)
     assert torch.equal(x, x2) and torch.equal(log_q, log_q2), "same seed, same output"
     path = student.save(tmp_path / "student.pt")
     loaded = load_student(tmp_path, system="dw3")
     assert type(loaded) is type(student) and loaded.system == "dw3"
-    x3, log_q3 = loaded.sample(7, 2, seed=4)
+    x3, log_q3 = loaded.sample(7, steps=2, seed=4)
     assert torch.equal(x, x3) and torch.equal(log_q, log_q3)
-    assert torch.allclose(loaded.log_prob(x, 2), student.log_prob(x, 2))
+    assert torch.allclose(loaded.log_prob(x, steps=2), student.log_prob(x, steps=2))
     with pytest.raises(ValueError, match="trained for system 'dw3', not 'lj13'"):
         load_student(path, system="lj13")
     with pytest.raises(ValueError, match="not a"):
@@ -79,7 +79,7 @@ def test_log_prob_checks_points() -> None:
     with pytest.raises(ValueError, match="mean-free"):
         student.log_prob(torch.ones(3, 6))
     with pytest.raises(ValueError, match="steps"):
-        student.sample(3, 0)
+        student.sample(3, steps=0)
 
 
 def test_teacher_initialisation_makes_the_student_an_euler_step() -> None:
@@ -95,8 +95,8 @@ def test_teacher_initialisation_makes_the_student_an_euler_step() -> None:
         u = students[kind].net(t, x, s=s)
         assert torch.allclose(u, teacher.net(s, x), atol=1e-6), kind
     # so a 1-step student sample equals the 1-step Euler baseline's sample
-    xs, _ = students["falcon"].sample(4, 1, seed=0)
-    xe, _ = EulerBaseline(teacher).sample(4, 1, seed=0)
+    xs, _ = students["falcon"].sample(4, steps=1, seed=0)
+    xe, _ = EulerBaseline(teacher).sample(4, steps=1, seed=0)
     assert torch.allclose(xs, xe, atol=1e-5)
     with pytest.raises(ValueError, match="backbone"):
         init_from_teacher(

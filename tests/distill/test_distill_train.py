@@ -72,8 +72,8 @@ def test_tiny_f2d2_distillation_beats_the_euler_rule(toy_teacher: TeacherCNF, tm
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"], "training did not reduce the loss"
     loaded = load_student(tmp_path)
-    x, log_q = loaded.sample(300, 2, seed=1)
-    x_euler, log_q_euler = EulerBaseline(toy_teacher, logdet="euler").sample(300, 2, seed=1)
+    x, log_q = loaded.sample(300, steps=2, seed=1)
+    x_euler, log_q_euler = EulerBaseline(toy_teacher, logdet="euler").sample(300, steps=2, seed=1)
     x_ode, _ = toy_teacher.sample(300, seed=1, atol=1e-6, rtol=1e-6)
     ref = toy_teacher.log_prob(x, atol=1e-6, rtol=1e-6)
     ref_euler = toy_teacher.log_prob(x_euler, atol=1e-6, rtol=1e-6)
@@ -99,7 +99,7 @@ def test_tiny_falcon_distillation_learns_invertibility(
         before = float(init.inversion_error(z, 2).median())
         after[signed] = float(student.inversion_error(z, 2).median())
         assert after[signed] < before, f"signed={signed}: {before:.4g} -> {after[signed]:.4g}"
-        x, log_q = student.sample(200, 2, seed=2)
+        x, log_q = student.sample(200, steps=2, seed=2)
         assert torch.isfinite(log_q).all() and x.shape == (200, 2)
     assert after[False] < after[True], f"inversion error signed/unsigned {after}"
 
@@ -114,7 +114,7 @@ def test_falcon_trains_from_data_alone(toy_teacher: TeacherCNF, tmp_path: Path) 
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"fm", "meanflow", "inverse"} <= set(metrics[-1]) and "pair" not in metrics[-1]
     assert metrics[-1]["fm"] < metrics[0]["fm"], "flow matching loss did not decrease"
-    _, log_q = student.sample(100, 2, seed=0)
+    _, log_q = student.sample(100, steps=2, seed=0)
     assert torch.isfinite(log_q).all()
     with pytest.raises(ValueError, match="pairs"):
         bad = _config("falcon", steps=1)
