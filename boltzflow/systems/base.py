@@ -20,7 +20,7 @@ __all__ = ["System", "SystemInfo", "check_coordinates"]
 
 @dataclass(frozen=True)
 class SystemInfo:
-    """Static description of a system, as read from its ``systems/<name>.toml``."""
+    """Static description of a system, as read from its ``<name>.toml`` definition."""
 
     name: str
     dim: int
@@ -36,7 +36,7 @@ class SystemInfo:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], params: dict[str, Any], **extra: Any) -> SystemInfo:
-        """Build from a parsed ``systems/<name>.toml`` (see :mod:`boltzflow.systems.registry`).
+        """Build from a parsed ``<name>.toml`` definition (see :mod:`boltzflow.systems.registry`).
 
         ``dim`` defaults to ``n_particles * spatial_dim``; ``extra`` (e.g. a computed ``log_z``)
         overrides the file.

@@ -32,7 +32,8 @@ __all__ = [
     "is_l_form",
 ]
 
-#: Backbone φ of alanine dipeptide (C(ACE), N, Cα, C), 0-based in ``systems/aldp``'s PDB order.
+#: Backbone φ of alanine dipeptide (C(ACE), N, Cα, C), 0-based in the atom order of the built-in
+#: ALDP PDB (``boltzflow/systems/definitions/aldp``).
 ALDP_PHI_ATOMS: tuple[int, int, int, int] = (4, 6, 8, 14)
 #: Backbone ψ of alanine dipeptide (N, Cα, C, N(NME)).
 ALDP_PSI_ATOMS: tuple[int, int, int, int] = (6, 8, 14, 16)

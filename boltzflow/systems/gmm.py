@@ -3,7 +3,8 @@
 p(x) = (1/K) Σ_k N(x; μ_k, σ² I),  u(x) = −log p(x)  (computed with logsumexp),
 
 so Z = 1 and log Z = 0 exactly. GMM-40: K = 40 modes in 2-D, σ = softplus(1) = 1.3133, means
-uniform in [−40, 40]² as drawn by FAB (shipped as constants in ``systems/gmm_40.toml``).
+uniform in [−40, 40]² as drawn by FAB (shipped as constants in the built-in definition
+``boltzflow/systems/definitions/gmm_40.toml``).
 
 Mode masses: component k carries mass exactly 1/K. Several FAB means lie within one σ of each
 other, so labelling a point by its nearest mean (:meth:`GMMSystem.mode_assignment`) mislabels a

@@ -1,4 +1,4 @@
-"""Molecular systems whose energy comes from OpenMM (``kind = "openmm"`` in ``systems/*.toml``).
+"""Molecular systems whose energy comes from OpenMM (``kind = "openmm"`` in a system definition).
 
 The reduced energy is u(x) = U(x) / kT with U the OpenMM potential energy in kJ/mol and
 kT = RÂ·T (:mod:`boltzflow.constants`); positions are in nm, flat ``(batch, 3 * n_atoms)`` in the
@@ -6,10 +6,11 @@ atom order of the structure file. Gradients come from OpenMM's forces: du/dx = â
 
 Definition parameters (``[parameters]`` table):
 
-- ``structure``: PDB file (relative to the ``systems/`` folder) giving topology, atom order and the
-  reference configuration.
-- either ``forcefield``: list of OpenMM force-field XML files (built-in names such as
-  ``"amber99sbildn.xml"`` or paths relative to ``systems/``), applied to the PDB topology;
+- ``structure``: PDB file (relative to the folder of the definition file) giving topology, atom
+  order and the reference configuration.
+- either ``forcefield``: list of OpenMM force-field XML files (OpenMM's built-in names such as
+  ``"amber99sbildn.xml"``, or paths relative to the definition's folder, which win over a built-in
+  of the same name), applied to the PDB topology;
 - or ``prmtop``: an AMBER prmtop (same atom order as the PDB, checked) with ``implicit_solvent``
   one of ``"none"``, ``"HCT"``, ``"OBC1"``, ``"OBC2"``, ``"GBn"``, ``"GBn2"``.
 - ``platform``: ``"Reference"``, ``"CPU"``, ``"CUDA"``, ``"OpenCL"`` or ``"auto"``.
@@ -317,7 +318,7 @@ def _check_same_atoms(prmtop: app.Topology, pdb: app.Topology, system: str) -> N
 
 
 def build(spec: dict[str, Any], params: dict[str, Any], source_dir: Path) -> MolecularSystem:
-    """Build a :class:`MolecularSystem` from a ``systems/<name>.toml`` definition.
+    """Build a :class:`MolecularSystem` from a ``<name>.toml`` definition in ``source_dir``.
 
     Raises:
         ValueError: unknown or inconsistent parameters.

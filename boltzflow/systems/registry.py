@@ -1,4 +1,15 @@
-"""Registry of named systems, each declared by a data file ``systems/<name>.toml``.
+"""Registry of named systems, each declared by a data file ``<name>.toml``.
+
+The built-in definitions ship inside the package, in ``boltzflow/systems/definitions/`` (data
+only: one TOML per system, plus structure files such as ``aldp/alanine-dipeptide.pdb``).
+``$BOLTZFLOW_SYSTEMS_DIR`` adds a user's own folder of definitions (several folders separated by
+``os.pathsep``, ``:`` on Linux and macOS). Every definition's relative file paths (structure,
+prmtop, force-field XML) are resolved against the folder that holds that definition.
+
+A name must be defined once: a user file with the name of a built-in system (or one defined in two
+user folders) is an error, raised by :func:`available`, :func:`definition` and
+:func:`load_system`. A system name identifies an energy in datasets, checkpoints and workflow
+files, so it must not silently change meaning; give a modified system a new name.
 
 A definition names a ``kind`` (which builder constructs it), static facts (particles, spatial
 dimension, temperature, force field, reference) and a ``[parameters]`` table. Builders are looked
@@ -16,10 +27,21 @@ from typing import Any
 from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.systems.base import System
 
-__all__ = ["SYSTEMS_DIR_ENV", "available", "definition", "load_system", "systems_dir"]
+__all__ = [
+    "BUILTIN_DIR",
+    "SYSTEMS_DIR_ENV",
+    "available",
+    "definition",
+    "definition_file",
+    "load_system",
+    "search_path",
+]
 
-#: Environment variable that points at another folder of system definitions.
+#: Environment variable naming more folders of system definitions (``os.pathsep``-separated).
 SYSTEMS_DIR_ENV = "BOLTZFLOW_SYSTEMS_DIR"
+
+#: The built-in definitions, installed with the package.
+BUILTIN_DIR = Path(__file__).resolve().parent / "definitions"
 
 # kind -> "module:function"; each builder takes (definition dict, parameters dict, source folder)
 # and returns a System.
@@ -47,25 +69,62 @@ _TOP_LEVEL_KEYS = {
 }
 
 
-def systems_dir() -> Path:
-    """Folder holding the ``<name>.toml`` definitions.
+def search_path() -> list[Path]:
+    """Folders searched for ``<name>.toml``: the built-in one, then ``$BOLTZFLOW_SYSTEMS_DIR``'s.
 
-    ``$BOLTZFLOW_SYSTEMS_DIR`` if set, else the ``systems/`` folder beside the package (a source
-    checkout or editable install).
+    Raises:
+        FileNotFoundError: the built-in folder is missing (a broken install) or a folder named by
+            ``$BOLTZFLOW_SYSTEMS_DIR`` does not exist.
     """
-    env = os.environ.get(SYSTEMS_DIR_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "systems"
-    if not path.is_dir():
+    if not BUILTIN_DIR.is_dir():
         raise FileNotFoundError(
-            f"system definitions folder not found: {path} (set ${SYSTEMS_DIR_ENV} to a folder "
-            "of <name>.toml files)"
+            f"built-in system definitions not found at {BUILTIN_DIR}; reinstall boltzflow"
         )
-    return path
+    folders = [BUILTIN_DIR]
+    for entry in os.environ.get(SYSTEMS_DIR_ENV, "").split(os.pathsep):
+        if not entry:
+            continue
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"${SYSTEMS_DIR_ENV} names {entry!r}, which is not a folder (it should hold "
+                "<name>.toml system definitions)"
+            )
+        if path not in folders:
+            folders.append(path)
+    return folders
+
+
+def _index() -> dict[str, Path]:
+    """Name -> definition file over :func:`search_path`; a name defined twice is an error."""
+    files: dict[str, Path] = {}
+    for folder in search_path():
+        for path in sorted(folder.glob("*.toml")):
+            if path.stem in files:
+                raise ValueError(
+                    f"system {path.stem!r} is defined twice: {files[path.stem]} and {path}. "
+                    f"Folders in ${SYSTEMS_DIR_ENV} may add systems but not redefine one; give "
+                    f"yours another name (file name and its 'name' key), e.g. {path.stem}_custom"
+                )
+            files[path.stem] = path
+    return files
 
 
 def available() -> list[str]:
-    """Names of all defined systems, sorted."""
-    return sorted(p.stem for p in systems_dir().glob("*.toml"))
+    """Names of all defined systems (built-in and ``$BOLTZFLOW_SYSTEMS_DIR``), sorted."""
+    return sorted(_index())
+
+
+def definition_file(name: str) -> Path:
+    """Path of the TOML file that defines system ``name``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    files = _index()
+    if name not in files:
+        raise KeyError(f"unknown system {name!r}; known systems: {', '.join(sorted(files))}")
+    return files[name]
 
 
 def definition(name: str) -> dict[str, Any]:
@@ -73,11 +132,9 @@ def definition(name: str) -> dict[str, Any]:
 
     Raises:
         KeyError: unknown name (the message lists the known ones).
-        ValueError: a malformed definition file.
+        ValueError: a malformed definition file, or a name defined twice.
     """
-    path = systems_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise KeyError(f"unknown system {name!r}; known systems: {', '.join(available())}")
+    path = definition_file(name)
     spec = read_toml_file(path, "system definition")
     unknown = set(spec) - _TOP_LEVEL_KEYS
     if unknown:
@@ -123,4 +180,4 @@ def load_system(name: str, **overrides: Any) -> System:
         else:
             valid = sorted([*params, "temperature"])
             raise TypeError(f"system {name!r} has no parameter {key!r}; valid overrides: {valid}")
-    return _builder(spec["kind"])(spec, params, systems_dir())
+    return _builder(spec["kind"])(spec, params, definition_file(name).parent)

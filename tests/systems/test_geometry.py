@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import mdtraj
 import numpy as np
@@ -22,8 +21,9 @@ from boltzflow.systems.geometry import (
     fix_chirality,
     is_l_form,
 )
+from boltzflow.systems.registry import BUILTIN_DIR
 
-PDB = Path(__file__).resolve().parents[2] / "systems" / "aldp" / "alanine-dipeptide.pdb"
+PDB = BUILTIN_DIR / "aldp" / "alanine-dipeptide.pdb"
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from openmm import app, unit
 from boltzflow.constants import MOLAR_GAS_CONSTANT
 from boltzflow.systems import load_system
 from boltzflow.systems.molecular import MolecularSystem, build, regularise_energy
-from boltzflow.systems.registry import definition, systems_dir
+from boltzflow.systems.registry import BUILTIN_DIR, definition
 
-ALDP = Path(__file__).resolve().parents[2] / "systems" / "aldp"
+ALDP = BUILTIN_DIR / "aldp"
 VARIANTS = ["aldp", "aldp_vacuum", "aldp_ff96_obc1"]
 KT = MOLAR_GAS_CONSTANT * 300.0  # kJ/mol
 # Reduced energies of the PDB configuration (OpenMM 8.6, Reference platform); see the report.
@@ -228,13 +228,13 @@ def test_definition_errors(tmp_path: Path):
     spec = definition("aldp_ff96_obc1")
     params = dict(spec["parameters"])
     with pytest.raises(ValueError, match="unknown parameters"):
-        build(spec, {**params, "cutoff": 1.0}, systems_dir())
+        build(spec, {**params, "cutoff": 1.0}, BUILTIN_DIR)
     with pytest.raises(ValueError, match="exactly one"):
-        build(spec, {**params, "forcefield": ["amber99sbildn.xml"]}, systems_dir())
+        build(spec, {**params, "forcefield": ["amber99sbildn.xml"]}, BUILTIN_DIR)
     with pytest.raises(ValueError, match="implicit_solvent"):
-        build(spec, {**params, "implicit_solvent": "OBC3"}, systems_dir())
+        build(spec, {**params, "implicit_solvent": "OBC3"}, BUILTIN_DIR)
     with pytest.raises(FileNotFoundError, match="structure"):
-        build(spec, {**params, "structure": "aldp/missing.pdb"}, systems_dir())
+        build(spec, {**params, "structure": "aldp/missing.pdb"}, BUILTIN_DIR)
     with pytest.raises(TypeError, match="no parameter"):
         load_system("aldp", cutoff=1.0)
     # A structure whose atom order differs from the prmtop is refused.

@@ -20,8 +20,9 @@ from openmm import app, unit
 
 from boltzflow.systems import openmm_pool
 from boltzflow.systems.openmm_pool import OpenMMPool
+from boltzflow.systems.registry import BUILTIN_DIR
 
-ALDP = Path(__file__).resolve().parents[2] / "systems" / "aldp"
+ALDP = BUILTIN_DIR / "aldp"
 POOL_FILE = Path(openmm_pool.__file__).resolve()
 
 
