@@ -19,18 +19,22 @@ NLL of a baseline is therefore a few-step estimate, not the density of its sampl
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from boltzflow.distill.base import Student, register_student
+from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.distill.flowmap import map_and_logdet, subspace_basis, time_grid
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import exact_divergence
+from boltzflow.models.method import Method
 from boltzflow.models.protocol import LOG_Q_KINDS
 
-__all__ = ["LOGDETS", "EulerBaseline"]
+__all__ = ["LOGDETS", "METHODS", "EulerBaseline", "EulerConfig", "build_baseline", "train_baseline"]
 
 LOGDETS = ("euler", "exact")
 
@@ -97,3 +101,54 @@ class EulerBaseline(Student):
                 x = self._project(x)
                 total = total - inc
         return x, total
+
+
+@dataclass
+class EulerConfig:
+    """A K-step Euler baseline: how it carries log q (``"euler"`` or ``"exact"``)."""
+
+    logdet: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.logdet not in LOGDETS:
+            raise ValueError(f"unknown logdet {self.logdet!r}; valid: {list(LOGDETS)}")
+
+
+def build_baseline(cfg: EulerConfig, teacher: TeacherCNF, *, system: str | None) -> EulerBaseline:
+    """The baseline on ``teacher``'s velocity (nothing to train)."""
+    return EulerBaseline(teacher, logdet=cfg.logdet, system=system)
+
+
+def train_baseline(
+    cfg: EulerConfig,
+    teacher: TeacherCNF,
+    output: str | os.PathLike[str],
+    *,
+    system: str | None = None,
+    **_: Any,
+) -> EulerBaseline:
+    """Build a baseline and write ``output/student.pt``: it has no training, so data, resume,
+    progress and run_info have nothing to act on."""
+    model = build_baseline(cfg, teacher, system=system)
+    model.save(Path(output) / STUDENT_FILE)
+    return model
+
+
+#: registry entries (:mod:`boltzflow.models.registry`)
+METHODS = [
+    Method(
+        name=name,
+        model=EulerBaseline,
+        config=EulerConfig,
+        build=build_baseline,
+        train=train_baseline,
+        log_q_kind=LOG_Q_KINDS[kind],
+        uses_steps=True,
+        description=description,
+        defaults={"logdet": logdet},
+    )
+    for name, logdet, kind, description in (
+        ("euler", "euler", "euler_rule", "K Euler steps of the teacher, Euler-rule log q"),
+        ("euler-exact", "exact", "step_logdet", "K Euler steps of the teacher, exact log-det"),
+    )
+]

@@ -59,6 +59,7 @@ from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
+from boltzflow.models.method import Method
 from boltzflow.systems import System, load_system
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file
@@ -534,3 +535,22 @@ def train_student(
     if trainer.step >= cfg.train.steps:
         ema.save(out / STUDENT_FILE, extra={"steps": trainer.step, "run": run_config})
     return ema
+
+
+def _entry(name: str, model: type, description: str) -> Method:
+    return Method(
+        name=name,
+        model=model,
+        config=StudentConfig,
+        build=build_student,
+        train=train_student,
+        log_q_kind=model.log_q_kind,
+        uses_steps=True,
+        description=description,
+        defaults={"method": name},
+    )
+
+
+#: registry entries (:mod:`boltzflow.models.registry`)
+F2D2_METHOD = _entry("f2d2", F2D2, "flow map with a learned divergence head (F2D2)")
+FALCON_METHOD = _entry("falcon", FALCON, "flow map with exact per-step log-determinants (FALCON)")
