@@ -26,7 +26,7 @@ METHODS = ("f2d2", "falcon", "nf")
 
 def holds_student(path: str) -> bool:
     """True if ``path`` is a student file or a folder holding a student (or its checkpoint)."""
-    from boltzflow.train.checkpoint import load_checkpoint
+    from boltzflow.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if p.is_dir():

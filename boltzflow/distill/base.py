@@ -35,8 +35,8 @@ from boltzflow.flows.priors import (
     build_prior,
     check_points,
 )
+from boltzflow.io.checkpoint import load_model_checkpoint, save_checkpoint
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
 __all__ = ["STUDENTS", "STUDENT_FILE", "Student", "load_student", "register_student"]
 

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, gaussian_prior
+from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.trainer import Trainer
 

@@ -1,1 +1,2 @@
-"""Input/output helpers: atomic file writes, sample stores, trajectory export."""
+"""Input/output helpers: atomic file writes, checksummed checkpoints, sample stores, trajectory
+export."""

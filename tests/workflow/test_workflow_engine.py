@@ -198,8 +198,8 @@ def test_stage_key_depends_on_every_ingredient():
 
 def test_fingerprints_ignore_timestamps_but_not_content(tmp_path):
     from boltzflow.data import write_dataset
+    from boltzflow.io.checkpoint import save_checkpoint
     from boltzflow.io.samples import SampleWriter
-    from boltzflow.train.checkpoint import save_checkpoint
 
     x = np.arange(12.0).reshape(3, 4)
     prov = {
