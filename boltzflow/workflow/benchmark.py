@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.report import jsonable
-from boltzflow.workflow.runner import StageContext
 from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stage import StageContext
 from boltzflow.workflow.stages import (
     LOGQ_KIND,
     REFERENCE_FILE,

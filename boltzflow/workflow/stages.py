@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_path
 from boltzflow.workflow.cache import canonical_json
-from boltzflow.workflow.runner import Stage, StageContext
 from boltzflow.workflow.spec import StudentSpec, Workflow, sample_label
+from boltzflow.workflow.stage import Stage, StageContext
 
 __all__ = [
     "LOGQ_KIND",

@@ -21,7 +21,8 @@ from boltzflow.workflow.cache import (
     run_lock,
     stage_key,
 )
-from boltzflow.workflow.runner import Stage, format_stage_table, run_stages
+from boltzflow.workflow.runner import format_stage_table, run_stages
+from boltzflow.workflow.stage import Stage
 
 
 class Toy:
