@@ -61,8 +61,8 @@ def weighted_metrics(
     ``u_ref`` (None: no W2), and the number of non-finite log weights, for samples ``x (N, dim)``
     with log densities ``log_q (N,)``."""
     from boltzflow.metrics import energy_w2
-    from boltzflow.sampling.analysis import compute_energies
     from boltzflow.sampling.weights import ess_fraction, log_weights
+    from boltzflow.systems.base import compute_energies
 
     u = compute_energies(system, x.detach().cpu())
     log_w = log_weights(u, log_q.detach().cpu().double())
@@ -77,8 +77,8 @@ def weighted_metrics(
 
 def sample_log_weights(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Log weights ``-u(x) - log q (N,)`` (float64, CPU) of samples ``x (N, dim)``."""
-    from boltzflow.sampling.analysis import compute_energies
     from boltzflow.sampling.weights import log_weights
+    from boltzflow.systems.base import compute_energies
 
     return log_weights(compute_energies(system, x.detach().cpu()), log_q.detach().cpu().double())
 
@@ -221,7 +221,7 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     from boltzflow.data import read_dataset
     from boltzflow.distill import EulerBaseline, load_student
     from boltzflow.flows.cnf import TeacherCNF
-    from boltzflow.sampling.analysis import compute_energies
+    from boltzflow.systems.base import compute_energies
 
     bm, device = wf.benchmark, stage_device(wf)
     n, seed = bm.n, wf.seed + 1

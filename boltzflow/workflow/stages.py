@@ -294,8 +294,8 @@ def _write_samples(
 ) -> float:
     """Energies, log weights and the sample store; returns ESS/N."""
     from boltzflow.io.samples import SampleWriter
-    from boltzflow.sampling.analysis import compute_energies
     from boltzflow.sampling.weights import ess_fraction, log_weights
+    from boltzflow.systems.base import compute_energies
 
     x = x.detach().cpu().double()
     log_q = log_q.detach().cpu().double()
