@@ -316,11 +316,9 @@ def _system_facts(system: Any) -> tuple[str | None, int, int | None, int | None,
 
 def _resolve_system(system: Any) -> Any:
     if isinstance(system, str):
-        from boltzflow.systems.base import SystemInfo
-        from boltzflow.systems.registry import definition
+        from boltzflow.systems.registry import system_info
 
-        spec = definition(system)
-        return SystemInfo.from_spec(spec, spec.get("parameters", {}))
+        return system_info(system)
     return system
 
 

@@ -1,7 +1,7 @@
 """Physical systems with exact, batched, differentiable reduced energies."""
 
 from boltzflow.systems.base import System, SystemInfo, compute_energies
-from boltzflow.systems.registry import available, definition, load_system
+from boltzflow.systems.registry import available, definition, load_system, system_info
 
 __all__ = [
     "System",
@@ -10,4 +10,5 @@ __all__ = [
     "compute_energies",
     "definition",
     "load_system",
+    "system_info",
 ]
