@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzflow.io.report import write_report
+from boltzflow.analysis.report import write_report
 from boltzflow.io.samples import read_samples
 from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.sampling.estimators import free_energy_difference, snis_expectation

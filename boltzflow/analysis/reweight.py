@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzflow.io.report import write_report
+from boltzflow.analysis.report import write_report
 from boltzflow.io.samples import FORMAT_NAME, SampleSet, read_samples
 from boltzflow.metrics import (
     chirality_rate,
@@ -228,7 +228,7 @@ def reweight_analysis(
             system, x, lw_np, w_norm, ref_x, out, plots, n_bootstrap, level, seed, max_ot_points
         )
         if trajectory is not None:
-            from boltzflow.io.trajectory import export_trajectory
+            from boltzflow.analysis.trajectory import export_trajectory
 
             k = n_resample or min(n, 1000)
             path = export_trajectory(

@@ -38,7 +38,7 @@ def _cmd_reweight(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from boltzflow.analysis.estimate import estimate_from_spec
-    from boltzflow.io.report import jsonable
+    from boltzflow.analysis.report import jsonable
 
     results = estimate_from_spec(args.spec, out_dir=args.output)
     print(json.dumps(jsonable(results), indent=2))

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.io.report import jsonable
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stage import StageContext
 from boltzflow.workflow.stages import (

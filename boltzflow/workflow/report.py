@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.io.report import jsonable
 from boltzflow.sampling.results import Estimate
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stage import StageContext
