@@ -38,14 +38,15 @@ import numpy as np
 import torch
 from scipy import stats
 
+from boltzflow.analysis.report import jsonable
+from boltzflow.analysis.reweight import ALDP_STATE_A
 from boltzflow.data import load_positions
 from boltzflow.distill import load_student
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.io.report import jsonable
 from boltzflow.plots import plot_free_energy_profile
-from boltzflow.sampling.analysis import ALDP_STATE_A, compute_energies
 from boltzflow.sampling.estimators import free_energy_difference, free_energy_profile
 from boltzflow.sampling.weights import ess_fraction, log_weights
+from boltzflow.systems.base import compute_energies
 from boltzflow.workflow import load_workflow, run_workflow
 from boltzflow.workflow.stages import REFERENCE_FILE
 

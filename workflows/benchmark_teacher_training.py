@@ -35,8 +35,8 @@ import torch
 
 from boltzflow.data import load_positions
 from boltzflow.io.atomic import atomic_write_text
+from boltzflow.io.checkpoint import load_checkpoint
 from boltzflow.systems import load_system
-from boltzflow.train.checkpoint import load_checkpoint
 from boltzflow.train.config import load_teacher_config
 from boltzflow.train.teacher import SystemShape, train_teacher
 

@@ -24,7 +24,7 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.tom
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from boltzflow.cli.run_cmd import load_from_args, print_outputs
-    from boltzflow.workflow.runner import run_workflow
+    from boltzflow.workflow.pipeline import run_workflow
 
     path = Path(args.workflow) if args.workflow else QUICKSTART
     if not path.is_file():

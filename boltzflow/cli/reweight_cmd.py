@@ -10,7 +10,7 @@ __all__ = ["register"]
 
 
 def _cmd_reweight(args: argparse.Namespace) -> int:
-    from boltzflow.sampling.analysis import reweight_analysis
+    from boltzflow.analysis.reweight import reweight_analysis
     from boltzflow.systems import load_system
 
     if not 0.0 <= args.clip < 1.0:
@@ -37,8 +37,8 @@ def _cmd_reweight(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from boltzflow.io.report import jsonable
-    from boltzflow.sampling.analysis import estimate_from_spec
+    from boltzflow.analysis.estimate import estimate_from_spec
+    from boltzflow.analysis.report import jsonable
 
     results = estimate_from_spec(args.spec, out_dir=args.output)
     print(json.dumps(jsonable(results), indent=2))
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "estimate",
         help="observables and free-energy differences from a TOML spec",
-        description="See boltzflow.sampling.analysis.estimate_from_spec for the spec format.",
+        description="See boltzflow.analysis.estimate.estimate_from_spec for the spec format.",
     )
     p.add_argument("spec", help="TOML spec file")
     p.add_argument("-o", "--output", default=None, help="folder for estimate.md / estimate.json")

@@ -52,7 +52,7 @@ def print_outputs(run: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from boltzflow.workflow.runner import run_workflow
+    from boltzflow.workflow.pipeline import run_workflow
 
     wf = load_from_args(args, args.workflow)
     if args.check:
@@ -68,7 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from boltzflow.workflow.runner import run_workflow
+    from boltzflow.workflow.pipeline import run_workflow
 
     wf = load_from_args(args, args.workflow)
     if args.check:

@@ -383,11 +383,9 @@ def load_positions(
 
 def _conform_to_system(x: np.ndarray, system: Any, path: Path) -> np.ndarray:
     if isinstance(system, str):  # the static definition suffices; no need to build the system
-        from boltzflow.systems import definition
-        from boltzflow.systems.base import SystemInfo
+        from boltzflow.systems.registry import system_info
 
-        spec = definition(system)
-        system = SystemInfo.from_spec(spec, spec["parameters"])
+        system = system_info(system)
     if x.shape[1] != system.dim:
         raise ValueError(
             f"{path}: {system.name} has dim {system.dim}, but the array has {x.shape[1]} columns"

@@ -14,7 +14,7 @@ their estimate. :class:`Student` then supplies batching, seeding, unit scaling, 
 check and persistence. For mean-free particle systems every density is on the (n - 1) d
 subspace, as for the teacher (:mod:`boltzflow.flows.priors`).
 
-Checkpoint payload (:func:`boltzflow.train.checkpoint.save_checkpoint`, kind ``"student"``):
+Checkpoint payload (:func:`boltzflow.io.checkpoint.save_checkpoint`, kind ``"student"``):
 ``student_kind`` (registry name), ``system`` (name or None), ``model_config`` (what
 ``from_config`` needs), ``state_dict``, ``extra``.
 """
@@ -37,6 +37,7 @@ from boltzflow.flows.priors import (
     build_prior,
     check_points,
 )
+from boltzflow.io.checkpoint import load_model_checkpoint, save_checkpoint
 from boltzflow.models.protocol import (
     FlowOutput,
     SamplingMixin,
@@ -46,7 +47,6 @@ from boltzflow.models.protocol import (
     check_trained_for,
 )
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
 __all__ = ["STUDENTS", "STUDENT_FILE", "Student", "load_student", "register_student"]
 

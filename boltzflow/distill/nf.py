@@ -57,9 +57,9 @@ from torch import Tensor, nn
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
 from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, gaussian_prior
+from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.models.protocol import LOG_Q_KINDS
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.trainer import Trainer
 
@@ -320,11 +320,9 @@ def _system_facts(system: Any) -> tuple[str | None, int, int | None, int | None,
 
 def _resolve_system(system: Any) -> Any:
     if isinstance(system, str):
-        from boltzflow.systems.base import SystemInfo
-        from boltzflow.systems.registry import definition
+        from boltzflow.systems.registry import system_info
 
-        spec = definition(system)
-        return SystemInfo.from_spec(spec, spec.get("parameters", {}))
+        return system_info(system)
     return system
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import exact_divergence
-from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["Trajectories", "teacher_trajectories"]
 

@@ -34,6 +34,7 @@ from boltzflow.flows.priors import (
     check_points,
     gaussian_prior,
 )
+from boltzflow.io.checkpoint import load_model_checkpoint, save_checkpoint
 from boltzflow.models.protocol import (
     LOG_Q_KINDS,
     FlowOutput,
@@ -45,7 +46,6 @@ from boltzflow.models.protocol import (
 )
 from boltzflow.nn import build_backbone
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.checkpoint import load_model_checkpoint, save_checkpoint
 
 __all__ = ["DEFAULT_SAMPLING", "FlowOutput", "TeacherCNF"]
 

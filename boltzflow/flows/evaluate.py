@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from boltzflow.sampling.draw import Draw, compute_energies, iter_draws, write_draws
+from boltzflow.sampling.draw import Draw, iter_draws, write_draws
 from boltzflow.sampling.weights import ess_fraction, kish_ess, normalized_weights
+from boltzflow.systems.base import compute_energies
 
 __all__ = ["evaluate_flow", "nll_summary"]
 

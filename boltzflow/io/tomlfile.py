@@ -2,7 +2,7 @@
 
 One implementation for every TOML the product reads: run configs
 (:mod:`boltzflow.train.config`), workflows (:mod:`boltzflow.workflow.spec`), system definitions
-(:mod:`boltzflow.systems.registry`) and reweighting specs (:mod:`boltzflow.sampling.analysis`).
+(:mod:`boltzflow.systems.registry`) and estimate specs (:mod:`boltzflow.analysis.estimate`).
 Errors name the file or the table (``where``) and the offending key.
 """
 

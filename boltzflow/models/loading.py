@@ -34,7 +34,7 @@ def model_kind(path: str | os.PathLike[str]) -> str:
         FileNotFoundError: nothing loadable at ``path``.
         ValueError: a corrupt file, or a checkpoint of something that is not a model.
     """
-    from boltzflow.train.checkpoint import load_checkpoint
+    from boltzflow.io.checkpoint import load_checkpoint
 
     file = _model_file(Path(path))
     payload = load_checkpoint(file)

@@ -25,25 +25,17 @@ from boltzflow.io.samples import SampleWriter
 from boltzflow.models.protocol import FlowOutput
 from boltzflow.sampling.results import WeightedSamples
 from boltzflow.sampling.weights import log_weights
+from boltzflow.systems.base import compute_energies
 
 __all__ = [
     "Draw",
     "DrawBatch",
     "SampleCost",
-    "compute_energies",
     "cost_of",
     "draw_samples",
     "iter_draws",
     "write_draws",
 ]
-
-
-def compute_energies(system: Any, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Reduced energies ``(N,)`` float64 of ``x (N, dim)`` in batches, without gradients."""
-    x = torch.as_tensor(x, dtype=torch.float64)
-    with torch.no_grad():
-        parts = [system.energy(chunk).to(torch.float64) for chunk in x.split(batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,14 @@
 """Physical systems with exact, batched, differentiable reduced energies."""
 
-from boltzflow.systems.base import System, SystemInfo
-from boltzflow.systems.registry import available, definition, load_system
+from boltzflow.systems.base import System, SystemInfo, compute_energies
+from boltzflow.systems.registry import available, definition, load_system, system_info
 
-__all__ = ["System", "SystemInfo", "available", "definition", "load_system"]
+__all__ = [
+    "System",
+    "SystemInfo",
+    "available",
+    "compute_energies",
+    "definition",
+    "load_system",
+    "system_info",
+]

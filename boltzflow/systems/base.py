@@ -15,7 +15,7 @@ from torch import Tensor
 
 from boltzflow.systems.particles import remove_mean
 
-__all__ = ["System", "SystemInfo", "check_coordinates"]
+__all__ = ["System", "SystemInfo", "check_coordinates", "compute_energies"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,11 @@ class System(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
+
+
+def compute_energies(system: System, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Reduced energies ``(N,)`` float64 of ``x`` in batches, without gradients."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    with torch.no_grad():
+        parts = [system.energy(chunk).to(torch.float64) for chunk in x.split(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)

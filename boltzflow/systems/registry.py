@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from boltzflow.io.tomlfile import read_toml_file
-from boltzflow.systems.base import System
+from boltzflow.systems.base import System, SystemInfo
 
 __all__ = [
     "BUILTIN_DIR",
@@ -35,6 +35,7 @@ __all__ = [
     "definition_file",
     "load_system",
     "search_path",
+    "system_info",
 ]
 
 #: Environment variable naming more folders of system definitions (``os.pathsep``-separated).
@@ -147,6 +148,24 @@ def definition(name: str) -> dict[str, Any]:
     spec["name"] = name
     spec.setdefault("parameters", {})
     return spec
+
+
+def system_info(name: str) -> SystemInfo:
+    """The static facts of system ``name`` (``dim``, ``n_particles``, ``spatial_dim``,
+    ``mean_free``, ...) from its definition file, without building the system.
+
+    A value the builder computes (e.g. an exact ``log_z``) is not included.
+
+    Raises:
+        KeyError, ValueError: as :func:`definition`.
+
+    Example:
+        >>> from boltzflow.systems import system_info
+        >>> system_info("dw4").dim
+        8
+    """
+    spec = definition(name)
+    return SystemInfo.from_spec(spec, spec["parameters"])
 
 
 def _builder(kind: str) -> Callable[[dict[str, Any], dict[str, Any], Path], System]:

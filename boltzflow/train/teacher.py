@@ -52,11 +52,9 @@ class SystemShape:
     @classmethod
     def from_name(cls, name: str) -> SystemShape:
         """From a registered system's definition file (does not build the system)."""
-        from boltzflow.systems.base import SystemInfo
-        from boltzflow.systems.registry import definition
+        from boltzflow.systems.registry import system_info
 
-        spec = definition(name)
-        return cls.of(SystemInfo.from_spec(spec, spec.get("parameters", {})))
+        return cls.of(system_info(name))
 
 
 def _sampling(cfg: SampleConfig) -> dict[str, Any]:

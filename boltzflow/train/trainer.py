@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.train.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.prefetch import step_batches
 

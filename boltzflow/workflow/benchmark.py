@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.io.report import jsonable
 from boltzflow.sampling.results import WeightedSamples
-from boltzflow.workflow.runner import StageContext
 from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stage import StageContext
 from boltzflow.workflow.stages import (
     REFERENCE_FILE,
     TEACHER_FILE,
@@ -72,7 +72,7 @@ def weighted_sample_metrics(
 
 
 def _weighted(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> WeightedSamples:
-    from boltzflow.sampling.draw import compute_energies
+    from boltzflow.systems.base import compute_energies
 
     x = x.detach().cpu()
     return WeightedSamples.from_energies(x, log_q.detach().cpu(), compute_energies(system, x))
@@ -224,7 +224,8 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     from boltzflow.data import read_dataset
     from boltzflow.distill import EulerBaseline, load_student
     from boltzflow.flows.cnf import TeacherCNF
-    from boltzflow.sampling.draw import compute_energies, draw_samples
+    from boltzflow.sampling.draw import draw_samples
+    from boltzflow.systems.base import compute_energies
 
     bm, device = wf.benchmark, stage_device(wf)
     n, seed = bm.n, wf.seed + 1

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
-from boltzflow.io.report import jsonable
 from boltzflow.sampling.results import Estimate
-from boltzflow.workflow.runner import StageContext
 from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stage import StageContext
 from boltzflow.workflow.stages import REFERENCE_FILE, copy_atomic, sample_plan
 
 __all__ = ["comparison_rows", "markdown_table", "run_report_stage"]
@@ -40,46 +40,32 @@ __all__ = ["comparison_rows", "markdown_table", "run_report_stage"]
 _MIN_RELIABLE_ESS = 30
 
 
-def _methods(method: str) -> tuple[str, ...]:
-    return {"both": ("delta", "bootstrap"), "delta": ("delta",), "bootstrap": ("bootstrap",)}[
-        method
-    ]
-
-
 def _estimates(
     wf: Workflow, x: torch.Tensor, u: torch.Tensor, log_w: np.ndarray, system: Any
 ) -> dict[str, Any]:
     """log Z, ΔF and observables of ``wf.estimates`` for one weighted sample set."""
-    from boltzflow.sampling.estimators import (
-        free_energy_difference,
-        log_partition,
-        snis_expectation,
+    from boltzflow.analysis.estimate import (
+        estimate_methods,
+        free_energy_estimates,
+        observable_estimates,
     )
-    from boltzflow.sampling.features import compute_feature, state_mask
+    from boltzflow.sampling.estimators import log_partition
 
     es, rp = wf.estimates, wf.report
+    methods = estimate_methods(es.method)
     kw = {"level": rp.level, "n_bootstrap": rp.n_bootstrap, "seed": wf.seed}
     out: dict[str, Any] = {}
     if es.log_z:
-        out["log Z"] = {m: log_partition(log_w, method=m, **kw) for m in _methods(es.method)}
-    for fe in es.free_energies:
-        in_a = state_mask(fe["a"], x, u, system)
-        in_b = ~in_a if fe["b"] == "complement" else state_mask(fe["b"], x, u, system)
-        try:
-            out[f"ΔF {fe['name']}"] = {
-                m: free_energy_difference(in_a, in_b, log_w, method=m, **kw)
-                for m in _methods(es.method)
-            }
-        except ValueError as err:
-            out[f"ΔF {fe['name']}"] = {"undefined": str(err)}
-    for obs in es.observables:
-        values = compute_feature(obs, x, u, system)
-        try:
-            out[obs["name"]] = {
-                m: snis_expectation(values, log_w, method=m, **kw) for m in _methods(es.method)
-            }
-        except ValueError as err:
-            out[obs["name"]] = {"undefined": str(err)}
+        out["log Z"] = {m: log_partition(log_w, method=m, **kw) for m in methods}
+    free = free_energy_estimates(
+        es.free_energies, x, u, log_w, system, methods=methods, undefined_ok=True, **kw
+    )
+    out.update({f"ΔF {name}": est for name, est in free.items()})
+    out.update(
+        observable_estimates(
+            es.observables, x, u, log_w, system, methods=methods, undefined_ok=True, **kw
+        )
+    )
     return out
 
 
@@ -237,8 +223,9 @@ def _training(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
 
 def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     """The ``report`` stage: comparison table, estimates, reweighting analysis and plots."""
+    from boltzflow.analysis.reweight import reweight_analysis
     from boltzflow.data import read_dataset
-    from boltzflow.sampling.analysis import compute_energies, reweight_analysis
+    from boltzflow.systems.base import compute_energies
 
     out = ctx.out_dir
     ref_path = out / REFERENCE_FILE

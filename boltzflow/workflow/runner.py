@@ -1,14 +1,18 @@
 """Run a graph of cached stages: skip what is up to date, run the rest in dependency order.
 
-A :class:`Stage` is a function with declared dependencies (other stages), external input files,
-output files (relative to the output folder) and a JSON-able configuration. :func:`run_stages`
-computes each stage's key (:func:`boltzflow.workflow.cache.stage_key`) from its configuration and
-the current fingerprints of everything it reads, skips it when the manifest shows the same key
-with intact outputs, and otherwise runs it and records it. An interrupted run therefore resumes
-at the first unfinished stage; training stages also resume inside their work folder.
+A :class:`~boltzflow.workflow.stage.Stage` is a function with declared dependencies (other
+stages), external input files, output files (relative to the output folder) and a JSON-able
+configuration. :func:`run_stages` computes each stage's key
+(:func:`boltzflow.workflow.cache.stage_key`) from its configuration and the current fingerprints
+of everything it reads, skips it when the manifest shows the same key with intact outputs, and
+otherwise runs it and records it. An interrupted run therefore resumes at the first unfinished
+stage; training stages also resume inside their work folder.
 
 Each stage announces itself on one line (``[3/7] teacher: running (not run yet)``) and shows its
 own progress bars; :func:`format_stage_table` renders the final table.
+
+The engine knows nothing of what a workflow's stages are: :mod:`boltzflow.workflow.pipeline`
+builds them (:mod:`boltzflow.workflow.stages`) and hands them to :func:`run_stages`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,92 +30,9 @@ from boltzflow.workflow.cache import (
     run_lock,
     stage_key,
 )
+from boltzflow.workflow.stage import Stage, StageContext, StageResult
 
-__all__ = [
-    "Stage",
-    "StageContext",
-    "StageResult",
-    "WorkflowRun",
-    "format_stage_table",
-    "run_stages",
-    "run_workflow",
-]
-
-
-@dataclass
-class StageContext:
-    """What a running stage gets.
-
-    Attributes:
-        out_dir: the workflow's output folder.
-        stage: the stage being run.
-        key: its key.
-        workdir: its work folder (None if it declared none).
-        resumed: True if ``workdir`` holds partial work made with the same key.
-        progress: whether to show progress bars.
-        upstream: ``{dependency: summary}`` of the stages it depends on.
-    """
-
-    out_dir: Path
-    stage: Stage
-    key: str
-    workdir: Path | None
-    resumed: bool
-    progress: bool
-    upstream: dict[str, dict[str, Any]]
-    extra_outputs: list[str] = field(default_factory=list)
-
-    def path(self, rel: str | os.PathLike[str]) -> Path:
-        """``out_dir / rel``."""
-        return self.out_dir / rel
-
-    def add_output(self, path: str | os.PathLike[str]) -> None:
-        """Record one more output file (absolute or relative to ``out_dir``), e.g. a plot whose
-        name is known only while running."""
-        p = Path(path)
-        rel = os.path.relpath(p, self.out_dir) if p.is_absolute() else str(p)
-        if rel not in self.extra_outputs:
-            self.extra_outputs.append(rel)
-
-
-@dataclass
-class Stage:
-    """One step of a workflow.
-
-    Attributes:
-        name: unique name (also the manifest key).
-        run: ``run(ctx) -> summary`` (a small JSON-able dict, or None); it must write every file
-            in ``outputs`` (atomically: temporary file + rename).
-        config: JSON-able configuration; any change re-runs the stage.
-        deps: names of stages whose outputs it reads.
-        inputs: external files it reads (their content is part of the key).
-        outputs: files it writes, relative to the output folder.
-        workdir: folder (relative) for resumable partial work, kept while the key is unchanged.
-        description: one line for the log.
-    """
-
-    name: str
-    run: Callable[[StageContext], Mapping[str, Any] | None]
-    config: Any = None
-    deps: tuple[str, ...] = ()
-    inputs: tuple[Path, ...] = ()
-    outputs: tuple[str, ...] = ()
-    workdir: str | None = None
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What happened to one stage: ``status`` is ``"ran"``, ``"cached"`` or ``"failed"``;
-    ``seconds`` is its wall time, ``cpu_seconds`` the CPU time of this process (all threads;
-    not counting worker processes such as OpenMM's)."""
-
-    name: str
-    status: str
-    seconds: float
-    reason: str
-    summary: dict[str, Any]
-    cpu_seconds: float = 0.0
+__all__ = ["format_stage_table", "run_stages"]
 
 
 def _ordered(stages: Sequence[Stage]) -> list[Stage]:
@@ -276,75 +196,3 @@ def format_stage_table(results: Sequence[StageResult]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class WorkflowRun:
-    """The outcome of :func:`run_workflow`: per-stage results and where the outputs are."""
-
-    name: str
-    out_dir: Path
-    results: list[StageResult]
-    benchmark: bool = False
-
-    @property
-    def outputs(self) -> dict[str, Path]:
-        """Named output paths (report, JSON, samples, plots folder; or the benchmark files)."""
-        if self.benchmark:
-            return {
-                "benchmark.md": self.out_dir / "benchmark.md",
-                "benchmark.json": self.out_dir / "benchmark.json",
-            }
-        return {
-            "report.md": self.out_dir / "report.md",
-            "report.json": self.out_dir / "report.json",
-            "plots": self.out_dir / "analysis",
-            "samples.h5": self.out_dir / "samples.h5",
-        }
-
-    @property
-    def ran(self) -> list[str]:
-        """Names of the stages that ran (not skipped)."""
-        return [r.name for r in self.results if r.status == "ran"]
-
-
-def run_workflow(
-    workflow: Any,
-    *,
-    benchmark: bool = False,
-    progress: bool = True,
-    force: Sequence[str] = (),
-    log: Callable[[str], None] | None = None,
-) -> WorkflowRun:
-    """Run a validated :class:`~boltzflow.workflow.spec.Workflow` (cached stage by stage).
-
-    Args:
-        workflow: from :func:`boltzflow.workflow.spec.load_workflow`.
-        benchmark: run the benchmark stage instead of sampling + report.
-        progress: progress bars.
-        force: stage names to re-run even if cached.
-        log: stage announcements (default: stdout).
-
-    Torch's CPU thread count is set to ``workflow.threads`` (if > 0) while running and restored
-    afterwards.
-    """
-    import torch
-
-    from boltzflow.workflow.stages import build_stages
-
-    stages = build_stages(workflow, benchmark=benchmark)
-    previous = torch.get_num_threads()
-    if workflow.threads:
-        torch.set_num_threads(workflow.threads)
-    try:
-        results = run_stages(
-            stages,
-            workflow.output,
-            workflow=workflow.name,
-            progress=progress,
-            force=force,
-            log=log,
-        )
-    finally:
-        torch.set_num_threads(previous)
-    return WorkflowRun(workflow.name, Path(workflow.output), results, benchmark)

@@ -288,14 +288,13 @@ _TOP = {
 
 
 def _system_info(name: str, where: str) -> Any:
-    from boltzflow.systems.base import SystemInfo
-    from boltzflow.systems.registry import definition
+    from boltzflow.systems.registry import definition, system_info
 
     try:
-        spec = definition(name)
+        kind = definition(name)["kind"]
     except KeyError as err:
         raise KeyError(f"{where}: {err.args[0]}") from None
-    return SystemInfo.from_spec(spec, spec["parameters"]), spec["kind"]
+    return system_info(name), kind
 
 
 def _parse_data(raw: Any, base: Path, where: str) -> DataSpec:

@@ -33,8 +33,8 @@ import torch
 
 from boltzflow.io.atomic import atomic_path
 from boltzflow.workflow.cache import canonical_json
-from boltzflow.workflow.runner import Stage, StageContext
 from boltzflow.workflow.spec import StudentSpec, Workflow, sample_label
+from boltzflow.workflow.stage import Stage, StageContext
 
 __all__ = [
     "build_stages",

@@ -15,7 +15,7 @@ from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import exact_divergence
 from boltzflow.flows.priors import MeanFreeGaussian, StandardGaussian
-from boltzflow.train.checkpoint import CheckpointError
+from boltzflow.io.checkpoint import CheckpointError
 
 OPTS = {"hidden": 8, "layers": 1}
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from boltzflow.io.report import write_report
-from boltzflow.io.trajectory import export_trajectory
+from boltzflow.analysis.report import write_report
+from boltzflow.analysis.trajectory import export_trajectory
 from boltzflow.sampling import Estimate
 
 mdtraj = pytest.importorskip("mdtraj")

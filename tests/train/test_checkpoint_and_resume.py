@@ -11,7 +11,7 @@ import torch
 from tiny_teacher import SHAPE, tiny_config, tiny_data
 
 from boltzflow.flows.cnf import TeacherCNF
-from boltzflow.train.checkpoint import (
+from boltzflow.io.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model_checkpoint,

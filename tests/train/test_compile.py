@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_teacher import SHAPE, tiny_config, tiny_data
 
-from boltzflow.train.checkpoint import load_checkpoint
+from boltzflow.io.checkpoint import load_checkpoint
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.teacher import TeacherLoss, build_teacher, train_teacher
 from boltzflow.train.trainer import Trainer

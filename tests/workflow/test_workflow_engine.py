@@ -21,7 +21,8 @@ from boltzflow.workflow.cache import (
     run_lock,
     stage_key,
 )
-from boltzflow.workflow.runner import Stage, format_stage_table, run_stages
+from boltzflow.workflow.runner import format_stage_table, run_stages
+from boltzflow.workflow.stage import Stage
 
 
 class Toy:
@@ -198,8 +199,8 @@ def test_stage_key_depends_on_every_ingredient():
 
 def test_fingerprints_ignore_timestamps_but_not_content(tmp_path):
     from boltzflow.data import write_dataset
+    from boltzflow.io.checkpoint import save_checkpoint
     from boltzflow.io.samples import SampleWriter
-    from boltzflow.train.checkpoint import save_checkpoint
 
     x = np.arange(12.0).reshape(3, 4)
     prov = {

@@ -1,15 +1,12 @@
-"""End-to-end importance-sampling analyses behind ``boltzflow reweight`` and ``boltzflow estimate``.
-
-:func:`reweight_analysis` turns stored proposal samples (x, log q) into weights, ESS, log Z, metrics
-against optional reference samples, plots and a markdown + JSON report. :func:`estimate_from_spec`
-evaluates observables and free-energy differences named in a TOML spec.
+"""The ``boltzflow reweight`` analysis: :func:`reweight_analysis` turns stored proposal samples
+(x, log q) into weights, ESS, log Z, metrics against optional reference samples, plots and a
+markdown + JSON report.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boltzflow.io.report import write_report
+from boltzflow.analysis.report import write_report
 from boltzflow.io.samples import FORMAT_NAME, SampleSet, read_samples
-from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.metrics import (
     chirality_rate,
     energy_w1,
@@ -34,37 +30,21 @@ from boltzflow.sampling.estimators import (
     log_partition,
     snis_expectation,
 )
-from boltzflow.sampling.features import compute_feature, state_mask
-from boltzflow.sampling.results import Estimate
 from boltzflow.sampling.weights import (
     clip_log_weights,
     forward_ess_fraction,
     kish_ess,
     log_weights,
 )
-from boltzflow.systems.base import System
+from boltzflow.systems.base import System, compute_energies
 
-__all__ = [
-    "ALDP_STATE_A",
-    "compute_energies",
-    "estimate_from_spec",
-    "load_reference",
-    "reweight_analysis",
-]
+__all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis"]
 
 #: ALDP metastable state used for ΔF (DESIGN.md): 0 < φ < 2 rad, against everything else.
 ALDP_STATE_A = (0.0, 2.0)
 
 # Below this Kish ESS the report warns that its intervals are not to be trusted.
 _MIN_RELIABLE_ESS = 30
-
-
-def compute_energies(system: System, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Reduced energies ``(N,)`` float64 of ``x`` in batches, without gradients."""
-    x = torch.as_tensor(x, dtype=torch.float64)
-    with torch.no_grad():
-        parts = [system.energy(chunk).to(torch.float64) for chunk in x.split(batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def load_reference(
@@ -248,7 +228,7 @@ def reweight_analysis(
             system, x, lw_np, w_norm, ref_x, out, plots, n_bootstrap, level, seed, max_ot_points
         )
         if trajectory is not None:
-            from boltzflow.io.trajectory import export_trajectory
+            from boltzflow.analysis.trajectory import export_trajectory
 
             k = n_resample or min(n, 1000)
             path = export_trajectory(
@@ -363,131 +343,3 @@ def _molecular_section(
         out / "profile_phi.png", profile, label="φ [rad]", reference=ref_profile, f_max=12.0
     )
     return section
-
-
-# ------------------------------------------------------------------------------------------------
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else base / p
-
-
-_SPEC_KEYS = {
-    "samples",
-    "system",
-    "seed",
-    "level",
-    "method",
-    "n_bootstrap",
-    "clip_fraction",
-    "recompute_energy",
-    "observable",
-    "free_energy",
-    "title",
-}
-
-
-def estimate_from_spec(
-    spec: Mapping[str, Any] | str | os.PathLike[str],
-    *,
-    out_dir: str | os.PathLike[str] | None = None,
-    system: System | None = None,
-) -> dict[str, Any]:
-    """Observables and free-energy differences from a TOML spec.
-
-    Spec keys: ``samples`` (path, relative to the TOML file), ``system`` (name), optional ``seed``
-    (0), ``level`` (0.95), ``method`` (``"delta"``, ``"bootstrap"`` or ``"both"``, default both),
-    ``n_bootstrap`` (1000), ``clip_fraction`` (0), ``recompute_energy`` (true), ``title``; and
-    tables ``[[observable]]`` (``name`` + a feature, see :mod:`boltzflow.sampling.features`)
-    and ``[[free_energy]]`` (``name``, ``a`` = state, ``b`` = state or ``"complement"``).
-
-    Example spec::
-
-        samples = "samples.h5"
-        system = "aldp"
-        [[observable]]
-        name = "mean energy"
-        feature = "energy"
-        [[free_energy]]
-        name = "C7ax vs rest"
-        a = [{feature = "phi", min = 0.0, max = 2.0}]
-        b = "complement"
-
-    Returns:
-        ``{"weights": ..., "observables": {name: {method: Estimate}}, "free energies": ...}``;
-        with ``out_dir`` also writes ``estimate.md`` / ``estimate.json`` there.
-    """
-    base = Path.cwd()
-    if not isinstance(spec, Mapping):
-        path = Path(spec)
-        spec = read_toml_file(path, "spec")
-        base = path.parent
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
-    for key in ("samples", "system"):
-        if key not in spec:
-            raise ValueError(f"the spec needs {key!r}")
-    method = spec.get("method", "both")
-    methods = {"both": ("delta", "bootstrap"), "delta": ("delta",), "bootstrap": ("bootstrap",)}
-    if method not in methods:
-        raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
-    seed, level = int(spec.get("seed", 0)), float(spec.get("level", 0.95))
-    n_boot = int(spec.get("n_bootstrap", 1000))
-    samples = read_samples(_resolve(base, spec["samples"]))
-    own_system = system is None
-    if own_system:
-        from boltzflow.systems import load_system
-
-        system = load_system(spec["system"])
-    try:
-        if samples.log_q is None:
-            raise ValueError("the sample file has no log_q column")
-        x = torch.as_tensor(samples.x, dtype=torch.float64)
-        if spec.get("recompute_energy", True) or samples.u is None:
-            u = compute_energies(system, x)
-        else:
-            u = torch.as_tensor(samples.u, dtype=torch.float64)
-        log_w = log_weights(u, torch.as_tensor(samples.log_q, dtype=torch.float64))
-        clip = float(spec.get("clip_fraction", 0.0))
-        weights: dict[str, Any] = {"N": samples.n, "ESS/N": kish_ess(log_w) / samples.n}
-        if clip > 0:
-            c = clip_log_weights(log_w, clip)
-            log_w = c.log_w
-            weights.update({"clipped fraction": c.fraction_clipped, "clipped mass": c.mass_clipped})
-        lw = log_w.numpy()
-        kw = {"level": level, "n_bootstrap": n_boot, "seed": seed}
-        observables: dict[str, dict[str, Estimate]] = {}
-        for i, obs in enumerate(spec.get("observable", [])):
-            name = obs.get("name", f"observable {i}")
-            values = compute_feature(obs, x, u, system)
-            observables[name] = {
-                m: snis_expectation(values, lw, method=m, **kw) for m in methods[method]
-            }
-        free: dict[str, dict[str, Estimate]] = {}
-        for i, fe in enumerate(spec.get("free_energy", [])):
-            name = fe.get("name", f"free energy {i}")
-            if "a" not in fe or "b" not in fe:
-                raise ValueError(f"free_energy {name!r} needs states 'a' and 'b'")
-            in_a = state_mask(fe["a"], x, u, system)
-            in_b = ~in_a if fe["b"] == "complement" else state_mask(fe["b"], x, u, system)
-            free[name] = {
-                m: free_energy_difference(in_a, in_b, lw, method=m, **kw) for m in methods[method]
-            }
-    finally:
-        if own_system:
-            system.close()
-    results = {"weights": weights, "observables": observables, "free energies (kT)": free}
-    if out_dir is not None:
-        flat = {
-            "weights": weights,
-            "observables": {f"{k} [{m}]": e for k, d in observables.items() for m, e in d.items()},
-            "free energies (kT)": {f"{k} [{m}]": e for k, d in free.items() for m, e in d.items()},
-        }
-        write_report(
-            out_dir,
-            flat,
-            title=spec.get("title", "boltzflow estimate"),
-            stem="estimate",
-            notes=[f"samples {samples.path}, system {spec['system']}, seed {seed}"],
-        )
-    return results
