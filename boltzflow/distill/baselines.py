@@ -134,7 +134,7 @@ def train_baseline(
     return model
 
 
-#: registry entries (:mod:`boltzflow.models.registry`)
+#: registry entries (:mod:`boltzflow.registry.methods`)
 METHODS = [
     Method(
         name=name,

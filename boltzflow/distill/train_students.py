@@ -551,6 +551,6 @@ def _entry(name: str, model: type, description: str) -> Method:
     )
 
 
-#: registry entries (:mod:`boltzflow.models.registry`)
+#: registry entries (:mod:`boltzflow.registry.methods`)
 F2D2_METHOD = _entry("f2d2", F2D2, "flow map with a learned divergence head (F2D2)")
 FALCON_METHOD = _entry("falcon", FALCON, "flow map with exact per-step log-determinants (FALCON)")

@@ -1,4 +1,4 @@
-"""One entry of the method registry (:mod:`boltzflow.models.registry`): what a distillation
+"""One entry of the method registry (:mod:`boltzflow.registry.methods`): what a distillation
 method brings: model class, config dataclass, builder, training function, log-q kind."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and must: give (x, log q) of the right shapes and dtype, mean-free; reproduce it
 seed; where log q is exact, score its own samples with the log q it returned; survive save ->
 load unchanged; refuse a system it was not trained for; and reject bad counts, steps and NaN
 inputs with a clear ValueError. A new method gets all of this by being registered in
-:mod:`boltzflow.models.registry`.
+:mod:`boltzflow.registry.methods`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from boltzflow.cli import main
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.samples import read_samples
-from boltzflow.models.loading import load_model
+from boltzflow.registry.loading import load_model
 from boltzflow.models.protocol import LOG_Q_KINDS, Model
-from boltzflow.models.registry import METHODS
+from boltzflow.registry.methods import METHODS
 
 KINDS = ["teacher", *METHODS]
 SYSTEM = "dw4"
