@@ -56,7 +56,13 @@ from torch import Tensor, nn
 
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.flows.coupling import TRANSFORMS, CouplingFlow, MeanFreeBasis
-from boltzflow.flows.priors import MeanFreeGaussian, Prior, build_prior, gaussian_prior
+from boltzflow.flows.priors import (
+    MeanFreeGaussian,
+    Prior,
+    build_prior,
+    gaussian_prior,
+    standard_normal_log_prob,
+)
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.checkpoint import load_checkpoint, resolve_checkpoint_file, save_checkpoint
 from boltzflow.train.config import TrainConfig
@@ -77,7 +83,6 @@ __all__ = [
 ]
 
 PAIRS_FILE = "cnf_pairs.pt"
-_LOG_2PI = math.log(2 * math.pi)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -283,7 +288,7 @@ class NFStudent(Student):
     def log_prob_flow(self, u: Tensor) -> Tensor:
         """``(B,)`` log density of flow coordinates ``u (B, event_dim)`` (no unit constant)."""
         z, ladj = self.flow.encode(u)
-        return -0.5 * z.square().sum(-1) - 0.5 * self.flow.dim * _LOG_2PI + ladj
+        return standard_normal_log_prob(z, self.flow.dim) + ladj
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -512,7 +517,7 @@ def nf_distillation_terms(
         and ``sample`` (0 without ``eps``), each a scalar tensor.
     """
     z_s, ladj_s, lat_s = student.flow.encode(u, return_latents=True)
-    nll = -(-0.5 * z_s.square().sum(-1) - 0.5 * student.flow.dim * _LOG_2PI + ladj_s).mean()
+    nll = -(standard_normal_log_prob(z_s, student.flow.dim) + ladj_s).mean()
     latent = final = u.new_zeros(())
     if latents:
         with torch.no_grad():
@@ -758,7 +763,7 @@ def distill_nf_from_cnf(
         zu = m.to_flow_coords(zb.to(device=p.device, dtype=p.dtype))
         xu = m.to_flow_coords(xb.to(device=p.device, dtype=p.dtype))
         z_s, ladj = m.flow.encode(xu)
-        nll = -(-0.5 * z_s.square().sum(-1) - 0.5 * m.flow.dim * _LOG_2PI + ladj).mean()
+        nll = -(standard_normal_log_prob(z_s, m.flow.dim) + ladj).mean()
         final = _mse(z_s, zu)
         sample = xu.new_zeros(())
         if w.sample_weight > 0:

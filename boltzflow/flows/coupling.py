@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from boltzflow.flows.priors import standard_normal_log_prob
+
 __all__ = [
     "TRANSFORMS",
     "CouplingFlow",
@@ -405,12 +407,11 @@ class CouplingFlow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """``(B,)`` log density with a standard normal latent on ``R^D``."""
         z, ladj = self.encode(x)
-        return -0.5 * z.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + ladj
+        return standard_normal_log_prob(z, self.dim) + ladj
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, D)`` with their log density ``(n,)`` (noise drawn on CPU)."""
         p = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
         x, ladj = self.decode(z)
-        log_pz = -0.5 * z.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        return x, log_pz - ladj
+        return x, standard_normal_log_prob(z, self.dim) - ladj
