@@ -17,7 +17,7 @@ from ``x_a`` (Dinh et al. 2017, arXiv:1605.08803):
 Blocks write their output in the *same* coordinate order as their input (masks, not
 permutations), so the latent after block ``k`` of one flow and after block ``k'`` of another
 flow of the same dimension are directly comparable; this is what latent-matching distillation
-(:mod:`boltzflow.distill.nf`) needs. The conditioner's last layer is zero-initialised, so a
+(:mod:`boltzflow.distill.nf_losses`) needs. The conditioner's last layer is zero-initialised, so a
 fresh flow is the identity.
 
 The transforms are written here in plain torch rather than taken from ``zuko``: importing zuko

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from boltzflow.distill.base import load_student
-from boltzflow.distill.nf import NFModelConfig, NFStudent, latent_pairs
+from boltzflow.distill.nf import NFModelConfig, NFStudent
+from boltzflow.distill.nf_losses import latent_pairs
 from boltzflow.flows.coupling import MeanFreeBasis
 from boltzflow.systems.particles import remove_mean
 
