@@ -371,7 +371,8 @@ def cnf_pairs(
 ) -> tuple[Tensor, Tensor]:
     """Noise/sample pairs of a teacher CNF: ``z0`` drawn from its prior, ``x1`` its ODE image.
 
-    Positions only are integrated (no divergence), so this costs one solve per batch.
+    Positions only are integrated (no divergence, :meth:`TeacherCNF.push_prior`), so this costs
+    one solve per batch.
 
     Args:
         teacher: a :class:`~boltzflow.flows.cnf.TeacherCNF`.
@@ -384,36 +385,25 @@ def cnf_pairs(
         ``z0 (n, dim)`` in the teacher's flow units (prior noise) and ``x1 (n, dim)`` in data
         units, float32, on CPU.
     """
-    from boltzflow.flows.ode import integrate
-
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
-    p = next(teacher.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    z0 = teacher.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
-    xs = []
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        for start in range(0, n, batch_size):
-            res = integrate(
-                teacher.net,
-                z0[start : start + batch_size],
-                t0=0.0,
-                t1=1.0,
-                method=method,
-                atol=atol,
-                rtol=rtol,
-                steps=steps,
-                divergence="none",
-            )
-            x1 = res.x
-            if teacher.mean_free:
-                x1 = remove_mean(x1, teacher.prior.n_particles, teacher.prior.spatial_dim)
-            xs.append(x1 * teacher.scale)
-    finally:
-        teacher.train(was_training)
-    return z0.float().cpu(), torch.cat(xs).float().cpu()
+    zs, xs = [], []
+    for z0, res in teacher.push_prior(
+        n,
+        seed=seed,
+        method=method,
+        atol=atol,
+        rtol=rtol,
+        steps=steps,
+        divergence="none",
+        batch_size=batch_size,
+    ):
+        x1 = res.x
+        if teacher.mean_free:
+            x1 = remove_mean(x1, teacher.prior.n_particles, teacher.prior.spatial_dim)
+        zs.append(z0)
+        xs.append(x1 * teacher.scale)
+    return torch.cat(zs).float().cpu(), torch.cat(xs).float().cpu()
 
 
 def distill_nf_from_cnf(

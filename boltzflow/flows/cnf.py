@@ -225,7 +225,13 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         return settings
 
     def _solve(
-        self, x: Tensor, t0: float, t1: float, settings: dict[str, Any], gen: torch.Generator
+        self,
+        x: Tensor,
+        t0: float,
+        t1: float,
+        settings: dict[str, Any],
+        gen: torch.Generator,
+        times: Tensor | None = None,
     ) -> ODEResult:
         was_training = self.training
         self.eval()
@@ -243,6 +249,7 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
                 trace_mode=settings["trace_mode"],
                 quadrature_points=settings["quadrature_points"],
                 generator=gen,
+                times=times,
             )
         finally:
             self.train(was_training)
@@ -254,13 +261,33 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return batch_size
 
-    def iter_samples(
-        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
-    ) -> Iterator[FlowOutput]:
-        """Yield ``n`` samples batch by batch (``settings["batch_size"]`` rows each).
+    def push_prior(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        times: Tensor | None = None,
+        progress: bool = False,
+        desc: str = "push-forward",
+        **settings: Any,
+    ) -> Iterator[tuple[Tensor, ODEResult]]:
+        """Draw ``n`` prior points and integrate them from t = 0 to 1, batch by batch.
 
-        All ``n`` prior points are drawn first from ``seed``, so the concatenated output equals
-        :meth:`sample_with_stats` with the same arguments. Arguments as there.
+        All ``n`` points are drawn first from ``seed`` (batching does not change them); the
+        Hutchinson probes, if that divergence is chosen, come from ``seed + 1``.
+
+        Args:
+            n: number of points.
+            seed: seeds the prior draw.
+            times: ``(T,)`` output times from 0 to 1 (best in the model's dtype); each result
+                then carries ``path (T, b, dim)`` (:func:`~boltzflow.flows.ode.integrate`).
+            progress, desc: show a progress bar with this label.
+            **settings: override :attr:`sampling` (keys of :data:`DEFAULT_SAMPLING`;
+                ``batch_size`` rows per solve).
+
+        Yields:
+            ``x0 (b, dim)``, the batch's prior points, and the :class:`ODEResult` of their
+            solve, both in flow units (``res.x`` not re-projected onto the mean-free subspace).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -270,15 +297,28 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
         gen = torch.Generator().manual_seed(seed)
         x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        bar = tqdm(total=n, disable=None if progress else True, desc="sample", unit="x")
+        bar = tqdm(total=n, disable=None if progress else True, desc=desc, unit="x")
         for start in range(0, n, batch_size):
             xb = x0[start : start + batch_size]
-            res = self._solve(xb, 0.0, 1.0, opts, probe_gen)
+            res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
+            bar.update(len(xb))
+            yield xb, res
+        bar.close()
+
+    def iter_samples(
+        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
+    ) -> Iterator[FlowOutput]:
+        """Yield ``n`` samples batch by batch (``settings["batch_size"]`` rows each).
+
+        All ``n`` prior points are drawn first from ``seed`` (:meth:`push_prior`), so the
+        concatenated output equals :meth:`sample_with_stats` with the same arguments. Arguments
+        as there.
+        """
+        for xb, res in self.push_prior(n, seed=seed, progress=progress, desc="sample", **settings):
             x1 = res.x
             if self.mean_free:  # remove the solver's round-off drift off the subspace
                 x1 = remove_mean(x1, self.prior.n_particles, self.prior.spatial_dim)
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
-            bar.update(len(xb))
             yield FlowOutput(
                 x1 * self.scale,
                 log_q,
@@ -288,7 +328,6 @@ class TeacherCNF(PriorFlowMixin, nn.Module):
                 res.seconds,
                 res.cpu_seconds,
             )
-        bar.close()
 
     def sample_with_stats(
         self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
