@@ -123,7 +123,15 @@ def distill_nf(
     if seed is not None:
         train = dataclasses.replace(train, seed=seed)
     loss = loss or _default_loss(kind, teacher, run)
-    info = {"teacher_path": str(path)}
+    info = {"teacher_path": str(path)}  # run_info of the recipe (gains "data" below)
+    common = {
+        "model": model,
+        "train": train,
+        "loss": loss,
+        "resume": resume,
+        "progress": progress,
+        "run_info": info,
+    }
     if kind == "cnf":
         if data is not None:
             raise ValueError(
@@ -136,12 +144,7 @@ def distill_nf(
             system=system,
             n_pairs=n_pairs,
             pair_settings=pair_settings,
-            model=model,
-            train=train,
-            loss=loss,
-            resume=resume,
-            progress=progress,
-            run_info=info,
+            **common,
         )
     if data is None:
         raise ValueError("distilling from an NF teacher needs training data (data=PATH)")
@@ -150,14 +153,4 @@ def distill_nf(
 
         info["data"] = str(data)
         data = load_positions(data, system=system) if system else load_positions(data)
-    return distill_nf_from_nf(
-        teacher,
-        data,
-        out_dir,
-        model=model,
-        train=train,
-        loss=loss,
-        resume=resume,
-        progress=progress,
-        run_info=info,
-    )
+    return distill_nf_from_nf(teacher, data, out_dir, **common)
