@@ -41,10 +41,9 @@ import torch
 
 from boltzflow.data import load_positions
 from boltzflow.distill.base import STUDENT_FILE, load_student
-from boltzflow.distill.nf import (
-    NFLossConfig,
-    NFModelConfig,
-    NFStudent,
+from boltzflow.distill.nf import NFModelConfig, NFStudent
+from boltzflow.distill.nf_losses import NFLossConfig
+from boltzflow.distill.nf_train import (
     default_train_config,
     distill_nf_from_cnf,
     distill_nf_from_nf,

@@ -77,7 +77,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _distill_nf(args: argparse.Namespace) -> int:
-    from boltzflow.distill.nf import default_train_config, distill_nf
+    from boltzflow.distill.nf_run import distill_nf
+    from boltzflow.distill.nf_train import default_train_config
 
     if args.config:
         raise ValueError("--config is for f2d2/falcon; the NF student takes its defaults")

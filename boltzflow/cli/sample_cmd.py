@@ -22,8 +22,8 @@ __all__ = ["register"]
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from boltzflow.registry.loading import load_model
     from boltzflow.models.protocol import check_count
+    from boltzflow.registry.loading import load_model
     from boltzflow.sampling.draw import cost_of, iter_draws, write_draws
     from boltzflow.sampling.weights import ess_fraction
     from boltzflow.systems import load_system

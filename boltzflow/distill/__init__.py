@@ -5,6 +5,9 @@
 - :mod:`~boltzflow.distill.f2d2`: F2D2, a flow map with an average-divergence head;
 - :mod:`~boltzflow.distill.falcon`: FALCON, a flow map with exact per-step log-determinants;
 - :mod:`~boltzflow.distill.baselines`: K Euler steps of the teacher (Euler-rule or exact log q);
+- :mod:`~boltzflow.distill.nf`: a small coupling normalizing flow (exact one-pass log q), trained
+  by :mod:`~boltzflow.distill.nf_train` (losses in :mod:`~boltzflow.distill.nf_losses`, the
+  ``distill --method nf`` entry in :mod:`~boltzflow.distill.nf_run`);
 - :mod:`~boltzflow.distill.train_students`: distillation runs (configs, losses, training).
 """
 
@@ -12,12 +15,14 @@ from boltzflow.distill.base import STUDENTS, Student, load_student, register_stu
 from boltzflow.distill.baselines import EulerBaseline
 from boltzflow.distill.f2d2 import F2D2
 from boltzflow.distill.falcon import FALCON
+from boltzflow.distill.nf import NFStudent
 
 __all__ = [
     "F2D2",
     "FALCON",
     "STUDENTS",
     "EulerBaseline",
+    "NFStudent",
     "Student",
     "load_student",
     "register_student",

@@ -1,10 +1,10 @@
 """Teacher trajectories on a time grid: positions, accumulated log density, velocity and exact
 divergence, the supervision of the distilled students.
 
-One adaptive solve per batch (torchdiffeq ``odeint`` with the grid as output times, the
-teacher's exact divergence from :func:`boltzflow.flows.ode.exact_divergence`) gives x(t_k) and
-log p_{t_k}(x(t_k)) - log p_0(x(0)) at every grid time; the teacher's velocity and exact
-divergence are then evaluated at the grid points. Everything is in the teacher's flow units
+One adaptive solve per batch (:meth:`~boltzflow.flows.cnf.TeacherCNF.push_prior` with the grid
+as output times and the exact divergence) gives x(t_k) and log p_{t_k}(x(t_k)) - log p_0(x(0))
+at every grid time; the teacher's velocity and exact divergence are then evaluated at the grid
+points. Everything is in the teacher's flow units
 (``x / scale``). Any two grid times give an exact flow-map pair: X(x(t_i), t_i, t_j) = x(t_j) and
 int_{t_i}^{t_j} div = -(logp_j - logp_i), in either direction.
 """
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
-from tqdm.auto import tqdm
 
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import exact_divergence
@@ -101,32 +99,30 @@ def teacher_trajectories(
     if n < 1 or grid < 1:
         raise ValueError(f"need n >= 1 and grid >= 1, got {n}, {grid}")
     start = time.perf_counter()
-    p = teacher._param()
-    gen = torch.Generator().manual_seed(seed)
-    z = teacher.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
+    p = next(teacher.parameters())
     times = torch.linspace(0.0, 1.0, grid + 1, dtype=p.dtype, device=p.device)
+    batches = teacher.push_prior(
+        n,
+        seed=seed,
+        times=times,
+        progress=progress,
+        desc="teacher trajectories",
+        method=method,
+        atol=atol,
+        rtol=rtol,
+        steps=None,
+        divergence="exact",
+        trace_mode="vjp",
+        batch_size=batch_size,
+    )
     net = teacher.net
     was_training = teacher.training
     teacher.eval()
-
-    def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        v, div = exact_divergence(net, t, state[0])
-        return v, -div
-
     xs, lps, vs, ds = [], [], [], []
-    bar = tqdm(total=n, disable=None if progress else True, desc="teacher trajectories")
     try:
         with torch.no_grad():
-            for lo in range(0, n, batch_size):
-                zb = z[lo : lo + batch_size]
-                path, logp = odeint(
-                    augmented,
-                    (zb, zb.new_zeros(len(zb))),
-                    times,
-                    method=method,
-                    atol=atol,
-                    rtol=rtol,
-                )  # (K + 1, B, dim), (K + 1, B)
+            for _, res in batches:
+                path, logp = res.path, res.delta_logp_path  # (K + 1, B, dim), (K + 1, B)
                 vk, dk = [], []
                 for k in range(grid + 1):
                     v, div = exact_divergence(net, times[k], path[k])
@@ -136,9 +132,7 @@ def teacher_trajectories(
                 lps.append(logp.transpose(0, 1).float().cpu())
                 vs.append(torch.stack(vk, 1).float().cpu())
                 ds.append(torch.stack(dk, 1).float().cpu())
-                bar.update(len(zb))
     finally:
-        bar.close()
         teacher.train(was_training)
     return Trajectories(
         times.float().cpu(),

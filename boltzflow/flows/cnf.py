@@ -224,7 +224,13 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         return self.log_q_kind_for()
 
     def _solve(
-        self, x: Tensor, t0: float, t1: float, settings: dict[str, Any], gen: torch.Generator
+        self,
+        x: Tensor,
+        t0: float,
+        t1: float,
+        settings: dict[str, Any],
+        gen: torch.Generator,
+        times: Tensor | None = None,
     ) -> ODEResult:
         was_training = self.training
         self.eval()
@@ -242,6 +248,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
                 trace_mode=settings["trace_mode"],
                 quadrature_points=settings["quadrature_points"],
                 generator=gen,
+                times=times,
             )
         finally:
             self.train(was_training)
@@ -252,6 +259,52 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return batch_size
+
+    def push_prior(
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        times: Tensor | None = None,
+        progress: bool = False,
+        desc: str = "push-forward",
+        **settings: Any,
+    ) -> Iterator[tuple[Tensor, ODEResult]]:
+        """Draw ``n`` prior points and integrate them from t = 0 to 1, batch by batch.
+
+        All ``n`` points are drawn first from ``seed`` (batching does not change them); the
+        Hutchinson probes, if that divergence is chosen, come from ``seed + 1``.
+
+        Args:
+            n: number of points.
+            steps: steps of a fixed-step ODE method (None: the model's settings).
+            seed: seeds the prior draw.
+            batch_size: rows per solve (None: ``sampling["batch_size"]``).
+            times: ``(T,)`` output times from 0 to 1 (best in the model's dtype); each result
+                then carries ``path (T, b, dim)`` (:func:`~boltzflow.flows.ode.integrate`).
+            progress, desc: show a progress bar with this label.
+            **settings: override :attr:`sampling` (keys of :data:`DEFAULT_SAMPLING`).
+
+        Yields:
+            ``x0 (b, dim)``, the batch's prior points, and the :class:`ODEResult` of their
+            solve, both in flow units (``res.x`` not re-projected onto the mean-free subspace).
+        """
+        check_count(n)
+        opts = self.settings_with(settings, steps, batch_size)
+        batch_size = self._batch_size(opts)
+        p = self._param()
+        gen = torch.Generator().manual_seed(seed)
+        x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
+        probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
+        bar = tqdm(total=n, disable=None if progress else True, desc=desc, unit="x")
+        for start in range(0, n, batch_size):
+            xb = x0[start : start + batch_size]
+            res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
+            bar.update(len(xb))
+            yield xb, res
+        bar.close()
 
     def iter_samples(
         self,
@@ -265,8 +318,9 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
     ) -> Iterator[FlowOutput]:
         """Yield ``n`` samples with exact (or estimated) log q batch by batch.
 
-        All ``n`` prior points are drawn first from ``seed``, so the concatenated output is the
-        same for any batch size up to solver tolerance (and identical for the same one).
+        All ``n`` prior points are drawn first from ``seed`` (:meth:`push_prior`), so the
+        concatenated output is the same for any batch size up to solver tolerance (and
+        identical for the same one).
 
         Args:
             n: number of samples.
@@ -280,22 +334,20 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         Yields:
             :class:`FlowOutput` per batch with ``x (B, dim)`` and ``log_q (B,)``.
         """
-        check_count(n)
-        opts = self.settings_with(settings, steps, batch_size)
-        batch_size = self._batch_size(opts)
-        p = self._param()
-        gen = torch.Generator().manual_seed(seed)
-        x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
-        probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        bar = tqdm(total=n, disable=None if progress else True, desc="sample", unit="x")
-        for start in range(0, n, batch_size):
-            xb = x0[start : start + batch_size]
-            res = self._solve(xb, 0.0, 1.0, opts, probe_gen)
+        batches = self.push_prior(
+            n,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            desc="sample",
+            **settings,
+        )
+        for xb, res in batches:
             x1 = res.x
             if self.mean_free:  # remove the solver's round-off drift off the subspace
                 x1 = remove_mean(x1, self.prior.n_particles, self.prior.spatial_dim)
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
-            bar.update(len(xb))
             yield FlowOutput(
                 x1 * self.scale,
                 log_q,
@@ -305,7 +357,6 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
                 res.seconds,
                 res.cpu_seconds,
             )
-        bar.close()
 
     def _check_points(self, x: Tensor) -> Tensor:
         return check_points(self.prior, x, self._param())

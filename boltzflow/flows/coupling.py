@@ -17,7 +17,7 @@ from ``x_a`` (Dinh et al. 2017, arXiv:1605.08803):
 Blocks write their output in the *same* coordinate order as their input (masks, not
 permutations), so the latent after block ``k`` of one flow and after block ``k'`` of another
 flow of the same dimension are directly comparable; this is what latent-matching distillation
-(:mod:`boltzflow.distill.nf`) needs. The conditioner's last layer is zero-initialised, so a
+(:mod:`boltzflow.distill.nf_losses`) needs. The conditioner's last layer is zero-initialised, so a
 fresh flow is the identity.
 
 The transforms are written here in plain torch rather than taken from ``zuko``: importing zuko
@@ -51,6 +51,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from boltzflow.flows.priors import standard_normal_log_prob
 
 __all__ = [
     "TRANSFORMS",
@@ -405,12 +407,11 @@ class CouplingFlow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """``(B,)`` log density with a standard normal latent on ``R^D``."""
         z, ladj = self.encode(x)
-        return -0.5 * z.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + ladj
+        return standard_normal_log_prob(z, self.dim) + ladj
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, D)`` with their log density ``(n,)`` (noise drawn on CPU)."""
         p = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
         x, ladj = self.decode(z)
-        log_pz = -0.5 * z.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        return x, log_pz - ladj
+        return x, standard_normal_log_prob(z, self.dim) - ladj

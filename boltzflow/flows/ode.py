@@ -109,6 +109,10 @@ class ODEResult:
         seconds: wall time of the call.
         cpu_seconds: CPU time of this process during the call (with one torch thread, the work
             itself, independent of other load on the machine).
+        path: ``(T, B, dim)`` positions at the output ``times`` given to :func:`integrate`
+            (None without them).
+        delta_logp_path: ``(T, B)`` log p_t(x_t) - log p_{t0}(x_{t0}) at those times (None
+            without them or for ``"none"``).
     """
 
     x: Tensor
@@ -117,6 +121,8 @@ class ODEResult:
     trace_evals: int
     seconds: float
     cpu_seconds: float = float("nan")
+    path: Tensor | None = None
+    delta_logp_path: Tensor | None = None
 
 
 def exact_divergence(
@@ -243,6 +249,7 @@ def integrate(
     quadrature_points: int = 12,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
+    times: Tensor | None = None,
 ) -> ODEResult:
     """Integrate ``dx/dt = field(t, x)`` from ``t0`` to ``t1`` with the log-density change.
 
@@ -259,19 +266,31 @@ def integrate(
         quadrature_points: Gauss-Legendre nodes for ``divergence="quadrature"``.
         chunk_size: basis vectors vectorised at once in the exact trace (None: all).
         generator: CPU generator for the Hutchinson probes.
+        times: ``(T,)`` monotone output times, ``T >= 2``, replacing ``t0, t1`` (the solve runs
+            from ``times[0]`` to ``times[-1]``); the result then carries the path at them. Not
+            with ``divergence="quadrature"``.
 
     Returns:
         :class:`ODEResult`.
 
     Raises:
-        ValueError: unknown method/divergence, or ``steps`` missing/extra for the method.
+        ValueError: unknown method/divergence, ``steps`` missing/extra for the method, or
+            ``times`` not ``(T >= 2,)`` or given with quadrature.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid: {list(DIVERGENCES)}")
     if x.ndim != 2:
         raise ValueError(f"x must be (batch, dim), got {tuple(x.shape)}")
+    if times is not None and (times.ndim != 1 or len(times) < 2 or divergence == "quadrature"):
+        raise ValueError(
+            f"times must be (T >= 2,) and not with quadrature, got {tuple(times.shape)} with "
+            f"divergence {divergence!r}"
+        )
     start, cpu_start = time.perf_counter(), time.process_time()
-    ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+    if times is None:
+        ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+    else:
+        ts = times.to(dtype=x.dtype, device=x.device)
     kwargs = _solver_kwargs(method, atol, rtol, steps, ts)
     counted = _Counted(field)
     nan = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
@@ -279,14 +298,15 @@ def integrate(
     with torch.no_grad():
         if divergence in ("none", "quadrature"):
             if divergence == "none":
-                x1 = odeint(counted, x, ts, **kwargs)[-1]
+                path = odeint(counted, x, ts, **kwargs)
                 return ODEResult(
-                    x1,
+                    path[-1],
                     nan,
                     counted.calls,
                     0,
                     time.perf_counter() - start,
                     time.process_time() - cpu_start,
+                    path=path if times is not None else None,
                 )
             nodes, weights = gauss_legendre(quadrature_points, x.dtype)
             nodes, weights = nodes.to(x.device), weights.to(x.device)
@@ -331,4 +351,6 @@ def integrate(
         counted.calls,
         time.perf_counter() - start,
         time.process_time() - cpu_start,
+        path=xs if times is not None else None,
+        delta_logp_path=logps if times is not None else None,
     )

@@ -30,7 +30,20 @@ __all__ = [
     "build_prior",
     "check_points",
     "gaussian_prior",
+    "standard_normal_log_prob",
 ]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor, event_dim: int) -> Tensor:
+    """Log density ``-|z|^2 / 2 - (event_dim / 2) log(2 pi)`` of the standard normal on
+    ``R^event_dim``: ``(...,)`` from ``z (..., D)``.
+
+    ``event_dim`` may differ from ``D``: for mean-free ``z`` in full coordinates it is the
+    subspace dimension ``(n - 1) d`` (module docstring).
+    """
+    return -0.5 * z.square().sum(-1) - 0.5 * event_dim * _LOG_2PI
 
 
 class Prior:
@@ -82,7 +95,7 @@ class StandardGaussian(Prior):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``(n,)`` log density."""
-        return -0.5 * x.pow(2).sum(-1) - 0.5 * self.event_dim * math.log(2 * math.pi)
+        return standard_normal_log_prob(x, self.event_dim)
 
     def config(self) -> dict[str, object]:
         return {"kind": "standard", "dim": self.dim}

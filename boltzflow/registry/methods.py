@@ -13,14 +13,20 @@ and a ``METHOD = Method(...)`` entry) and one line in :data:`METHODS` below; see
 
 from __future__ import annotations
 
-from boltzflow.distill import baselines, f2d2, falcon, nf_run
+from boltzflow.distill import baselines, nf_run, train_students
 from boltzflow.models.method import Method
 
 __all__ = ["METHODS", "Method", "get_method"]
 
 #: name -> :class:`Method`, in registration order
 METHODS: dict[str, Method] = {
-    m.name: m for m in (f2d2.METHOD, falcon.METHOD, nf_run.METHOD, *baselines.METHODS)
+    m.name: m
+    for m in (
+        train_students.F2D2_METHOD,
+        train_students.FALCON_METHOD,
+        nf_run.METHOD,
+        *baselines.METHODS,
+    )
 }
 
 

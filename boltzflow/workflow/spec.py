@@ -30,7 +30,7 @@ A workflow names one system and everything the pipeline does with it::
     [students.f2d2.train]          # student, loss, trajectories, train: override the file
     steps = 500
     [students.small]               # an nf student: inline model, train, loss tables,
-    method = "nf"                  # n_pairs, pair_settings (boltzflow.distill.nf)
+    method = "nf"                  # n_pairs, pair_settings (boltzflow.distill.nf_train)
 
     [sample]
     n = 2000                       # samples per model and step count
@@ -463,7 +463,9 @@ def _parse_student(
 
 
 def _parse_nf(name: str, t: dict[str, Any], where: str, device: str | None) -> StudentSpec:
-    from boltzflow.distill.nf import NFLossConfig, NFModelConfig, default_train_config
+    from boltzflow.distill.nf import NFModelConfig
+    from boltzflow.distill.nf_losses import NFLossConfig
+    from boltzflow.distill.nf_train import default_train_config
     from boltzflow.train.config import TrainConfig, dataclass_from_dict
 
     if t["config"] is not None or t["profile"] is not None:

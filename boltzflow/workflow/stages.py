@@ -219,7 +219,7 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
     info = {"teacher": TEACHER_FILE, "workflow": wf.name}
     start = time.perf_counter()
     if st.method == "nf":
-        from boltzflow.distill.nf import distill_nf_from_cnf
+        from boltzflow.distill.nf_train import distill_nf_from_cnf
 
         c = st.config
         student = distill_nf_from_cnf(

@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from boltzflow.distill.base import load_student
-from boltzflow.distill.nf import (
-    NFLossConfig,
-    NFModelConfig,
-    NFStudent,
+from boltzflow.distill.nf import NFModelConfig, NFStudent
+from boltzflow.distill.nf_losses import NFLossConfig, nf_distillation_terms
+from boltzflow.distill.nf_run import distill_nf
+from boltzflow.distill.nf_train import (
     cnf_pairs,
     default_train_config,
-    distill_nf,
     distill_nf_from_nf,
-    nf_distillation_terms,
     train_nf,
 )
 from boltzflow.flows.cnf import TeacherCNF

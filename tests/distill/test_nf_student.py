@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from boltzflow.distill.base import load_student
-from boltzflow.distill.nf import NFModelConfig, NFStudent, latent_pairs
+from boltzflow.distill.nf import NFModelConfig, NFStudent
+from boltzflow.distill.nf_losses import latent_pairs
 from boltzflow.flows.coupling import MeanFreeBasis
 from boltzflow.systems.particles import remove_mean
 
@@ -96,3 +97,23 @@ def test_non_particle_system_uses_full_space():
     # identity at initialisation: standard normal density
     ref = -0.5 * x.square().sum(-1) - 1.5 * math.log(2 * math.pi)
     torch.testing.assert_close(lq, ref, atol=1e-5, rtol=0)
+
+
+def test_nf_student_loads_in_a_fresh_process(tmp_path):
+    """``import boltzflow.distill`` registers the "nf" kind (no import of distill.nf needed)."""
+    import subprocess
+    import sys
+
+    student = NFStudent.build(NFModelConfig(blocks=1, hidden=8), dim=6, system=None)
+    student.save(tmp_path / "student.pt")
+    code = (
+        "import sys; from boltzflow.distill import load_student; "
+        "print(type(load_student(sys.argv[1])).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "student.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "NFStudent"

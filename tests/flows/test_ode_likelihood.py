@@ -209,3 +209,23 @@ def test_errors_name_the_valid_choices(linear_case):
         integrate(Linear(a, b), x, method="dopri5", steps=4)
     with pytest.raises(TypeError):
         integrate(Linear(a, b), x, atols=1e-3)  # keyword-only options: a typo raises
+    with pytest.raises(ValueError, match="times"):
+        integrate(Linear(a, b), x, times=torch.zeros(1, dtype=F64))
+    with pytest.raises(ValueError, match="times"):
+        integrate(Linear(a, b), x, divergence="quadrature", times=torch.linspace(0, 1, 3))
+
+
+@pytest.mark.parametrize("divergence", ["exact", "none"])
+def test_output_times_give_the_path_of_the_same_solve(linear_case, divergence):
+    a, b = linear_case
+    x0 = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    times = torch.linspace(0.0, 1.0, 5, dtype=F64)
+    res = integrate(Linear(a, b), x0, divergence=divergence, atol=1e-10, rtol=1e-10, times=times)
+    mid = integrate(Linear(a, b), x0, t1=0.5, divergence=divergence, atol=1e-10, rtol=1e-10)
+    assert res.path.shape == (5, 3, 4) and torch.equal(res.path[-1], res.x)
+    torch.testing.assert_close(res.path[2], mid.x, atol=1e-8, rtol=0)
+    if divergence == "none":
+        assert res.delta_logp_path is None
+    else:
+        torch.testing.assert_close(res.delta_logp_path[2], mid.delta_logp, atol=1e-8, rtol=0)
+    assert integrate(Linear(a, b), x0, divergence=divergence).path is None

@@ -112,3 +112,20 @@ def test_hutchinson_and_quadrature_options_run(teacher):
     assert quad.trace_evals == 12
     assert (quad.log_q - exact.log_q).abs().max() < 1e-3
     assert bool(torch.isfinite(hutch.log_q).all())
+
+
+def test_push_prior_draws_seeded_prior_points_and_records_a_path(teacher):
+    times = torch.linspace(0.0, 1.0, 5)
+    batches = list(teacher.push_prior(7, seed=2, times=times, batch_size=3, **FAST))
+    assert [len(x0) for x0, _ in batches] == [3, 3, 1]
+    expected = teacher.prior.sample(7, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.cat([x0 for x0, _ in batches]), expected)
+    x0, res = batches[0]
+    assert res.path.shape == (5, 3, 8) and res.delta_logp_path.shape == (5, 3)
+    assert torch.equal(res.path[0], x0) and torch.equal(res.path[-1], res.x)
+    assert torch.equal(res.delta_logp_path[-1], res.delta_logp)
+    assert bool((res.delta_logp_path[0] == 0).all())
+    # the samples are the pushed points, projected and in data units
+    samples = teacher.sample_with_stats(7, seed=2, batch_size=3, **FAST)
+    ends = torch.cat([remove_mean(r.x, 4, 2) for _, r in batches]) * teacher.scale
+    assert torch.equal(samples.x, ends)

@@ -20,8 +20,8 @@ import torch
 from boltzflow.cli import main
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.samples import read_samples
-from boltzflow.registry.loading import load_model
 from boltzflow.models.protocol import LOG_Q_KINDS, Model
+from boltzflow.registry.loading import load_model
 from boltzflow.registry.methods import METHODS
 
 KINDS = ["teacher", *METHODS]
