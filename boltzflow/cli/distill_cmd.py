@@ -20,8 +20,6 @@ import torch
 
 __all__ = ["register"]
 
-METHODS = ("f2d2", "falcon", "nf")
-
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from boltzflow.distill.train_students import (
@@ -31,10 +29,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         train_student,
     )
     from boltzflow.flows.cnf import TeacherCNF
+    from boltzflow.registry.methods import get_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.method == "nf":
+    if args.method == "nf":  # also distils an NF teacher (latent matching): its own entry
         return _distill_nf(args)
     recorded = teacher_system(args.teacher)
     if args.system and recorded and args.system != recorded:
@@ -42,6 +41,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             f"{args.teacher}: the teacher was trained for {recorded!r}, not {args.system!r}"
         )
     system = args.system or recorded
+    method = get_method(args.method)
+    if method.config is not StudentConfig:  # a baseline: built from the teacher, no training
+        if args.config or args.data:
+            raise ValueError(f"method {args.method!r} takes no --config or --data")
+        teacher = TeacherCNF.load(args.teacher, system=system)
+        method.train(method.new_config(), teacher, args.output, system=system)
+        print(f"{args.method} baseline for {system} -> {Path(args.output) / 'student.pt'}")
+        return 0
     if args.config:
         cfg = load_student_config(args.config, args.profile, method=args.method)
     else:
@@ -101,13 +108,15 @@ def _distill_nf(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from boltzflow.registry.methods import METHODS
+
     p = sub.add_parser(
         "distill",
-        help="distil a teacher CNF into a few-step student (f2d2, falcon, nf)",
+        help="distil a teacher CNF into a few-step student (any method of the registry)",
         description="Train a student from a teacher run folder; writes OUT/student.pt.",
     )
     p.add_argument("teacher", help="teacher run folder or checkpoint file")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("-o", "--output", required=True, help="student run folder")
     p.add_argument("--config", default=None, help="student TOML config (f2d2/falcon)")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke")

@@ -169,17 +169,19 @@ class StudentSpec:
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able form of the configuration (for hashing and the run record)."""
-        if self.method == "nf":
-            return {
-                k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                for k, v in self.config.items()
-            }
-        return self.config.to_dict()
+        return dataclasses.asdict(self.config)
+
+    @property
+    def uses_steps(self) -> bool:
+        """Whether the method samples in a chosen number of steps (the registry's word)."""
+        from boltzflow.registry.methods import get_method
+
+        return get_method(self.method).uses_steps
 
     @property
     def default_steps(self) -> int:
-        """Steps the student samples with by default (1 for the one-pass NF)."""
-        return 1 if self.method == "nf" else int(self.config.student.default_steps)
+        """Steps the student samples with by default (1 for a one-pass method)."""
+        return int(self.config.student.default_steps) if self.uses_steps else 1
 
 
 @dataclass(frozen=True)
@@ -465,6 +467,7 @@ def _parse_student(
 def _parse_nf(name: str, t: dict[str, Any], where: str, device: str | None) -> StudentSpec:
     from boltzflow.distill.nf import NFModelConfig
     from boltzflow.distill.nf_losses import NFLossConfig
+    from boltzflow.distill.nf_run import NFConfig
     from boltzflow.distill.nf_train import default_train_config
     from boltzflow.train.config import TrainConfig, dataclass_from_dict
 
@@ -475,17 +478,17 @@ def _parse_nf(name: str, t: dict[str, Any], where: str, device: str | None) -> S
     if device is not None:
         train["device"] = device
     require_positive(t["n_pairs"], f"{where}.n_pairs")
-    config = {
-        "model": located(
+    config = NFConfig(
+        model=located(
             where, dataclass_from_dict, NFModelConfig, t["model"] or {}, f"{where}.model"
         ),
-        "train": located(where, dataclass_from_dict, TrainConfig, train, f"{where}.train"),
-        "loss": None
+        train=located(where, dataclass_from_dict, TrainConfig, train, f"{where}.train"),
+        loss=None
         if t["loss"] is None
         else located(where, dataclass_from_dict, NFLossConfig, t["loss"], f"{where}.loss"),
-        "n_pairs": t["n_pairs"],
-        "pair_settings": dict(t["pair_settings"]),
-    }
+        n_pairs=t["n_pairs"],
+        pair_settings=dict(t["pair_settings"]),
+    )
     return StudentSpec(name=name, method="nf", config=config)
 
 
@@ -688,7 +691,7 @@ def _parse_report(
                 f"({sorted(students) or 'none defined'})"
             )
         st = students[proposal]
-        if st.method == "nf":  # one pass: no step count
+        if not st.uses_steps:  # one pass: no step count
             if rp["proposal_steps"] is not None:
                 raise ValueError(f"{where}.proposal_steps: not used for an nf student")
             steps = None

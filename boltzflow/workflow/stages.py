@@ -73,7 +73,7 @@ def sample_plan(wf: Workflow) -> dict[str, list[tuple[str, int | None]]]:
     if wf.sample.teacher:
         plan["teacher"] = [("teacher", None)]
     for name, st in wf.students.items():
-        steps: list[int | None] = [None] if st.method == "nf" else list(wf.sample.steps)
+        steps: list[int | None] = list(wf.sample.steps) if st.uses_steps else [None]
         plan[name] = [(sample_label(name, k), k) for k in steps]
     return plan
 
@@ -193,8 +193,8 @@ def _run_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
 
 # -- students --------------------------------------------------------------------------------------
 def _trajectory_config(st: StudentSpec) -> dict[str, Any] | None:
-    if st.method == "nf" or st.config.loss.target != "teacher":
-        return None
+    if getattr(getattr(st.config, "loss", None), "target", None) != "teacher":
+        return None  # trained without teacher trajectories (from data, or an nf student)
     return dataclasses.asdict(st.config.trajectories)
 
 
@@ -213,50 +213,31 @@ def _run_trajectories(ctx: StageContext, wf: Workflow, tc: dict[str, Any], out: 
 
 
 def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | None) -> dict:
+    from boltzflow.distill.train_students import TRAJECTORY_FILE
     from boltzflow.flows.cnf import TeacherCNF
+    from boltzflow.registry.methods import get_method
 
     teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
     info = {"teacher": TEACHER_FILE, "workflow": wf.name}
     start = time.perf_counter()
-    if st.method == "nf":
-        from boltzflow.distill.nf_train import distill_nf_from_cnf
+    data = None
+    if getattr(getattr(st.config, "loss", None), "target", None) == "data":
+        from boltzflow.data import read_dataset
 
-        c = st.config
-        student = distill_nf_from_cnf(
-            teacher,
-            ctx.workdir,
-            system=wf.system,
-            n_pairs=c["n_pairs"],
-            pair_settings=c["pair_settings"],
-            model=c["model"],
-            train=c["train"],
-            loss=c["loss"],
-            resume=ctx.resumed,
-            progress=ctx.progress,
-            run_info=info,
-        )
-        steps = c["train"].steps
-    else:
-        from boltzflow.distill.train_students import TRAJECTORY_FILE, train_student
-
-        data = None
-        if st.config.loss.target == "data":
-            from boltzflow.data import read_dataset
-
-            data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
-        if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
-            shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
-        student = train_student(
-            st.config,
-            teacher,
-            ctx.workdir,
-            system=wf.system,
-            data=data,
-            resume=ctx.resumed,
-            progress=ctx.progress,
-            run_info=info,
-        )
-        steps = st.config.train.steps
+        data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
+    if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
+        shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
+    student = get_method(st.method).train(
+        st.config,
+        teacher,
+        ctx.workdir,
+        system=wf.system,
+        data=data,
+        resume=ctx.resumed,
+        progress=ctx.progress,
+        run_info=info,
+    )
+    steps = st.config.train.steps
     last = _last_metrics(ctx.workdir)
     return {
         "method": st.method,
@@ -402,7 +383,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                     )
                 )
             deps.append(stage_name)
-        if st.method != "nf" and st.config.loss.target == "data":
+        if getattr(getattr(st.config, "loss", None), "target", None) == "data":
             deps.append("data")
         stage = Stage(
             f"student-{name}",
