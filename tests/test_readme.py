@@ -48,7 +48,7 @@ def _tiny_f2d2_student(root: Path) -> Path:
 def test_readme_example_is_short_and_loads_the_demo_student():
     code = [ln for ln in _python_block().splitlines() if ln.strip() and not ln.startswith("#")]
     assert len(code) <= 12, f"the README example has {len(code)} lines of code"
-    assert 'load_student("runs/quickstart/students/f2d2"' in _python_block()
+    assert 'load_model("runs/quickstart/students/f2d2"' in _python_block()
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
