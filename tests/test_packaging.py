@@ -12,7 +12,6 @@ Both commands run from a temporary working folder, without ``PYTHONPATH``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import site
@@ -41,8 +40,11 @@ def _clean_env() -> dict[str, str]:
 
 
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
+    # Probe in a subprocess: find_spec("pip") in this process would make setuptools' distutils
+    # shim stand down for the rest of the session (torch.compile then fails to import it).
     for module in ("venv", "ensurepip", "pip", "setuptools"):
-        if importlib.util.find_spec(module) is None:
+        probe = f"import {module}"
+        if subprocess.run([sys.executable, "-c", probe], check=False).returncode:
             pytest.skip(f"{module} is not available to {sys.executable}")
     env = _clean_env()
     work = tmp_path / "cwd"
