@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from boltzflow.validate import positive_int
+
 __all__ = [
     "LOG_Q_KINDS",
     "FlowOutput",
@@ -142,9 +144,7 @@ class Model(Protocol):
 
 def check_count(n: Any, what: str = "n") -> int:
     """``n`` as a positive int, else a :class:`ValueError` naming ``what``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what} must be a positive integer, got {n!r}")
-    return n
+    return positive_int(n, what)
 
 
 def check_steps(steps: Any) -> int | None:
