@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from boltzflow import __version__
+from boltzflow.errors import InvalidFileError
 from boltzflow.io.atomic import atomic_path
 
 __all__ = [
@@ -41,7 +42,7 @@ _FORMAT_VERSION = 1
 _HEADER = re.compile(rb"^BOLTZFLOW-CHECKPOINT (\d+) bytes=(\d+) sha256=([0-9a-f]{64})\n")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidFileError):
     """A checkpoint file is not a boltzflow checkpoint, is truncated, corrupt or of another kind."""
 
 
