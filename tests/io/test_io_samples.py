@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from boltzflow.errors import PartialFileError
 from boltzflow.io.samples import SampleWriter, read_samples
 
 
@@ -99,7 +100,10 @@ def test_killed_writer_leaves_readable_file_with_complete_chunks(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    s = read_samples(path)
+    with pytest.raises(PartialFileError, match="partial file"):
+        read_samples(path)
+    s = read_samples(path, allow_partial=True)
+    assert not s.complete
     n_chunks = s.n // 500
     assert s.n % 500 == 0 and n_chunks >= 3
     expected = np.repeat(np.arange(n_chunks, dtype=float), 500)
@@ -109,7 +113,8 @@ def test_killed_writer_leaves_readable_file_with_complete_chunks(tmp_path):
     # the interrupted store can be continued
     with SampleWriter(path, dim=66, provenance={}, mode="a") as w:
         w.append(np.zeros((10, 66)), log_q=np.zeros(10), nfe=np.zeros(10, dtype=int))
-    assert read_samples(path).n == s.n + 10
+    resumed = read_samples(path)
+    assert resumed.n == s.n + 10 and resumed.complete
 
 
 def test_atomic_write_uses_default_permissions(tmp_path):
