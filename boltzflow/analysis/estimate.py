@@ -159,6 +159,7 @@ def estimate_from_spec(
     *,
     out_dir: str | os.PathLike[str] | None = None,
     system: System | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Observables and free-energy differences from a TOML spec.
 
@@ -181,6 +182,9 @@ def estimate_from_spec(
         a = [{feature = "phi", min = 0.0, max = 2.0}]
         b = "complement"
 
+    ``allow_partial`` accepts a sample store whose writer did not finish (its complete
+    chunks); ``weights["partial file"]`` then reports the rows used.
+
     Returns:
         ``{"weights": ..., "observables": {name: {method: Estimate}}, "free energies": ...}``;
         with ``out_dir`` also writes ``estimate.md`` / ``estimate.json`` there.
@@ -199,7 +203,7 @@ def estimate_from_spec(
     methods = estimate_methods(spec.get("method", "both"))
     seed, level = int(spec.get("seed", 0)), float(spec.get("level", 0.95))
     n_boot = int(spec.get("n_bootstrap", 1000))
-    samples = read_samples(_resolve(base, spec["samples"]))
+    samples = read_samples(_resolve(base, spec["samples"]), allow_partial=allow_partial)
     own_system = system is None
     if own_system:
         from boltzflow.systems import load_system
@@ -216,6 +220,8 @@ def estimate_from_spec(
         log_w = log_weights(u, torch.as_tensor(samples.log_q, dtype=torch.float64))
         clip = float(spec.get("clip_fraction", 0.0))
         weights: dict[str, Any] = {"N": samples.n, "ESS/N": kish_ess(log_w) / samples.n}
+        if not samples.complete:
+            weights["partial file"] = samples.partial_note()
         if clip > 0:
             c = clip_log_weights(log_w, clip)
             log_w = c.log_w

@@ -101,6 +101,7 @@ def reweight_analysis(
     max_ot_points: int = 2000,
     trajectory: str | None = None,
     n_resample: int | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Importance-weight stored proposal samples and write plots and a report into ``out_dir``.
 
@@ -120,13 +121,15 @@ def reweight_analysis(
         trajectory: write reweighted samples as a trajectory of this format (``"dcd"``,
             ``"pdb"`` or ``"h5"``) for molecular systems.
         n_resample: frames to resample for the trajectory (default: min(N, 1000)).
+        allow_partial: accept a store whose writer did not finish (its complete chunks); the
+            rows used are reported in ``results["weights"]["partial file"]`` and the notes.
 
     Returns:
         The results dict (as in ``report.json``'s ``results``), with ``"plots"`` and
         ``"report"`` paths added.
     """
     if not isinstance(samples, SampleSet):
-        samples = read_samples(samples)
+        samples = read_samples(samples, allow_partial=allow_partial)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if samples.x.shape[1] != system.dim:
@@ -158,6 +161,7 @@ def reweight_analysis(
     results: dict[str, Any] = {}
     weights: dict[str, Any] = {
         "N": n,
+        **({"partial file": samples.partial_note()} if not samples.complete else {}),
         "ESS": kish_ess(log_w),
         "ESS/N": kish_ess(log_w) / n,
         "zero-weight samples (u = inf or log q invalid)": int((~torch.isfinite(log_w)).sum()),
@@ -248,6 +252,8 @@ def reweight_analysis(
         f"seed {seed}, bootstrap B = {n_bootstrap}, confidence level {level:g}",
         "log w = -u(x) - log q(x); energy W2 is reported with the square root (W2, not W2^2)",
     ]
+    if not samples.complete:
+        notes.append(samples.partial_note() + " (the writer did not finish)")
     if clip_fraction > 0:
         notes.append(f"the largest {100 * clip_fraction:g}% of weights were clipped (see weights)")
     if weights["ESS"] < _MIN_RELIABLE_ESS:

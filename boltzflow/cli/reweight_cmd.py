@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 __all__ = ["register"]
 
@@ -28,8 +29,11 @@ def _cmd_reweight(args: argparse.Namespace) -> int:
             seed=args.seed,
             trajectory=args.trajectory,
             n_resample=args.n_resample,
+            allow_partial=args.allow_partial,
         )
     w = results["weights"]
+    if "partial file" in w:
+        print(w["partial file"])
     print(f"N = {w['N']}, ESS = {w['ESS']:.1f}, ESS/N = {w['ESS/N']:.4g}")
     print(f"log Z = {w['log Z (delta)']}")
     print(f"report: {results['report']['markdown']}")
@@ -40,7 +44,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from boltzflow.analysis.estimate import estimate_from_spec
     from boltzflow.analysis.report import jsonable
 
-    results = estimate_from_spec(args.spec, out_dir=args.output)
+    results = estimate_from_spec(args.spec, out_dir=args.output, allow_partial=args.allow_partial)
+    if "partial file" in results["weights"]:
+        print(results["weights"]["partial file"], file=sys.stderr)
     print(json.dumps(jsonable(results), indent=2))
     return 0
 
@@ -68,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also export resampled molecular samples as a trajectory",
     )
     p.add_argument("--n-resample", type=int, default=None, help="frames to resample (<= 1000)")
+    _allow_partial_option(p)
     p.set_defaults(func=_cmd_reweight)
 
     p = sub.add_parser(
@@ -77,4 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec", help="TOML spec file")
     p.add_argument("-o", "--output", default=None, help="folder for estimate.md / estimate.json")
+    _allow_partial_option(p)
     p.set_defaults(func=_cmd_estimate)
+
+
+def _allow_partial_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="use the complete chunks of a sample file whose writer did not finish "
+        "(interrupted or failed); the rows used are reported",
+    )

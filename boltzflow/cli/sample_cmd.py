@@ -62,7 +62,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             progress=True,
             **settings,
         )
-        done = write_draws(args.output, batches, dim=model.dim, provenance=provenance, atomic=False)
+        done = write_draws(
+            args.output,
+            batches,
+            dim=model.dim,
+            provenance=provenance,
+            atomic=False,
+            n_planned=args.n,
+        )
+    except KeyboardInterrupt:
+        _report_interrupted(args.output, args.n)
+        return 130
     finally:
         if system is not None:
             system.close()
@@ -77,6 +87,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         line += f", ESS/N {ess_fraction(log_w):.4f} (N = {args.n})"
     print(line)
     return 0
+
+
+def _report_interrupted(path: str, n: int) -> None:
+    """Say how many rows an interrupted run kept, and that the file is marked partial."""
+    import sys
+
+    from boltzflow.io.samples import read_samples
+
+    try:
+        kept = read_samples(path, allow_partial=True).n
+    except (OSError, ValueError):
+        kept = 0
+    if kept:
+        print(
+            f"boltzflow sample: interrupted: kept {kept} of {n} samples in {path}, marked "
+            "partial (analyse them with `reweight --allow-partial`)",
+            file=sys.stderr,
+        )
+    else:
+        print("boltzflow sample: interrupted before any sample was written", file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -157,6 +157,7 @@ def write_draws(
     dim: int,
     provenance: dict[str, Any],
     atomic: bool = True,
+    n_planned: int | None = None,
 ) -> list[DrawBatch]:
     """Write draws to an HDF5 sample store (:class:`~boltzflow.io.samples.SampleWriter`).
 
@@ -166,7 +167,9 @@ def write_draws(
         dim: coordinates per sample.
         provenance: JSON-able description of the samples (model, system, seed, settings).
         atomic: write to a temporary file renamed on success (nothing is left on failure);
-            False streams into ``path`` itself, keeping every completed batch if interrupted.
+            False streams into ``path`` itself, keeping every completed batch if interrupted
+            (the file is then marked partial, see :func:`~boltzflow.io.samples.read_samples`).
+        n_planned: rows asked for (recorded; reported when the file is partial).
 
     Returns:
         the batches written (for ESS, cost and further analysis).
@@ -174,7 +177,7 @@ def write_draws(
     done: list[DrawBatch] = []
 
     def write(target: str | os.PathLike[str]) -> None:
-        with SampleWriter(target, dim=dim, provenance=provenance) as writer:
+        with SampleWriter(target, dim=dim, provenance=provenance, n_planned=n_planned) as writer:
             for batch in batches:
                 out = batch.out
                 cols: dict[str, Any] = {"log_q": out.log_q}
