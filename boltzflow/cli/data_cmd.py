@@ -53,8 +53,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from boltzflow.data import read_dataset
 
-    ds = read_dataset(Path(args.file), verify=True)
-    print(f"{ds.path}: {len(ds)} samples x {ds.dim} coordinates ({ds.positions.dtype})")
+    ds = read_dataset(Path(args.file), verify=True, allow_partial=True)
+    if ds.complete:
+        state = "complete"
+    else:
+        planned = "an unknown number of" if ds.n_planned is None else ds.n_planned
+        state = f"PARTIAL: {len(ds)} of {planned} planned samples (generation interrupted)"
+    print(f"{ds.path}: {len(ds)} samples x {ds.dim} coordinates ({ds.positions.dtype}); {state}")
     print("checksum: OK (sha256 " + str(ds.attrs["checksum_sha256"]) + ")")
     if ds.energies is not None:
         e = ds.energies

@@ -271,6 +271,7 @@ def generate(
             "method_requested": method,
             "settings": s,
             "seed": seed,
+            "n_requested": n,
             "system_parameters": dict(system.info.parameters),
             "temperature": system.temperature,
             "statistics": stats,

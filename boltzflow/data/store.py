@@ -7,9 +7,18 @@ A boltzflow dataset is one HDF5 file holding
 * any number of ``extra`` arrays (e.g. the replica or chain index of each row);
 
 and root attributes naming the system and its parameters, the temperature, the generator and its
-settings, the seed, the boltzflow version, the creation time, the format version and a SHA-256
-checksum over the stored arrays. Files are written atomically (temporary file + rename, see
-:mod:`boltzflow.io.atomic`), so a reader never sees a half-written dataset.
+settings, the seed, the boltzflow version, the creation time, the format version, whether the
+generation finished (``complete``, 0 or 1, and ``n_planned``, the rows it was asked for) and a
+SHA-256 checksum over the stored arrays and (format 2) the completeness attributes. Files are
+written atomically (temporary file + rename, see :mod:`boltzflow.io.atomic`), so a reader never
+sees a half-written dataset.
+
+A generation that did not finish (MD stopped by Ctrl-C keeps its frames) is written marked
+partial; :func:`read_dataset` refuses it with :class:`~boltzflow.errors.PartialFileError` unless
+``allow_partial=True``, so it does not pass for complete data in a workflow. Format 1 files have
+no ``complete`` attribute: they count as partial where their provenance statistics say
+``interrupted``. Every damaged, truncated or foreign file raises
+:class:`~boltzflow.errors.InvalidFileError` naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import numpy as np
 import torch
 
 import boltzflow
+from boltzflow.errors import InvalidFileError, PartialFileError
+from boltzflow.io.arrays import read_npy
 from boltzflow.io.atomic import atomic_path
 from boltzflow.systems.particles import remove_mean
 
@@ -42,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "boltzflow-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Keys every ``provenance`` dict given to :func:`write_dataset` must hold.
 PROVENANCE_KEYS = ("generator", "settings", "seed", "system_parameters", "temperature")
@@ -75,6 +86,8 @@ class Dataset:
         attrs: root attributes; JSON attributes decoded, ``temperature`` None for toy systems.
         path: the file it came from.
         extra: further arrays stored beside the positions.
+        complete: False for a generation that did not finish (read with ``allow_partial``).
+        n_planned: rows the generation was asked for.
     """
 
     positions: np.ndarray
@@ -82,6 +95,8 @@ class Dataset:
     attrs: dict[str, Any]
     path: Path
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    complete: bool = True
+    n_planned: int | None = None
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -100,6 +115,11 @@ def content_checksum(arrays: Mapping[str, np.ndarray]) -> str:
         digest.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
+
+
+def _completeness(complete: bool, n_planned: int) -> np.ndarray:
+    """The completeness attributes as an array covered by the format-2 checksum."""
+    return np.array([int(complete), int(n_planned)], dtype=np.int64)
 
 
 def _json(value: Any, what: str) -> str:
@@ -143,6 +163,8 @@ def write_dataset(
     provenance: dict[str, Any],
     energies: np.ndarray | None = None,
     extra: dict[str, np.ndarray] | None = None,
+    complete: bool | None = None,
+    n_planned: int | None = None,
 ) -> Path:
     """Write a dataset file atomically.
 
@@ -156,6 +178,11 @@ def write_dataset(
             the whole dict (statistics included) is also stored as JSON in ``provenance``.
         energies: optional ``(N,)`` finite reduced energies in kT.
         extra: optional further numeric arrays, stored as datasets of the same name.
+        complete: whether the generation finished; None: unless ``provenance["statistics"]
+            ["interrupted"]`` is true. A partial dataset is refused by :func:`read_dataset`
+            unless it is asked for.
+        n_planned: rows the generation was asked for (default: ``provenance["n_requested"]``
+            for a partial dataset, else the rows given).
 
     Returns:
         The path written.
@@ -174,7 +201,7 @@ def write_dataset(
             )
         arrays["energies"] = energies
     for name, value in (extra or {}).items():
-        if name in _RESERVED or not name or "/" in name:
+        if name in _RESERVED or not name or "/" in name or name.startswith("__"):
             raise ValueError(f"extra array name {name!r} is reserved or invalid")
         arrays[name] = np.asarray(value)
     missing = [k for k in PROVENANCE_KEYS if k not in provenance]
@@ -182,6 +209,11 @@ def write_dataset(
         raise ValueError(f"provenance is missing keys {missing}; required: {list(PROVENANCE_KEYS)}")
     temperature = provenance["temperature"]
     seed = provenance["seed"]
+    if complete is None:
+        complete = not _interrupted(provenance)
+    n_rows = int(positions.shape[0])
+    if n_planned is None:
+        n_planned = n_rows if complete else int(provenance.get("n_requested", -1))
     attrs: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -195,10 +227,14 @@ def write_dataset(
         "boltzflow_version": boltzflow.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": _json(provenance, "provenance"),
-        "n_samples": int(positions.shape[0]),
+        "n_samples": n_rows,
         "dim": int(positions.shape[1]),
+        "complete": int(bool(complete)),
+        "n_planned": int(n_planned),
     }
-    attrs["checksum_sha256"] = content_checksum(arrays)
+    attrs["checksum_sha256"] = content_checksum(
+        {**arrays, "__completeness__": _completeness(bool(complete), int(n_planned))}
+    )
     target = Path(path)
     with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w") as fh:
         for name, value in arrays.items():
@@ -216,34 +252,57 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _open_error(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path}: not an HDF5 file / corrupt HDF5 file ({err})")
+def _interrupted(provenance: Any) -> bool:
+    """Whether a provenance dict records an interrupted generation (statistics.interrupted)."""
+    stats = provenance.get("statistics") if isinstance(provenance, Mapping) else None
+    return bool(isinstance(stats, Mapping) and stats.get("interrupted"))
 
 
-def read_dataset(path: str | os.PathLike[str], *, verify: bool = True) -> Dataset:
+def _open_error(path: Path, err: Exception) -> InvalidFileError:
+    return InvalidFileError(f"{path}: not an HDF5 file / corrupt HDF5 file ({err})")
+
+
+def read_dataset(
+    path: str | os.PathLike[str], *, verify: bool = True, allow_partial: bool = False
+) -> Dataset:
     """Read and validate a dataset written by :func:`write_dataset`.
 
     Args:
         path: the ``.h5`` file.
         verify: recompute the SHA-256 checksum and compare it with the stored one.
+        allow_partial: read a dataset whose generation did not finish (``Dataset.complete``
+            is then False).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an HDF5 file or corrupt; not a boltzflow dataset (missing datasets or
-            attributes); wrong shapes; checksum mismatch (file modified or corrupt).
+        PartialFileError: the generation did not finish and ``allow_partial`` is False.
+        InvalidFileError: (a ValueError) not an HDF5 file or corrupt; not a boltzflow dataset
+            (missing datasets or attributes); wrong shapes; checksum mismatch (file modified or
+            corrupt).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
+    try:
+        return _read_dataset(path, verify, allow_partial)
+    except (InvalidFileError, FileNotFoundError):
+        raise
+    except Exception as err:  # h5py errors on damaged files: OSError, KeyError, RuntimeError...
+        raise InvalidFileError(
+            f"{path}: damaged dataset file ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _read_dataset(path: Path, verify: bool, allow_partial: bool) -> Dataset:
     if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file / corrupt (no HDF5 signature)")
+        raise InvalidFileError(f"{path}: not an HDF5 file / corrupt (no HDF5 signature)")
     try:
         with h5py.File(path, "r") as fh:
             attrs = {k: _decode(v) for k, v in fh.attrs.items()}
             missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
             if "positions" not in fh or missing:
                 what = (["dataset 'positions'"] if "positions" not in fh else []) + missing
-                raise ValueError(
+                raise InvalidFileError(
                     f"{path}: not a boltzflow dataset: missing {', '.join(what)} "
                     "(use load_positions for plain HDF5 files)"
                 )
@@ -254,45 +313,83 @@ def read_dataset(path: str | os.PathLike[str], *, verify: bool = True) -> Datase
             }
     except OSError as err:  # h5py signals truncated/corrupt files with OSError
         raise _open_error(path, err) from err
-    if attrs["format"] != FORMAT_NAME or int(attrs["format_version"]) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format {attrs['format']!r} version {attrs['format_version']} is not "
-            f"readable by this boltzflow (reads {FORMAT_NAME!r} up to version {FORMAT_VERSION})"
+    version = attrs["format_version"]
+    if (
+        attrs["format"] != FORMAT_NAME
+        or not isinstance(version, int)
+        or not 1 <= version <= FORMAT_VERSION
+    ):
+        raise InvalidFileError(
+            f"{path}: format {attrs['format']!r} version {version} is not "
+            f"readable by this boltzflow (reads {FORMAT_NAME!r} versions 1 to {FORMAT_VERSION})"
         )
     positions = arrays.pop("positions")
     energies = arrays.pop("energies", None)
     if positions.ndim != 2:
-        raise ValueError(f"{path}: positions must be 2-D (N, dim), got shape {positions.shape}")
+        raise InvalidFileError(
+            f"{path}: positions must be 2-D (N, dim), got shape {positions.shape}"
+        )
     if energies is not None and energies.shape != (positions.shape[0],):
-        raise ValueError(
+        raise InvalidFileError(
             f"{path}: energies must have shape ({positions.shape[0]},), got {energies.shape}"
         )
-    if verify:
-        stored = {"positions": positions, **arrays}
-        if energies is not None:
-            stored["energies"] = energies
-        actual = content_checksum(stored)
-        if actual != attrs["checksum_sha256"]:
-            raise ValueError(
-                f"{path}: checksum mismatch (stored {attrs['checksum_sha256'][:12]}..., "
-                f"computed {actual[:12]}...): file modified or corrupt"
-            )
     for key in _JSON_ATTRS:
         if key in attrs:
             try:
                 attrs[key] = json.loads(attrs[key])
             except (TypeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}: attribute {key!r} is not valid JSON: {err}") from err
+                raise InvalidFileError(
+                    f"{path}: attribute {key!r} is not valid JSON: {err}"
+                ) from err
+    n = int(positions.shape[0])
+    if version >= 2:
+        complete, n_planned = attrs.get("complete"), attrs.get("n_planned")
+        if complete not in (0, 1) or not isinstance(n_planned, int) or n_planned < -1:
+            raise InvalidFileError(
+                f"{path}: attributes 'complete' / 'n_planned' missing or damaged "
+                f"({complete!r}, {n_planned!r})"
+            )
+        complete = bool(complete)
+    else:  # format 1: only the provenance statistics tell of an interrupted run
+        complete = not _interrupted(attrs.get("provenance"))
+        n_planned = n if complete else -1
+    if verify:
+        stored = {"positions": positions, **arrays}
+        if energies is not None:
+            stored["energies"] = energies
+        if version >= 2:
+            stored["__completeness__"] = _completeness(complete, n_planned)
+        actual = content_checksum(stored)
+        if actual != attrs["checksum_sha256"]:
+            raise InvalidFileError(
+                f"{path}: checksum mismatch (stored {str(attrs['checksum_sha256'])[:12]}..., "
+                f"computed {actual[:12]}...): file modified or corrupt"
+            )
+    planned = None if n_planned == -1 else n_planned
+    if not complete and not allow_partial:
+        raise PartialFileError(
+            f"{path}: partial dataset: its generation did not finish (interrupted); "
+            f"{n} of {'an unknown number of' if planned is None else planned} planned samples. "
+            "Regenerate it, or read it with allow_partial=True"
+        )
     if attrs["temperature"] != attrs["temperature"]:  # NaN -> dimensionless system
         attrs["temperature"] = None
     if attrs["seed"] == -1:
         attrs["seed"] = None
-    return Dataset(positions=positions, energies=energies, attrs=attrs, path=path, extra=arrays)
+    return Dataset(
+        positions=positions,
+        energies=energies,
+        attrs=attrs,
+        path=path,
+        extra=arrays,
+        complete=complete,
+        n_planned=planned,
+    )
 
 
 def _read_hdf5_array(path: Path, dataset: str | None) -> np.ndarray:
     if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file / corrupt (no HDF5 signature)")
+        raise InvalidFileError(f"{path}: not an HDF5 file / corrupt (no HDF5 signature)")
     name = dataset or "positions"
     try:
         with h5py.File(path, "r") as fh:
@@ -303,12 +400,14 @@ def _read_hdf5_array(path: Path, dataset: str | None) -> np.ndarray:
                 fh.visititems(
                     lambda key, o: found.append(key) if isinstance(o, h5py.Dataset) else None
                 )
-                raise ValueError(
+                raise InvalidFileError(
                     f"{path}: no dataset {name!r}; datasets in the file: {found or 'none'}"
                 )
             if not is_boltzflow or name != "positions":
                 return np.asarray(obj[()])
-    except OSError as err:
+    except InvalidFileError:
+        raise
+    except Exception as err:  # OSError, KeyError, RuntimeError from a damaged file
         raise _open_error(path, err) from err
     # A boltzflow dataset: read it whole so that its checksum is verified.
     return read_dataset(path).positions
@@ -338,7 +437,9 @@ def load_positions(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown extension, not 2-D, wrong ``dim``, non-finite rows, corrupt file.
+        InvalidFileError: (a ValueError) empty, truncated or corrupt file, not numeric, not
+            2-D, a partial boltzflow dataset (:class:`~boltzflow.errors.PartialFileError`).
+        ValueError: unknown extension, wrong ``dim``, non-finite rows.
     """
     if nan not in ("raise", "drop", "keep"):
         raise ValueError(f"nan must be 'raise', 'drop' or 'keep', got {nan!r}")
@@ -349,10 +450,7 @@ def load_positions(
     if suffix == ".npy":
         if dataset is not None:
             raise ValueError(f"{path}: dataset={dataset!r} is only meaningful for HDF5 files")
-        try:
-            x = np.load(path, allow_pickle=False)
-        except ValueError as err:  # object arrays, bad headers
-            raise ValueError(f"{path}: cannot read as a numeric .npy array: {err}") from err
+        x = read_npy(path)
     elif suffix in _HDF5_SUFFIXES:
         x = _read_hdf5_array(path, dataset)
     else:
@@ -361,11 +459,11 @@ def load_positions(
             f"{', '.join(_HDF5_SUFFIXES)}"
         )
     if x.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: expected a numeric array, got dtype {x.dtype}")
+        raise InvalidFileError(f"{path}: expected a numeric array, got dtype {x.dtype}")
     if x.dtype.kind != "f":
         x = x.astype(np.float64)
     if x.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D array (N, dim), got shape {x.shape}")
+        raise InvalidFileError(f"{path}: expected a 2-D array (N, dim), got shape {x.shape}")
     finite = np.isfinite(x).all(axis=1)
     n_bad = int((~finite).sum())
     if n_bad:

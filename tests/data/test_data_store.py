@@ -55,7 +55,11 @@ def test_roundtrip_positions_energies_extra_and_attrs(tmp_path: Path) -> None:
     assert a["format_version"] == FORMAT_VERSION
     assert a["created"].endswith("+00:00")
     assert a["provenance"]["statistics"] == {"acceptance": [0.57]}
-    assert a["checksum_sha256"] == content_checksum({"positions": x, "energies": u, "chain": chain})
+    assert a["complete"] == 1 and a["n_planned"] == 50 and ds.complete and ds.n_planned == 50
+    # format 2: the checksum covers the arrays and the completeness attributes
+    done = np.array([1, 50], dtype=np.int64)
+    arrays = {"positions": x, "energies": u, "chain": chain, "__completeness__": done}
+    assert a["checksum_sha256"] == content_checksum(arrays)
     assert len(a["checksum_sha256"]) == 64
 
 
@@ -199,7 +203,7 @@ def test_load_positions_errors_and_nan_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nan must be"):
         load_positions(tmp_path / "nan.npy", nan="ignore")
     np.save(tmp_path / "obj.npy", np.array([object()]), allow_pickle=True)
-    with pytest.raises(ValueError, match="cannot read as a numeric"):
+    with pytest.raises(ValueError, match="dtype object"):
         load_positions(tmp_path / "obj.npy")
 
 
