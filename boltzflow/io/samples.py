@@ -116,6 +116,12 @@ def _open_read(path: Path) -> h5py.File:
     except OSError as err:
         if not path.is_file():
             raise FileNotFoundError(f"sample file not found: {path}") from err
+        if "consistency flags" not in str(err) and "already open" not in str(err):
+            # only a killed SWMR writer's file needs SWMR read mode, which skips checks that
+            # keep HDF5 from hanging on damaged files
+            raise InvalidFileError(
+                f"{path}: not a readable HDF5 sample file (truncated or damaged: {err})"
+            ) from err
         stored, size = _stored_eof(path), path.stat().st_size
         if stored is not None and stored > size:
             # SWMR read mode skips HDF5's own end-of-file check (and can hang on such a file)
@@ -579,7 +585,7 @@ def _read(f: h5py.File, path: Path, start: int, stop: int | None, allow_partial:
     lo = min(max(0, start), n)
     hi = n if stop is None else min(max(lo, stop), n)
     if version >= 2:
-        ends = _verified_ends(f, path, n)
+        ends = _verified_ends(f, path, n, complete)
         # read whole chunks around [lo, hi) so that each one can be checked
         i0 = int(np.searchsorted(ends, lo, side="right"))
         i1 = int(np.searchsorted(ends, hi, side="left")) + 1 if hi > lo else i0
@@ -616,8 +622,9 @@ def _read(f: h5py.File, path: Path, start: int, stop: int | None, allow_partial:
     )
 
 
-def _verified_ends(f: h5py.File, path: Path, n: int) -> np.ndarray:
-    """Chunk end rows covering exactly ``[0, n)``, increasing."""
+def _verified_ends(f: h5py.File, path: Path, n: int, complete: bool) -> np.ndarray:
+    """Chunk end rows covering exactly ``[0, n)``, increasing. A finished writer left no
+    checksum past ``n``; a killed one at most that of the chunk it was writing."""
     ends_ds, digests = f.get(_ENDS), f.get(_DIGESTS)
     if not isinstance(ends_ds, h5py.Dataset) or not isinstance(digests, h5py.Dataset):
         raise InvalidFileError(f"{path}: the chunk checksums (group 'integrity') are missing")
@@ -625,6 +632,11 @@ def _verified_ends(f: h5py.File, path: Path, n: int) -> np.ndarray:
         raise InvalidFileError(f"{path}: the chunk checksum table is damaged")
     ends = ends_ds[:].astype(np.int64)
     k = int(np.searchsorted(ends, n, side="right")) if len(ends) else 0
+    if len(ends) - k > (0 if complete else 1):
+        raise InvalidFileError(
+            f"{path}: {n} rows are declared but the chunk checksums cover {int(ends[-1])}: "
+            "file damaged"
+        )
     ends = ends[:k]
     if (len(ends) and (ends[0] <= 0 or np.any(np.diff(ends) <= 0))) or (
         (int(ends[-1]) if len(ends) else 0) != n

@@ -15,6 +15,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from boltzflow.errors import InvalidFileError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -41,7 +43,8 @@ def read_toml_file(path: str | os.PathLike[str], what: str = "TOML") -> dict[str
 
     Raises:
         FileNotFoundError: ``"<what> file not found: <path>"``.
-        ValueError: ``"<path>: invalid TOML: <reason>"``.
+        InvalidFileError: (a ValueError) ``"<path>: invalid TOML: <reason>"`` (bad syntax or
+            not UTF-8).
     """
     path = Path(path)
     if not path.is_file():
@@ -50,7 +53,9 @@ def read_toml_file(path: str | os.PathLike[str], what: str = "TOML") -> dict[str
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from err
+        raise InvalidFileError(f"{path}: invalid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise InvalidFileError(f"{path}: invalid TOML: not UTF-8 text ({err})") from err
 
 
 def merge_tables(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
