@@ -236,7 +236,9 @@ def write_dataset(
         {**arrays, "__completeness__": _completeness(bool(complete), int(n_planned))}
     )
     target = Path(path)
-    with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w") as fh:
+    # libver "latest": object headers with checksums, so HDF5 detects damaged metadata (older
+    # layouts can crash HDF5 when damaged attributes are read)
+    with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w", libver="latest") as fh:
         for name, value in arrays.items():
             fh.create_dataset(name, data=value)
         for key, value in attrs.items():
