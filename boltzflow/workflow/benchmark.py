@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.sampling.results import WeightedSamples
-from boltzflow.workflow.spec import Workflow
-from boltzflow.workflow.stage import StageContext
-from boltzflow.workflow.stages import (
+from boltzflow.workflow.layout import (
     REFERENCE_FILE,
     TEACHER_FILE,
     stage_device,
     teacher_sampling,
 )
+from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stage import StageContext
 
 __all__ = [
     "benchmark_table",
