@@ -158,7 +158,7 @@ def make_fixtures(tmp: Path) -> dict[str, Path]:
             str(f["config"]),
             "-o",
             str(f["teacher"]),
-        ]  # fmt: skip
+        ]
     )
     _must(["sample", str(f["teacher"]), "-n", "400", "-o", str(f["samples"]), "--seed", "1"])
     x = np.random.default_rng(0).normal(size=(50, 8))
@@ -212,7 +212,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                 f"{how} file -> reweight",
                 ["reweight", str(bad), "--system", "dw4", "-o", out(f"rw-{how}")],
                 output=out(f"rw-{how}"),
-            )  # fmt: skip
+            )
         )
     part = tmp / "samples-partial.h5"
     cases += [
@@ -224,7 +224,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
             must_say="partial",
             output=out("rw-partial"),
             prepare=lambda: _partial_samples(part),
-        ),  # fmt: skip
+        ),
         Case(
             "sample store",
             "interrupted writer -> reweight --allow-partial",
@@ -239,13 +239,13 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
             ],
             expect="recovered",
             must_say="100",
-        ),  # fmt: skip
+        ),
         Case(
             "sample store",
             "missing file -> reweight",
             ["reweight", str(tmp / "nope.h5"), "--system", "dw4", "-o", out("rw-missing")],
             output=out("rw-missing"),
-        ),  # fmt: skip
+        ),
     ]
     # datasets and arrays
     for how in ("truncate", "flip", "empty"):
@@ -266,7 +266,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                     out(f"tr-{how}"),
                 ],
                 output=out(f"tr-{how}"),
-            )  # fmt: skip
+            )
         )
     npys = {
         "0-byte .npy": b"",
@@ -275,8 +275,14 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
     for what, raw in npys.items():
         p = tmp / f"{what.split()[0]}.npy"
         p.write_bytes(raw)
-        cases.append(Case("array", f"{what} -> energy", ["energy", "dw4", str(p), "-o",
-                          out(f"e-{p.stem}.npy")], output=out(f"e-{p.stem}.npy")))  # fmt: skip
+        cases.append(
+            Case(
+                "array",
+                f"{what} -> energy",
+                ["energy", "dw4", str(p), "-o", out(f"e-{p.stem}.npy")],
+                output=out(f"e-{p.stem}.npy"),
+            )
+        )
     arrays = {
         "wrong shape (50, 7)": np.zeros((50, 7)),
         "NaN rows": np.where(np.arange(50)[:, None] % 7 == 0, np.nan, 1.0) * np.ones((50, 8)),
@@ -285,8 +291,14 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
     for what, arr in arrays.items():
         p = tmp / f"arr-{len(cases)}.npy"
         np.save(p, arr)
-        cases.append(Case("array", f"{what} -> energy", ["energy", "dw4", str(p), "-o",
-                          out(f"e-{p.stem}.npy")], output=out(f"e-{p.stem}.npy")))  # fmt: skip
+        cases.append(
+            Case(
+                "array",
+                f"{what} -> energy",
+                ["energy", "dw4", str(p), "-o", out(f"e-{p.stem}.npy")],
+                output=out(f"e-{p.stem}.npy"),
+            )
+        )
         cases.append(
             Case(
                 "array",
@@ -302,7 +314,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                     out(f"tr-{p.stem}"),
                 ],
                 output=out(f"tr-{p.stem}"),
-            )  # fmt: skip
+            )
         )
     # checkpoints
     for how in ("truncate", "flip", "empty"):
@@ -313,12 +325,16 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                 f"{how} teacher.pt -> sample",
                 ["sample", str(bad), "-n", "10", "-o", out(f"s-{how}.h5")],
                 output=out(f"s-{how}.h5"),
-            )  # fmt: skip
+            )
         )
     cases.append(
-        Case("checkpoint", "a dataset given as the model -> sample",
-             ["sample", d, "-n", "10", "-o", out("s-dataset.h5")], output=out("s-dataset.h5"))
-    )  # fmt: skip
+        Case(
+            "checkpoint",
+            "a dataset given as the model -> sample",
+            ["sample", d, "-n", "10", "-o", out("s-dataset.h5")],
+            output=out("s-dataset.h5"),
+        )
+    )
     # output paths (every command with -o)
     for where, path in (("under a file", under), ("an existing folder", folder)):
         for name, argv in (
@@ -344,7 +360,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
         (
             "sample --atol 0 --rtol 0",
             ["sample", t, "-n", "5", "--method", "dopri5", "--atol", "0", "--rtol", "0"],
-        ),  # fmt: skip
+        ),
         ("sample --atol -1", ["sample", t, "-n", "5", "--method", "dopri5", "--atol", "-1"]),
         ("data generate --chains 0", ["data", "generate", "dw4", "-n", "5", "--chains", "0"]),
         ("data generate -n 0", ["data", "generate", "dw4", "-n", "0"]),
@@ -370,16 +386,21 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
             "unknown system -> energy",
             ["energy", "dw5", str(f["npy"]), "-o", out("e-unknown.npy")],
             output=out("e-unknown.npy"),
-        ),  # fmt: skip
+        ),
         Case("workflow", "TOML syntax error -> run --check", ["run", str(bad_toml), "--check"]),
         Case(
             "workflow",
             "unknown key -> run --check",
             ["run", str(unknown_key), "--check"],
             must_say="not_a_key",
-        ),  # fmt: skip
+        ),
     ]
     return cases
+
+
+def _command(argv: list[str]) -> str:
+    """The command line with temporary paths shortened to their file names."""
+    return "boltzflow " + " ".join(a if len(a) < 40 else "…/" + Path(a).name for a in argv)
 
 
 def run_cases(cases: list[Case]) -> list[Outcome]:
@@ -442,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "reliability.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "reliability.md").write_text(table)
     bad = [r for r in results if r.outcome in ("SILENT", "TRACEBACK", "LEFT BEHIND")]
-    print(f"{len(bad)} of {len(results)} cases silently wrong, a traceback or left files behind "
-          f"({seconds:.0f} s)", file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(bad)} of {len(results)} cases silently wrong, a traceback or left files behind "
+        f"({seconds:.0f} s)",
+        file=sys.stderr,
+    )
     return 1 if bad else 0
 
 
