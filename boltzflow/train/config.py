@@ -242,6 +242,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from a (TOML) dict, recursing into dataclass-typed fields.
 
+    A class whose field types depend on the data (a method's own loss section) says so with a
+    classmethod ``field_types(data) -> {name: type}`` that overrides the annotations.
+
     Raises:
         ValueError: an unknown key (the message names it, with its section, and lists the valid
             keys).
@@ -249,6 +252,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config
     """
     check_keys(data, where, {f.name for f in dataclasses.fields(cls)})
     hints = typing.get_type_hints(cls)
+    if hasattr(cls, "field_types"):
+        hints.update(cls.field_types(data))
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]

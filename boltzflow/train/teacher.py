@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +27,8 @@ from boltzflow.flows.flow_matching import (
 )
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.config import SampleConfig, TeacherConfig
+from boltzflow.train.fit import fit_and_export
 from boltzflow.train.prefetch import step_generator
-from boltzflow.train.trainer import Trainer
 
 __all__ = ["SystemShape", "TeacherLoss", "build_teacher", "train_teacher"]
 
@@ -193,21 +192,17 @@ def train_teacher(
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
     teacher = build_teacher(cfg, shape)
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
-    trainer = Trainer(
+    teacher.system = run_config.get("system")
+    return fit_and_export(
         teacher,
         TeacherLoss(teacher, data, cfg, shape),
         cfg.train,
         out_dir,
+        filename=MODEL_FILE,
         model_kind="teacher_cnf",
-        model_config=teacher.model_config,
         run_config=run_config,
         extra={"sampling": teacher.sampling},
+        resume=resume,
+        stop_at=stop_at,
         progress=progress,
     )
-    trainer.fit(resume=resume, stop_at=stop_at)
-    ema = trainer.ema_model()
-    ema.eval()
-    ema.system = run_config.get("system")
-    if trainer.step >= cfg.train.steps:
-        ema.save(Path(out_dir) / MODEL_FILE, extra={"steps": trainer.step, "run": run_config})
-    return ema
