@@ -55,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"boltzflow {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:  # the last line of defence: unwritable paths, a full disk
+        print(f"boltzflow {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(err: OSError) -> str:
+    """One line naming the path and the reason (``out.h5: Permission denied``)."""
+    if err.strerror is None:
+        return str(err)
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return ": ".join([" -> ".join(names), err.strerror] if names else [err.strerror])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,12 +30,16 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def load_from_args(args: argparse.Namespace, path: str) -> Any:
-    """The validated workflow named by the command line (profile, ``--set``, ``-o``)."""
+    """The validated workflow named by the command line (profile, ``--set``, ``-o``), its output
+    folder checked."""
+    from boltzflow.io.outputs import check_output_dir
     from boltzflow.workflow.spec import load_workflow
 
-    return load_workflow(
+    wf = load_workflow(
         path, profile=args.profile, overrides=_overrides(args.set), output=args.output
     )
+    check_output_dir(wf.output)  # before any stage runs
+    return wf
 
 
 def print_outputs(run: Any) -> None:

@@ -89,6 +89,7 @@ class TrainConfig:
 
         Raises:
             TypeError: a name that is not a field.
+            ValueError: a value the configuration refuses (checked as in the constructor).
         """
         names = {f.name for f in dataclasses.fields(self)}
         for name, value in values.items():
@@ -96,6 +97,7 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig has no field {name!r}")
             if value is not None:
                 setattr(self, name, value)
+        self.__post_init__()  # the same checks as a config file: steps = 0 never trains
 
 
 _BACKBONE_KEYS = {

@@ -184,6 +184,8 @@ def train_teacher(
     data = torch.as_tensor(data)
     if data.ndim != 2 or data.shape[1] != shape.dim:
         raise ValueError(f"training data must be (N, {shape.dim}), got {tuple(data.shape)}")
+    if len(data) == 0:
+        raise ValueError(f"training data hold no configurations: shape {tuple(data.shape)}")
     if not bool(torch.isfinite(data).all()):
         raise ValueError("training data contain NaN or infinite values")
     data = data.float()

@@ -81,3 +81,5 @@ def test_train_config_set_given_skips_unset_options():
     assert (cfg.steps, cfg.seed, cfg.device) == (7, 5, "cuda")
     with pytest.raises(TypeError, match="no field 'stepz'"):
         cfg.set_given(stepz=1)
+    with pytest.raises(ValueError, match=r"train\.steps must be >= 1, got 0"):
+        cfg.set_given(steps=0)  # as a config file's steps = 0: never an untrained model
