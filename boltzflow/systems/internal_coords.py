@@ -195,7 +195,7 @@ def cartesian_from_internal(
 
 
 def log_volume(bonds: Tensor, angles: Tensor) -> Tensor:
-    """log J = 2 Σ log r + Σ log sin θ, shape ``(batch,)``: the volume factor of the module docstring.
+    """log J = 2 Σ log r + Σ log sin θ, shape ``(batch,)``: the volume factor (module docstring).
 
     Args:
         bonds: ``(batch, n − 1)`` nm (log J is in log nm^(2(n−1))); angles: ``(batch, n − 2)`` rad.
@@ -427,7 +427,8 @@ class InternalCoordinates(nn.Module):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(
-                f"z must have shape (batch, {self.dim}) for {self.n_atoms} atoms, got {tuple(z.shape)}"
+                f"z must have shape (batch, {self.dim}) for {self.n_atoms} atoms, "
+                f"got {tuple(z.shape)}"
             )
         if not z.is_floating_point():
             raise ValueError(f"z must be a floating-point tensor, got {z.dtype}")

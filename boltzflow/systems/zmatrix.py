@@ -5,17 +5,17 @@ and for each placed atom its reference atoms, all placed before it:
 
 - ``atoms[0]`` sits at the origin (no references);
 - ``atoms[1]`` is placed by a bond length r₁ to ``atoms[0]`` (on the +x axis);
-- ``atoms[2]`` by a bond r₂ to ``j ∈ {atoms[0], atoms[1]}`` and the angle θ₂ at ``j`` to the other one
-  (in the xy-plane, y > 0);
+- ``atoms[2]`` by a bond r₂ to ``j ∈ {atoms[0], atoms[1]}`` and the angle θ₂ at ``j`` to the
+  other one (in the xy-plane, y > 0);
 - every later atom ``i`` by a bond rᵢ to ``j``, the angle θᵢ = ∠(i, j, k) at ``j`` and the dihedral
   φᵢ = dihedral(i, j, k, l) (:func:`boltzflow.systems.geometry.dihedral`).
 
-That gives n − 1 bonds, n − 2 angles and n − 3 dihedrals: 3n − 6 internal degrees of freedom, the
-rigid translation and rotation fixed by the first three atoms. :mod:`boltzflow.systems.internal_coords`
-maps Cartesian positions to these coordinates and back.
+That gives n − 1 bonds, n − 2 angles and n − 3 dihedrals: 3n − 6 internal degrees of freedom,
+the rigid translation and rotation fixed by the first three atoms.
+:mod:`boltzflow.systems.internal_coords` maps Cartesian positions to these coordinates and back.
 
-:func:`zmatrix_from_bonds` builds one from the bond graph (:func:`zmatrix_from_topology` reads the graph
-from an mdtraj or OpenMM topology):
+:func:`zmatrix_from_bonds` builds one from the bond graph (:func:`zmatrix_from_topology` reads
+the graph from an mdtraj or OpenMM topology):
 
 - the root ``atoms[0]`` is a centre of the graph (smallest eccentricity, heavy atoms preferred), so
   that placement chains, along which errors and a flow's mistakes add up, stay short;
@@ -23,11 +23,12 @@ from an mdtraj or OpenMM topology):
   partner ``j`` is its earliest-placed bonded neighbour;
 - ``k`` is the atom ``j`` was placed against (for ``j`` the root: ``atoms[1]``), so ``i–j–k`` is a
   bonded chain;
-- ``l`` is, by preference, an already placed *sibling* (another neighbour of ``j``): the torsion of a
-  branch is then measured relative to its first sibling (near ±120° for sp³ centres, and the one
-  coordinate that carries the chirality of a stereocentre); the first branch of ``j`` gets the
-  proper torsion along the chain ``i–j–k–l`` with ``l`` a neighbour of ``k``. This is the choice
-  of the alanine-dipeptide Z-matrices of Noé et al. 2019 and Midgley et al. 2023 (FAB).
+- ``l`` is, by preference, an already placed *sibling* (another neighbour of ``j``): the torsion
+  of a branch is then measured relative to its first sibling (near ±120° for sp³ centres, and
+  the one coordinate that carries the chirality of a stereocentre); the first branch of ``j``
+  gets the proper torsion along the chain ``i–j–k–l`` with ``l`` a neighbour of ``k``. The same
+  pattern (e.g. HB2 placed by the torsion HB2–CB–CA–HB1) as bgflow's protein Z-matrices, used for
+  alanine dipeptide by Noé et al. 2019 and by Midgley et al. 2023 (FAB).
 
 Collinear references (a linear group such as a nitrile, θ near π) make a dihedral undefined; give
 such molecules a hand-made :class:`ZMatrix` whose references avoid the linear chain.
@@ -51,8 +52,9 @@ class ZMatrix:
     Attributes:
         atoms: the ``n`` atom indices (0-based, topology order) in placement order; a permutation of
             ``range(n)``.
-        references: ``n − 1`` triples ``(j, k, l)`` of atom indices, one per ``atoms[1:]``: the bond
-            partner ``j``, the angle partner ``k`` and the dihedral partner ``l``, each placed earlier;
+        references: ``n − 1`` triples ``(j, k, l)`` of atom indices, one per ``atoms[1:]``: the
+            bond partner ``j``, the angle partner ``k`` and the dihedral partner ``l``, each placed
+            earlier;
             ``-1`` where unused (``atoms[1]``: ``(atoms[0], -1, -1)``; ``atoms[2]``: ``(j, k, -1)``
             with ``{j, k} = {atoms[0], atoms[1]}``).
     """
@@ -190,8 +192,9 @@ def zmatrix_from_bonds(
     missing = [a for a, d in enumerate(reached) if d < 0]
     if missing:
         raise ValueError(
-            f"the bond graph is not connected: atoms {missing[:20]}{'...' if len(missing) > 20 else ''}"
-            " are not bonded to the rest; internal coordinates need one molecule"
+            f"the bond graph is not connected: atoms {missing[:20]}"
+            f"{'...' if len(missing) > 20 else ''} are not bonded to the rest; internal "
+            "coordinates need one molecule"
         )
     if root is None:
         heavy = [a for a in range(n_atoms) if not is_h[a] and len(adjacency[a]) > 0]
