@@ -324,6 +324,8 @@ class InternalCoordinates(nn.Module):
             ValueError: bad shapes, non-finite frames, fewer than 2 frames, or a bond or angle
                 that does not vary in the data (constrained bonds cannot be standardised).
         """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         ic = cls(zmatrix, periodic=periodic)
         with torch.no_grad():
             bonds, angles, dihedrals = internal_from_cartesian(x.to(torch.float64), zmatrix)
@@ -375,9 +377,9 @@ class InternalCoordinates(nn.Module):
         mask[self.dihedral_slice] = True
         return mask
 
-    def _normalisation_log_det(self, dtype: torch.dtype) -> Tensor:
-        """Σ log σ over bonds and angles: log |det ∂(r, θ)/∂z|, a scalar."""
-        return self.bond_std.to(dtype).log().sum() + self.angle_std.to(dtype).log().sum()
+    def _normalisation_log_det(self, like: Tensor) -> Tensor:
+        """Σ log σ over bonds and angles: log |det ∂(r, θ)/∂z|, a scalar (dtype/device of like)."""
+        return self.bond_std.to(like).log().sum() + self.angle_std.to(like).log().sum()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian → normalised internal coordinates.
@@ -394,18 +396,17 @@ class InternalCoordinates(nn.Module):
             ValueError: wrong shape, non-float or non-finite x.
         """
         bonds, angles, dihedrals = internal_from_cartesian(x, self.zmatrix)
-        dtype = bonds.dtype
         z = torch.cat(
             [
-                (bonds - self.bond_mean.to(dtype)) / self.bond_std.to(dtype),
-                (angles - self.angle_mean.to(dtype)) / self.angle_std.to(dtype),
+                (bonds - self.bond_mean.to(bonds)) / self.bond_std.to(bonds),
+                (angles - self.angle_mean.to(bonds)) / self.angle_std.to(bonds),
                 wrap_angle(
-                    dihedrals - self.dihedral_cut.to(dtype) - math.pi, periodic=self.periodic
+                    dihedrals - self.dihedral_cut.to(bonds) - math.pi, periodic=self.periodic
                 ),
             ],
             dim=-1,
         )
-        log_det = -log_volume(bonds, angles) - self._normalisation_log_det(dtype)
+        log_det = -log_volume(bonds, angles) - self._normalisation_log_det(bonds)
         return z, log_det
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -432,12 +433,11 @@ class InternalCoordinates(nn.Module):
             )
         if not z.is_floating_point():
             raise ValueError(f"z must be a floating-point tensor, got {z.dtype}")
-        dtype = z.dtype
-        bonds = z[:, self.bond_slice] * self.bond_std.to(dtype) + self.bond_mean.to(dtype)
-        angles = z[:, self.angle_slice] * self.angle_std.to(dtype) + self.angle_mean.to(dtype)
-        dihedrals = z[:, self.dihedral_slice] + self.dihedral_cut.to(dtype) + math.pi
+        bonds = z[:, self.bond_slice] * self.bond_std.to(z) + self.bond_mean.to(z)
+        angles = z[:, self.angle_slice] * self.angle_std.to(z) + self.angle_mean.to(z)
+        dihedrals = z[:, self.dihedral_slice] + self.dihedral_cut.to(z) + math.pi
         x = cartesian_from_internal(bonds, angles, dihedrals, self.zmatrix)
-        log_det = log_volume(bonds, angles) + self._normalisation_log_det(dtype)
+        log_det = log_volume(bonds, angles) + self._normalisation_log_det(z)
         return x, log_det
 
     def to_dict(self) -> dict[str, Any]:

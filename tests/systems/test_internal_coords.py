@@ -465,3 +465,13 @@ def test_input_errors(zm: ZMatrix, md_frames: torch.Tensor):
     z[0, 0] = float("nan")
     x, _ = ic.inverse(z)
     assert not torch.isfinite(x[0]).all() and torch.isfinite(x[1]).all()
+
+
+def test_gradcheck_both_directions():
+    """Flows train through both maps (forward KL on data, reverse KL on samples)."""
+    zm = zmatrix_from_bonds(5, STAR5)
+    x = torch.randn(3, 15, dtype=F64) * 0.2
+    ic = InternalCoordinates.fit(zm, torch.randn(50, 15, dtype=F64) * 0.2)
+    z, _ = ic(x)
+    assert torch.autograd.gradcheck(lambda t: ic(t), (x.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda t: ic.inverse(t), (z.clone().requires_grad_(),))
