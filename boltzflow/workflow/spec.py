@@ -694,6 +694,7 @@ def check_data(wf: Workflow) -> dict[str, int]:
             names the workflow file, the key and the data file.
     """
     from boltzflow.data import load_positions
+    from boltzflow.errors import InvalidFileError
 
     spec, label = wf.data, (wf.path.name if wf.path is not None else "workflow")
     rows: dict[str, int] = {}
@@ -703,9 +704,12 @@ def check_data(wf: Workflow) -> dict[str, int]:
             continue
         try:
             rows[key] = len(load_positions(file, dataset, system=wf.system))
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError) as err:  # OSError: what HDF5 says of a damaged file
+            kind = (
+                type(err) if isinstance(err, ValueError | FileNotFoundError) else InvalidFileError
+            )
             msg = str(err) if str(file) in str(err) else f"{file}: {err}"
-            raise type(err)(f"{label}: data.{key}: {msg}") from err
+            raise kind(f"{label}: data.{key}: {msg}") from err
     if "file" in rows and spec.reference_file is None and spec.n_reference >= rows["file"]:
         raise ValueError(
             f"{label}: data.n_reference = {spec.n_reference} leaves no training rows in "
