@@ -34,10 +34,12 @@ _quiet = False
 T = TypeVar("T")
 
 
-def set_quiet(quiet: bool = True) -> None:
-    """Silence (or re-enable) all progress output of this process."""
+def set_quiet(quiet: bool = True) -> bool:
+    """Silence (or re-enable) all progress output of this process; returns the previous
+    setting (``BOLTZFLOW_QUIET`` aside)."""
     global _quiet
-    _quiet = bool(quiet)
+    before, _quiet = _quiet, bool(quiet)
+    return before
 
 
 def is_quiet() -> bool:
