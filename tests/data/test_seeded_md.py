@@ -173,7 +173,7 @@ def test_resume_skips_finished_segments_and_same_seed_gives_same_frames(
 
 def test_a_failing_worker_raises_and_leaves_no_process(tmp_path: Path) -> None:
     settings = {**TINY, "timestep_fs": 200.0}  # blows up at once
-    with pytest.raises(RuntimeError, match="blew up|non-finite"):
+    with pytest.raises(RuntimeError, match=r"blew up|non-finite"):
         generate(
             "aldp_vacuum", N, seed=0, method="md_seeded", progress=False, workers=1, **settings
         )
