@@ -35,6 +35,7 @@ the workers at once (terminate, then kill) and keeps the finished segments for a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -42,8 +43,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -263,6 +265,24 @@ def _stop(executor: ProcessPoolExecutor) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started.
+
+    Spawned children inherit an ignored SIGINT through exec, so a Ctrl-C (sent by the terminal to
+    the whole process group) cannot interrupt a worker while it is still importing, before
+    :func:`_worker_init` runs (that printed a KeyboardInterrupt traceback per worker).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Workers:
     """Runs :func:`_run_segment` tasks in ``workers`` spawned processes (0: in this process).
 
@@ -296,10 +316,11 @@ class _Workers:
             )
         parent = os.getpid()
         try:
-            futures = {
-                self._executor.submit(_run_segment, {**task, "parent_pid": parent}): key
-                for key, task in tasks
-            }
+            with _sigint_ignored():  # workers start during submit(); see _sigint_ignored
+                futures = {
+                    self._executor.submit(_run_segment, {**task, "parent_pid": parent}): key
+                    for key, task in tasks
+                }
             for future in as_completed(futures):
                 on_done(futures[future], future.result())
         except BaseException:
