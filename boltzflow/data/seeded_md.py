@@ -23,7 +23,7 @@ umbrella sampling). The provenance says so (``"boltzmann_across_basins": false``
 Resumable: with ``segments_dir`` set (the CLI uses ``<output>.segments``), the plan
 (``plan.json``), the hot run (``hot.npz``) and every finished segment (``seed-000.npz``, ...)
 are written there atomically; a rerun with the same system, ``n``, seed and settings skips what
-is there. Other settings with an existing folder raise ``ValueError``.
+is there. Other settings with a folder that holds finished segments raise ``ValueError``.
 
 Reproducible: each segment's random stream depends only on ``(seed, segment index)``, so on the
 Reference platform (or CPU, which runs with one thread and deterministic forces here) the same
@@ -69,14 +69,14 @@ __all__ = [
 
 #: Settings of :func:`run_seeded_md` with their defaults (also ``generate(method="md_seeded")``).
 DEFAULTS: dict[str, Any] = {
-    "n_seeds": 40,
+    "n_seeds": 60,
     "basin_fraction": 0.3,
     "hot_temperature": 800.0,
     "hot_burn_in": 10_000,
     "hot_frames": 1000,
     "hot_stride": 1000,
     "burn_in": 20_000,
-    "stride": 200,
+    "stride": 100,
     "timestep_fs": 1.0,
     "friction_per_ps": 1.0,
     "platform": None,
@@ -383,8 +383,18 @@ def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None
         return None
 
 
+def _flat(plan: Any) -> dict[str, Any]:
+    if not isinstance(plan, dict):
+        return {}
+    return {**{k: v for k, v in plan.items() if k != "settings"}, **plan.get("settings", {})}
+
+
 def _check_plan(folder: Path, plan: dict[str, Any]) -> None:
-    """Write ``plan.json`` or check that an existing one matches ``plan``."""
+    """Write ``plan.json``, or check that an existing one matches ``plan``.
+
+    A folder without finished segments is simply restarted with the new plan (a hot run that
+    had too few candidates in a basin can be redone with other settings).
+    """
     path = folder / "plan.json"
     text = json.dumps(plan, sort_keys=True, indent=1)
     if path.is_file():
@@ -392,24 +402,17 @@ def _check_plan(folder: Path, plan: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != json.loads(text):
-            diff = (
-                sorted(
-                    k
-                    for k in {**plan, **plan["settings"], **old, **old.get("settings", {})}
-                    if k != "settings"
-                    and (plan.get(k), plan["settings"].get(k))
-                    != (old.get(k), old.get("settings", {}).get(k))
-                )
-                if isinstance(old, dict)
-                else ["(unreadable plan.json)"]
-            )
+        if old == json.loads(text):
+            return
+        if any(folder.glob("seed-*.npz")):
+            new, before = _flat(json.loads(text)), _flat(old)
+            diff = sorted(k for k in {*new, *before} if new.get(k) != before.get(k))
             raise ValueError(
-                f"{folder} holds segments of a different run (differs in {diff}); rerun with the "
-                "same settings to resume, or delete the folder (or choose another output) to "
-                "start afresh"
+                f"{folder} holds segments of a different run (differs in "
+                f"{diff or ['(unreadable plan.json)']}); rerun with the same settings to "
+                "resume, or delete the folder (or choose another output) to start afresh"
             )
-        return
+        (folder / "hot.npz").unlink(missing_ok=True)
     atomic_write_text(path, text)
 
 

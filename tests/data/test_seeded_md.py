@@ -87,7 +87,7 @@ def test_bad_settings_raise_before_any_md(
     settings: dict[str, Any], error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=match):
-        generate("aldp_vacuum", N, seed=0, method="md_seeded", progress=False, **settings)
+        generate("aldp_vacuum", N, seed=0, method="md_seeded", **{"n_seeds": 4, **settings})
 
 
 def test_md_seeded_needs_a_molecule() -> None:
@@ -95,9 +95,14 @@ def test_md_seeded_needs_a_molecule() -> None:
         generate("dw4", 10, seed=0, method="md_seeded")
 
 
-def test_a_hot_run_without_the_basin_says_what_to_change() -> None:
+def test_a_hot_run_without_the_basin_says_what_to_change(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"seed": 1, "method": "md_seeded", "progress": False, "workers": 0}
+    kwargs["segments_dir"] = tmp_path / "segments"
     with pytest.raises(ValueError, match="0 of 150 candidate frames with 0 < phi < 2"):
-        generate("aldp_vacuum", N, seed=1, method="md_seeded", progress=False, workers=0, **TINY)
+        generate("aldp_vacuum", N, **kwargs, **TINY)
+    # No segment finished yet: other settings simply start afresh in the same folder.
+    x, _, prov = generate("aldp_vacuum", N, **kwargs, **{**TINY, "basin_fraction": 0.0})
+    assert x.shape == (N, 66) and prov["statistics"]["positive_phi_fraction"] == 0.0
 
 
 # -- end to end ----------------------------------------------------------------------------------
