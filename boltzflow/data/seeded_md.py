@@ -572,6 +572,7 @@ def run_seeded_md(
         todo_frames = int(sum(counts[i] for i, _ in tasks))
         run_start = time.perf_counter()
         done_frames = 0
+        positive: dict[int, int] = {}  # frames in 0 < φ < 2 per finished segment (progress)
 
         def finished(i: int, result: dict[str, Any]) -> None:
             nonlocal done_frames
@@ -584,21 +585,18 @@ def run_seeded_md(
             segments[i] = segment
             done_frames += int(counts[i])
             if progress:
-                phi_i = system.backbone_dihedrals(torch.from_numpy(segment["positions"]))[0]
-                all_phi = torch.cat(
-                    [
-                        system.backbone_dihedrals(torch.from_numpy(v["positions"]))[0]
-                        for v in segments.values()
-                    ]
-                )
+                for j in segments.keys() - positive.keys():  # φ of each segment once
+                    phi_j = system.backbone_dihedrals(torch.from_numpy(segments[j]["positions"]))
+                    positive[j] = int(in_positive_basin(phi_j[0]).sum())
+                frames = sum(len(v["energies"]) for v in segments.values())
                 rate = done_frames / max(time.perf_counter() - run_start, 1e-9)
                 _say(
                     progress,
                     f"segment {len(segments)}/{n_seeds} done (seed {i}, start phi "
                     f"{phi_hot[seed_frames[i]]:+.2f}, {counts[i]} frames, "
-                    f"{in_positive_basin(phi_i).mean():.0%} in 0<phi<2, {result['seconds']:.1f} s)"
-                    f"; frames {sum(len(v['energies']) for v in segments.values()):,}/{n:,}, "
-                    f"0<phi<2 so far {in_positive_basin(all_phi).mean():.3f}; "
+                    f"{positive[i] / counts[i]:.0%} in 0<phi<2, {result['seconds']:.1f} s); "
+                    f"frames {frames:,}/{n:,}, 0<phi<2 so far "
+                    f"{sum(positive.values()) / frames:.3f}; "
                     f"ETA {_eta((todo_frames - done_frames) / rate)}",
                 )
 
