@@ -100,7 +100,53 @@ def in_positive_basin(phi: np.ndarray | torch.Tensor) -> np.ndarray:
     return (phi > low) & (phi < high)
 
 
-def select_seeds(phi: np.ndarray, n_seeds: int, basin_fraction: float) -> np.ndarray:
+def peptide_omega_atoms(topology: Any) -> list[tuple[int, int, int, int]]:
+    """The ω torsions (X, C, N, Y) of every peptide bond C(=O)–N of an mdtraj topology.
+
+    C is a carbon bonded to an oxygen and to the nitrogen N; X is C's other carbon neighbour and
+    Y N's carbon neighbour other than C (for ALDP: ACE CH3–C–N–Cα and Cα–C–N–NME CH3).
+    """
+    neighbours: dict[int, set[int]] = {a.index: set() for a in topology.atoms}
+    element = {a.index: a.element.symbol for a in topology.atoms}
+    for a, b in topology.bonds:
+        neighbours[a.index].add(b.index)
+        neighbours[b.index].add(a.index)
+    out = []
+    for c, nbrs in neighbours.items():
+        if element[c] != "C" or not any(element[o] == "O" for o in nbrs):
+            continue
+        for n in (k for k in nbrs if element[k] == "N"):
+            xs = sorted(k for k in nbrs if element[k] == "C")
+            ys = sorted(k for k in neighbours[n] if element[k] == "C" and k != c)
+            if xs and ys:
+                out.append((xs[0], c, n, ys[0]))
+    return out
+
+
+def eligible_seeds(system: Any, x: np.ndarray) -> np.ndarray:
+    """Boolean ``(n_frames,)``: frames fit to seed 300 K runs: L-form at the chiral centre and
+    every peptide bond trans (|ω| > π/2). A hot run can invert the chirality or flip a peptide
+    bond to cis; a 300 K segment started there would stay in that (rare) state for its whole
+    length and fill the data with it.
+
+    Args:
+        system: a molecular system (``mdtraj_topology``; ``chirality_atoms`` if it has one).
+        x: ``(n_frames, 3 * n_atoms)`` positions in nm.
+    """
+    from boltzflow.systems.geometry import dihedral, is_l_form
+
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    ok = torch.ones(len(xt), dtype=torch.bool)
+    if hasattr(system, "chirality_atoms"):
+        ok &= is_l_form(xt, system.chirality_atoms, system.l_form_sign)
+    for atoms in peptide_omega_atoms(system.mdtraj_topology):
+        ok &= dihedral(xt, atoms).abs() > math.pi / 2
+    return ok.numpy()
+
+
+def select_seeds(
+    phi: np.ndarray, n_seeds: int, basin_fraction: float, eligible: np.ndarray | None = None
+) -> np.ndarray:
     """Choose seed frames stratified by φ: ``round(basin_fraction * n_seeds)`` from 0 < φ < 2.
 
     The other seeds come from φ < 0; candidates with φ ≥ 2 (the barrier region) are never
@@ -111,6 +157,8 @@ def select_seeds(phi: np.ndarray, n_seeds: int, basin_fraction: float) -> np.nda
         phi: ``(n_candidates,)`` φ of the candidate frames in radians, in time order.
         n_seeds: number of seeds (>= 1).
         basin_fraction: share of seeds in 0 < φ < 2, in [0, 1].
+        eligible: optional ``(n_candidates,)`` mask of frames allowed as seeds
+            (:func:`eligible_seeds`).
 
     Returns:
         ``(n_seeds,)`` sorted int64 indices into ``phi``.
@@ -128,15 +176,19 @@ def select_seeds(phi: np.ndarray, n_seeds: int, basin_fraction: float) -> np.nda
         raise ValueError(f"basin_fraction must lie in [0, 1], got {basin_fraction!r}")
     n_seeds = int(n_seeds)
     n_positive = round(basin_fraction * n_seeds)
+    allowed = np.ones(len(phi), bool) if eligible is None else np.asarray(eligible, bool)
+    if allowed.shape != phi.shape:
+        raise ValueError(f"eligible must have shape {phi.shape}, got {allowed.shape}")
     chosen = []
     for label, mask, k in (
-        ("0 < phi < 2", in_positive_basin(phi), n_positive),
-        ("phi < 0", phi < 0, n_seeds - n_positive),
+        ("0 < phi < 2", in_positive_basin(phi) & allowed, n_positive),
+        ("phi < 0", (phi < 0) & allowed, n_seeds - n_positive),
     ):
         candidates = np.flatnonzero(mask)
         if len(candidates) < k:
             raise ValueError(
-                f"the hot run has {len(candidates)} of {len(phi)} candidate frames with {label}, "
+                f"the hot run has {len(candidates)} of {len(phi)} eligible candidate frames with "
+                f"{label}, "
                 f"but {k} seeds were asked from there: raise hot_frames, hot_stride or "
                 "hot_temperature, or change basin_fraction / n_seeds"
             )
@@ -534,7 +586,13 @@ def run_seeded_md(
             hot = {"positions": x_hot, "phi": phi_hot, "energies_kj": results[-1]["energies_kj"]}
             _save_npz(folder / "hot.npz", **hot)
         phi_hot = hot["phi"]
-        seed_frames = select_seeds(phi_hot, n_seeds, float(s["basin_fraction"]))
+        eligible = eligible_seeds(system, hot["positions"])
+        seed_frames = select_seeds(phi_hot, n_seeds, float(s["basin_fraction"]), eligible)
+        _say(
+            progress,
+            f"hot run: {int(eligible.sum())} of {len(eligible)} candidates are L-form with trans "
+            "peptide bonds (the others are never seeds)",
+        )
         n_hot_positive = int(in_positive_basin(phi_hot).sum())
         _say(
             progress,
@@ -640,6 +698,7 @@ def run_seeded_md(
         "hot_temperature": float(s["hot_temperature"]),
         "hot_candidates": len(phi_hot),
         "hot_candidates_positive_phi": n_hot_positive,
+        "hot_candidates_eligible": int(eligible.sum()),  # L-form, trans peptide bonds
         "seed_candidate_index": seed_frames.tolist(),
         "seed_hot_time_ps": [
             round((s["hot_burn_in"] + (j + 1) * s["hot_stride"]) * s["timestep_fs"] / 1000, 3)

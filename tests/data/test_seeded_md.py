@@ -54,7 +54,7 @@ def test_select_seeds_is_stratified_and_spread() -> None:
 @pytest.mark.parametrize(
     ("phi", "n_seeds", "fraction", "match"),
     [
-        (np.full(30, -1.0), 5, 0.4, r"0 of 30 candidate frames with 0 < phi < 2.*hot_frames"),
+        (np.full(30, -1.0), 5, 0.4, r"0 of 30 eligible candidate frames with 0 < phi < 2.*hot"),
         (np.full(30, 1.0), 5, 0.4, r"with phi < 0"),
         (np.full(30, -1.0), 0, 0.4, "n_seeds"),
         (np.full(30, -1.0), 5, 1.5, "basin_fraction"),
@@ -98,7 +98,7 @@ def test_md_seeded_needs_a_molecule() -> None:
 def test_a_hot_run_without_the_basin_says_what_to_change(tmp_path: Path) -> None:
     kwargs: dict[str, Any] = {"seed": 1, "method": "md_seeded", "progress": False, "workers": 0}
     kwargs["segments_dir"] = tmp_path / "segments"
-    with pytest.raises(ValueError, match="0 of 150 candidate frames with 0 < phi < 2"):
+    with pytest.raises(ValueError, match="0 of 150 eligible candidate frames with 0 < phi < 2"):
         generate("aldp_vacuum", N, **kwargs, **TINY)
     # No segment finished yet: other settings simply start afresh in the same folder.
     x, _, prov = generate("aldp_vacuum", N, **kwargs, **{**TINY, "basin_fraction": 0.0})
@@ -183,3 +183,28 @@ def test_a_failing_worker_raises_and_leaves_no_process(tmp_path: Path) -> None:
             "aldp_vacuum", N, seed=0, method="md_seeded", progress=False, workers=1, **settings
         )
     assert not multiprocessing.active_children()
+
+
+def test_seed_eligibility_excludes_mirror_images_and_cis_peptide_bonds():
+    """A hot run can invert the chiral centre or flip a peptide bond to cis: such frames are
+    never seeds (a 300 K segment would stay there)."""
+    from boltzflow.data.seeded_md import eligible_seeds, peptide_omega_atoms, select_seeds
+    from boltzflow.systems import load_system
+    from boltzflow.systems.geometry import dihedral
+
+    system = load_system("aldp_vacuum")
+    try:
+        omegas = peptide_omega_atoms(system.mdtraj_topology)
+        assert sorted(omegas) == [(1, 4, 6, 8), (8, 14, 16, 18)]
+        x = system.reference_configuration().double()
+        assert all(abs(float(dihedral(x, w)[0])) > 2.5 for w in omegas)  # trans in the PDB
+        mirrored = -x
+        frames = torch.cat([x, mirrored]).numpy()
+        assert eligible_seeds(system, frames).tolist() == [True, False]
+    finally:
+        system.close()
+    phi = np.array([-1.0, 1.0, -1.5, 1.2])
+    picked = select_seeds(phi, 2, 0.5, eligible=np.array([True, False, True, True]))
+    assert picked.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="eligible candidate frames with 0 < phi < 2"):
+        select_seeds(phi, 2, 1.0, eligible=np.array([True, False, True, True]))
