@@ -318,12 +318,13 @@ def _run_window(
     d = periodic_distance(phi_np, center)
     _log(
         f"window {index:3d} centre {center:+.3f} rad: {n_samples} samples in {seconds:.1f} s, "
-        f"mean d(phi, centre) {d.mean():.3f} rad (max {d.max():.3f}), from window {parent}"
+        f"mean d(phi, centre) {d.mean():.3f} rad (max {d.max():.3f}), "
+        + (f"from window {parent}" if parent is not None and parent >= 0 else "from the start")
     )
     settings = {k: common[k] for k in _IDENTITY_KEYS if k not in ("center",)}
     settings.update(
         center=center,
-        start_window=parent,
+        start_window=None if parent is None or parent < 0 else parent,
         openmm_seed=seed,
         platform=platform,
         threads=common["threads"],
