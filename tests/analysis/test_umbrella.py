@@ -124,3 +124,18 @@ def test_window_file_round_trip(tmp_path):
     assert back.reused and back.index == 4 and back.settings == {"a": 1}
     np.testing.assert_array_equal(back.phi, w.phi)
     assert back.positions is None
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one(aldp, tmp_path):
+    """The up and down chains in two spawned workers give the same samples as one process.
+
+    Slow tier: spawning two workers that import torch took 10-30 s on the shared 2-core machine.
+    """
+    centers = [-2.8, -2.4, 2.7, 2.3]
+    kw = dict(n_samples=5, stride=10, burn_in=50, seed=1, platform="Reference")
+    one = run_umbrella_windows(aldp, centers, KAPPA, out_dir=tmp_path / "one", **kw)
+    two = run_umbrella_windows(aldp, centers, KAPPA, out_dir=tmp_path / "two", processes=2, **kw)
+    for a, b in zip(one, two, strict=True):
+        assert a.settings["start_window"] == b.settings["start_window"]
+        np.testing.assert_array_equal(a.phi, b.phi)

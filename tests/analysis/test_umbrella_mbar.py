@@ -82,3 +82,17 @@ def test_mbar_profile_matches_quadrature(uncertainty):
     exact_f -= exact_f.min()
     assert np.abs(res.profile.free_energy - exact_f).max() < 0.5
     assert res.n_used.sum() == 16 * 400 and res.profile.n == 16 * 400
+
+
+def test_subsampling_finds_correlation():
+    """Each exact sample repeated 5 times: g ≈ 5, about N/5 samples kept, same answer."""
+    rng = np.random.default_rng(7)
+    centers = np.linspace(-math.pi, math.pi, 12, endpoint=False)
+    phi = _exact_windows(centers, 300, rng)
+    res = mbar_profile([np.repeat(p, 5) for p in phi], centers, KAPPA, 12, subsample=True)
+    plain = mbar_profile(phi, centers, KAPPA, 12, subsample=False)
+    assert np.all((res.statistical_inefficiency > 3) & (res.statistical_inefficiency < 8))
+    assert np.all(res.n_total == 1500)
+    assert 0.6 * 3600 < res.n_used.sum() < 1.4 * 3600  # N / g with N = 12 * 1500
+    assert abs(res.delta_f.value - plain.delta_f.value) < 3 * plain.delta_f.stderr
+    assert 0.5 < res.delta_f.stderr / plain.delta_f.stderr < 2.5
