@@ -280,3 +280,22 @@ def test_tiny_training_run_lowers_the_loss(aldp_frames: torch.Tensor, aldp_zmatr
     assert bool(torch.isfinite(loaded.log_prob(x[:8])).all())
     wrapped = wrap_columns(torch.tensor([[3.5, 3.5]]), torch.tensor([True, False]))
     assert wrapped[0].tolist() == pytest.approx([3.5 - 2 * math.pi, 3.5])
+
+
+def test_cli_train_sample_nll(aldp_frames: torch.Tensor, tmp_path, capsys):
+    """``boltzflow train teacher`` with the internal config's smoke profile, then ``sample``
+    (Cartesian x with OpenMM energies) and ``nll`` on the run folder."""
+    from boltzflow.cli import main as cli
+    from boltzflow.io.samples import read_samples
+
+    np.save(tmp_path / "aldp.npy", aldp_frames.numpy())
+    run = tmp_path / "run"
+    args = ["train", "teacher", "--data", str(tmp_path / "aldp.npy"), "--config", str(CONFIG)]
+    assert cli([*args, "--profile", "smoke", "-o", str(run)]) == 0
+    assert cli(["sample", str(run), "-n", "4", "-o", str(tmp_path / "s.h5")]) == 0
+    samples = read_samples(tmp_path / "s.h5")
+    assert samples.x.shape == (4, 66) and np.isfinite(samples.log_q).all()
+    assert samples.u is not None and np.isfinite(samples.log_w).all()
+    capsys.readouterr()
+    assert cli(["nll", str(run), "--data", str(tmp_path / "aldp.npy"), "-n", "8"]) == 0
+    assert "rigid motions integrated out, 60 internal coordinates" in capsys.readouterr().out
