@@ -132,6 +132,8 @@ def _cmd_nll(args: argparse.Namespace) -> int:
         checkpoint=info.get("checkpoint"),
     )
     space = f"the {k}-dim mean-free subspace" if teacher.mean_free else f"R^{k}"
+    if getattr(teacher, "representation", "cartesian") == "internal":
+        space = f"Cartesian x with rigid motions integrated out, {k} internal coordinates"
     print(
         f"NLL {report['nll']:.4f} ± {report['nll_se']:.4f} nats over {report['n_val']} points "
         f"(density on {space}; EFM normalisation {report['nll_efm_normalisation']:.4f}); "

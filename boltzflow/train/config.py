@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from boltzflow.flows.cnf import REPRESENTATIONS
 from boltzflow.flows.flow_matching import COUPLINGS
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
 from boltzflow.io.tomlfile import apply_profile, dataclass_from_dict, read_toml_file
@@ -116,10 +117,17 @@ _BACKBONE_KEYS = {
 class ModelConfig:
     """Velocity backbone. ``heads`` is for the transformer; ``attention``/``coords_range`` for
     the EGNN; ``distinct_particles`` (per-atom embedding) for both particle backbones. ``scale``:
-    the flow works on ``x / scale`` (see :class:`boltzflow.flows.cnf.TeacherCNF`)."""
+    the flow works on ``x / scale`` (see :class:`boltzflow.flows.cnf.TeacherCNF`).
+
+    ``representation``: ``"cartesian"`` (default) or ``"internal"``: the flow lives on the
+    internal coordinates of a molecule (bonds, angles, periodic dihedrals; dim 3n - 6) with an
+    :class:`~boltzflow.systems.internal_coords.InternalCoordinates` transform fitted to the
+    training data, a normal x uniform-angle prior and a periodic MLP (``backbone = "mlp"``,
+    ``scale = 1``); samples and log q are still Cartesian (DESIGN.md density convention)."""
 
     backbone: str = "egnn"
     scale: float = 1.0
+    representation: str = "cartesian"
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -134,6 +142,15 @@ class ModelConfig:
         for name in ("hidden", "layers", "heads"):
             positive_int(getattr(self, name), f"model.{name}")
         positive_float(self.coords_range, "model.coords_range")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"model.representation {self.representation!r} is not one of {REPRESENTATIONS}"
+            )
+        if self.representation == "internal" and (self.backbone != "mlp" or self.scale != 1.0):
+            raise ValueError(
+                "model.representation 'internal' needs backbone = 'mlp' and scale = 1 "
+                f"(got {self.backbone!r}, {self.scale})"
+            )
 
     def backbone_options(self) -> dict[str, Any]:
         """The constructor keywords this backbone takes."""
@@ -203,10 +220,21 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.representation == "internal" and (
+            self.flow_matching.coupling == "equivariant_ot" or self.flow_matching.augment_rotations
+        ):
+            raise ValueError(
+                "model.representation 'internal' takes flow_matching.coupling 'independent' or "
+                "'ot' and no augment_rotations (internal coordinates are rotation invariant)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-able, None values kept; model keys the backbone uses)."""
         out = dataclasses.asdict(self)
         used = _BACKBONE_KEYS[self.model.backbone] | {"backbone", "scale"}
+        if self.model.representation != "cartesian":  # Cartesian runs record what they did
+            used = used | {"representation"}
         out["model"] = {k: v for k, v in out["model"].items() if k in used}
         return out
 
@@ -215,7 +243,8 @@ class TeacherConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         cfg = dataclass_from_dict(cls, data, where)
         model_raw = data.get("model", {})
-        unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - {"backbone", "scale"}
+        common = {"backbone", "scale", "representation"}
+        unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - common
         if unused:
             raise ValueError(
                 f"{where}: model key(s) {sorted(unused)} are not used by backbone "
