@@ -23,6 +23,11 @@ internal coordinates do not see translations or proper rotations). Beside it the
 ``log_q_internal`` = log q(x) + log J(z): the density of the physical internal coordinates
 (bonds in nm, angles and dihedrals in rad), independent of the normalisation.
 
+Bonds and angles have a normal base, so a sample may fall at r ≤ 0 or θ outside (0, π) (about
+30 standard deviations away for ALDP's standardised bonds and angles: never in practice). Such a
+z still decodes to a molecule, but not one whose density is q; its log q is reported as +inf
+(weight 0), which keeps importance weights unbiased: E_q[w · 1(valid)] = ∫ p over valid z.
+
 The internal-coordinate transform runs in float64 (22 atoms cost nothing), the flow in the
 model's dtype; x and log q come back in the model's dtype.
 
@@ -32,6 +37,7 @@ Training by maximum likelihood with early stopping: :mod:`boltzflow.distill.nf_i
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,6 +270,9 @@ class InternalNFStudent(Student):
                     x, ladj_ic = self.from_internal(u)
                     log_q_u = self.prior.log_prob(eps) - ladj_flow
                     log_q = log_q_u.double() - ladj_ic
+                    # z off the valid range (r <= 0, theta outside (0, pi)): x is a molecule
+                    # whose density is not q; weight 0 keeps E_q[w] unbiased (module text)
+                    log_q = torch.where(torch.isfinite(ladj_ic), log_q, math.inf)
                     log_j = ladj_ic - self.ic._normalisation_log_det(ladj_ic)
                     columns = {LOG_Q_INTERNAL: (log_q + log_j).to(p.dtype)}
                     if x.is_cuda:
