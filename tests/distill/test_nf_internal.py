@@ -249,3 +249,32 @@ def test_train_early_stops_and_samples_with_the_right_chirality(
     assert chirality_rate(frames, ALDP_CHIRALITY_ATOMS) == 0.0
     d_form = chirality_rate(torch.as_tensor(stored.x), ALDP_CHIRALITY_ATOMS)
     assert d_form < 0.05, f"D fraction {d_form:.3f}"
+
+
+# -- config ------------------------------------------------------------------------------------
+CONFIG = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "nf_aldp_internal.toml"
+
+
+@pytest.mark.parametrize("profile", [None, "smoke"])
+def test_config_loads(profile: str | None) -> None:
+    from boltzflow.distill.nf_internal_train import load_icnf_config
+
+    cfg = load_icnf_config(CONFIG, profile)
+    assert cfg.system == "aldp" and cfg.representation == "internal"
+    assert cfg.model.bins == 8 and cfg.validation.val_fraction == 0.1
+    assert (cfg.model.blocks, cfg.model.hidden) == ((2, 64) if profile else (6, 256))
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    from boltzflow.distill.nf_internal_train import load_icnf_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[validation]\npatiense = 3\n")
+    with pytest.raises(ValueError, match="patiense"):
+        load_icnf_config(bad)
+    bad.write_text('representation = "cartesian"\n')
+    with pytest.raises(ValueError, match="boltzflow distill"):
+        load_icnf_config(bad)
+    bad.write_text('[validation]\nsplit = "middle"\n')
+    with pytest.raises(ValueError, match="split"):
+        load_icnf_config(bad)
