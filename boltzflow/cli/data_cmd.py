@@ -36,17 +36,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+    if args.method == "md_seeded":  # finished segments go beside the output, for a resume
+        from boltzflow.data.seeded_md import default_segments_dir
+
+        settings.setdefault("segments_dir", str(default_segments_dir(output)))
     x, u, provenance = generate(
         args.system, args.n, seed=args.seed, method=args.method, progress=True, **settings
     )
     with remove_on_failure(output):  # the folders write_dataset creates
         path = write_dataset(output, x, system=args.system, provenance=provenance, energies=u)
+    if args.method == "md_seeded" and not provenance["settings"]["keep_segments"]:
+        from boltzflow.data.seeded_md import remove_segments
+
+        remove_segments(provenance["settings"]["segments_dir"])
     stats = provenance["statistics"]
     print(
         f"wrote {len(x)} samples of {args.system} ({provenance['method']}, seed {args.seed}) to "
         f"{path}; energy {u.mean():.4f} ± {u.std():.4f} kT (mean ± std)"
     )
-    for key in ("acceptance", "swap_acceptance", "step_size", "seconds"):
+    for key in ("acceptance", "swap_acceptance", "step_size", "positive_phi_fraction", "seconds"):
         if key in stats:
             print(f"  {key}: {stats[key]}")
     if stats.get("interrupted"):
@@ -105,9 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--method",
         default="auto",
-        choices=["auto", "exact", "mala", "hmc", "pt", "md"],
+        choices=["auto", "exact", "mala", "hmc", "pt", "md", "md_seeded"],
         help="sampler (default auto: md for molecules, exact where available, pt for dw4, "
-        "else mala)",
+        "else mala); md_seeded: ALDP data covering both phi basins from seeded segments",
     )
     g.add_argument(
         "--burn-in",

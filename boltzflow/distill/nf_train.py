@@ -342,6 +342,7 @@ def cnf_pairs(
     rtol: float = 1e-5,
     steps: int | None = None,
     batch_size: int = 1000,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Noise/sample pairs of a teacher CNF: ``z0`` drawn from its prior, ``x1`` its ODE image.
 
@@ -354,6 +355,7 @@ def cnf_pairs(
         seed: seeds the noise.
         method, atol, rtol, steps: ODE settings (:func:`boltzflow.flows.ode.integrate`).
         batch_size: rows per solve.
+        progress: show progress over the ``n`` solves.
 
     Returns:
         ``z0 (n, dim)`` in the teacher's flow units (prior noise) and ``x1 (n, dim)`` in data
@@ -371,6 +373,8 @@ def cnf_pairs(
         steps=steps,
         divergence="none",
         batch_size=batch_size,
+        progress=progress,
+        desc="teacher pairs",
     ):
         x1 = res.x
         if teacher.mean_free:
@@ -426,7 +430,7 @@ def distill_nf_from_cnf(
         if cached["n"] == n_pairs and cached["seed"] == train.seed:
             pairs = (cached["z0"], cached["x1"])
     if pairs is None:
-        pairs = cnf_pairs(teacher, n_pairs, seed=train.seed, **pair_settings)
+        pairs = cnf_pairs(teacher, n_pairs, seed=train.seed, progress=progress, **pair_settings)
         save_checkpoint(
             pairs_path,
             {

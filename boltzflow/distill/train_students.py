@@ -53,10 +53,11 @@ from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
 from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file
+from boltzflow.io.tomlfile import dataclass_from_dict
 from boltzflow.models.method import Method
 from boltzflow.systems import System, load_system
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
+from boltzflow.train.config import TrainConfig, read_toml
 from boltzflow.train.fit import fit_and_export
 
 __all__ = [

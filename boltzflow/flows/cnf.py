@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from boltzflow.flows.ode import ADAPTIVE_METHODS, ODEResult, integrate
 from boltzflow.flows.priors import (
@@ -45,6 +44,7 @@ from boltzflow.models.protocol import (
     check_trained_for,
 )
 from boltzflow.nn import build_backbone
+from boltzflow.progress import Progress
 from boltzflow.systems.particles import remove_mean
 
 __all__ = ["DEFAULT_SAMPLING", "FlowOutput", "TeacherCNF"]
@@ -298,13 +298,12 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         gen = torch.Generator().manual_seed(seed)
         x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        bar = tqdm(total=n, disable=None if progress else True, desc=desc, unit="x")
-        for start in range(0, n, batch_size):
-            xb = x0[start : start + batch_size]
-            res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
-            bar.update(len(xb))
-            yield xb, res
-        bar.close()
+        with Progress(n, enabled=progress, desc=desc, unit="sample") as bar:
+            for start in range(0, n, batch_size):
+                xb = x0[start : start + batch_size]
+                res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
+                bar.update(len(xb))
+                yield xb, res
 
     def iter_samples(
         self,
@@ -376,17 +375,22 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         opts = self.settings_with(settings, steps, batch_size)
         batch_size = self._batch_size(opts)
         probe_gen = torch.Generator().manual_seed(seed + 1)
-        bar = tqdm(total=len(x), disable=None if progress else True, desc="log q", unit="x")
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size]
-            res = self._solve(xb / self.scale, 1.0, 0.0, opts, probe_gen)
-            # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
-            log_q = self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
-            bar.update(len(xb))
-            yield FlowOutput(
-                xb, log_q, res.nfe, float(res.nfe), res.trace_evals, res.seconds, res.cpu_seconds
-            )
-        bar.close()
+        with Progress(len(x), enabled=progress, desc="log q", unit="sample") as bar:
+            for start in range(0, len(x), batch_size):
+                xb = x[start : start + batch_size]
+                res = self._solve(xb / self.scale, 1.0, 0.0, opts, probe_gen)
+                # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
+                log_q = self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
+                bar.update(len(xb))
+                yield FlowOutput(
+                    xb,
+                    log_q,
+                    res.nfe,
+                    float(res.nfe),
+                    res.trace_evals,
+                    res.seconds,
+                    res.cpu_seconds,
+                )
 
     def log_prob_with_stats(
         self,

@@ -25,6 +25,7 @@ from torch import Tensor
 from boltzflow.io.atomic import atomic_path
 from boltzflow.io.samples import SampleWriter
 from boltzflow.models.protocol import FlowOutput
+from boltzflow.progress import Progress
 from boltzflow.sampling.results import WeightedSamples
 from boltzflow.sampling.weights import log_weights
 from boltzflow.systems.base import compute_energies
@@ -125,34 +126,38 @@ def iter_draws(
         steps: the model's steps (None: its default).
         seed: the model's sampling seed; the same seed gives the same samples.
         batch_size: rows per batch (None: the model's default).
-        progress: show the model's progress bar.
+        progress: show progress over the ``n`` samples (a bar on a terminal, periodic lines
+            otherwise); the model's own bar stays off.
         **settings: further model settings (the teacher's ODE options).
 
     Yields:
         :class:`DrawBatch` per batch, x ``(B, dim)`` and log q ``(B,)`` as float64 on the CPU.
     """
     batches = model.iter_samples(
-        n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, **settings
+        n, steps=steps, seed=seed, batch_size=batch_size, progress=False, **settings
     )
-    for out in batches:
-        x = out.x.detach().cpu().double()
-        log_q = out.log_q.detach().cpu().double()
-        columns = {k: v.detach().cpu().double() for k, v in out.columns.items()}
-        out = FlowOutput(
-            x,
-            log_q,
-            out.nfe,
-            out.nfe_per_batch,
-            out.trace_evals,
-            out.seconds,
-            out.cpu_seconds,
-            columns,
-        )
-        if system is None:
-            yield DrawBatch(out)
-        else:
-            u = compute_energies(system, x)
-            yield DrawBatch(out, u, log_weights(u, log_q))
+    with Progress(n, desc="sample", unit="sample", enabled=progress) as bar:
+        for out in batches:
+            x = out.x.detach().cpu().double()
+            log_q = out.log_q.detach().cpu().double()
+            columns = {k: v.detach().cpu().double() for k, v in out.columns.items()}
+            out = FlowOutput(
+                x,
+                log_q,
+                out.nfe,
+                out.nfe_per_batch,
+                out.trace_evals,
+                out.seconds,
+                out.cpu_seconds,
+                columns,
+            )
+            if system is None:
+                batch = DrawBatch(out)
+            else:
+                u = compute_energies(system, x)
+                batch = DrawBatch(out, u, log_weights(u, log_q))
+            bar.update(len(x))
+            yield batch
 
 
 def draw_samples(model: Any, n: int, *, system: Any, **options: Any) -> Draw:

@@ -6,23 +6,29 @@ A config file has sections that map onto dataclasses (``[model]``, ``[flow_match
 
     cfg = load_teacher_config("workflows/configs/teacher_dw4.toml", profile="smoke")
 
-:class:`TrainConfig` and :func:`dataclass_from_dict` are shared with the student trainers.
+:class:`TrainConfig` is shared with the student trainers; :func:`dataclass_from_dict` (from
+:mod:`boltzflow.io.tomlfile`, the one table validator) reads every config section.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from boltzflow.flows.flow_matching import COUPLINGS
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
-from boltzflow.io.tomlfile import apply_profile, check_keys, read_toml_file
+from boltzflow.io.tomlfile import apply_profile, dataclass_from_dict, read_toml_file
 from boltzflow.nn import BACKBONES
+from boltzflow.validate import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 
 __all__ = [
     "FlowMatchingConfig",
@@ -34,8 +40,6 @@ __all__ = [
     "load_teacher_config",
     "read_toml",
 ]
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -71,16 +75,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.data_workers < 0:
-            raise ValueError(f"train.data_workers must be >= 0, got {self.data_workers}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("train.warmup_steps/grad_clip must be >= 0, min_lr_ratio in [0, 1]")
+            positive_int(getattr(self, name), f"train.{name}")
+        for name in ("data_workers", "warmup_steps"):
+            nonnegative_int(getattr(self, name), f"train.{name}")
+        positive_float(self.lr, "train.lr")
+        nonnegative_float(self.weight_decay, "train.weight_decay")
+        nonnegative_float(self.grad_clip, "train.grad_clip")
+        unit_interval(self.ema_decay, "train.ema_decay")
+        if not 0 <= nonnegative_float(self.min_lr_ratio, "train.min_lr_ratio") <= 1:
+            raise ValueError(
+                f"train.min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}"
+            )
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must have two entries, got {self.betas}")
 
@@ -125,8 +130,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
-        if not self.scale > 0:
-            raise ValueError(f"model.scale must be positive, got {self.scale}")
+        positive_float(self.scale, "model.scale")
+        for name in ("hidden", "layers", "heads"):
+            positive_int(getattr(self, name), f"model.{name}")
+        positive_float(self.coords_range, "model.coords_range")
 
     def backbone_options(self) -> dict[str, Any]:
         """The constructor keywords this backbone takes."""
@@ -149,8 +156,7 @@ class FlowMatchingConfig:
     def __post_init__(self) -> None:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"flow_matching.coupling {self.coupling!r} is not one of {COUPLINGS}")
-        if self.sigma < 0:
-            raise ValueError(f"flow_matching.sigma must be >= 0, got {self.sigma}")
+        nonnegative_float(self.sigma, "flow_matching.sigma")
 
 
 @dataclass
@@ -174,6 +180,12 @@ class SampleConfig:
             raise ValueError(f"sample.divergence {self.divergence!r} is not one of {DIVERGENCES}")
         if self.trace_mode not in TRACE_MODES:
             raise ValueError(f"sample.trace_mode {self.trace_mode!r} is not one of {TRACE_MODES}")
+        positive_float(self.atol, "sample.atol")
+        positive_float(self.rtol, "sample.rtol")
+        if self.steps is not None:
+            positive_int(self.steps, "sample.steps")
+        positive_int(self.quadrature_points, "sample.quadrature_points")
+        positive_int(self.batch_size, "sample.batch_size")
         if self.method in FIXED_METHODS and self.steps is None:
             raise ValueError(f"sample.method {self.method!r} needs sample.steps")
         if self.method in ADAPTIVE_METHODS and self.steps is not None:
@@ -210,60 +222,6 @@ class TeacherConfig:
                 f"{cfg.model.backbone!r} (it takes {sorted(_BACKBONE_KEYS[cfg.model.backbone])})"
             )
         return cfg
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except TypeError as err:
-                errors.append(str(err))
-        raise TypeError(errors[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
-            raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (TOML) dict, recursing into dataclass-typed fields.
-
-    A class whose field types depend on the data (a method's own loss section) says so with a
-    classmethod ``field_types(data) -> {name: type}`` that overrides the annotations.
-
-    Raises:
-        ValueError: an unknown key (the message names it, with its section, and lists the valid
-            keys).
-        TypeError: a value of the wrong type (names the key).
-    """
-    check_keys(data, where, {f.name for f in dataclasses.fields(cls)})
-    hints = typing.get_type_hints(cls)
-    if hasattr(cls, "field_types"):
-        hints.update(cls.field_types(data))
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = dataclass_from_dict(tp, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
-    return cls(**kwargs)
 
 
 def read_toml(path: str | os.PathLike[str], profile: str | None = None) -> dict[str, Any]:

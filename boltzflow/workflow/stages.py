@@ -194,15 +194,17 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
         progress=ctx.progress,
         run_info=info,
     )
-    steps = st.config.train.steps
+    train = getattr(st.config, "train", None)  # None: a method without training (a baseline)
+    steps = int(train.steps) if train is not None else 0
     last = _last_metrics(ctx.workdir)
+    note = f"{st.method}, {steps} steps, loss {_g(last.get('loss'))}" if steps else st.method
     return {
         "method": st.method,
         "parameters": _n_params(student),
         "steps": steps,
         "train_seconds": last.get("elapsed_s", time.perf_counter() - start),
         "final_loss": last.get("loss"),
-        "note": f"{st.method}, {steps} steps, loss {_g(last.get('loss'))}",
+        "note": note,
     }
 
 
