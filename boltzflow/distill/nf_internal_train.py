@@ -44,6 +44,7 @@ from boltzflow.distill.base import STUDENT_FILE
 from boltzflow.distill.nf_internal import ICNFModelConfig, InternalNFStudent
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.progress import is_quiet
 from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.systems.zmatrix import ZMatrix, zmatrix_from_topology
 from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
@@ -199,7 +200,8 @@ def train_nf_internal(
         system: the molecular system (object with ``mdtraj_topology``, or its name).
         config: run settings (default :class:`ICNFRunConfig`).
         resume: continue from ``out_dir/checkpoint.pt`` (and ``best.pt``) if present.
-        progress: print one line per evaluation (to stderr; works without a terminal).
+        progress: print one line per evaluation (to stderr; works without a terminal; silenced
+            by ``boltzflow --quiet`` / ``BOLTZFLOW_QUIET=1``).
         run_info: extra JSON-able facts recorded in ``run.json``.
 
     Returns:
@@ -293,7 +295,7 @@ def train_nf_internal(
         record.update(best_val_nll=best["val_nll"], best_step=best["step"], bad=bad)
         history.append(record)
         atomic_write_text(out / VALIDATION_FILE, "".join(json.dumps(r) + "\n" for r in history))
-        if progress:
+        if progress and not is_quiet():
             print(
                 f"nf_internal step {trainer.step}/{cfg.train.steps}: loss {record['loss']:.3f}, "
                 f"train NLL {record['train_nll']:.3f}, val NLL {record['val_nll']:.3f} "
