@@ -22,6 +22,7 @@ _COMMANDS = [
     "boltzflow.cli.data_cmd",
     "boltzflow.cli.reweight_cmd",
     "boltzflow.cli.teacher_cmd",
+    "boltzflow.cli.nf_cmd",
     "boltzflow.cli.distill_cmd",
     "boltzflow.cli.sample_cmd",
     "boltzflow.cli.run_cmd",

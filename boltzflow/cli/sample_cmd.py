@@ -52,7 +52,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "steps": steps,
         "sampling": settings,
         "log_q_kind": model.log_q_kind,
-        "log_q": "density on the mean-free subspace" if model.mean_free else "density",
+        "log_q": getattr(model, "log_q_convention", None)
+        or ("density on the mean-free subspace" if model.mean_free else "density"),
     }
     try:
         batches = iter_draws(

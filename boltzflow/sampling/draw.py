@@ -6,8 +6,10 @@ by batch, for streaming into a file) or :func:`draw_samples` (all at once), and 
 :func:`write_draws`. A model is anything with the protocol of :mod:`boltzflow.models.protocol`
 (``iter_samples(n, *, steps, seed, batch_size, progress) -> FlowOutput`` batches).
 
-Per batch: x and log q come back as float64 on the CPU, u(x) = U(x)/kT is evaluated without
-gradients, and log w = -u - log q (:func:`boltzflow.sampling.weights.log_weights`).
+Per batch: x and log q (and any extra per-sample columns of the model, such as
+``log_q_internal``, stored under ``columns/`` in the sample file) come back as float64 on the
+CPU, u(x) = U(x)/kT is evaluated without gradients, and log w = -u - log q
+(:func:`boltzflow.sampling.weights.log_weights`).
 """
 
 from __future__ import annotations
@@ -138,8 +140,16 @@ def iter_draws(
         for out in batches:
             x = out.x.detach().cpu().double()
             log_q = out.log_q.detach().cpu().double()
+            columns = {k: v.detach().cpu().double() for k, v in out.columns.items()}
             out = FlowOutput(
-                x, log_q, out.nfe, out.nfe_per_batch, out.trace_evals, out.seconds, out.cpu_seconds
+                x,
+                log_q,
+                out.nfe,
+                out.nfe_per_batch,
+                out.trace_evals,
+                out.seconds,
+                out.cpu_seconds,
+                columns,
             )
             if system is None:
                 batch = DrawBatch(out)
@@ -185,6 +195,7 @@ def write_draws(
                 cols: dict[str, Any] = {"log_q": out.log_q}
                 if batch.u is not None:
                     cols.update(u=batch.u, log_w=batch.log_w)
+                cols.update(out.columns)  # the model's extra columns (e.g. log_q_internal)
                 # network evaluations of the batch that produced the row
                 nfe = float(out.nfe_per_batch)
                 cols["nfe"] = torch.full((len(out.x),), nfe, dtype=torch.float64)

@@ -18,6 +18,7 @@ from boltzflow.validate import (
 )
 
 TRAIN = ["train", "teacher", "--data", "x.npy", "--config", "c.toml", "-o", "run"]
+TRAIN_NF = ["train", "nf", "--data", "x.h5", "--system", "aldp", "-o", "run"]
 DISTILL = ["distill", "teacher", "--method", "f2d2", "-o", "run"]
 SAMPLE = ["sample", "teacher", "-n", "10", "-o", "s.h5"]
 NLL = ["nll", "teacher", "--data", "x.npy"]
@@ -36,6 +37,9 @@ REFUSED: list[tuple[list[str], str, str, Callable[[Any, str], Any]]] = [
     (TRAIN, "--steps", "-3", positive_int),
     (TRAIN, "--seed", "-1", nonnegative_int),
     (TRAIN, "--threads", "0", positive_int),
+    (TRAIN_NF, "--steps", "0", positive_int),
+    (TRAIN_NF, "--seed", "-1", nonnegative_int),
+    (TRAIN_NF, "--threads", "0", positive_int),
     (DISTILL, "--train-steps", "0", positive_int),
     (DISTILL, "--seed", "-2", nonnegative_int),
     (SAMPLE, "--atol", "0", positive_float),

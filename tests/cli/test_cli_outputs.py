@@ -94,6 +94,7 @@ def _dir_commands(i: dict[str, Path]) -> dict[str, list[str]]:
         "train": [*train, "--config", str(TEACHER_CONFIG), "--profile", "smoke", "-o"],
         "distill": ["distill", str(i["teacher"]), "--method", "f2d2", "-o"],
         "distill nf": ["distill", str(i["teacher"]), "--method", "nf", "-o"],
+        "train nf": ["train", "nf", "--system", "aldp", "--data", str(i["x"]), "-o"],
         "reweight": ["reweight", str(i["samples"]), "--system", "dw4", "-o"],
         "estimate": ["estimate", str(i["spec"]), "-o"],
         "run": ["run", str(ROOT / "workflows" / "quickstart.toml"), "-o"],
