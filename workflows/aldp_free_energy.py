@@ -48,7 +48,7 @@ from boltzflow.sampling.estimators import free_energy_difference, free_energy_pr
 from boltzflow.sampling.weights import ess_fraction, log_weights
 from boltzflow.systems.base import compute_energies
 from boltzflow.workflow import load_workflow, run_workflow
-from boltzflow.workflow.stages import REFERENCE_FILE
+from boltzflow.workflow.layout import REFERENCE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -67,10 +67,15 @@ def load_reference(
             ref = read_samples(path)
             if ref.x.shape[1] != system.dim:
                 raise ValueError(f"{path}: reference has dim {ref.x.shape[1]}, not {system.dim}")
+            if ref.n == 0:
+                raise ValueError(f"{path}: the reference holds no samples")
             return ref.x.astype(np.float64), ref.log_q
     from boltzflow.data import load_positions
 
-    return np.asarray(load_positions(path, system=system), dtype=np.float64), None
+    x = np.asarray(load_positions(path, system=system), dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError(f"{path}: the reference holds no samples")
+    return x, None
 
 
 def _is_dihedral_system(system: System) -> bool:
@@ -131,7 +136,6 @@ def reweight_analysis(
     if not isinstance(samples, SampleSet):
         samples = read_samples(samples, allow_partial=allow_partial)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if samples.x.shape[1] != system.dim:
         raise ValueError(
             f"samples have dim {samples.x.shape[1]} but {system.name} has {system.dim}"
@@ -143,6 +147,9 @@ def reweight_analysis(
         )
     if samples.n == 0:
         raise ValueError("the sample file holds no complete chunk of samples")
+    # the reference is checked before the output folder is made
+    ref = None if reference is None else load_reference(reference, system)
+    out.mkdir(parents=True, exist_ok=True)
     x = torch.as_tensor(samples.x, dtype=torch.float64)
     log_q = torch.as_tensor(samples.log_q, dtype=torch.float64)
     energy_check: dict[str, Any] = {}
@@ -197,8 +204,8 @@ def reweight_analysis(
 
     ref_x = ref_lq = None
     u_ref = None
-    if reference is not None:
-        ref_x, ref_lq = load_reference(reference, system)
+    if ref is not None:
+        ref_x, ref_lq = ref
         u_ref = compute_energies(system, torch.as_tensor(ref_x))
         finite_u = np.isfinite(u.numpy())
         metrics: dict[str, Any] = {

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from boltzflow import __version__
+from boltzflow.progress import set_quiet
 
 __all__ = ["build_parser", "main"]
 
@@ -21,6 +22,7 @@ _COMMANDS = [
     "boltzflow.cli.data_cmd",
     "boltzflow.cli.reweight_cmd",
     "boltzflow.cli.teacher_cmd",
+    "boltzflow.cli.nf_cmd",
     "boltzflow.cli.distill_cmd",
     "boltzflow.cli.sample_cmd",
     "boltzflow.cli.run_cmd",
@@ -36,16 +38,48 @@ def build_parser() -> argparse.ArgumentParser:
         prog="boltzflow", description="Boltzmann sampling with distilled flows."
     )
     parser.add_argument("--version", action="version", version=f"boltzflow {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in _COMMANDS:
         importlib.import_module(module).register(sub)
+    _add_quiet_to_subcommands(parser)
     return parser
+
+
+_QUIET_HELP = "no progress output (bars or periodic progress lines); also BOLTZFLOW_QUIET=1"
+
+
+def _add_quiet_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--quiet`` after any subcommand too (``boltzflow train teacher ... --quiet``).
+
+    SUPPRESS as default keeps a ``--quiet`` given before the subcommand: the subparser then sets
+    nothing. A subcommand that already uses ``-q`` or ``--quiet`` keeps its own meaning."""
+    seen: set[int] = set()
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in action.choices.values():
+            if id(child) in seen:  # aliases share one parser
+                continue
+            seen.add(id(child))
+            flags = [f for f in ("-q", "--quiet") if f not in child._option_string_actions]
+            if flags:
+                child.add_argument(
+                    *flags,
+                    dest="quiet",
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help=_QUIET_HELP,
+                )
+            _add_quiet_to_subcommands(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Expected user errors print one line, not a traceback."""
     args = build_parser().parse_args(argv)
+    # --quiet holds for this call only (main may run several times in one process, e.g. tests)
+    quiet_before = set_quiet(True) if getattr(args, "quiet", False) else None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -55,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"boltzflow {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:  # the last line of defence: unwritable paths, a full disk
+        print(f"boltzflow {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if quiet_before is not None:
+            set_quiet(quiet_before)
+
+
+def _os_error(err: OSError) -> str:
+    """One line naming the path and the reason (``out.h5: Permission denied``)."""
+    if err.strerror is None:
+        return str(err)
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return ": ".join([" -> ".join(names), err.strerror] if names else [err.strerror])
 
 
 if __name__ == "__main__":  # pragma: no cover

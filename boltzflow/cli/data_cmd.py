@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from boltzflow.validate import arg, nonnegative_int, positive_int
+
 __all__ = ["register"]
 
 
@@ -26,22 +28,33 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from boltzflow.data import generate, write_dataset
+    from boltzflow.io.outputs import check_output_file, remove_on_failure
 
+    output = check_output_file(args.output)
     settings = _parse_set(args.set or [])
     for key in ("burn_in", "stride", "n_chains"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+    if args.method == "md_seeded":  # finished segments go beside the output, for a resume
+        from boltzflow.data.seeded_md import default_segments_dir
+
+        settings.setdefault("segments_dir", str(default_segments_dir(output)))
     x, u, provenance = generate(
         args.system, args.n, seed=args.seed, method=args.method, progress=True, **settings
     )
-    path = write_dataset(args.output, x, system=args.system, provenance=provenance, energies=u)
+    with remove_on_failure(output):  # the folders write_dataset creates
+        path = write_dataset(output, x, system=args.system, provenance=provenance, energies=u)
+    if args.method == "md_seeded" and not provenance["settings"]["keep_segments"]:
+        from boltzflow.data.seeded_md import remove_segments
+
+        remove_segments(provenance["settings"]["segments_dir"])
     stats = provenance["statistics"]
     print(
         f"wrote {len(x)} samples of {args.system} ({provenance['method']}, seed {args.seed}) to "
         f"{path}; energy {u.mean():.4f} ± {u.std():.4f} kT (mean ± std)"
     )
-    for key in ("acceptance", "swap_acceptance", "step_size", "seconds"):
+    for key in ("acceptance", "swap_acceptance", "step_size", "positive_phi_fraction", "seconds"):
         if key in stats:
             print(f"  {key}: {stats[key]}")
     if stats.get("interrupted"):
@@ -95,19 +108,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to an HDF5 file. Methods and their settings: see boltzflow.data.generate.",
     )
     g.add_argument("system", help="system name (see `boltzflow systems`)")
-    g.add_argument("-n", type=int, required=True, help="number of samples (MD frames)")
+    g.add_argument(
+        "-n", type=arg(positive_int, "-n"), required=True, help="number of samples (MD frames)"
+    )
     g.add_argument("-o", "--output", required=True, help="output .h5 file")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument(
+        "--seed", type=arg(nonnegative_int, "--seed"), default=0, help="random seed (default 0)"
+    )
     g.add_argument(
         "--method",
         default="auto",
-        choices=["auto", "exact", "mala", "hmc", "pt", "md"],
+        choices=["auto", "exact", "mala", "hmc", "pt", "md", "md_seeded"],
         help="sampler (default auto: md for molecules, exact where available, pt for dw4, "
-        "else mala)",
+        "else mala); md_seeded: ALDP data covering both phi basins from seeded segments",
     )
-    g.add_argument("--burn-in", dest="burn_in", type=int, default=None, help="burn-in steps")
-    g.add_argument("--stride", type=int, default=None, help="steps between saved samples")
-    g.add_argument("--chains", dest="n_chains", type=int, default=None, help="parallel MCMC chains")
+    g.add_argument(
+        "--burn-in",
+        dest="burn_in",
+        type=arg(nonnegative_int, "--burn-in"),
+        default=None,
+        help="burn-in steps",
+    )
+    g.add_argument(
+        "--stride",
+        type=arg(positive_int, "--stride"),
+        default=None,
+        help="steps between saved samples",
+    )
+    g.add_argument(
+        "--chains",
+        dest="n_chains",
+        type=arg(positive_int, "--chains"),
+        default=None,
+        help="parallel MCMC chains",
+    )
     g.add_argument(
         "--set",
         action="append",

@@ -18,10 +18,27 @@ from typing import Any
 
 import torch
 
+from boltzflow.validate import arg, nonnegative_int, positive_int
+
 __all__ = ["register"]
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from boltzflow.io.outputs import check_output_dir, remove_on_failure
+
+    output = check_output_dir(args.output)
+    # a run folder made here that fails before its first checkpoint (or before the teacher's
+    # trajectories, which a rerun reuses, are saved) is removed again
+    with remove_on_failure(output, keep=_resumable):
+        return _distill(args)
+
+
+def _resumable(folder: Path) -> bool:
+    """Whether a failed run left something a rerun continues from."""
+    return any((folder / name).is_file() for name in ("checkpoint.pt", "trajectories.pt"))
+
+
+def _distill(args: argparse.Namespace) -> int:
     from boltzflow.distill.train_students import (
         StudentConfig,
         load_student_config,
@@ -63,6 +80,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         from boltzflow.data import load_positions
 
         data = torch.as_tensor(load_positions(args.data, system=system))
+        if len(data) == 0:
+            raise ValueError(f"{args.data}: no training configurations (0 rows)")
     teacher = TeacherCNF.load(args.teacher)
     info = {"teacher": str(args.teacher), "config": args.config, "profile": args.profile}
     start = time.perf_counter()
@@ -126,9 +145,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="training data (FALCON from data or for loss.likelihood; NF teachers)",
     )
-    p.add_argument("--train-steps", type=int, default=None, help="override train.steps")
-    p.add_argument("--seed", type=int, default=None, help="override train.seed")
+    p.add_argument(
+        "--train-steps", type=arg(positive_int, "--train-steps"), help="override train.steps"
+    )
+    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), help="override train.seed")
     p.add_argument("--device", default=None, help="override train.device")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
     p.set_defaults(func=_cmd_distill)

@@ -7,20 +7,22 @@ import argparse
 import json
 import sys
 
+from boltzflow.validate import arg, nonnegative_int, positive_int, probability, unit_interval
+
 __all__ = ["register"]
 
 
 def _cmd_reweight(args: argparse.Namespace) -> int:
     from boltzflow.analysis.reweight import reweight_analysis
+    from boltzflow.io.outputs import check_output_dir, remove_on_failure
     from boltzflow.systems import load_system
 
-    if not 0.0 <= args.clip < 1.0:
-        raise ValueError(f"--clip must be in [0, 1), got {args.clip}")
-    with load_system(args.system) as system:
+    output = check_output_dir(args.output)
+    with load_system(args.system) as system, remove_on_failure(output):
         results = reweight_analysis(
             args.samples,
             system,
-            args.output,
+            output,
             reference=args.reference,
             clip_fraction=args.clip,
             recompute_energy=not args.use_stored_energy,
@@ -43,8 +45,16 @@ def _cmd_reweight(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from boltzflow.analysis.estimate import estimate_from_spec
     from boltzflow.analysis.report import jsonable
+    from boltzflow.io.outputs import check_output_dir, remove_on_failure
 
-    results = estimate_from_spec(args.spec, out_dir=args.output, allow_partial=args.allow_partial)
+    if args.output is None:
+        results = estimate_from_spec(args.spec, allow_partial=args.allow_partial)
+    else:
+        output = check_output_dir(args.output)
+        with remove_on_failure(output):
+            results = estimate_from_spec(
+                args.spec, out_dir=output, allow_partial=args.allow_partial
+            )
     if "partial file" in results["weights"]:
         print(results["weights"]["partial file"], file=sys.stderr)
     print(json.dumps(jsonable(results), indent=2))
@@ -62,10 +72,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", required=True, help="system name (see `boltzflow systems`)")
     p.add_argument("-o", "--output", required=True, help="result folder")
     p.add_argument("--reference", default=None, help="reference samples (.npy or .h5)")
-    p.add_argument("--clip", type=float, default=0.0, help="fraction of largest weights to clip")
-    p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap replicates (200)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed for bootstrap and resampling")
+    p.add_argument(
+        "--clip",
+        type=arg(unit_interval, "--clip"),
+        default=0.0,
+        help="fraction of largest weights to clip",
+    )
+    p.add_argument(
+        "--n-bootstrap",
+        type=arg(positive_int, "--n-bootstrap"),
+        default=200,
+        help="bootstrap replicates (200)",
+    )
+    p.add_argument(
+        "--level", type=arg(probability, "--level"), default=0.95, help="confidence level (0.95)"
+    )
+    p.add_argument(
+        "--seed",
+        type=arg(nonnegative_int, "--seed"),
+        default=0,
+        help="seed for bootstrap and resampling",
+    )
     p.add_argument("--use-stored-energy", action="store_true", help="trust the stored u column")
     p.add_argument(
         "--trajectory",
@@ -73,7 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also export resampled molecular samples as a trajectory",
     )
-    p.add_argument("--n-resample", type=int, default=None, help="frames to resample (<= 1000)")
+    p.add_argument(
+        "--n-resample", type=arg(positive_int, "--n-resample"), help="frames to resample (<= 1000)"
+    )
     _allow_partial_option(p)
     p.set_defaults(func=_cmd_reweight)
 

@@ -1,7 +1,7 @@
 """``boltzflow run WORKFLOW.toml`` and ``boltzflow benchmark --workflow WORKFLOW.toml``.
 
     boltzflow run workflows/quickstart.toml [--profile gpu] [-o runs/qs] [--set sample.n=4000]
-    boltzflow run workflows/quickstart.toml --check          # validate only, compute nothing
+    boltzflow run workflows/quickstart.toml --check          # validate, data files too
     boltzflow run workflows/quickstart.toml --force teacher  # re-run a stage (and what follows)
     boltzflow benchmark --workflow workflows/quickstart.toml
 
@@ -30,12 +30,16 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def load_from_args(args: argparse.Namespace, path: str) -> Any:
-    """The validated workflow named by the command line (profile, ``--set``, ``-o``)."""
+    """The validated workflow named by the command line (profile, ``--set``, ``-o``), its output
+    folder checked."""
+    from boltzflow.io.outputs import check_output_dir
     from boltzflow.workflow.spec import load_workflow
 
-    return load_workflow(
+    wf = load_workflow(
         path, profile=args.profile, overrides=_overrides(args.set), output=args.output
     )
+    check_output_dir(wf.output)  # before any stage runs
+    return wf
 
 
 def print_outputs(run: Any) -> None:
@@ -51,13 +55,24 @@ def print_outputs(run: Any) -> None:
         print(f"{name.ljust(width)}  {path}{suffix}")
 
 
+def _check(args: argparse.Namespace, wf: Any) -> int:
+    """``--check``: the workflow and its data files (shape, finite rows, complete) are valid."""
+    from boltzflow.workflow.spec import check_data
+
+    rows = check_data(wf)
+    data = ", ".join(f"{key} {n} rows" for key, n in rows.items()) or "generated data"
+    print(
+        f"{args.workflow}: valid workflow {wf.name!r} for {wf.system}; {data}; output {wf.output}"
+    )
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from boltzflow.workflow.pipeline import run_workflow
 
     wf = load_from_args(args, args.workflow)
     if args.check:
-        print(f"{args.workflow}: valid workflow {wf.name!r} for {wf.system}; output {wf.output}")
-        return 0
+        return _check(args, wf)
     run = run_workflow(wf, progress=not args.no_progress, force=args.force or ())
     report = run.out_dir / "report.json"
     if report.is_file():
@@ -72,8 +87,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     wf = load_from_args(args, args.workflow)
     if args.check:
-        print(f"{args.workflow}: valid workflow {wf.name!r} for {wf.system}; output {wf.output}")
-        return 0
+        return _check(args, wf)
     run = run_workflow(wf, benchmark=True, progress=not args.no_progress, force=args.force or ())
     data = json.loads((run.out_dir / "benchmark.json").read_text())
     settings = data.get("settings", {})
@@ -94,7 +108,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override a key, e.g. --set sample.n=4000 (repeatable; VALUE is a TOML literal)",
     )
     p.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage")
-    p.add_argument("--check", action="store_true", help="only validate the workflow")
+    p.add_argument(
+        "--check", action="store_true", help="only validate the workflow and read its data files"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -17,17 +17,20 @@ from typing import Any
 import torch
 
 from boltzflow.cli.teacher_cmd import ode_options, ode_settings
+from boltzflow.validate import arg, nonnegative_int, positive_int
 
 __all__ = ["register"]
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from boltzflow.io.outputs import check_output_file, remove_on_failure
     from boltzflow.models.protocol import check_count
     from boltzflow.registry.loading import load_model
     from boltzflow.sampling.draw import cost_of, iter_draws, write_draws
     from boltzflow.sampling.weights import ess_fraction
     from boltzflow.systems import load_system
 
+    output = check_output_file(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     check_count(args.n, "-n")
@@ -49,7 +52,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "steps": steps,
         "sampling": settings,
         "log_q_kind": model.log_q_kind,
-        "log_q": "density on the mean-free subspace" if model.mean_free else "density",
+        "log_q": getattr(model, "log_q_convention", None)
+        or ("density on the mean-free subspace" if model.mean_free else "density"),
     }
     try:
         batches = iter_draws(
@@ -62,16 +66,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             progress=True,
             **settings,
         )
-        done = write_draws(
-            args.output,
-            batches,
-            dim=model.dim,
-            provenance=provenance,
-            atomic=False,
-            n_planned=args.n,
-        )
+        # streamed in place: Ctrl-C keeps the completed batches (marked partial), an error
+        # leaves no file
+        with remove_on_failure(output, replaces=True, keep_on_interrupt=True):
+            output.parent.mkdir(parents=True, exist_ok=True)  # as every other command does
+            done = write_draws(
+                output,
+                batches,
+                dim=model.dim,
+                provenance=provenance,
+                atomic=False,
+                n_planned=args.n,
+            )
     except KeyboardInterrupt:
-        _report_interrupted(args.output, args.n)
+        _report_interrupted(str(output), args.n)
         return 130
     finally:
         if system is not None:
@@ -116,9 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Samples with log q, and with a system u and log w, to an HDF5 store.",
     )
     p.add_argument("model", help="run folder or model file (teacher, student, baseline)")
-    p.add_argument("-n", type=int, required=True, help="number of samples")
+    p.add_argument("-n", type=arg(positive_int, "-n"), required=True, help="number of samples")
     p.add_argument("-o", "--output", required=True, help="HDF5 sample file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), default=0)
     p.add_argument("--system", default=None, help="target system (default: the model's)")
     p.add_argument("--no-energy", action="store_true", help="skip u and log w")
     ode_options(p, steps_help="a student's map steps, or steps of a teacher's fixed-step method")

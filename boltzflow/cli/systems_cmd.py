@@ -52,15 +52,17 @@ def _cmd_systems(args: argparse.Namespace) -> int:
 
 def _cmd_energy(args: argparse.Namespace) -> int:
     from boltzflow.data import load_positions  # local: data module pulls in h5py
+    from boltzflow.io.atomic import atomic_save_npy
+    from boltzflow.io.outputs import check_output_file, remove_on_failure
 
+    output = check_output_file(args.output)
     with load_system(args.system) as system:
         # NaN/inf rows are kept: they evaluate to u = +inf and are counted, never dropped silently.
         x = load_positions(Path(args.input), dataset=args.dataset, system=system, nan="keep")
         u = system.energy(torch.as_tensor(x, dtype=torch.float64)).detach().cpu().numpy()
         n_bad = int((~np.isfinite(u)).sum())
-    from boltzflow.io.atomic import atomic_save_npy
-
-    atomic_save_npy(Path(args.output), u)
+    with remove_on_failure(output):  # the folders atomic_save_npy creates
+        atomic_save_npy(output, u)
     print(f"wrote {len(u)} reduced energies (kT) to {args.output}; non-finite: {n_bad}")
     return 0
 

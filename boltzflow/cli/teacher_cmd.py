@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
+from boltzflow.validate import arg, nonnegative_int, positive_float, positive_int
 
 __all__ = ["ode_options", "ode_settings", "register", "train_group"]
 
@@ -40,14 +41,14 @@ def ode_options(
     """Add the ODE settings of a teacher (and ``--threads``) to a command's parser."""
     g = p.add_argument_group("ODE settings (default: the model's own)")
     g.add_argument("--method", choices=ADAPTIVE_METHODS + FIXED_METHODS)
-    g.add_argument("--atol", type=float)
-    g.add_argument("--rtol", type=float)
-    g.add_argument("--steps", type=int, help=steps_help)
+    g.add_argument("--atol", type=arg(positive_float, "--atol"))
+    g.add_argument("--rtol", type=arg(positive_float, "--rtol"))
+    g.add_argument("--steps", type=arg(positive_int, "--steps"), help=steps_help)
     g.add_argument("--divergence", choices=DIVERGENCES)
     g.add_argument("--trace-mode", choices=TRACE_MODES)
-    g.add_argument("--quadrature-points", type=int)
-    g.add_argument("--batch-size", type=int, help="samples per batch")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--quadrature-points", type=arg(positive_int, "--quadrature-points"))
+    g.add_argument("--batch-size", type=arg(positive_int, "--batch-size"), help="samples per batch")
+    g.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
 
 
 def ode_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,9 +69,12 @@ def _load_teacher(folder: str) -> tuple[Any, dict[str, Any]]:
 # -- train teacher ------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
     from boltzflow.data import load_positions
+    from boltzflow.io.outputs import check_output_dir, remove_on_failure
     from boltzflow.train.config import load_teacher_config
     from boltzflow.train.teacher import SystemShape, train_teacher
+    from boltzflow.train.trainer import CHECKPOINT_FILE
 
+    output = check_output_dir(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_teacher_config(args.config, args.profile)
@@ -83,10 +87,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg.system = system
     shape = SystemShape.from_name(system)
     data = torch.as_tensor(load_positions(args.data, args.dataset, system=system))
+    if len(data) == 0:
+        raise ValueError(f"{args.data}: no training configurations (0 rows)")
     run_info = {"system": system, "data": str(args.data), "profile": args.profile}
-    teacher = train_teacher(
-        cfg, data, args.output, shape, resume=not args.restart, run_info=run_info
-    )
+    # a run folder made here that fails before its first checkpoint is removed again
+    with remove_on_failure(output, keep=lambda d: (d / CHECKPOINT_FILE).is_file()):
+        teacher = train_teacher(
+            cfg, data, output, shape, resume=not args.restart, run_info=run_info
+        )
     print(
         f"trained teacher for {system} ({sum(p.numel() for p in teacher.parameters())} "
         f"parameters, {cfg.train.steps} steps) -> {Path(args.output) / 'teacher.pt'}"
@@ -99,7 +107,9 @@ def _cmd_nll(args: argparse.Namespace) -> int:
     from boltzflow.data import load_positions
     from boltzflow.flows.evaluate import nll_summary
     from boltzflow.io.atomic import atomic_write_text
+    from boltzflow.io.outputs import check_output_file, remove_on_failure
 
+    output = check_output_file(args.json) if args.json else None
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, info = _load_teacher(args.model)
@@ -107,6 +117,8 @@ def _cmd_nll(args: argparse.Namespace) -> int:
     x = load_positions(args.data, args.dataset, system=system)
     if args.n is not None:
         x = x[: args.n]
+    if len(x) == 0:
+        raise ValueError(f"{args.data}: no configurations to score (0 rows)")
     out = teacher.log_prob_with_stats(torch.as_tensor(x), progress=True, **ode_settings(args))
     report: dict[str, Any] = nll_summary(out.log_q)
     k = teacher.event_dim
@@ -120,13 +132,16 @@ def _cmd_nll(args: argparse.Namespace) -> int:
         checkpoint=info.get("checkpoint"),
     )
     space = f"the {k}-dim mean-free subspace" if teacher.mean_free else f"R^{k}"
+    if getattr(teacher, "representation", "cartesian") == "internal":
+        space = f"Cartesian x with rigid motions integrated out, {k} internal coordinates"
     print(
         f"NLL {report['nll']:.4f} ± {report['nll_se']:.4f} nats over {report['n_val']} points "
         f"(density on {space}; EFM normalisation {report['nll_efm_normalisation']:.4f}); "
         f"NFE {out.nfe_per_batch:.1f} per batch, {out.seconds_per_1000:.2f} s per 1000"
     )
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    if output is not None:
+        with remove_on_failure(output):  # the folders atomic_write_text creates
+            atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -140,18 +155,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="TOML run configuration")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke or gpu")
     p.add_argument("-o", "--output", required=True, help="run folder")
-    p.add_argument("--steps", type=int, default=None, help="override train.steps")
-    p.add_argument("--seed", type=int, default=None, help="override train.seed")
+    p.add_argument("--steps", type=arg(positive_int, "--steps"), help="override train.steps")
+    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), help="override train.seed")
     p.add_argument("--device", default=None, help="override train.device (cpu, cuda)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("nll", help="negative log-likelihood of configurations under a teacher")
     p.add_argument("model", help="teacher run folder or checkpoint file")
     p.add_argument("--data", required=True, help=".npy or HDF5 configurations")
     p.add_argument("--dataset", default=None, help="HDF5 dataset name (default: positions)")
-    p.add_argument("-n", type=int, default=None, help="use the first N configurations")
+    p.add_argument("-n", type=arg(positive_int, "-n"), help="use the first N configurations")
     p.add_argument("--system", default=None, help="system (for centring); default: the model's")
     p.add_argument("--json", default=None, help="write the summary as JSON")
     ode_options(p)

@@ -28,6 +28,17 @@ Settings (keyword arguments) by method, with their defaults:
 * ``pt``: the above plus ``kernel="mala", n_temps=4, t_max=5.0, swap_every=1``.
 * ``md``: ``burn_in=50000, stride=500, timestep_fs=1.0, friction_per_ps=1.0, minimize=True,
   platform=None`` (the system's platform), ``threads=None``.
+* ``md_seeded`` (molecules; ask for it by name, ``auto`` stays ``md``): training data that
+  covers both φ basins of ALDP (:mod:`boltzflow.data.seeded_md`). A hot run (800 K) yields
+  candidate frames; ``n_seeds`` of them, a share ``basin_fraction`` from 0 < φ < 2 and the rest
+  from φ < 0, each seed a segment of 300 K MD in its own worker process, resumable through
+  ``segments_dir`` (the CLI: ``<output>.segments``). **Not Boltzmann across basins** (the seeds
+  set the basin populations); fine for training flows that are reweighted. Settings:
+  ``n_seeds=60, basin_fraction=0.3, hot_temperature=800.0, hot_burn_in=10000, hot_frames=1000,
+  hot_stride=1000, burn_in=20000, stride=100, timestep_fs=1.0, friction_per_ps=1.0,
+  platform=None`` (the system's), ``workers=2`` (0: in this process), ``segments_dir=None``
+  (a temporary folder: not resumable), ``keep_segments=False`` (the CLI deletes the segment
+  folder once the dataset is written).
 * ``exact``: none.
 
 Unknown settings raise ``TypeError`` listing the valid ones.
@@ -42,12 +53,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boltzflow.data.seeded_md import DEFAULTS as _SEEDED_MD_DEFAULTS
 from boltzflow.systems import load_system
 from boltzflow.systems.base import System
 
 __all__ = ["METHODS", "default_method", "generate", "resolve_settings"]
 
-METHODS = ("auto", "exact", "mala", "hmc", "pt", "md")
+METHODS = ("auto", "exact", "mala", "hmc", "pt", "md", "md_seeded")
+# Methods for molecular (OpenMM) systems.
+_MD_METHODS = ("md", "md_seeded")
 
 _MCMC = {
     "n_chains": 256,
@@ -79,6 +93,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "platform": None,
         "threads": None,
     },
+    "md_seeded": dict(_SEEDED_MD_DEFAULTS),
 }
 # Per-system method and setting overrides (applied before the caller's settings).
 _SYSTEM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -217,7 +232,8 @@ def generate(
         seed: seed of every random draw; CPU runs with the same seed reproduce bit-for-bit
             (MD: on the Reference platform, or CPU with a fixed thread count).
         method: ``"auto"`` (see the module docstring), ``"exact"``, ``"mala"``, ``"hmc"``,
-            ``"pt"`` (parallel tempering) or ``"md"``.
+            ``"pt"`` (parallel tempering), ``"md"`` or ``"md_seeded"`` (seeded segments that
+            cover both φ basins, not Boltzmann across them).
         progress: show progress bars (only on a terminal).
         **settings: method settings overriding the defaults (module docstring).
 
@@ -244,12 +260,14 @@ def generate(
     system = load_system(system_name) if owned else system_name
     try:
         chosen = default_method(system) if method == "auto" else method
-        if chosen == "md" and not _is_molecular(system):
+        if chosen in _MD_METHODS and not _is_molecular(system):
             raise ValueError(
-                f"method 'md' needs a molecular (OpenMM) system; {system.name!r} is not"
+                f"method {chosen!r} needs a molecular (OpenMM) system; {system.name!r} is not"
             )
-        if chosen != "md" and _is_molecular(system):
-            raise ValueError(f"{system.name!r} is a molecular system: use method 'md' (or 'auto')")
+        if chosen not in _MD_METHODS and _is_molecular(system):
+            raise ValueError(
+                f"{system.name!r} is a molecular system: use method 'md', 'md_seeded' or 'auto'"
+            )
         if chosen == "exact" and not system.has_exact_samples:
             raise ValueError(
                 f"system {system.name!r} has no exact sampler; use 'mala', 'hmc' or 'pt'"
@@ -263,6 +281,11 @@ def generate(
         elif chosen == "md":
             x, u, stats = _md(system, n, s, seed, progress)
             generator = "boltzflow.data.md:run_md"
+        elif chosen == "md_seeded":
+            from boltzflow.data.seeded_md import run_seeded_md
+
+            x, u, stats = run_seeded_md(system, n, seed=seed, settings=s, progress=progress)
+            generator = "boltzflow.data.seeded_md:run_seeded_md"
         else:
             x, u, generator, stats = _mcmc(system, n, chosen, s, seed, progress)
         provenance = {
@@ -276,6 +299,8 @@ def generate(
             "temperature": system.temperature,
             "statistics": stats,
         }
+        if chosen == "md_seeded":  # said at the top level too: readers must not miss it
+            provenance["boltzmann_across_basins"] = False
     finally:
         if owned:
             system.close()

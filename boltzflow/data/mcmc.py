@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from boltzflow.progress import Progress
 from boltzflow.sampling.kernels import Evaluation, hmc_step, mala_step
 from boltzflow.systems.base import System
 
@@ -246,7 +246,7 @@ def run_chains(
         n_leapfrog: leapfrog steps per HMC trajectory.
         swap_every: attempt neighbour swaps every this many steps (alternating even/odd pairs).
         seed: seed of the sampler's own ``torch.Generator``; CPU runs reproduce bit-for-bit.
-        progress: show a tqdm progress bar (only on a terminal).
+        progress: show progress (a bar on a terminal, periodic lines otherwise).
 
     Returns:
         :class:`MCMCResult` with the T = 1 samples and statistics.
@@ -299,7 +299,7 @@ def run_chains(
     records_x, records_u = [], []
     total = burn_in + n_steps
     swap_round = 0
-    with tqdm(total=total, desc=f"{kernel} x{n_temps}T", disable=(not progress) or None) as bar:
+    with Progress(total, desc=f"{kernel} x{n_temps}T", unit="step", enabled=progress) as bar:
         for t in range(total):
             a = chains.step(kernel, log_eps.exp(), gen, n_leapfrog).to(temps.dtype).mean(dim=1)
             production = t >= burn_in

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import openmm
 from openmm import unit
-from tqdm.auto import tqdm
 
 from boltzflow.constants import kt_kj_per_mol
+from boltzflow.progress import Progress
 
 __all__ = ["MDResult", "openmm_seed", "run_md"]
 
@@ -92,7 +92,7 @@ def _context(
     return openmm.Context(openmm_system, integrator, plat, props)
 
 
-def _steps(integrator: openmm.Integrator, n: int, bar: tqdm) -> None:
+def _steps(integrator: openmm.Integrator, n: int, bar: Progress) -> None:
     while n > 0:
         k = min(n, _CHUNK)
         integrator.step(k)
@@ -132,7 +132,7 @@ def run_md(
         seed: seeds the integrator's random stream and the initial Maxwell–Boltzmann velocities.
         platform: OpenMM platform name (``"Reference"``, ``"CPU"``, ``"CUDA"``, ``"OpenCL"``).
         threads: CPU-platform threads (None: OpenMM's default, all cores).
-        progress: show a tqdm progress bar (only on a terminal).
+        progress: show progress (a bar on a terminal, periodic lines otherwise).
 
     Returns:
         :class:`MDResult`.
@@ -175,7 +175,7 @@ def run_md(
         u_min = _energy(context, kt)
         context.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
         total = burn_in + n_frames * stride
-        with tqdm(total=total, desc="MD steps", unit="step", disable=(not progress) or None) as bar:
+        with Progress(total, desc="MD", unit="step", enabled=progress) as bar:
             _steps(integrator, burn_in, bar)
             try:
                 for _ in range(n_frames):

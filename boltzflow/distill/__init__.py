@@ -8,6 +8,9 @@
 - :mod:`~boltzflow.distill.nf`: a small coupling normalizing flow (exact one-pass log q), trained
   by :mod:`~boltzflow.distill.nf_train` (losses in :mod:`~boltzflow.distill.nf_losses`, the
   ``distill --method nf`` entry in :mod:`~boltzflow.distill.nf_run`);
+- :mod:`~boltzflow.distill.nf_internal`: a coupling NF in a molecule's internal coordinates with
+  circular splines for the dihedrals, trained on data by
+  :mod:`~boltzflow.distill.nf_internal_train` (``boltzflow train nf``);
 - :mod:`~boltzflow.distill.train_students`: distillation runs (configs, losses, training).
 """
 
@@ -16,12 +19,14 @@ from boltzflow.distill.baselines import EulerBaseline
 from boltzflow.distill.f2d2 import F2D2
 from boltzflow.distill.falcon import FALCON
 from boltzflow.distill.nf import NFStudent
+from boltzflow.distill.nf_internal import InternalNFStudent
 
 __all__ = [
     "F2D2",
     "FALCON",
     "STUDENTS",
     "EulerBaseline",
+    "InternalNFStudent",
     "NFStudent",
     "Student",
     "load_student",

@@ -12,7 +12,7 @@ D(x, s, t) = 1/(t - s) int_s^t div v(tau, X(x, s, tau)) dtau. One network with a
 gives u (the backbone's output) and D (an extra head on the backbone's pooled features). Both
 directions use the same map: s < t samples (noise -> data), s > t scores given points.
 
-Targets (the losses below; :mod:`boltzflow.distill.train_students` combines them):
+Targets (the losses below, weighted by :func:`f2d2_loss` with an :class:`F2D2LossConfig`):
 
 - diagonal: u(x, t, t) = v(t, x) and D(x, t, t) = div v(t, x) (teacher velocity and its exact
   divergence);
@@ -25,16 +25,25 @@ Targets (the losses below; :mod:`boltzflow.distill.train_students` combines them
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from boltzflow.distill.base import register_student
 from boltzflow.distill.flowmap import FeatureTap, FlowMapStudent
+from boltzflow.distill.flowmap_loss import FlowMapLossConfig, LossContext
 from boltzflow.models.protocol import LOG_Q_KINDS
 
-__all__ = ["F2D2", "f2d2_diagonal_loss", "f2d2_pair_loss", "f2d2_semigroup_loss"]
+__all__ = [
+    "F2D2",
+    "F2D2LossConfig",
+    "f2d2_diagonal_loss",
+    "f2d2_loss",
+    "f2d2_pair_loss",
+    "f2d2_semigroup_loss",
+]
 
 
 class _DivergenceHead(nn.Module):
@@ -178,3 +187,53 @@ def f2d2_semigroup_loss(
     lu = (u - u_star).pow(2).sum(-1).mean()
     ld = ((d - d_star) / _div_scale(model)).pow(2).mean()
     return lu + div_weight * ld, {"semi_u": float(lu.detach()), "semi_div": float(ld.detach())}
+
+
+@dataclass
+class F2D2LossConfig(FlowMapLossConfig):
+    """F2D2's ``[loss]``: weights ``diagonal``, ``pairs`` and ``semigroup`` of the terms above,
+    ``div_weight`` scaling their divergence parts, and the pair options of
+    :class:`~boltzflow.distill.flowmap_loss.FlowMapLossConfig`. ``target`` must be
+    ``"teacher"``: the divergence targets come from the teacher."""
+
+    semigroup: float = 1.0
+    div_weight: float = 1.0
+
+    nonnegative: ClassVar[tuple[str, ...]] = ("diagonal", "pairs", "semigroup", "div_weight")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target != "teacher":
+            raise ValueError("F2D2 needs the teacher's divergence: loss.target must be 'teacher'")
+
+
+def f2d2_loss(
+    model: F2D2, batch: dict[str, Tensor], cfg: F2D2LossConfig, context: LossContext
+) -> tuple[Tensor, dict[str, float]]:
+    """F2D2's loss of one step: the weighted sum of the diagonal, teacher-pair and semigroup
+    terms on a teacher batch (keys in :mod:`boltzflow.distill.flowmap_loss`); a zero weight
+    leaves its term out. F2D2 draws nothing beyond the batch (``context`` is unused).
+
+    Returns:
+        the scalar loss and its parts (``diag_u``, ``diag_div``, ``pair_u``, ...).
+    """
+    bt = batch
+    total = next(model.parameters()).new_zeros(())
+    parts: dict[str, float] = {}
+    if cfg.diagonal:
+        val, more = f2d2_diagonal_loss(
+            model, bt["x_k"], bt["t_k"], bt["v_k"], bt["div_k"], div_weight=cfg.div_weight
+        )
+        total, parts = total + cfg.diagonal * val, {**parts, **more}
+    if cfg.pairs:
+        val, more = f2d2_pair_loss(
+            model, bt["x_s"], bt["s"], bt["x_t"], bt["t"], bt["dlogp"], div_weight=cfg.div_weight
+        )
+        total, parts = total + cfg.pairs * val, {**parts, **more}
+    if cfg.semigroup:
+        mid = bt["s"] + bt["m"] * (bt["t"] - bt["s"])
+        val, more = f2d2_semigroup_loss(
+            model, bt["x_s"], bt["s"], bt["t"], mid, div_weight=cfg.div_weight
+        )
+        total, parts = total + cfg.semigroup * val, {**parts, **more}
+    return total, parts

@@ -16,7 +16,7 @@ identity on the centre-of-mass directions and block diagonal, hence the full-coo
 determinant equals the determinant on the (n - 1) d subspace, which is what is computed (the
 argument of :mod:`boltzflow.flows.ode` for traces).
 
-Losses (combined in :mod:`boltzflow.distill.train_students`):
+Losses (weighted by :func:`falcon_loss` with a :class:`FALCONLossConfig`):
 
 - flow matching on the diagonal: u(x, t, t) = v(t, x), with v the teacher velocity or, from data
   alone, the conditional velocity x1 - x0 at the interpolant (Lipman et al. 2023,
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -62,16 +63,19 @@ from boltzflow.distill.flowmap import (
     subspace_basis,
     time_grid,
 )
+from boltzflow.distill.flowmap_loss import FlowMapLossConfig, LossContext
 from boltzflow.models.protocol import LOG_Q_KINDS
 
 __all__ = [
     "FALCON",
+    "FALCONLossConfig",
     "Preimage",
     "falcon_diagonal_loss",
     "falcon_energy_loss",
     "falcon_inverse_loss",
     "falcon_likelihood_loss",
     "falcon_logdet_pair_loss",
+    "falcon_loss",
     "falcon_meanflow_loss",
     "falcon_pair_loss",
 ]
@@ -365,3 +369,114 @@ def falcon_likelihood_loss(
     ok = ok & torch.isfinite(nll)
     dropped = 1.0 - float(ok.float().mean())
     return (nll[ok].mean() if ok.any() else ladj.sum() * 0.0), dropped
+
+
+@dataclass
+class FALCONLossConfig(FlowMapLossConfig):
+    """FALCON's ``[loss]``: weights ``diagonal`` (flow matching), ``pairs``, ``meanflow`` and
+    ``inverse``, with MeanFlow's adaptive weighting power ``meanflow_adaptive_power`` (0: plain
+    MSE), and optionally ``logdet`` (its exact step log-determinants against the teacher's
+    log-density change on the same jumps as ``pairs``; 0, off, by default) and ``energy`` (the
+    reverse KL to the system's Boltzmann density of its ``energy_steps``-step samples, default
+    the student's ``default_steps``; needs the system's energy; 0, off, by default) and
+    ``likelihood`` (maximum likelihood under its ``likelihood_steps``-step sampling density of
+    the training data, or of the teacher's samples, the ends of its trajectories, when no data
+    are given; 0, off, by default). The pair and target options are those of
+    :class:`~boltzflow.distill.flowmap_loss.FlowMapLossConfig`; with ``target = "data"``
+    ``pairs`` and ``logdet`` must be 0 (they read teacher jumps)."""
+
+    meanflow: float = 1.0
+    inverse: float = 1.0
+    logdet: float = 0.0
+    energy: float = 0.0
+    energy_steps: int | None = None
+    likelihood: float = 0.0
+    likelihood_steps: int | None = None
+    meanflow_adaptive_power: float = 1.0
+
+    nonnegative: ClassVar[tuple[str, ...]] = (
+        "diagonal",
+        "pairs",
+        "meanflow",
+        "inverse",
+        "logdet",
+        "energy",
+        "likelihood",
+        "meanflow_adaptive_power",
+    )
+    teacher_terms: ClassVar[tuple[str, ...]] = ("pairs", "logdet")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("energy_steps", "likelihood_steps"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or k < 1):
+                raise ValueError(f"loss.{name} must be an integer >= 1, got {k}")
+
+    @property
+    def uses_energy(self) -> bool:
+        return self.energy > 0
+
+    @property
+    def uses_data(self) -> bool:
+        return self.target == "data" or self.likelihood > 0
+
+
+def falcon_loss(
+    model: FALCON, batch: dict[str, Tensor], cfg: FALCONLossConfig, context: LossContext
+) -> tuple[Tensor, dict[str, float]]:
+    """FALCON's loss of one step: the weighted sum of the terms above on a teacher or data
+    batch (keys in :mod:`boltzflow.distill.flowmap_loss`); a zero weight leaves its term out.
+    ``energy`` draws prior samples and then ``likelihood`` draws points of
+    ``context.ml_points`` from ``context.generator``, in that order, after the batch.
+
+    Returns:
+        the scalar loss and its parts (``fm``, ``pair``, ``meanflow``, ``inverse``, ...).
+
+    Raises:
+        ValueError: ``energy`` without ``context.energy`` or ``likelihood`` without
+            ``context.ml_points``.
+    """
+    bt = batch
+    p = next(model.parameters())
+    b, gen = len(bt["x_s"]), context.generator
+    total = p.new_zeros(())
+    parts: dict[str, float] = {}
+    if cfg.diagonal:
+        val = falcon_diagonal_loss(model, bt["x_k"], bt["t_k"], bt["v_k"])
+        total, parts["fm"] = total + cfg.diagonal * val, float(val.detach())
+    if cfg.pairs:
+        val = falcon_pair_loss(model, bt["x_s"], bt["s"], bt["x_t"], bt["t"])
+        total, parts["pair"] = total + cfg.pairs * val, float(val.detach())
+    if cfg.meanflow:
+        val = falcon_meanflow_loss(
+            model,
+            bt["x_s"],
+            bt["s"],
+            bt["t_any"],
+            bt["v_s"],
+            adaptive_power=cfg.meanflow_adaptive_power,
+        )
+        total, parts["meanflow"] = total + cfg.meanflow * val, float(val.detach())
+    if cfg.inverse:
+        val = falcon_inverse_loss(model, bt["x_s"], bt["s"], bt["t"])
+        total, parts["inverse"] = total + cfg.inverse * val, float(val.detach())
+    if cfg.logdet:
+        val = falcon_logdet_pair_loss(model, bt["x_s"], bt["s"], bt["t"], bt["dlogp"])
+        total, parts["logdet"] = total + cfg.logdet * val, float(val.detach())
+    if cfg.energy:
+        if context.energy is None:
+            raise ValueError("loss.energy needs the target's energy (context.energy)")
+        z = model.prior.sample(b, generator=gen, dtype=p.dtype, device=p.device)
+        steps = cfg.energy_steps or model.default_steps
+        val = falcon_energy_loss(model, z, steps, context.energy)
+        total, parts["energy"] = total + cfg.energy * val, float(val.detach())
+    if cfg.likelihood:
+        pts = context.ml_points
+        if pts is None:
+            raise ValueError("loss.likelihood needs points (context.ml_points)")
+        pts = pts[torch.randint(len(pts), (b,), generator=gen)].to(dtype=p.dtype, device=p.device)
+        steps = cfg.likelihood_steps or model.default_steps
+        val, parts["nll_dropped"] = falcon_likelihood_loss(model, pts, steps)
+        total, parts["nll"] = total + cfg.likelihood * val, float(val.detach())
+    return total, parts

@@ -155,6 +155,8 @@ def distill_nf(
 
         info["data"] = str(data)
         data = load_positions(data, system=system) if system else load_positions(data)
+    if len(data) == 0:
+        raise ValueError("no training configurations (0 rows) to distil an NF teacher on")
     return distill_nf_from_nf(teacher, data, out_dir, **common)
 
 

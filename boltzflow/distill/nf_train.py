@@ -8,7 +8,8 @@
 - :func:`distill_nf_from_cnf`: regression onto the teacher CNF's ODE pairs
   ``(z0, x1 = phi(z0))`` (:func:`cnf_pairs`; dopri5, positions only, generated once and cached).
 
-Every recipe ends in :func:`fit_and_export`: fit, take the EMA weights, write ``student.pt``.
+Every recipe ends in :func:`boltzflow.train.fit.fit_and_export`: fit, take the EMA weights,
+write ``student.pt``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from boltzflow.distill.nf_losses import (
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.config import TrainConfig
-from boltzflow.train.trainer import LossFn, Trainer
+from boltzflow.train.fit import fit_and_export
+from boltzflow.train.trainer import LossFn
 
 __all__ = [
     "PAIRS_FILE",
@@ -44,7 +46,6 @@ __all__ = [
     "default_train_config",
     "distill_nf_from_cnf",
     "distill_nf_from_nf",
-    "fit_and_export",
     "train_nf",
 ]
 
@@ -146,56 +147,31 @@ def _seeded_student(
     )
 
 
-def fit_and_export(
+def _fit_student(
     student: NFStudent,
     loss_fn: LossFn,
     train: TrainConfig,
     out_dir: str | os.PathLike[str],
     *,
     run_config: dict[str, Any],
-    resume: bool = True,
-    progress: bool = True,
+    resume: bool,
+    progress: bool,
 ) -> NFStudent:
-    """Fit ``student`` with the shared :class:`Trainer`, take its EMA weights and, once the run
-    has reached ``train.steps``, write them to ``out_dir/student.pt``.
-
-    Args:
-        student: a fresh student (its config, kind and system go into the checkpoints).
-        loss_fn: ``loss_fn(model, generator, step)`` (see :class:`Trainer`).
-        train: loop settings.
-        out_dir: run folder (``checkpoint.pt``, ``metrics.jsonl``, ``run.json``, ``student.pt``).
-        run_config: JSON-able run record (``run.json``; ``run`` in ``student.pt``).
-        resume: continue from ``out_dir/checkpoint.pt`` if present.
-        progress: show a progress bar.
-
-    Returns:
-        the student with EMA weights, in eval mode.
-    """
-    trainer = Trainer(
+    """:func:`~boltzflow.train.fit.fit_and_export` of a student: the EMA weights in
+    ``out_dir/student.pt`` (with the parameter count) once the run is finished."""
+    return fit_and_export(
         student,
         loss_fn,
         train,
         out_dir,
+        filename=STUDENT_FILE,
         model_kind="student",
-        model_config=student.model_config,
         run_config=run_config,
         extra={"student_kind": student.student_kind, "system": student.system},
+        file_extra={"n_parameters": student.n_parameters},
+        resume=resume,
         progress=progress,
     )
-    trainer.fit(resume=resume)
-    ema = trainer.ema_model()
-    ema.eval()
-    if trainer.step >= train.steps:
-        ema.save(
-            Path(out_dir) / STUDENT_FILE,
-            extra={
-                "steps": trainer.step,
-                "elapsed_s": trainer.elapsed,
-                "n_parameters": ema.n_parameters,
-                "run": run_config,
-            },
-        )
-    return ema
 
 
 # -- maximum likelihood -------------------------------------------------------------------------
@@ -252,7 +228,7 @@ def train_nf(
         "n_data": len(x),
         **(run_info or {}),
     }
-    return fit_and_export(
+    return _fit_student(
         student, loss_fn, train, out_dir, run_config=run_config, resume=resume, progress=progress
     )
 
@@ -350,7 +326,7 @@ def distill_nf_from_nf(
         "n_data": len(x),
         **(run_info or {}),
     }
-    return fit_and_export(
+    return _fit_student(
         student, loss_fn, train, out_dir, run_config=run_config, resume=resume, progress=progress
     )
 
@@ -366,6 +342,7 @@ def cnf_pairs(
     rtol: float = 1e-5,
     steps: int | None = None,
     batch_size: int = 1000,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Noise/sample pairs of a teacher CNF: ``z0`` drawn from its prior, ``x1`` its ODE image.
 
@@ -378,6 +355,7 @@ def cnf_pairs(
         seed: seeds the noise.
         method, atol, rtol, steps: ODE settings (:func:`boltzflow.flows.ode.integrate`).
         batch_size: rows per solve.
+        progress: show progress over the ``n`` solves.
 
     Returns:
         ``z0 (n, dim)`` in the teacher's flow units (prior noise) and ``x1 (n, dim)`` in data
@@ -395,6 +373,8 @@ def cnf_pairs(
         steps=steps,
         divergence="none",
         batch_size=batch_size,
+        progress=progress,
+        desc="teacher pairs",
     ):
         x1 = res.x
         if teacher.mean_free:
@@ -450,7 +430,7 @@ def distill_nf_from_cnf(
         if cached["n"] == n_pairs and cached["seed"] == train.seed:
             pairs = (cached["z0"], cached["x1"])
     if pairs is None:
-        pairs = cnf_pairs(teacher, n_pairs, seed=train.seed, **pair_settings)
+        pairs = cnf_pairs(teacher, n_pairs, seed=train.seed, progress=progress, **pair_settings)
         save_checkpoint(
             pairs_path,
             {
@@ -493,6 +473,6 @@ def distill_nf_from_cnf(
         "loss": dataclasses.asdict(loss),
         **(run_info or {}),
     }
-    return fit_and_export(
+    return _fit_student(
         student, loss_fn, train, out_dir, run_config=run_config, resume=resume, progress=progress
     )

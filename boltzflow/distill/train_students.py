@@ -8,6 +8,10 @@ MeanFlow and invertibility) act on the same points. FALCON can instead train fro
 (``loss.target = "data"``): conditional flow matching on the linear interpolant with (equivariant)
 OT couplings, MeanFlow and invertibility, without a teacher.
 
+Each method brings its loss (its options and the weighting of its terms, next to the model:
+:func:`boltzflow.distill.f2d2.f2d2_loss`, :func:`boltzflow.distill.falcon.falcon_loss`); this
+module draws the minibatches and runs the shared training loop.
+
 The student uses the teacher's backbone type and, by default, its size and (``init_from_teacher``)
 starts from its weights, i.e. as the Euler step of the teacher
 (:func:`boltzflow.distill.flowmap.init_from_teacher`). ``[student.backbone]`` overrides backbone
@@ -19,10 +23,12 @@ Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
     method = "f2d2"            # or "falcon"
     [student]   default_steps, init_from_teacher, signed (FALCON), init_from
     [student.backbone]  backbone options replacing the teacher's (hidden, layers, ...)
-    [loss]      weights: diagonal, pairs, semigroup (F2D2), meanflow, inverse (FALCON),
-                logdet, energy, energy_steps, likelihood, likelihood_steps (FALCON,
-                optional), div_weight, dyadic_fraction, aligned_steps,
-                target ("teacher" | "data")
+    [loss]      the method's loss options: diagonal, pairs, dyadic_fraction, aligned_steps,
+                target ("teacher" | "data") for both; semigroup, div_weight for F2D2
+                (boltzflow.distill.f2d2.F2D2LossConfig); meanflow, inverse,
+                meanflow_adaptive_power and the optional logdet, energy, energy_steps,
+                likelihood, likelihood_steps for FALCON
+                (boltzflow.distill.falcon.FALCONLossConfig)
     [trajectories]  n, grid, atol, rtol, batch_size, seed
     [train]     boltzflow.train.config.TrainConfig
 """
@@ -39,36 +45,27 @@ import torch
 from torch import Tensor, nn
 
 from boltzflow.distill.base import STUDENT_FILE, Student, load_student
-from boltzflow.distill.f2d2 import (
-    F2D2,
-    f2d2_diagonal_loss,
-    f2d2_pair_loss,
-    f2d2_semigroup_loss,
-)
-from boltzflow.distill.falcon import (
-    FALCON,
-    falcon_diagonal_loss,
-    falcon_energy_loss,
-    falcon_inverse_loss,
-    falcon_likelihood_loss,
-    falcon_logdet_pair_loss,
-    falcon_meanflow_loss,
-    falcon_pair_loss,
-)
+from boltzflow.distill.f2d2 import F2D2, F2D2LossConfig, f2d2_loss
+from boltzflow.distill.falcon import FALCON, FALCONLossConfig, falcon_loss
 from boltzflow.distill.flowmap import init_from_teacher
+from boltzflow.distill.flowmap_loss import FlowMapLoss, FlowMapLossConfig, LossContext
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
 from boltzflow.flows.flow_matching import couple, interpolate
 from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file
+from boltzflow.io.tomlfile import dataclass_from_dict
 from boltzflow.models.method import Method
 from boltzflow.systems import System, load_system
 from boltzflow.systems.particles import remove_mean
-from boltzflow.train.config import TrainConfig, dataclass_from_dict, read_toml
-from boltzflow.train.trainer import Trainer
+from boltzflow.train.config import TrainConfig, read_toml
+from boltzflow.train.fit import fit_and_export
 
 __all__ = [
+    "LOSSES",
     "METHODS",
-    "LossConfig",
+    "F2D2LossConfig",
+    "FALCONLossConfig",
+    "MethodLoss",
     "StudentConfig",
     "StudentOptions",
     "TrajectoryConfig",
@@ -79,8 +76,24 @@ __all__ = [
     "train_student",
 ]
 
-METHODS = ("f2d2", "falcon")
 TRAJECTORY_FILE = "trajectories.pt"
+
+
+@dataclass(frozen=True)
+class MethodLoss:
+    """A flow-map method's loss: its ``[loss]`` options and its per-step loss
+    (:data:`~boltzflow.distill.flowmap_loss.FlowMapLoss`)."""
+
+    config: type[FlowMapLossConfig]
+    loss: FlowMapLoss
+
+
+#: method name -> its loss
+LOSSES: dict[str, MethodLoss] = {
+    "f2d2": MethodLoss(F2D2LossConfig, f2d2_loss),
+    "falcon": MethodLoss(FALCONLossConfig, falcon_loss),
+}
+METHODS = tuple(LOSSES)
 
 
 @dataclass
@@ -109,73 +122,6 @@ class StudentOptions:
 
 
 @dataclass
-class LossConfig:
-    """Loss weights. F2D2 uses ``diagonal``, ``pairs``, ``semigroup`` (``div_weight`` scales the
-    divergence parts); FALCON uses ``diagonal`` (flow matching), ``pairs``, ``meanflow``,
-    ``inverse``, with MeanFlow's adaptive weighting power ``meanflow_adaptive_power`` (0: plain
-    MSE), and optionally ``logdet`` (its exact step log-determinants against the teacher's
-    log-density change on the same jumps as ``pairs``; 0, off, by default) and ``energy`` (the
-    reverse KL to the system's Boltzmann density of its ``energy_steps``-step samples, default
-    ``student.default_steps``; needs the system's energy; 0, off, by default) and
-    ``likelihood`` (maximum likelihood under its ``likelihood_steps``-step sampling density of
-    the training data, or of the teacher's samples, the ends of its trajectories, when no data
-    are given; 0, off, by default).
-    ``dyadic_fraction`` of the pairs are aligned jumps, those used at 1, 2, 4, ... steps (or
-    only at the step counts listed in ``aligned_steps``, e.g. ``[4]``), the rest any two grid
-    times. ``target``: ``"teacher"`` or ``"data"`` (FALCON)."""
-
-    diagonal: float = 1.0
-    pairs: float = 1.0
-    semigroup: float = 1.0
-    meanflow: float = 1.0
-    inverse: float = 1.0
-    logdet: float = 0.0
-    energy: float = 0.0
-    energy_steps: int | None = None
-    likelihood: float = 0.0
-    likelihood_steps: int | None = None
-    div_weight: float = 1.0
-    meanflow_adaptive_power: float = 1.0
-    dyadic_fraction: float = 0.5
-    aligned_steps: list[int] = field(default_factory=list)
-    target: str = "teacher"
-
-    def __post_init__(self) -> None:
-        names = (
-            "diagonal",
-            "pairs",
-            "semigroup",
-            "meanflow",
-            "inverse",
-            "logdet",
-            "energy",
-            "likelihood",
-            "div_weight",
-        )
-        for name in (*names, "meanflow_adaptive_power"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.dyadic_fraction <= 1:
-            raise ValueError(f"loss.dyadic_fraction must be in [0, 1], got {self.dyadic_fraction}")
-        if self.target not in ("teacher", "data"):
-            raise ValueError(f"loss.target must be 'teacher' or 'data', got {self.target!r}")
-        if not isinstance(self.aligned_steps, list | tuple) or not all(
-            isinstance(k, int) for k in self.aligned_steps
-        ):
-            raise TypeError(
-                f"loss.aligned_steps must be a list of step counts, got {self.aligned_steps!r}"
-            )
-        self.aligned_steps = list(self.aligned_steps)
-        for name in ("energy_steps", "likelihood_steps"):
-            k = getattr(self, name)
-            if k is not None and (not isinstance(k, int) or k < 1):
-                raise ValueError(f"loss.{name} must be an integer >= 1, got {k}")
-        for k in self.aligned_steps:
-            if k < 1 or k & (k - 1):
-                raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")
-
-
-@dataclass
 class TrajectoryConfig:
     """Teacher trajectory cache: ``n`` trajectories on ``grid`` uniform intervals (a power of 2
     so that 1, 2, 4, ... step jumps lie on the grid). The fields are keywords of
@@ -197,33 +143,44 @@ class TrajectoryConfig:
 
 @dataclass
 class StudentConfig:
-    """A distillation run."""
+    """A distillation run. ``loss`` is the method's loss config (:data:`LOSSES`): given as a
+    table (TOML) it is read into that class, left out it is the method's defaults."""
 
     method: str = "f2d2"
     system: str | None = None
     description: str = ""
     student: StudentOptions = field(default_factory=StudentOptions)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: FlowMapLossConfig | None = None
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
-        if self.method == "f2d2" and self.loss.target != "teacher":
-            raise ValueError("F2D2 needs the teacher's divergence: loss.target must be 'teacher'")
+        kind = LOSSES[self.method].config
+        if self.loss is None:
+            self.loss = kind()
+        elif isinstance(self.loss, dict):
+            self.loss = dataclass_from_dict(kind, self.loss, where="loss")
+        elif type(self.loss) is not kind:
+            raise TypeError(
+                f"loss is a {type(self.loss).__name__}; method {self.method!r} takes a "
+                f"{kind.__name__}"
+            )
         grid = self.trajectories.grid
         if any(k > grid for k in self.loss.aligned_steps):
             raise ValueError(
                 f"loss.aligned_steps {self.loss.aligned_steps} has step counts beyond the "
                 f"trajectory grid of {grid} intervals"
             )
-        for name in ("logdet", "energy", "likelihood"):
-            if self.method != "falcon" and getattr(self.loss, name):
-                raise ValueError(
-                    f"loss.{name} trains FALCON's exact log-determinants; method "
-                    f"{self.method!r} does not use it: set it to 0"
-                )
+
+    @classmethod
+    def field_types(cls, data: dict[str, Any]) -> dict[str, type]:
+        """Field types that depend on the data (for
+        :func:`~boltzflow.train.config.dataclass_from_dict`): ``loss`` is read into the loss
+        config of ``data["method"]``."""
+        method = LOSSES.get(data.get("method", cls.method))
+        return {"loss": method.config} if method is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,9 +266,13 @@ def student_loss(
     data: Tensor | None = None,
     target: System | None = None,
 ) -> Any:
-    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`;
-    ``target`` is the system whose energy ``loss.energy`` uses (the caller closes it)."""
+    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`: a
+    minibatch of teacher trajectory points (or, with ``loss.target = "data"``, of the linear
+    interpolant of coupled data and prior samples), weighted by the method's loss
+    (:data:`LOSSES`). ``target`` is the system whose energy ``loss.energy`` uses (the caller
+    closes it)."""
     lc = cfg.loss
+    method_loss = LOSSES[cfg.method].loss
     b = cfg.train.batch_size
     if lc.target == "teacher":
         if trajectories is None:
@@ -321,7 +282,7 @@ def student_loss(
     else:
         if data is None:
             raise ValueError("loss.target = 'data' needs training data")
-        for name in ("pairs", "logdet"):
+        for name in lc.teacher_terms:
             if getattr(lc, name) > 0:
                 raise ValueError(
                     f"loss.{name} needs teacher trajectories; set it to 0 with target='data'"
@@ -330,15 +291,15 @@ def student_loss(
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
-    if lc.energy and target is None:
+    if lc.uses_energy and target is None:
         raise ValueError("loss.energy needs target, the system whose energy it uses")
-    energy_steps = lc.energy_steps or cfg.student.default_steps
-    likelihood_steps = lc.likelihood_steps or cfg.student.default_steps
     # maximum-likelihood points: the data if given, else the teacher's samples
     ml_points = data if data is not None else (tr.x[:, -1] if trajectories is not None else None)
 
     def flow_energy(x: Tensor) -> Tensor:
         return target.energy(x * model.scale)
+
+    energy = flow_energy if target is not None else None
 
     def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
         idx = torch.randint(len(tr), (b,), generator=gen)
@@ -374,65 +335,7 @@ def student_loss(
     def loss(net: nn.Module, gen: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]:
         p = next(net.parameters())
         bt = teacher_batch(gen, p) if lc.target == "teacher" else data_batch(gen, p)
-        total = p.new_zeros(())
-        parts: dict[str, float] = {}
-        if cfg.method == "f2d2":
-            if lc.diagonal:
-                val, more = f2d2_diagonal_loss(
-                    net, bt["x_k"], bt["t_k"], bt["v_k"], bt["div_k"], div_weight=lc.div_weight
-                )
-                total, parts = total + lc.diagonal * val, {**parts, **more}
-            if lc.pairs:
-                val, more = f2d2_pair_loss(
-                    net,
-                    bt["x_s"],
-                    bt["s"],
-                    bt["x_t"],
-                    bt["t"],
-                    bt["dlogp"],
-                    div_weight=lc.div_weight,
-                )
-                total, parts = total + lc.pairs * val, {**parts, **more}
-            if lc.semigroup:
-                mid = bt["s"] + bt["m"] * (bt["t"] - bt["s"])
-                val, more = f2d2_semigroup_loss(
-                    net, bt["x_s"], bt["s"], bt["t"], mid, div_weight=lc.div_weight
-                )
-                total, parts = total + lc.semigroup * val, {**parts, **more}
-            return total, parts
-        if lc.diagonal:
-            val = falcon_diagonal_loss(net, bt["x_k"], bt["t_k"], bt["v_k"])
-            total, parts["fm"] = total + lc.diagonal * val, float(val.detach())
-        if lc.pairs:
-            val = falcon_pair_loss(net, bt["x_s"], bt["s"], bt["x_t"], bt["t"])
-            total, parts["pair"] = total + lc.pairs * val, float(val.detach())
-        if lc.meanflow:
-            val = falcon_meanflow_loss(
-                net,
-                bt["x_s"],
-                bt["s"],
-                bt["t_any"],
-                bt["v_s"],
-                adaptive_power=lc.meanflow_adaptive_power,
-            )
-            total, parts["meanflow"] = total + lc.meanflow * val, float(val.detach())
-        if lc.inverse:
-            val = falcon_inverse_loss(net, bt["x_s"], bt["s"], bt["t"])
-            total, parts["inverse"] = total + lc.inverse * val, float(val.detach())
-        if lc.logdet:
-            val = falcon_logdet_pair_loss(net, bt["x_s"], bt["s"], bt["t"], bt["dlogp"])
-            total, parts["logdet"] = total + lc.logdet * val, float(val.detach())
-        if lc.energy:
-            z = prior.sample(b, generator=gen, dtype=p.dtype, device=p.device)
-            val = falcon_energy_loss(net, z, energy_steps, flow_energy)
-            total, parts["energy"] = total + lc.energy * val, float(val.detach())
-        if lc.likelihood:
-            pts = ml_points[torch.randint(len(ml_points), (b,), generator=gen)]
-            val, parts["nll_dropped"] = falcon_likelihood_loss(
-                net, pts.to(dtype=p.dtype, device=p.device), likelihood_steps
-            )
-            total, parts["nll"] = total + lc.likelihood * val, float(val.detach())
-        return total, parts
+        return method_loss(net, bt, lc, LossContext(gen, energy, ml_points))
 
     return loss
 
@@ -487,7 +390,7 @@ def train_student(
     if cfg.system is not None and system is not None and cfg.system != system:
         raise ValueError(f"config is for system {cfg.system!r} but the teacher is for {system!r}")
     system = system or cfg.system
-    if cfg.loss.energy and system is None:
+    if cfg.loss.uses_energy and system is None:
         raise ValueError("loss.energy needs the student's system for its energy; none is set")
     out = Path(out_dir)
     teacher.eval()
@@ -504,7 +407,7 @@ def train_student(
     elif data is None:
         raise ValueError("loss.target = 'data' needs training data")
     if data is not None:
-        if cfg.loss.target == "teacher" and not cfg.loss.likelihood:
+        if not cfg.loss.uses_data:
             raise ValueError(
                 "training data are used by loss.target = 'data' or loss.likelihood only; "
                 "this run uses neither"
@@ -513,28 +416,24 @@ def train_student(
         if student.mean_free:
             data = remove_mean(data, student.prior.n_particles, student.prior.spatial_dim)
     run_config = {"student": cfg.to_dict(), "system": system, **(run_info or {})}
-    target = load_system(system) if cfg.loss.energy else None
+    target = load_system(system) if cfg.loss.uses_energy else None
     try:  # an OpenMM system's worker pool stops here, also on errors and Ctrl-C
-        trainer = Trainer(
+        return fit_and_export(
             student,
             student_loss(student, cfg, trajectories=trajectories, data=data, target=target),
             cfg.train,
             out,
+            filename=STUDENT_FILE,
             model_kind="student",
-            model_config=student.model_config,
             run_config=run_config,
             extra={"student_kind": student.student_kind, "system": system},
+            resume=resume,
+            stop_at=stop_at,
             progress=progress,
         )
-        trainer.fit(resume=resume, stop_at=stop_at)
     finally:
         if target is not None:
             target.close()
-    ema = trainer.ema_model()
-    ema.eval()
-    if trainer.step >= cfg.train.steps:
-        ema.save(out / STUDENT_FILE, extra={"steps": trainer.step, "run": run_config})
-    return ema
 
 
 def _entry(name: str, model: type, description: str) -> Method:

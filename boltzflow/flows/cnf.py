@@ -6,6 +6,24 @@ integrates given points back to t = 0. For mean-free particle systems both input
 mean-free and log q is the density on the (n - 1) d-dimensional subspace (see
 :mod:`boltzflow.flows.priors` and :mod:`boltzflow.flows.ode`).
 
+Internal coordinates (``representation = "internal"``, DESIGN.md "Molecules in internal
+coordinates"): the flow lives on z = [bonds | angles | dihedrals] of a fitted
+:class:`~boltzflow.systems.internal_coords.InternalCoordinates` transform (dim 3n - 6), on
+R^k x T^m with the dihedrals periodic: a :class:`~boltzflow.flows.priors.TorusGaussian` prior
+(normal x uniform angles) and a :class:`~boltzflow.nn.torus.TorusMLP` velocity that sees the
+angles through (cos, sin), so it is 2π-periodic in them. The ODE runs on the flat chart and the
+angles are wrapped into [-pi, pi) at the end; since the field is periodic, wrapping moves neither
+the point on the torus nor its density, and the Euclidean divergence of the chart is the
+divergence on the flat torus (Chen & Lipman 2023, arXiv:2302.03660). Inputs and outputs are
+Cartesian x (nm, ``(B, 3n)``); for a sample x = x(z),
+
+    log q(x) = log q(z) - log J(z) - sum log sigma = log q(z) - inverse_log_det,
+
+the density per d^3n x / (d^3t dR) of :mod:`boltzflow.systems.internal_coords` (rigid motions
+integrated out), so log w = -u(x) - log q(x) is correct. ``log_prob`` maps any rigidly moved x to
+z first (z is invariant under translations and proper rotations). The transform is computed in
+float64 and stored in the checkpoint (``model_config["internal_coordinates"]``).
+
 Example:
     >>> from boltzflow.flows.cnf import TeacherCNF
     >>> teacher = TeacherCNF.build("egnn", dim=8, n_particles=4, spatial_dim=2, mean_free=True,
@@ -24,12 +42,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import ADAPTIVE_METHODS, ODEResult, integrate
 from boltzflow.flows.priors import (
     Prior,
     PriorFlowMixin,
+    TorusGaussian,
     build_prior,
     check_points,
     gaussian_prior,
@@ -44,10 +63,12 @@ from boltzflow.models.protocol import (
     check_steps,
     check_trained_for,
 )
-from boltzflow.nn import build_backbone
+from boltzflow.nn import TorusMLP, build_backbone
+from boltzflow.progress import Progress
+from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.systems.particles import remove_mean
 
-__all__ = ["DEFAULT_SAMPLING", "FlowOutput", "TeacherCNF"]
+__all__ = ["DEFAULT_SAMPLING", "REPRESENTATIONS", "FlowOutput", "TeacherCNF"]
 
 #: sampling settings used when neither the model's config nor the call gives one
 DEFAULT_SAMPLING: dict[str, Any] = {
@@ -60,6 +81,9 @@ DEFAULT_SAMPLING: dict[str, Any] = {
     "quadrature_points": 12,
     "batch_size": 1000,
 }
+
+#: coordinate representations of the flow: Cartesian x, or internal coordinates z on R^k x T^m
+REPRESENTATIONS = ("cartesian", "internal")
 
 #: file names inside a teacher run folder, in the order :meth:`TeacherCNF.load` tries them
 MODEL_FILE = "teacher.pt"
@@ -77,6 +101,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         model_config: constructor description stored in checkpoints (see :meth:`build`).
         sampling: default ODE settings (keys of :data:`DEFAULT_SAMPLING`).
         system: name of the system the teacher was trained for (checked on load).
+        transform: internal-coordinate transform (periodic dihedrals); the flow then lives on
+            its z (``prior.dim = 3n - 6``) and ``dim`` is the Cartesian 3n (module docstring).
 
     The model protocol (:mod:`boltzflow.models.protocol`): ``steps`` of ``sample``/``log_prob``
     are the steps of a fixed-step ODE method (None: the model's own ODE settings, which an
@@ -95,6 +121,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         sampling: dict[str, Any] | None = None,
         scale: float = 1.0,
         system: str | None = None,
+        transform: InternalCoordinates | None = None,
     ) -> None:
         super().__init__()
         if not scale > 0:
@@ -102,6 +129,17 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         self.net = net
         self.prior = prior
         self.dim = prior.dim
+        if transform is not None:
+            if transform.dim != prior.dim or scale != 1.0 or not transform.periodic:
+                raise ValueError(
+                    f"an internal-coordinate teacher needs a periodic transform with dim "
+                    f"{prior.dim} and scale 1, got dim {transform.dim}, scale {scale}, "
+                    f"periodic {transform.periodic}"
+                )
+            self.dim = 3 * transform.n_atoms
+        # Kept out of the module tree: the transform is fixed by model_config (not trained, not
+        # in the state_dict), and its float64 buffers must not follow .float() or the EMA.
+        object.__setattr__(self, "transform", transform)
         self.scale = float(scale)
         self.model_config = dict(model_config or {})
         self.system = system
@@ -123,19 +161,31 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         backbone_options: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
         scale: float = 1.0,
+        transform: InternalCoordinates | None = None,
     ) -> TeacherCNF:
         """Build backbone and prior from a plain description (what checkpoints store).
 
         Args:
             backbone: ``"egnn"``, ``"transformer"`` or ``"mlp"``.
-            dim: flat coordinate dimension.
+            dim: flat coordinate dimension (Cartesian 3n also with ``transform``).
             n_particles, spatial_dim: particle structure (None for non-particle systems).
             mean_free: use the mean-free Gaussian prior (translation-invariant particles).
             backbone_options: keywords for :func:`boltzflow.nn.build_backbone`.
             sampling: default ODE settings.
             scale: coordinate unit of the flow (see the class docstring).
+            transform: a periodic :class:`InternalCoordinates` (fitted to the training data):
+                the flow then lives on its z with a :class:`TorusGaussian` prior and a
+                :class:`TorusMLP` backbone (``backbone`` must be ``"mlp"``, ``scale`` 1).
+
+        Raises:
+            ValueError: a transform with another backbone, a non-periodic transform, a
+                dimension that is not 3n, or a scale other than 1.
         """
         options = dict(backbone_options or {})
+        if transform is not None:
+            return cls._build_internal(
+                backbone, dim, options, transform, sampling=sampling, scale=scale
+            )
         net = build_backbone(
             backbone, dim=dim, n_particles=n_particles, spatial_dim=spatial_dim, **options
         )
@@ -155,10 +205,57 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         return cls(net, prior, model_config=config, sampling=sampling, scale=scale)
 
     @classmethod
+    def _build_internal(
+        cls,
+        backbone: str,
+        dim: int,
+        options: dict[str, Any],
+        transform: InternalCoordinates,
+        *,
+        sampling: dict[str, Any] | None,
+        scale: float,
+    ) -> TeacherCNF:
+        """The internal-coordinate teacher of :meth:`build`."""
+        if not isinstance(transform, InternalCoordinates):
+            raise TypeError(f"transform must be InternalCoordinates, got {type(transform)}")
+        if backbone != "mlp":
+            raise ValueError(
+                f"internal coordinates take backbone 'mlp' (a TorusMLP), not {backbone!r}"
+            )
+        if dim != 3 * transform.n_atoms:
+            raise ValueError(f"dim {dim} != 3 x {transform.n_atoms} atoms of the transform")
+        if not transform.periodic:
+            raise ValueError("internal-coordinate flows need InternalCoordinates(periodic=True)")
+        periodic = transform.periodic_mask().nonzero().flatten().tolist()
+        net = TorusMLP(transform.dim, periodic, **options)
+        prior = TorusGaussian(transform.dim, periodic)
+        config = {
+            "backbone": backbone,
+            "dim": dim,
+            "n_particles": transform.n_atoms,
+            "spatial_dim": 3,
+            "mean_free": False,
+            "backbone_options": options,
+            "prior": prior.config(),
+            "scale": float(scale),
+            "representation": "internal",
+            "internal_coordinates": transform.to_dict(),
+        }
+        return cls(
+            net, prior, model_config=config, sampling=sampling, scale=scale, transform=transform
+        )
+
+    @classmethod
     def from_config(
         cls, config: dict[str, Any], sampling: dict[str, Any] | None = None
     ) -> TeacherCNF:
         """Inverse of :attr:`model_config` (as stored in checkpoints)."""
+        representation = config.get("representation", "cartesian")
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"unknown representation {representation!r}; valid: {REPRESENTATIONS}")
+        transform = None
+        if representation == "internal":
+            transform = InternalCoordinates.from_dict(config["internal_coordinates"])
         model = cls.build(
             config["backbone"],
             dim=config["dim"],
@@ -168,6 +265,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             backbone_options=config.get("backbone_options"),
             sampling=sampling,
             scale=config.get("scale", 1.0),
+            transform=transform,
         )
         if "prior" in config and build_prior(config["prior"]).config() != model.prior.config():
             raise ValueError(f"prior {config['prior']} does not match the model description")
@@ -183,8 +281,44 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         return dict(options)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        """Velocity v(t, x) in flow units (``x / scale``): ``(B, dim)``."""
+        """Velocity v(t, x) in flow units (``x / scale``, or z): ``(B, prior.dim)``."""
         return self.net(t, x)
+
+    @property
+    def representation(self) -> str:
+        """``"cartesian"`` or ``"internal"`` (the flow lives on the transform's z)."""
+        return "cartesian" if self.transform is None else "internal"
+
+    @property
+    def periodic(self) -> Tensor | None:
+        """Boolean ``(prior.dim,)`` mask of the flow's periodic columns (None: Cartesian)."""
+        return None if self.transform is None else self.transform.periodic_mask()
+
+    def to_cartesian(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Flow coordinates z ``(B, 3n - 6)`` -> Cartesian x ``(B, 3n)`` nm in the standard frame
+        and ``log_det (B,)`` = log J(z) + sum log sigma (so log q(x) = log q(z) - log_det);
+        x in z's dtype, ``log_det`` float64 (computed in float64). Periodic columns are wrapped
+        first.
+
+        Raises:
+            ValueError: a Cartesian teacher (no transform).
+        """
+        if self.transform is None:
+            raise ValueError("to_cartesian needs an internal-coordinate teacher")
+        dtype = z.dtype
+        x, log_det = self.transform.inverse(wrap_columns(z.double(), self.periodic))
+        return x.to(dtype), log_det
+
+    def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian x ``(B, 3n)`` nm (any rigid placement) -> z ``(B, 3n - 6)`` float64 and
+        ``log_det (B,)`` float64 = -log J(z) - sum log sigma (log q(x) = log q(z) + log_det).
+
+        Raises:
+            ValueError: a Cartesian teacher (no transform).
+        """
+        if self.transform is None:
+            raise ValueError("to_internal needs an internal-coordinate teacher")
+        return self.transform(x.double())
 
     # -- sampling and likelihood -------------------------------------------------------------
     def settings_with(
@@ -298,13 +432,12 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         gen = torch.Generator().manual_seed(seed)
         x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        bar = tqdm(total=n, disable=None if progress else True, desc=desc, unit="x")
-        for start in range(0, n, batch_size):
-            xb = x0[start : start + batch_size]
-            res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
-            bar.update(len(xb))
-            yield xb, res
-        bar.close()
+        with Progress(n, enabled=progress, desc=desc, unit="sample") as bar:
+            for start in range(0, n, batch_size):
+                xb = x0[start : start + batch_size]
+                res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
+                bar.update(len(xb))
+                yield xb, res
 
     def iter_samples(
         self,
@@ -348,6 +481,9 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             if self.mean_free:  # remove the solver's round-off drift off the subspace
                 x1 = remove_mean(x1, self.prior.n_particles, self.prior.spatial_dim)
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
+            if self.transform is not None:  # z -> x (nm), log q(x) = log q(z) - log_det
+                x1, log_det = self.to_cartesian(x1)
+                log_q = (log_q.double() - log_det).to(x1.dtype)
             yield FlowOutput(
                 x1 * self.scale,
                 log_q,
@@ -359,7 +495,30 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             )
 
     def _check_points(self, x: Tensor) -> Tensor:
-        return check_points(self.prior, x, self._param())
+        if self.transform is None:
+            return check_points(self.prior, x, self._param())
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected points of shape (N, {self.dim}), got {tuple(x.shape)}")
+        x = x.to(dtype=self._param().dtype, device=self._param().device)
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(1).sum())
+            raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
+        return x
+
+    def _log_prob_batch(
+        self, xb: Tensor, opts: dict[str, Any], probe_gen: torch.Generator
+    ) -> tuple[ODEResult, Tensor]:
+        """The backward solve of one batch of data points and their log q ``(b,)``."""
+        if self.transform is None:
+            res = self._solve(xb / self.scale, 1.0, 0.0, opts, probe_gen)
+            # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
+            return res, self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
+        z, log_det = self.to_internal(xb)
+        res = self._solve(z.to(xb.dtype), 1.0, 0.0, opts, probe_gen)
+        z0 = wrap_columns(res.x, self.periodic)  # back onto [-pi, pi)
+        log_q_z = self.prior.log_prob(z0) - res.delta_logp
+        return res, (log_q_z.double() + log_det).to(xb.dtype)
 
     def iter_log_prob(
         self,
@@ -376,17 +535,20 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         opts = self.settings_with(settings, steps, batch_size)
         batch_size = self._batch_size(opts)
         probe_gen = torch.Generator().manual_seed(seed + 1)
-        bar = tqdm(total=len(x), disable=None if progress else True, desc="log q", unit="x")
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size]
-            res = self._solve(xb / self.scale, 1.0, 0.0, opts, probe_gen)
-            # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
-            log_q = self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
-            bar.update(len(xb))
-            yield FlowOutput(
-                xb, log_q, res.nfe, float(res.nfe), res.trace_evals, res.seconds, res.cpu_seconds
-            )
-        bar.close()
+        with Progress(len(x), enabled=progress, desc="log q", unit="sample") as bar:
+            for start in range(0, len(x), batch_size):
+                xb = x[start : start + batch_size]
+                res, log_q = self._log_prob_batch(xb, opts, probe_gen)
+                bar.update(len(xb))
+                yield FlowOutput(
+                    xb,
+                    log_q,
+                    res.nfe,
+                    float(res.nfe),
+                    res.trace_evals,
+                    res.seconds,
+                    res.cpu_seconds,
+                )
 
     def log_prob_with_stats(
         self,

@@ -14,6 +14,15 @@ from ``x_a`` (Dinh et al. 2017, arXiv:1605.08803):
   identity outside (Durkan et al. 2019, "Neural Spline Flows", arXiv:1906.04032, eqs. 4-6 for
   the forward map and its derivative, Appendix A.3 for the analytic inverse).
 
+Angles (``periodic`` columns, e.g. dihedrals in internal coordinates) are transformed by a
+*circular* rational-quadratic spline on ``[-pi, pi)`` (:func:`circular_spline`; Rezende et al.
+2020, "Normalizing flows on tori and spheres", arXiv:2002.02428, sec. 3.2; as in FAB, Midgley et
+al. 2023, arXiv:2208.01893): knots pinned at ``(-pi, -pi)`` and ``(pi, pi)`` and one learned
+derivative shared by both ends, so the map and its derivative agree at ``-pi`` and ``pi`` and it is
+a diffeomorphism of the circle (no mass lost, a density continuous across the cut), followed by a
+learned rotation ``y -> wrap(y + shift)`` (a circle isometry, log-det 0). The conditioner sees a
+periodic input ``phi`` as ``(cos phi, sin phi)``, so it is a smooth function on the circle too.
+
 Blocks write their output in the *same* coordinate order as their input (masks, not
 permutations), so the latent after block ``k`` of one flow and after block ``k'`` of another
 flow of the same dimension are directly comparable; this is what latent-matching distillation
@@ -52,15 +61,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from boltzflow.flows.priors import standard_normal_log_prob
+from boltzflow.flows.priors import TorusGaussian, standard_normal_log_prob
 
 __all__ = [
     "TRANSFORMS",
     "CouplingFlow",
     "CouplingLayer",
     "MeanFreeBasis",
+    "circular_spline",
     "helmert_basis",
     "rational_quadratic_spline",
+    "wrap_to_circle",
 ]
 
 #: elementwise transforms a coupling layer can use
@@ -205,6 +216,58 @@ def _spline_knots(raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor,
     return knots(raw_w), knots(raw_h), torch.cat([ones, inner, ones], dim=-1)
 
 
+def wrap_to_circle(angle: Tensor) -> Tensor:
+    """Angles reduced modulo 2 pi to ``[-pi, pi)`` (same shape)."""
+    out = torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+    return torch.where(out >= math.pi, out - 2 * math.pi, out)
+
+
+def _circular_knots(raw: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Knots of a circular spline from ``raw (..., 3K)``: widths and heights as
+    :func:`_spline_knots` on ``[-pi, pi]``, ``K - 1`` interior derivatives and one boundary
+    derivative shared by both ends (``raw = 0``: the identity)."""
+    kx, ky, _ = _spline_knots(raw[..., : 3 * bins - 1], bins, math.pi)
+    shift = math.log(math.expm1(1 - _MIN_DERIVATIVE))
+    d = _MIN_DERIVATIVE + F.softplus(raw[..., 2 * bins : 3 * bins] + shift)  # (..., K)
+    return kx, ky, torch.cat([d[..., -1:], d[..., :-1], d[..., -1:]], dim=-1)
+
+
+def circular_spline(
+    x: Tensor, raw: Tensor, bins: int, *, inverse: bool = False, rotate: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Circular rational-quadratic spline on ``[-pi, pi)`` with an optional learned rotation.
+
+    The forward map is ``y = wrap(f(x) + shift)`` where ``f`` is the monotone RQ spline of
+    :func:`rational_quadratic_spline` with knots from ``(-pi, -pi)`` to ``(pi, pi)`` and equal
+    derivatives at both ends (Rezende et al. 2020, arXiv:2002.02428, sec. 3.2), so ``f`` extends
+    to a diffeomorphism of the circle; ``shift`` is a rotation (log-det 0).
+
+    Args:
+        x: ``(...)`` angles in ``[-pi, pi)`` (values outside are wrapped first).
+        raw: ``(..., 3K + 1)`` unconstrained parameters (``3K`` without ``rotate``): ``K``
+            widths, ``K`` heights, ``K - 1`` interior derivatives, the boundary derivative and
+            the rotation angle (rad). All zero gives the identity.
+        bins: number of bins ``K``.
+        inverse: evaluate the inverse map.
+        rotate: whether ``raw`` ends with the rotation parameter.
+
+    Returns:
+        ``(y, log|dy/dx|)`` (forward) or ``(x, log|dx/dy|)`` (inverse), each of the shape of
+        ``x``; ``y`` in ``[-pi, pi)``.
+    """
+    kx, ky, kd = _circular_knots(raw, bins)
+    shift = raw[..., 3 * bins] if rotate else None
+    if inverse:
+        if shift is not None:
+            x = x - shift
+        out, ladj = rational_quadratic_spline(wrap_to_circle(x), kx, ky, kd, inverse=True)
+        return wrap_to_circle(out), ladj
+    out, ladj = rational_quadratic_spline(wrap_to_circle(x), kx, ky, kd)
+    if shift is not None:
+        out = out + shift
+    return wrap_to_circle(out), ladj
+
+
 # -- layers -----------------------------------------------------------------------------------
 class CouplingLayer(nn.Module):
     """One coupling layer: ``x_a`` conditions an elementwise monotone map of ``x_b``.
@@ -212,12 +275,15 @@ class CouplingLayer(nn.Module):
     Args:
         dim: number of coordinates ``D`` (>= 2).
         condition: indices of ``x_a`` (the rest is ``x_b``); both parts non-empty.
-        transform: ``"affine"`` or ``"spline"``.
+        transform: ``"affine"`` or ``"spline"`` for the non-periodic columns of ``x_b``.
         hidden: conditioner MLP width.
         depth: conditioner hidden layers (>= 1).
-        bins: spline bins ``K``.
+        bins: spline bins ``K`` (also of the circular splines).
         bound: spline interval ``[-B, B]`` (identity outside).
         clamp: soft bound ``c`` of the affine log-scale.
+        periodic: optional boolean ``(D,)`` mask of angle columns (values in ``[-pi, pi)``):
+            transformed by :func:`circular_spline`, fed to the conditioner as ``(cos, sin)``.
+        rotate: give every circular spline a learned rotation.
     """
 
     def __init__(
@@ -231,6 +297,8 @@ class CouplingLayer(nn.Module):
         bins: int = 8,
         bound: float = 5.0,
         clamp: float = 3.0,
+        periodic: Tensor | None = None,
+        rotate: bool = True,
     ) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
@@ -244,36 +312,72 @@ class CouplingLayer(nn.Module):
         mask[cond] = True
         if not 0 < int(mask.sum()) < dim:
             raise ValueError(f"coupling split must leave both parts non-empty (dim {dim})")
+        per = torch.zeros(dim, dtype=torch.bool)
+        if periodic is not None:
+            per = torch.as_tensor(periodic, dtype=torch.bool)
+            if per.shape != (dim,):
+                raise ValueError(f"periodic must be a boolean mask of shape ({dim},)")
         self.register_buffer("idx_a", mask.nonzero().squeeze(-1))
         self.register_buffer("idx_b", (~mask).nonzero().squeeze(-1))
+        # positions inside x_a / x_b of the periodic and the real-line columns
+        # (not persistent: checkpoints written before periodic columns existed still load)
+        for name, sel in (("a", per[mask]), ("b", per[~mask])):
+            self.register_buffer(f"{name}_per", sel.nonzero().squeeze(-1), persistent=False)
+            self.register_buffer(f"{name}_lin", (~sel).nonzero().squeeze(-1), persistent=False)
         self.transform = transform
         self.bins = bins
         self.bound = float(bound)
         self.clamp = float(clamp)
-        n_a, n_b = len(self.idx_a), len(self.idx_b)
+        self.rotate = bool(rotate)
+        n_a = len(self.idx_a) + len(self.a_per)  # periodic inputs enter as (cos, sin)
         self.n_params = 2 if transform == "affine" else 3 * bins - 1
+        self.n_circ_params = 3 * bins + int(self.rotate)
+        n_out = len(self.b_lin) * self.n_params + len(self.b_per) * self.n_circ_params
         mods: list[nn.Module] = [nn.Linear(n_a, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             mods += [nn.Linear(hidden, hidden), nn.SiLU()]
-        out = nn.Linear(hidden, n_b * self.n_params)
+        out = nn.Linear(hidden, n_out)
         nn.init.zeros_(out.weight)  # identity at initialisation
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*mods, out)
 
-    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        x_a, x_b = x[:, self.idx_a], x[:, self.idx_b]
-        raw = self.net(x_a).unflatten(-1, (len(self.idx_b), self.n_params))
+    def _features(self, x_a: Tensor) -> Tensor:
+        """Conditioner input: real-line columns as they are, angles as ``(cos, sin)``."""
+        if not len(self.a_per):
+            return x_a
+        ang = x_a[:, self.a_per]
+        return torch.cat([x_a[:, self.a_lin], torch.cos(ang), torch.sin(ang)], dim=-1)
+
+    def _map_lin(self, x_b: Tensor, raw: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        raw = raw.unflatten(-1, (x_b.shape[1], self.n_params))
         if self.transform == "affine":
             log_s = self.clamp * torch.tanh(raw[..., 0] / self.clamp)
             shift = raw[..., 1]
             if inverse:
-                y_b, ladj = (x_b - shift) * torch.exp(-log_s), -log_s
-            else:
-                y_b, ladj = x_b * torch.exp(log_s) + shift, log_s
-        else:
-            kx, ky, kd = _spline_knots(raw, self.bins, self.bound)
-            y_b, ladj = rational_quadratic_spline(x_b, kx, ky, kd, inverse=inverse)
-        return x.index_copy(1, self.idx_b, y_b), ladj.sum(-1)
+                return (x_b - shift) * torch.exp(-log_s), -log_s
+            return x_b * torch.exp(log_s) + shift, log_s
+        kx, ky, kd = _spline_knots(raw, self.bins, self.bound)
+        return rational_quadratic_spline(x_b, kx, ky, kd, inverse=inverse)
+
+    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        x_a, x_b = x[:, self.idx_a], x[:, self.idx_b]
+        raw = self.net(self._features(x_a))
+        if not len(self.b_per):
+            y_b, ladj = self._map_lin(x_b, raw, inverse)
+            return x.index_copy(1, self.idx_b, y_b), ladj.sum(-1)
+        split = len(self.b_lin) * self.n_params
+        y_b = torch.empty_like(x_b)
+        ladj = x.new_zeros(len(x))
+        if len(self.b_lin):
+            y_lin, l_lin = self._map_lin(x_b[:, self.b_lin], raw[:, :split], inverse)
+            y_b = y_b.index_copy(1, self.b_lin, y_lin)
+            ladj = ladj + l_lin.sum(-1)
+        raw_c = raw[:, split:].unflatten(-1, (len(self.b_per), self.n_circ_params))
+        y_per, l_per = circular_spline(
+            x_b[:, self.b_per], raw_c, self.bins, inverse=inverse, rotate=self.rotate
+        )
+        y_b = y_b.index_copy(1, self.b_per, y_per)
+        return x.index_copy(1, self.idx_b, y_b), ladj + l_per.sum(-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Encode direction: ``(y (B, D), log|det dy/dx| (B,))``."""
@@ -285,7 +389,9 @@ class CouplingLayer(nn.Module):
 
 
 class CouplingFlow(nn.Module):
-    """A stack of coupling blocks on ``R^D`` with a standard normal latent.
+    """A stack of coupling blocks on ``R^D`` (or ``R^m x`` a torus) with a standard normal latent
+    (normal x uniform angles with ``periodic`` columns, :class:`~boltzflow.flows.priors.
+    TorusGaussian`).
 
     Args:
         dim: ``D`` (>= 2).
@@ -296,8 +402,12 @@ class CouplingFlow(nn.Module):
         transform: ``"affine"`` or ``"spline"``.
         bins, bound: spline settings (see :class:`CouplingLayer`).
         mask_seed: seeds the random splits (a fixed, reproducible architecture).
+        periodic: column indices of angles in ``[-pi, pi)`` (circular splines; see
+            :class:`CouplingLayer`); they stay in ``[-pi, pi)`` in both directions.
+        rotate: learned rotation in every circular spline.
 
-    The encode direction maps data to latent; ``log q(x) = log N(f(x); 0, I) + log|det df/dx|``.
+    The encode direction maps data to latent; ``log q(x) = log p(f(x)) + log|det df/dx|`` with
+    ``p`` the standard normal, or the :class:`TorusGaussian` when there are periodic columns.
     """
 
     def __init__(
@@ -312,6 +422,8 @@ class CouplingFlow(nn.Module):
         bins: int = 8,
         bound: float = 5.0,
         mask_seed: int = 0,
+        periodic: list[int] | tuple[int, ...] | None = None,
+        rotate: bool = True,
     ) -> None:
         super().__init__()
         if dim < 2:
@@ -333,6 +445,12 @@ class CouplingFlow(nn.Module):
             "bound": float(bound),
             "mask_seed": mask_seed,
         }
+        periodic = sorted({int(i) for i in periodic or ()})
+        self.base = TorusGaussian(dim, periodic) if periodic else None
+        per_mask = self.base.mask if self.base is not None else None
+        if periodic:  # only then, so that configs of flows without angles stay as they were
+            self._config.update(periodic=periodic, rotate=bool(rotate))
+        self.periodic = tuple(periodic)
         gen = torch.Generator().manual_seed(mask_seed)
         half = dim // 2
         self.blocks = nn.ModuleList()
@@ -350,6 +468,8 @@ class CouplingFlow(nn.Module):
                         depth=depth,
                         bins=bins,
                         bound=bound,
+                        periodic=per_mask,
+                        rotate=rotate,
                     )
                 )
             self.blocks.append(nn.ModuleList(layers))
@@ -404,14 +524,23 @@ class CouplingFlow(nn.Module):
                 ladj = ladj + l_
         return z, ladj
 
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``(B,)`` log density of the latent: standard normal, or the :class:`TorusGaussian`."""
+        if self.base is not None:
+            return self.base.log_prob(z)
+        return standard_normal_log_prob(z, self.dim)
+
     def log_prob(self, x: Tensor) -> Tensor:
-        """``(B,)`` log density with a standard normal latent on ``R^D``."""
+        """``(B,)`` log density (module docstring); angles must lie in ``[-pi, pi)``."""
         z, ladj = self.encode(x)
-        return standard_normal_log_prob(z, self.dim) + ladj
+        return self.base_log_prob(z) + ladj
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, D)`` with their log density ``(n,)`` (noise drawn on CPU)."""
         p = next(self.parameters())
-        z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
+        if self.base is not None:
+            z = self.base.sample(n, generator=generator, dtype=p.dtype, device=p.device)
+        else:
+            z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
         x, ladj = self.decode(z)
-        return x, standard_normal_log_prob(z, self.dim) - ladj
+        return x, self.base_log_prob(z) - ladj

@@ -8,6 +8,13 @@ further aligned over particle permutations (Hungarian algorithm) and rotations (
 flow learns short, nearly straight paths between symmetry-equivalent configurations: equivariant
 flow matching, Klein, Krämer, Noé (2023), arXiv:2306.15030. Aligning x0 by a symmetry g of the
 (invariant) prior keeps its marginal the prior when the data are invariant too.
+
+Internal coordinates live on R^k x T^m (bonds and angles flat, dihedrals on the circle). With a
+``periodic`` column mask the interpolant of those columns is the geodesic of the flat torus,
+x_t = wrap(x0 + t wrap(x1 - x0)), with the constant target velocity wrap(x1 - x0): the shortest
+way round the circle (Riemannian flow matching, Chen & Lipman 2023, arXiv:2302.03660, Sec. 3.2
+and their torus experiments); ``wrap`` maps to [-pi, pi). Minibatch OT then uses the wrapped
+(geodesic) squared distance.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from boltzflow.systems.internal_coords import wrap_angle
 
 __all__ = [
     "COUPLINGS",
@@ -32,6 +41,7 @@ __all__ = [
     "permutation_align",
     "random_rotations",
     "rotate",
+    "wrap_columns",
 ]
 
 #: coupling names accepted by :func:`couple`
@@ -42,40 +52,71 @@ COUPLINGS = ("independent", "ot", "equivariant_ot")
 _EXHAUSTIVE_MAX_PARTICLES = 5
 
 
+def wrap_columns(x: Tensor, periodic: Tensor) -> Tensor:
+    """``x (B, dim)`` with the columns of the boolean ``periodic (dim,)`` mask wrapped into
+    [-pi, pi) (:func:`~boltzflow.systems.internal_coords.wrap_angle`); a new tensor."""
+    mask = periodic.to(x.device)
+    return torch.where(mask, wrap_angle(x, periodic=True), x)
+
+
 def interpolate(
-    x0: Tensor, x1: Tensor, t: Tensor, *, sigma: float = 0.0, noise: Tensor | None = None
+    x0: Tensor,
+    x1: Tensor,
+    t: Tensor,
+    *,
+    sigma: float = 0.0,
+    noise: Tensor | None = None,
+    periodic: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Linear interpolant and its conditional velocity.
+    """Linear (or, on periodic columns, geodesic) interpolant and its conditional velocity.
 
     Args:
         x0, x1: ``(B, dim)`` prior and data samples (paired row by row).
         t: ``(B,)`` times in [0, 1].
         sigma: constant noise level added to x_t (needs ``noise``).
         noise: ``(B, dim)`` standard noise (mean-free for particle systems).
+        periodic: boolean ``(dim,)`` mask of angle columns (rad) on the circle, or None.
 
     Returns:
-        ``x_t = (1 - t) x0 + t x1 + sigma * noise`` and ``u = x1 - x0``, both ``(B, dim)``.
+        ``x_t = (1 - t) x0 + t x1 + sigma * noise`` and ``u = x1 - x0``, both ``(B, dim)``. On
+        periodic columns (module docstring): ``u = wrap(x1 - x0)`` and
+        ``x_t = wrap(x0 + t u + sigma * noise)``, the shortest arc (Chen & Lipman 2023).
     """
     tt = t[:, None]
-    xt = (1 - tt) * x0 + tt * x1
+    if periodic is not None:
+        mask = periodic.to(x0.device)
+        ut = torch.where(mask, wrap_angle(x1 - x0, periodic=True), x1 - x0)
+        xt = x0 + tt * ut
+    else:
+        xt = (1 - tt) * x0 + tt * x1
     if sigma:
         if noise is None:
             raise ValueError("sigma > 0 needs a noise tensor")
         xt = xt + sigma * noise
+    if periodic is not None:
+        return wrap_columns(xt, mask), ut
     return xt, x1 - x0
 
 
-def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
+def ot_pairing(x0: Tensor, x1: Tensor, *, periodic: Tensor | None = None) -> Tensor:
     """Exact minibatch OT (squared Euclidean cost, uniform weights) as a permutation.
 
     For equal uniform marginals the optimal plan is a permutation (Birkhoff), found exactly by
-    ``scipy.optimize.linear_sum_assignment``.
+    ``scipy.optimize.linear_sum_assignment``. With a boolean ``periodic (dim,)`` mask the cost of
+    those columns is the squared geodesic distance on the circle, wrap(a - b)^2.
 
     Returns:
         ``(B,)`` long indices ``perm`` such that ``x0[perm]`` is paired with ``x1``.
     """
-    cost = torch.cdist(x1.detach().double(), x0.detach().double()).pow(2).cpu().numpy()
-    _, cols = linear_sum_assignment(cost)
+    a, b = x1.detach().double(), x0.detach().double()
+    if periodic is None or not bool(periodic.any()):
+        cost_t = torch.cdist(a, b).pow(2)
+    else:
+        mask = periodic.to(x0.device)
+        cost_t = torch.cdist(a[:, ~mask], b[:, ~mask]).pow(2)
+        diff = a[:, None, mask] - b[None, :, mask]  # (B1, B0, m)
+        cost_t = cost_t + wrap_angle(diff, periodic=True).square().sum(-1)
+    _, cols = linear_sum_assignment(cost_t.cpu().numpy())
     return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
 
 
@@ -217,6 +258,7 @@ def couple(
     spatial_dim: int | None = None,
     reflections: bool = False,
     permutations: bool = True,
+    periodic: Tensor | None = None,
 ) -> Tensor:
     """Re-pair a minibatch of prior samples with data samples.
 
@@ -228,6 +270,8 @@ def couple(
             particles the OT cost is the exact orbit distance (:func:`orbit_distance_2d`);
             otherwise the Euclidean cost, with the alignment applied after the pairing.
         permutations: include particle permutations in the alignment (False for molecules).
+        periodic: boolean ``(dim,)`` mask of angle columns: ``"ot"`` then uses the wrapped
+            distance on them (:func:`ot_pairing`); not with ``"equivariant_ot"``.
 
     Returns:
         ``(B, dim)`` prior samples, row b paired with ``x1[b]``.
@@ -237,7 +281,11 @@ def couple(
     if mode == "independent":
         return x0
     if mode == "ot":
+        if periodic is not None:
+            return x0[ot_pairing(x0, x1, periodic=periodic)]
         return x0[ot_pairing(x0, x1)]
+    if periodic is not None:
+        raise ValueError("equivariant_ot coupling is for Cartesian particles, not periodic columns")
     if n_particles is None or spatial_dim is None:
         raise ValueError("equivariant_ot coupling needs n_particles and spatial_dim")
     exact = (
@@ -347,6 +395,7 @@ def flow_matching_loss(
     spatial_dim: int | None = None,
     t: Tensor | None = None,
     noise: Tensor | None = None,
+    periodic: Tensor | None = None,
 ) -> Tensor:
     """Mean squared error between ``net(t, x_t)`` and ``x1 - x0`` at t ~ U(0, 1).
 
@@ -357,6 +406,8 @@ def flow_matching_loss(
         sigma: interpolant noise; for particle systems the noise is made mean-free.
         t, noise: ``(B,)`` times and ``(B, dim)`` noise drawn beforehand
             (:func:`interpolant_draws`); ``generator`` is then not used.
+        periodic: boolean ``(dim,)`` mask of angle columns: geodesic interpolant and target
+            ``wrap(x1 - x0)`` there (:func:`interpolate`).
 
     Returns:
         scalar loss, averaged over batch and coordinates.
@@ -374,5 +425,8 @@ def flow_matching_loss(
     t = t.to(device=x0.device, dtype=x0.dtype)
     if noise is not None:
         noise = noise.to(device=x0.device, dtype=x0.dtype)
-    xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise)
+    if periodic is not None:
+        xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise, periodic=periodic)
+    else:
+        xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise)
     return (net(t, xt) - ut).pow(2).mean()

@@ -223,6 +223,8 @@ def _solver_kwargs(
     if method in ADAPTIVE_METHODS:
         if steps is not None:
             raise ValueError(f"steps={steps} is for fixed-step methods; {method!r} is adaptive")
+        if not (atol > 0 and rtol > 0):  # torchdiffeq asserts on zero tolerances mid-solve
+            raise ValueError(f"atol and rtol must be positive numbers, got {atol} and {rtol}")
         return {"method": method, "atol": atol, "rtol": rtol}
     if method in FIXED_METHODS:
         if steps is None or steps < 1:

@@ -1,4 +1,5 @@
-"""Base densities of the flows: a standard Gaussian and a mean-free Gaussian for particle systems.
+"""Base densities of the flows: a standard Gaussian, a mean-free Gaussian for particle systems,
+and a Gaussian x uniform-angle product for internal coordinates (:class:`TorusGaussian`).
 
 Mean-free convention (DESIGN.md): for ``n`` particles in ``d`` dimensions the translation-invariant
 configurations live in the ``(n - 1) * d``-dimensional subspace of zero particle mean. The
@@ -27,6 +28,7 @@ __all__ = [
     "Prior",
     "PriorFlowMixin",
     "StandardGaussian",
+    "TorusGaussian",
     "build_prior",
     "check_points",
     "gaussian_prior",
@@ -145,6 +147,60 @@ class MeanFreeGaussian(StandardGaussian):
         return f"MeanFreeGaussian(n_particles={self.n_particles}, spatial_dim={self.spatial_dim})"
 
 
+class TorusGaussian(Prior):
+    """Product density for internal coordinates: standard normal on the non-periodic columns,
+    uniform on [-pi, pi) for the ``periodic`` columns (dihedrals on the torus).
+
+    ``log p(z) = -|z_nonper|^2/2 - (n_nonper/2) log 2 pi - n_per log 2 pi`` for periodic columns
+    inside [-pi, pi); points with a periodic column outside that range get ``-inf`` (wrap them
+    first, e.g. ``boltzflow.systems.internal_coords.wrap_angle``).
+    """
+
+    def __init__(self, dim: int, periodic: list[int] | tuple[int, ...]) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        periodic = sorted({int(i) for i in periodic})
+        if periodic and (periodic[0] < 0 or periodic[-1] >= dim):
+            raise ValueError(f"periodic columns must lie in [0, {dim}), got {periodic}")
+        self.dim = dim
+        self.event_dim = dim
+        self.periodic = tuple(periodic)
+        mask = torch.zeros(dim, dtype=torch.bool)
+        mask[list(self.periodic)] = True
+        self.mask = mask
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Draw ``(n, dim)`` samples: normal columns, then uniform angles in [-pi, pi)."""
+        z = torch.randn(n, self.dim, generator=generator, dtype=dtype)
+        k = len(self.periodic)
+        if k:
+            u = torch.rand(n, k, generator=generator, dtype=dtype)
+            z[:, self.mask] = (2 * u - 1) * math.pi
+        return z.to(device)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``(n,)`` log density (``-inf`` where a periodic column lies outside [-pi, pi))."""
+        mask = self.mask.to(x.device)
+        gauss = standard_normal_log_prob(x[:, ~mask], self.dim - len(self.periodic))
+        angles = x[:, mask]
+        inside = ((angles >= -math.pi) & (angles < math.pi)).all(-1)
+        out = gauss - len(self.periodic) * _LOG_2PI
+        return torch.where(inside, out, torch.full_like(out, -math.inf))
+
+    def config(self) -> dict[str, object]:
+        return {"kind": "torus_gaussian", "dim": self.dim, "periodic": list(self.periodic)}
+
+    def __repr__(self) -> str:
+        return f"TorusGaussian(dim={self.dim}, periodic={len(self.periodic)} columns)"
+
+
 def build_prior(config: dict[str, object]) -> Prior:
     """Inverse of :meth:`Prior.config`.
 
@@ -156,7 +212,10 @@ def build_prior(config: dict[str, object]) -> Prior:
         return StandardGaussian(int(config["dim"]))
     if kind == "mean_free":
         return MeanFreeGaussian(int(config["n_particles"]), int(config["spatial_dim"]))
-    raise ValueError(f"unknown prior kind {kind!r}; valid: ['mean_free', 'standard']")
+    if kind == "torus_gaussian":
+        return TorusGaussian(int(config["dim"]), list(config["periodic"]))  # type: ignore[arg-type]
+    valid = ["mean_free", "standard", "torus_gaussian"]
+    raise ValueError(f"unknown prior kind {kind!r}; valid: {valid}")
 
 
 def gaussian_prior(

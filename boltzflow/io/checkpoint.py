@@ -31,6 +31,7 @@ from boltzflow.io.atomic import atomic_path
 
 __all__ = [
     "CheckpointError",
+    "checkpoint_digest",
     "load_checkpoint",
     "load_model_checkpoint",
     "resolve_checkpoint_file",
@@ -74,25 +75,9 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     return path
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    kind: str | tuple[str, ...] | None = None,
-    map_location: str | torch.device | None = "cpu",
-) -> dict[str, Any]:
-    """Read and verify a checkpoint written by :func:`save_checkpoint`.
-
-    Args:
-        path: checkpoint file.
-        kind: accepted ``kind`` value(s); None accepts any.
-        map_location: where tensors are loaded.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: (a ValueError) not a checkpoint, truncated, corrupt, newer format or
-            unexpected kind.
-    """
-    path = Path(path)
+def _verified_payload(path: Path) -> tuple[bytes, str]:
+    """The payload bytes of checkpoint ``path`` and their sha256, after checking the header,
+    the length and the checksum (nothing is unpickled)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     raw = path.read_bytes()
@@ -114,6 +99,39 @@ def load_checkpoint(
         )
     if len(data) > n_bytes or hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"{path}: corrupt checkpoint: sha256 checksum mismatch")
+    return data, digest
+
+
+def checkpoint_digest(path: str | os.PathLike[str]) -> str:
+    """The sha256 of checkpoint ``path``'s payload, verified against its bytes (not unpickled).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a checkpoint, truncated or corrupt.
+    """
+    return _verified_payload(Path(path))[1]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    kind: str | tuple[str, ...] | None = None,
+    map_location: str | torch.device | None = "cpu",
+) -> dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: checkpoint file.
+        kind: accepted ``kind`` value(s); None accepts any.
+        map_location: where tensors are loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: (a ValueError) not a checkpoint, truncated, corrupt, newer format or
+            unexpected kind.
+    """
+    path = Path(path)
+    data, _ = _verified_payload(path)
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # the digest matched, so this is a writer/reader mismatch

@@ -4,16 +4,23 @@ One implementation for every TOML the product reads: run configs
 (:mod:`boltzflow.train.config`), workflows (:mod:`boltzflow.workflow.spec`), system definitions
 (:mod:`boltzflow.systems.registry`) and estimate specs (:mod:`boltzflow.analysis.estimate`).
 Errors name the file or the table (``where``) and the offending key.
+
+Tables become dataclasses with :func:`dataclass_from_dict`, the one validator: keys from the
+dataclass's fields, types from its annotations (:func:`check_type`), defaults from its field
+defaults, value checks from its ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
+import types
+import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from boltzflow.errors import InvalidFileError
 
@@ -22,7 +29,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["apply_profile", "check_keys", "merge_tables", "parse_toml", "read_toml_file"]
+__all__ = [
+    "apply_profile",
+    "check_keys",
+    "check_type",
+    "dataclass_from_dict",
+    "key_path",
+    "merge_tables",
+    "parse_toml",
+    "read_toml_file",
+]
+
+T = TypeVar("T")
 
 
 def parse_toml(text: str) -> dict[str, Any]:
@@ -108,3 +126,137 @@ def check_keys(raw: Any, where: str, valid: Collection[str]) -> None:
             + (f" (and {unknown[1:]})" if unknown[1:] else "")
             + f"; valid keys: {sorted(valid)}"
         )
+
+
+def key_path(where: str, key: str) -> str:
+    """Location of ``key`` inside ``where``: ``wf.toml: seed`` (``where`` a file) or
+    ``wf.toml: data.n_train`` (``where`` a table)."""
+    return f"{where}: {key}" if where.endswith(".toml") else f"{where}.{key}"
+
+
+_TYPE_NAMES = {
+    int: "integer",
+    float: "number",
+    str: "string",
+    bool: "boolean",
+    dict: "table",
+    list: "list",
+    tuple: "list",
+    Path: "path (string)",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        return "list" if item is Any else f"list of {_type_name(item)}s"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return _TYPE_NAMES.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_type(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` and converted where that is lossless.
+
+    Understands ``int``, ``float`` (integers become floats; booleans are never numbers), ``str``,
+    ``bool``, ``Path`` (from a string), ``X | None``, unions, ``list[X]``, ``tuple[X, ...]``
+    (from a list), ``dict[...]`` (a table), ``Any`` and dataclasses (a table, read with
+    :func:`dataclass_from_dict`).
+
+    Raises:
+        TypeError: ``"<where>: expected <type>, got <value>"``.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, where)
+            except TypeError:
+                continue
+        raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is dict or origin is dict or origin is Mapping:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a table, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a table, got {value!r}")
+        return dataclass_from_dict(tp, value, where)
+    if tp is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: expected a path (string), got {value!r}")
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+            raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    return value
+
+
+def _default_table(f: dataclasses.Field[Any], tp: Any) -> dict[str, Any] | None:
+    """The field's default as a table, when it is a dataclass of type ``tp`` made by a default
+    factory."""
+    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return None
+    default = f.default_factory()  # type: ignore[misc]
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return None
+    if isinstance(tp, type) and not isinstance(default, tp):
+        return None  # the field's type depends on the data (``field_types``)
+    return {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
+
+
+def dataclass_from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a (TOML) table: the one validator for tables.
+
+    Keys are ``cls``'s init fields, types its annotations (:func:`check_type`, recursing into
+    dataclass-typed fields; a class whose field types depend on the data says so with a
+    classmethod ``field_types(data) -> {name: type}``), missing keys take the field defaults (a
+    partial table for a dataclass field updates that field's default), and
+    ``cls.__post_init__`` checks values.
+
+    Raises:
+        ValueError: an unknown key (the message names it, with its table, and lists the valid
+            keys) or a missing required key; value errors of ``__post_init__``.
+        TypeError: a value of the wrong type (the message names the key).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    check_keys(data, where, fields)
+    hints = typing.get_type_hints(cls)
+    if hasattr(cls, "field_types"):  # types that depend on the data (a method's own loss table)
+        hints.update(cls.field_types(data))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: missing required key {name!r}")
+            continue
+        value = data[name]
+        base = _default_table(f, hints[name]) if isinstance(value, dict) else None
+        if base is not None:
+            value = merge_tables(base, value)
+        kwargs[name] = check_type(value, hints[name], key_path(where, name))
+    return cls(**kwargs)

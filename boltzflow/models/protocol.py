@@ -20,7 +20,7 @@ model writes only its batch loop.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -64,6 +64,8 @@ class FlowOutput:
         trace_evals: total batched Jacobian-trace evaluations (ODE models; else 0).
         seconds: wall time of the model's work.
         cpu_seconds: CPU time of the model's work (NaN where not measured).
+        columns: further ``(N,)`` per-sample values by name, written beside log q in the sample
+            store (e.g. ``log_q_internal`` of models in internal coordinates).
     """
 
     x: Tensor
@@ -73,6 +75,7 @@ class FlowOutput:
     trace_evals: int
     seconds: float
     cpu_seconds: float = float("nan")
+    columns: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def seconds_per_1000(self) -> float:
@@ -86,9 +89,16 @@ class FlowOutput:
 
     @staticmethod
     def concat(parts: list[FlowOutput]) -> FlowOutput:
-        """Join per-batch outputs (costs add up; ``nfe_per_batch`` is the mean)."""
+        """Join per-batch outputs (costs add up; ``nfe_per_batch`` is the mean).
+
+        Raises:
+            ValueError: no parts, or parts with different extra columns.
+        """
         if not parts:
             raise ValueError("no batches to concatenate")
+        names = set(parts[0].columns)
+        if any(set(p.columns) != names for p in parts):
+            raise ValueError("batches carry different extra columns")
         per_batch = {p.nfe_per_batch for p in parts}
         return FlowOutput(
             torch.cat([p.x for p in parts]),
@@ -98,6 +108,7 @@ class FlowOutput:
             sum(p.trace_evals for p in parts),
             sum(p.seconds for p in parts),
             sum(p.cpu_seconds for p in parts),
+            {k: torch.cat([p.columns[k] for p in parts]) for k in sorted(names)},
         )
 
 

@@ -1,4 +1,5 @@
-"""Neural backbones (EGNN, particle transformer, MLP) and time embeddings.
+"""Neural backbones (EGNN, particle transformer, MLP, :class:`TorusMLP` for internal
+coordinates with periodic columns) and time embeddings.
 
 Every backbone is called as ``net(t, x)`` (teacher velocity) or ``net(t, x, s=s)`` (two-time
 students, built with ``n_times=2``) on flat ``(batch, dim)`` coordinates and returns
@@ -15,6 +16,7 @@ from torch import nn
 from boltzflow.nn.egnn import EGNN
 from boltzflow.nn.embeddings import SinusoidalFeatures, TimeEmbedding
 from boltzflow.nn.mlp import MLP
+from boltzflow.nn.torus import TorusMLP
 from boltzflow.nn.transformer import ParticleTransformer
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "ParticleTransformer",
     "SinusoidalFeatures",
     "TimeEmbedding",
+    "TorusMLP",
     "build_backbone",
 ]
 

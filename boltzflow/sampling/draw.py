@@ -6,8 +6,10 @@ by batch, for streaming into a file) or :func:`draw_samples` (all at once), and 
 :func:`write_draws`. A model is anything with the protocol of :mod:`boltzflow.models.protocol`
 (``iter_samples(n, *, steps, seed, batch_size, progress) -> FlowOutput`` batches).
 
-Per batch: x and log q come back as float64 on the CPU, u(x) = U(x)/kT is evaluated without
-gradients, and log w = -u - log q (:func:`boltzflow.sampling.weights.log_weights`).
+Per batch: x and log q (and any extra per-sample columns of the model, such as
+``log_q_internal``, stored under ``columns/`` in the sample file) come back as float64 on the
+CPU, u(x) = U(x)/kT is evaluated without gradients, and log w = -u - log q
+(:func:`boltzflow.sampling.weights.log_weights`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 from boltzflow.io.atomic import atomic_path
 from boltzflow.io.samples import SampleWriter
 from boltzflow.models.protocol import FlowOutput
+from boltzflow.progress import Progress
 from boltzflow.sampling.results import WeightedSamples
 from boltzflow.sampling.weights import log_weights
 from boltzflow.systems.base import compute_energies
@@ -123,26 +126,38 @@ def iter_draws(
         steps: the model's steps (None: its default).
         seed: the model's sampling seed; the same seed gives the same samples.
         batch_size: rows per batch (None: the model's default).
-        progress: show the model's progress bar.
+        progress: show progress over the ``n`` samples (a bar on a terminal, periodic lines
+            otherwise); the model's own bar stays off.
         **settings: further model settings (the teacher's ODE options).
 
     Yields:
         :class:`DrawBatch` per batch, x ``(B, dim)`` and log q ``(B,)`` as float64 on the CPU.
     """
     batches = model.iter_samples(
-        n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, **settings
+        n, steps=steps, seed=seed, batch_size=batch_size, progress=False, **settings
     )
-    for out in batches:
-        x = out.x.detach().cpu().double()
-        log_q = out.log_q.detach().cpu().double()
-        out = FlowOutput(
-            x, log_q, out.nfe, out.nfe_per_batch, out.trace_evals, out.seconds, out.cpu_seconds
-        )
-        if system is None:
-            yield DrawBatch(out)
-        else:
-            u = compute_energies(system, x)
-            yield DrawBatch(out, u, log_weights(u, log_q))
+    with Progress(n, desc="sample", unit="sample", enabled=progress) as bar:
+        for out in batches:
+            x = out.x.detach().cpu().double()
+            log_q = out.log_q.detach().cpu().double()
+            columns = {k: v.detach().cpu().double() for k, v in out.columns.items()}
+            out = FlowOutput(
+                x,
+                log_q,
+                out.nfe,
+                out.nfe_per_batch,
+                out.trace_evals,
+                out.seconds,
+                out.cpu_seconds,
+                columns,
+            )
+            if system is None:
+                batch = DrawBatch(out)
+            else:
+                u = compute_energies(system, x)
+                batch = DrawBatch(out, u, log_weights(u, log_q))
+            bar.update(len(x))
+            yield batch
 
 
 def draw_samples(model: Any, n: int, *, system: Any, **options: Any) -> Draw:
@@ -183,6 +198,7 @@ def write_draws(
                 cols: dict[str, Any] = {"log_q": out.log_q}
                 if batch.u is not None:
                     cols.update(u=batch.u, log_w=batch.log_w)
+                cols.update(out.columns)  # the model's extra columns (e.g. log_q_internal)
                 # network evaluations of the batch that produced the row
                 nfe = float(out.nfe_per_batch)
                 cols["nfe"] = torch.full((len(out.x),), nfe, dtype=torch.float64)

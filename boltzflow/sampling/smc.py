@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from boltzflow.progress import track
 from boltzflow.sampling.kernels import (
     Evaluation,
     adapt_step_size,
@@ -156,7 +156,7 @@ def smc(
             ``proposal.log_prob`` (its gradient is needed anyway).
         level: confidence level of the log Z interval.
         seed: seed for the proposal draw, kernel noise and resampling.
-        progress: show a tqdm bar (None: only on a TTY).
+        progress: show progress (a bar on a terminal, periodic lines otherwise; None: as True).
 
     Returns:
         :class:`SMCResult`.
@@ -193,7 +193,7 @@ def smc(
     any_resampled = False
 
     steps = range(1, len(schedule))
-    for k in tqdm(steps, desc="SMC", disable=None if progress is None else not progress):
+    for k in track(steps, desc="SMC", unit="step", enabled=progress is not False):
         b_prev, b = float(schedule[k - 1]), float(schedule[k])
         lq, u = ev.extras[0].to(torch.float64), ev.extras[1].to(torch.float64)
         log_w = log_w + (b - b_prev) * log_weights(u, lq)

@@ -6,23 +6,30 @@ A config file has sections that map onto dataclasses (``[model]``, ``[flow_match
 
     cfg = load_teacher_config("workflows/configs/teacher_dw4.toml", profile="smoke")
 
-:class:`TrainConfig` and :func:`dataclass_from_dict` are shared with the student trainers.
+:class:`TrainConfig` is shared with the student trainers; :func:`dataclass_from_dict` (from
+:mod:`boltzflow.io.tomlfile`, the one table validator) reads every config section.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from boltzflow.flows.cnf import REPRESENTATIONS
 from boltzflow.flows.flow_matching import COUPLINGS
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
-from boltzflow.io.tomlfile import apply_profile, check_keys, read_toml_file
+from boltzflow.io.tomlfile import apply_profile, dataclass_from_dict, read_toml_file
 from boltzflow.nn import BACKBONES
+from boltzflow.validate import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 
 __all__ = [
     "FlowMatchingConfig",
@@ -34,8 +41,6 @@ __all__ = [
     "load_teacher_config",
     "read_toml",
 ]
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -71,16 +76,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.data_workers < 0:
-            raise ValueError(f"train.data_workers must be >= 0, got {self.data_workers}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("train.warmup_steps/grad_clip must be >= 0, min_lr_ratio in [0, 1]")
+            positive_int(getattr(self, name), f"train.{name}")
+        for name in ("data_workers", "warmup_steps"):
+            nonnegative_int(getattr(self, name), f"train.{name}")
+        positive_float(self.lr, "train.lr")
+        nonnegative_float(self.weight_decay, "train.weight_decay")
+        nonnegative_float(self.grad_clip, "train.grad_clip")
+        unit_interval(self.ema_decay, "train.ema_decay")
+        if not 0 <= nonnegative_float(self.min_lr_ratio, "train.min_lr_ratio") <= 1:
+            raise ValueError(
+                f"train.min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}"
+            )
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must have two entries, got {self.betas}")
 
@@ -89,6 +95,7 @@ class TrainConfig:
 
         Raises:
             TypeError: a name that is not a field.
+            ValueError: a value the configuration refuses (checked as in the constructor).
         """
         names = {f.name for f in dataclasses.fields(self)}
         for name, value in values.items():
@@ -96,6 +103,7 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig has no field {name!r}")
             if value is not None:
                 setattr(self, name, value)
+        self.__post_init__()  # the same checks as a config file: steps = 0 never trains
 
 
 _BACKBONE_KEYS = {
@@ -109,10 +117,17 @@ _BACKBONE_KEYS = {
 class ModelConfig:
     """Velocity backbone. ``heads`` is for the transformer; ``attention``/``coords_range`` for
     the EGNN; ``distinct_particles`` (per-atom embedding) for both particle backbones. ``scale``:
-    the flow works on ``x / scale`` (see :class:`boltzflow.flows.cnf.TeacherCNF`)."""
+    the flow works on ``x / scale`` (see :class:`boltzflow.flows.cnf.TeacherCNF`).
+
+    ``representation``: ``"cartesian"`` (default) or ``"internal"``: the flow lives on the
+    internal coordinates of a molecule (bonds, angles, periodic dihedrals; dim 3n - 6) with an
+    :class:`~boltzflow.systems.internal_coords.InternalCoordinates` transform fitted to the
+    training data, a normal x uniform-angle prior and a periodic MLP (``backbone = "mlp"``,
+    ``scale = 1``); samples and log q are still Cartesian (DESIGN.md density convention)."""
 
     backbone: str = "egnn"
     scale: float = 1.0
+    representation: str = "cartesian"
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -123,8 +138,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
-        if not self.scale > 0:
-            raise ValueError(f"model.scale must be positive, got {self.scale}")
+        positive_float(self.scale, "model.scale")
+        for name in ("hidden", "layers", "heads"):
+            positive_int(getattr(self, name), f"model.{name}")
+        positive_float(self.coords_range, "model.coords_range")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"model.representation {self.representation!r} is not one of {REPRESENTATIONS}"
+            )
+        if self.representation == "internal" and (self.backbone != "mlp" or self.scale != 1.0):
+            raise ValueError(
+                "model.representation 'internal' needs backbone = 'mlp' and scale = 1 "
+                f"(got {self.backbone!r}, {self.scale})"
+            )
 
     def backbone_options(self) -> dict[str, Any]:
         """The constructor keywords this backbone takes."""
@@ -147,8 +173,7 @@ class FlowMatchingConfig:
     def __post_init__(self) -> None:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"flow_matching.coupling {self.coupling!r} is not one of {COUPLINGS}")
-        if self.sigma < 0:
-            raise ValueError(f"flow_matching.sigma must be >= 0, got {self.sigma}")
+        nonnegative_float(self.sigma, "flow_matching.sigma")
 
 
 @dataclass
@@ -172,6 +197,12 @@ class SampleConfig:
             raise ValueError(f"sample.divergence {self.divergence!r} is not one of {DIVERGENCES}")
         if self.trace_mode not in TRACE_MODES:
             raise ValueError(f"sample.trace_mode {self.trace_mode!r} is not one of {TRACE_MODES}")
+        positive_float(self.atol, "sample.atol")
+        positive_float(self.rtol, "sample.rtol")
+        if self.steps is not None:
+            positive_int(self.steps, "sample.steps")
+        positive_int(self.quadrature_points, "sample.quadrature_points")
+        positive_int(self.batch_size, "sample.batch_size")
         if self.method in FIXED_METHODS and self.steps is None:
             raise ValueError(f"sample.method {self.method!r} needs sample.steps")
         if self.method in ADAPTIVE_METHODS and self.steps is not None:
@@ -189,10 +220,21 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.representation == "internal" and (
+            self.flow_matching.coupling == "equivariant_ot" or self.flow_matching.augment_rotations
+        ):
+            raise ValueError(
+                "model.representation 'internal' takes flow_matching.coupling 'independent' or "
+                "'ot' and no augment_rotations (internal coordinates are rotation invariant)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-able, None values kept; model keys the backbone uses)."""
         out = dataclasses.asdict(self)
         used = _BACKBONE_KEYS[self.model.backbone] | {"backbone", "scale"}
+        if self.model.representation != "cartesian":  # Cartesian runs record what they did
+            used = used | {"representation"}
         out["model"] = {k: v for k, v in out["model"].items() if k in used}
         return out
 
@@ -201,62 +243,14 @@ class TeacherConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         cfg = dataclass_from_dict(cls, data, where)
         model_raw = data.get("model", {})
-        unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - {"backbone", "scale"}
+        common = {"backbone", "scale", "representation"}
+        unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - common
         if unused:
             raise ValueError(
                 f"{where}: model key(s) {sorted(unused)} are not used by backbone "
                 f"{cfg.model.backbone!r} (it takes {sorted(_BACKBONE_KEYS[cfg.model.backbone])})"
             )
         return cfg
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except TypeError as err:
-                errors.append(str(err))
-        raise TypeError(errors[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
-            raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (TOML) dict, recursing into dataclass-typed fields.
-
-    Raises:
-        ValueError: an unknown key (the message names it, with its section, and lists the valid
-            keys).
-        TypeError: a value of the wrong type (names the key).
-    """
-    check_keys(data, where, {f.name for f in dataclasses.fields(cls)})
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = dataclass_from_dict(tp, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
-    return cls(**kwargs)
 
 
 def read_toml(path: str | os.PathLike[str], profile: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,13 @@ random rotations), draw prior samples x0, re-pair them by the configured couplin
 velocity on x1 - x0 at a uniform random time (:mod:`boltzflow.flows.flow_matching`). All of it
 draws from a generator seeded by (seed, step), so runs reproduce and resume exactly, and the
 batches can be built ahead in background processes (``train.data_workers``).
+
+With ``model.representation = "internal"`` the run first fits an
+:class:`~boltzflow.systems.internal_coords.InternalCoordinates` transform (periodic dihedrals) to
+the training data and trains on z: prior samples from the torus Gaussian, the coupling
+``independent`` or ``ot`` (minibatch OT with the wrapped distance on the dihedrals; no rotation
+augmentation, z is invariant), and the geodesic interpolant on the dihedrals (Chen & Lipman 2023,
+arXiv:2302.03660; :func:`boltzflow.flows.flow_matching.interpolate`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +32,14 @@ from boltzflow.flows.flow_matching import (
     random_rotations,
     rotate,
 )
+from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.systems.particles import remove_mean
+from boltzflow.systems.zmatrix import ZMatrix
 from boltzflow.train.config import SampleConfig, TeacherConfig
+from boltzflow.train.fit import fit_and_export
 from boltzflow.train.prefetch import step_generator
-from boltzflow.train.trainer import Trainer
 
-__all__ = ["SystemShape", "TeacherLoss", "build_teacher", "train_teacher"]
+__all__ = ["SystemShape", "TeacherLoss", "build_teacher", "system_zmatrix", "train_teacher"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,48 @@ def _sampling(cfg: SampleConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def build_teacher(cfg: TeacherConfig, shape: SystemShape) -> TeacherCNF:
-    """A fresh (untrained) teacher for ``shape`` as described by ``cfg.model``/``cfg.sample``."""
+def system_zmatrix(name: str) -> ZMatrix:
+    """The Z-matrix of a registered molecular system, from the bond graph of its structure file
+    (:func:`~boltzflow.systems.zmatrix.zmatrix_from_topology`).
+
+    Raises:
+        ValueError: the system has no ``structure`` (PDB) parameter.
+    """
+    from openmm import app
+
+    from boltzflow.systems.registry import definition, definition_file
+    from boltzflow.systems.zmatrix import zmatrix_from_topology
+
+    structure = definition(name)["parameters"].get("structure")
+    if structure is None:
+        raise ValueError(f"system {name!r} has no structure file: no Z-matrix for it")
+    pdb = app.PDBFile(str(definition_file(name).parent / structure))
+    return zmatrix_from_topology(pdb.topology)
+
+
+def build_teacher(
+    cfg: TeacherConfig, shape: SystemShape, transform: InternalCoordinates | None = None
+) -> TeacherCNF:
+    """A fresh (untrained) teacher for ``shape`` as described by ``cfg.model``/``cfg.sample``.
+
+    ``transform``: the fitted internal-coordinate transform, required iff
+    ``cfg.model.representation == "internal"``.
+    """
+    if (transform is not None) != (cfg.model.representation == "internal"):
+        raise ValueError(
+            f"model.representation {cfg.model.representation!r} "
+            + ("needs" if transform is None else "takes no")
+            + " internal-coordinate transform"
+        )
+    if transform is not None:
+        return TeacherCNF.build(
+            cfg.model.backbone,
+            dim=shape.dim,
+            backbone_options=cfg.model.backbone_options(),
+            sampling=_sampling(cfg.sample),
+            scale=cfg.model.scale,
+            transform=transform,
+        )
     particles = shape.n_particles is not None and shape.spatial_dim is not None
     if cfg.model.backbone != "mlp" and not particles:
         raise ValueError(
@@ -98,8 +146,23 @@ class TeacherLoss:
     def __init__(
         self, teacher: TeacherCNF, data: Tensor, cfg: TeacherConfig, shape: SystemShape
     ) -> None:
-        n, d = shape.n_particles, shape.spatial_dim
         fm = cfg.flow_matching
+        self.fm, self.batch, self.seed = fm, cfg.train.batch_size, cfg.train.seed
+        self.prior = teacher.prior
+        self.periodic: Tensor | None = teacher.periodic
+        if teacher.transform is not None:  # internal coordinates: the flow's z, float32
+            if fm.coupling == "equivariant_ot":
+                raise ValueError(
+                    "coupling 'equivariant_ot' is for Cartesian particles; internal coordinates "
+                    "take 'independent' or 'ot' (wrapped distance on the dihedrals)"
+                )
+            if fm.augment_rotations:
+                raise ValueError("internal coordinates are rotation invariant: no augmentation")
+            self.n_particles, self.spatial_dim, self.augment = None, None, False
+            with torch.no_grad():
+                self.data = teacher.to_internal(data)[0].float()
+            return
+        n, d = shape.n_particles, shape.spatial_dim
         particles = n is not None and d is not None
         augment = fm.augment_rotations
         if augment is None:
@@ -109,8 +172,6 @@ class TeacherLoss:
         if fm.coupling == "equivariant_ot" and not particles:
             raise ValueError("coupling 'equivariant_ot' needs a particle system; use 'ot'")
         self.n_particles, self.spatial_dim, self.augment = n, d, bool(augment)
-        self.fm, self.batch, self.seed = fm, cfg.train.batch_size, cfg.train.seed
-        self.prior = teacher.prior
         self.data = (data / teacher.scale).float()  # the flow's units
 
     def make_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -130,6 +191,7 @@ class TeacherLoss:
             spatial_dim=d,
             reflections=fm.reflections,
             permutations=fm.permutations,
+            periodic=self.periodic,
         )
         t, noise = interpolant_draws(
             b, x0.shape[1], generator=gen, sigma=fm.sigma, n_particles=n, spatial_dim=d
@@ -153,6 +215,7 @@ class TeacherLoss:
             sigma=self.fm.sigma,
             n_particles=self.n_particles,
             spatial_dim=self.spatial_dim,
+            periodic=self.periodic,
         )
 
 
@@ -166,6 +229,7 @@ def train_teacher(
     stop_at: int | None = None,
     progress: bool = True,
     run_info: dict[str, Any] | None = None,
+    zmatrix: ZMatrix | None = None,
 ) -> TeacherCNF:
     """Train a teacher and write ``out_dir/teacher.pt`` (EMA weights) when finished.
 
@@ -178,6 +242,10 @@ def train_teacher(
         resume: continue from an existing checkpoint in ``out_dir``.
         stop_at: stop early after this many steps (checkpointed; resume later).
         run_info: extra JSON-able facts recorded in the run config (data path, system name).
+        zmatrix: for ``model.representation = "internal"``: the molecule's Z-matrix (default:
+            :func:`system_zmatrix` of ``cfg.system`` or ``run_info["system"]``). The transform
+            (periodic dihedrals, standardised bonds and angles, cuts at the least populated
+            angles) is fitted to ``data`` and stored in the model.
 
     Returns:
         the teacher with EMA weights, in eval mode, on the training device.
@@ -185,29 +253,35 @@ def train_teacher(
     data = torch.as_tensor(data)
     if data.ndim != 2 or data.shape[1] != shape.dim:
         raise ValueError(f"training data must be (N, {shape.dim}), got {tuple(data.shape)}")
+    if len(data) == 0:
+        raise ValueError(f"training data hold no configurations: shape {tuple(data.shape)}")
     if not bool(torch.isfinite(data).all()):
         raise ValueError("training data contain NaN or infinite values")
     data = data.float()
     if shape.mean_free:
         data = remove_mean(data, shape.n_particles, shape.spatial_dim)
+    transform = None
+    if cfg.model.representation == "internal":
+        if zmatrix is None:
+            name = cfg.system or (run_info or {}).get("system")
+            if name is None:
+                raise ValueError("internal coordinates need a zmatrix or a system name")
+            zmatrix = system_zmatrix(name)
+        transform = InternalCoordinates.fit(zmatrix, data.double(), periodic=True)
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
-    teacher = build_teacher(cfg, shape)
+    teacher = build_teacher(cfg, shape, transform)
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
-    trainer = Trainer(
+    teacher.system = run_config.get("system")
+    return fit_and_export(
         teacher,
         TeacherLoss(teacher, data, cfg, shape),
         cfg.train,
         out_dir,
+        filename=MODEL_FILE,
         model_kind="teacher_cnf",
-        model_config=teacher.model_config,
         run_config=run_config,
         extra={"sampling": teacher.sampling},
+        resume=resume,
+        stop_at=stop_at,
         progress=progress,
     )
-    trainer.fit(resume=resume, stop_at=stop_at)
-    ema = trainer.ema_model()
-    ema.eval()
-    ema.system = run_config.get("system")
-    if trainer.step >= cfg.train.steps:
-        ema.save(Path(out_dir) / MODEL_FILE, extra={"steps": trainer.step, "run": run_config})
-    return ema

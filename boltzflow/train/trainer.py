@@ -2,7 +2,7 @@
 
 A :class:`Trainer` owns the optimiser (AdamW), the warm-up + cosine schedule, gradient clipping,
 an EMA copy of the weights, a seeded CPU generator that is the only source of randomness given to
-the loss, metrics as JSON lines, a tqdm progress bar, and atomic checkpoints that make resuming
+the loss, metrics as JSON lines, progress reports, and atomic checkpoints that make resuming
 exact: a run interrupted after a checkpoint and resumed produces bit-identical weights to an
 uninterrupted one on CPU (same seed, same thread count).
 
@@ -31,10 +31,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.progress import Progress
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.prefetch import step_batches
 
@@ -130,7 +130,7 @@ class Trainer:
         model_config: description from which the model can be rebuilt, recorded in checkpoints.
         run_config: the whole run's configuration (JSON-able), recorded and compared on resume.
         extra: more JSON-able entries stored in every checkpoint (e.g. sampling defaults).
-        progress: show a tqdm bar (hidden when stderr is not a terminal).
+        progress: show progress (a bar on a terminal, periodic lines otherwise).
     """
 
     def __init__(
@@ -295,12 +295,8 @@ class Trainer:
         extras: dict[str, list[float]] = {}
         grad_norm = float("nan")
         t_window = time.perf_counter()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            disable=None if self.progress else True,
-            desc=self.model_kind,
-            dynamic_ncols=True,
+        bar = Progress(
+            cfg.steps, initial=self.step, enabled=self.progress, desc=self.model_kind, unit="step"
         )
         stream, batch_loss = nullcontext(None), None
         if isinstance(self.loss_fn, BatchedLoss):
@@ -348,7 +344,7 @@ class Trainer:
                     }
                     record.update({k: sum(v) / len(v) for k, v in extras.items()})
                     self.metrics.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", rate=f"{rate:.1f}/s")
+                    bar.set_postfix(loss=record["loss"])
                     window, extras, t_window = [], {}, now
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self.save()  # also writes the metrics

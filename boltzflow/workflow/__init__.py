@@ -1,7 +1,8 @@
 """Workflows: one TOML file runs data -> teacher -> students -> samples -> report, cached.
 
 - :mod:`~boltzflow.workflow.spec`: the TOML schema and its strict validation
-  (:func:`load_workflow`), with the table checks of :mod:`~boltzflow.workflow.checks`;
+  (:func:`load_workflow`): dataclasses with their defaults and checks, plus the file and feature
+  checks of :mod:`~boltzflow.workflow.checks`;
 - :mod:`~boltzflow.workflow.cache`: stage keys, content fingerprints, the manifest;
 - :mod:`~boltzflow.workflow.stage`: the stage data types (:class:`Stage`, :class:`StageContext`,
   :class:`StageResult`);

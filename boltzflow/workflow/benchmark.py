@@ -26,19 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
+from boltzflow.progress import track
 from boltzflow.sampling.results import WeightedSamples
-from boltzflow.workflow.spec import Workflow
-from boltzflow.workflow.stage import StageContext
-from boltzflow.workflow.stages import (
+from boltzflow.workflow.layout import (
     REFERENCE_FILE,
     TEACHER_FILE,
     stage_device,
     teacher_sampling,
 )
+from boltzflow.workflow.spec import Workflow
+from boltzflow.workflow.stage import StageContext
 
 __all__ = [
     "benchmark_table",
@@ -257,8 +257,8 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
             for label, model, kind in models
             for k in (bm.steps if model.uses_steps else [None])
         ]
-        for label, model, kind, k in tqdm(
-            jobs, desc="benchmark", disable=None if ctx.progress else True
+        for label, model, kind, k in track(
+            jobs, desc="benchmark", unit="model", enabled=ctx.progress
         ):
             model.eval()
             # the teacher batches by its own ODE settings, the few-step models by the workflow's

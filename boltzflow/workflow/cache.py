@@ -5,13 +5,17 @@ fingerprints of its upstream stages' outputs and of any external input files, an
 version. The manifest (``<output>/manifest.json``, rewritten atomically after every finished
 stage) records for each stage its key, the fingerprint of every output file, its wall time and a
 small summary. A stage is skipped when its key is unchanged and all its recorded outputs exist
-with the recorded fingerprints; otherwise it runs again, and so does every stage whose inputs
-then change.
+with the recorded bytes; otherwise it runs again, and so does every stage whose inputs then
+change. The bytes are checked by their SHA-256, recorded with the file's size and modification
+time: a file whose size and mtime are unchanged is trusted without reading it (a re-run stays
+fast), any other is hashed, so a damaged output (a flipped byte, a truncation) re-runs its stage.
+Only a deliberate edit that also restores the old mtime could pass unnoticed.
 
-Fingerprints describe content, not bytes where a format stores timestamps: a boltzflow dataset
-is identified by its stored array checksum, a checkpoint by its payload digest, a sample store by
-a checksum of its arrays. So a deleted output that is regenerated bit-identically (CPU runs are
-reproducible) does not force its dependents to run again.
+The fingerprints that enter stage keys describe content, not bytes where a format stores
+timestamps: a boltzflow dataset is identified by its stored array checksum, a checkpoint by its
+payload digest (verified against the payload), a sample store by a checksum of its arrays. So a
+deleted output that is regenerated bit-identically (CPU runs are reproducible) does not force its
+dependents to run again.
 
 Resumable stages (training) work in a folder that carries the key it was started with
 (``.stage-key``); :func:`prepare_workdir` keeps it when the key matches (an interrupted run
@@ -32,6 +36,7 @@ from typing import Any
 
 import boltzflow
 from boltzflow.io.atomic import atomic_write_text
+from boltzflow.io.checkpoint import checkpoint_digest
 
 __all__ = [
     "MANIFEST_FILE",
@@ -108,15 +113,36 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     with path.open("rb") as fh:
         head = fh.read(200)
     if head.startswith(b"BOLTZFLOW-CHECKPOINT "):
-        line = head.split(b"\n", 1)[0].decode("ascii", "replace")
-        for part in line.split():
-            if part.startswith("sha256="):
-                return f"checkpoint:{part[7:]}"
+        return f"checkpoint:{checkpoint_digest(path)}"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         fp = _hdf5_fingerprint(path)
         if fp is not None:
             return fp
     return f"sha256:{_sha256_file(path)}"
+
+
+def _byte_record(path: Path) -> dict[str, Any]:
+    """Size, modification time (ns) and sha256 of the bytes of ``path``."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(path)}
+
+
+def _bytes_unchanged(path: Path, recorded: Mapping[str, Any]) -> bool:
+    """Whether ``path`` still holds the bytes of ``recorded`` (see :func:`_byte_record`).
+
+    Size and mtime equal to the record are trusted without reading (so a re-run stays fast);
+    otherwise the bytes are hashed. The record's stat is refreshed when only the time changed.
+    """
+    st = path.stat()
+    if st.st_size != recorded.get("size"):
+        return False
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return True
+    if _sha256_file(path) != recorded.get("sha256"):
+        return False
+    if isinstance(recorded, dict):
+        recorded["mtime_ns"] = st.st_mtime_ns
+    return True
 
 
 def stage_key(
@@ -172,12 +198,16 @@ class Manifest:
             return False, "not run yet"
         if rec.get("key") != key:
             return False, "config or inputs changed"
+        stats = rec.get("files", {})
         for rel, fp in rec.get("outputs", {}).items():
             path = self.out_dir / rel
             if not path.is_file():
                 return False, f"output {rel} missing"
             try:
-                if file_fingerprint(path) != fp:
+                if rel in stats:
+                    if not _bytes_unchanged(path, stats[rel]):
+                        return False, f"output {rel} modified or damaged"
+                elif file_fingerprint(path) != fp:  # a manifest from before byte records
                     return False, f"output {rel} modified"
             except (OSError, ValueError):
                 return False, f"output {rel} unreadable"
@@ -202,6 +232,7 @@ class Manifest:
         rec = {
             "key": key,
             "outputs": fps,
+            "files": {rel: _byte_record(self.out_dir / rel) for rel in outputs},
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

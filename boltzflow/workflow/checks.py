@@ -1,7 +1,9 @@
-"""Strict reading of TOML tables: types, unknown keys, required keys, files, feature specs.
+"""Workflow-specific checks: files, feature and state specs, command-line overrides.
 
-Every error names where it happened (``wf.toml: data.n_train``) so that an invalid workflow is
-rejected before any work starts, with the offending key and file in the message.
+Tables are read into dataclasses by the one validator,
+:func:`boltzflow.io.tomlfile.dataclass_from_dict`. Every error names where it happened
+(``wf.toml: data.n_train``) so that an invalid workflow is rejected before any work starts, with
+the offending key and file in the message.
 """
 
 from __future__ import annotations
@@ -11,86 +13,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from boltzflow.io.tomlfile import check_keys, parse_toml
+from boltzflow.io.tomlfile import check_keys, check_type, parse_toml
 from boltzflow.io.tomlfile import merge_tables as merge
 
 __all__ = [
-    "NUMBER",
-    "REQUIRED",
     "apply_overrides",
-    "check_type",
     "existing_file",
-    "int_list",
-    "key_path",
     "located",
     "merge",
     "parse_assignment",
     "parse_feature",
     "parse_state",
-    "read_table",
-    "require_positive",
 ]
 
-REQUIRED = object()
-NUMBER = (int, float)
 
-
-# -- small strict table reader ---------------------------------------------------------------------
-def _type_name(types: Any) -> str:
-    if isinstance(types, tuple):
-        return " or ".join(_type_name(t) for t in types)
-    return {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table"}.get(
-        types, getattr(types, "__name__", str(types))
-    )
-
-
-def check_type(value: Any, types: Any, where: str) -> Any:
-    """``value`` if it has one of ``types`` (ints pass as floats; bools are never numbers)."""
-    allowed = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in allowed:
-        raise TypeError(f"{where}: expected {_type_name(types)}, got {value!r}")
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return value if int in allowed else float(value)
-    if not isinstance(value, allowed):
-        raise TypeError(f"{where}: expected {_type_name(types)}, got {value!r}")
-    return value
-
-
-def key_path(where: str, key: str) -> str:
-    """Location of ``key`` inside ``where``: ``wf.toml: seed`` or ``wf.toml: data.n_train``."""
-    return f"{where}: {key}" if where.endswith(".toml") else f"{where}.{key}"
-
-
-def read_table(raw: Any, where: str, fields: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
-    """Check a TOML table against ``{key: (types, default)}``; unknown keys raise."""
-    check_keys(raw, where, fields)
-    out = {}
-    for key, (types, default) in fields.items():
-        if key in raw:
-            out[key] = check_type(raw[key], types, key_path(where, key))
-        elif default is REQUIRED:
-            raise ValueError(f"{where}: missing required key {key!r}")
-        else:
-            out[key] = copy.deepcopy(default)
-    return out
-
-
-def int_list(value: Any, where: str, minimum: int = 1) -> list[int]:
-    if not isinstance(value, list) or not value:
-        raise TypeError(f"{where}: expected a non-empty list of integers, got {value!r}")
-    for i, v in enumerate(value):
-        check_type(v, int, f"{where}[{i}]")
-        if v < minimum:
-            raise ValueError(f"{where}[{i}]: must be >= {minimum}, got {v}")
-    return list(value)
-
-
-def require_positive(value: int | float, where: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{where}: must be {bound}, got {value}")
-
-
+# -- locations and files ---------------------------------------------------------------------------
 def located(label: str, build: Any, *args: Any, **kwargs: Any) -> Any:
     """``build(*args, **kwargs)``; errors without a location get ``label`` in front."""
     try:
@@ -103,6 +40,7 @@ def located(label: str, build: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def existing_file(base: Path, value: str, where: str) -> Path:
+    """``value`` as a path relative to ``base`` (unless absolute) that must be a file."""
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.is_file():
@@ -112,6 +50,8 @@ def existing_file(base: Path, value: str, where: str) -> Path:
 
 # -- features and states ---------------------------------------------------------------------------
 def parse_feature(spec: Any, where: str, info: Any, kind: str, extra: set[str]) -> dict:
+    """A feature table (``feature``, ``index``/``atoms``, ``transform``) checked against the
+    system; ``extra``: further keys allowed (``name``, ``min``, ``max``)."""
     from boltzflow.sampling.features import FEATURES, TRANSFORMS
 
     check_keys(spec, where, {"feature", "index", "atoms", "transform", *extra})
@@ -148,11 +88,12 @@ def parse_feature(spec: Any, where: str, info: Any, kind: str, extra: set[str]) 
         raise ValueError(f"{where}: dihedrals need 3-D particles")
     for key in ("min", "max"):
         if key in spec:
-            check_type(spec[key], NUMBER, f"{where}.{key}")
+            check_type(spec[key], float, f"{where}.{key}")
     return dict(spec)
 
 
 def parse_state(raw: Any, where: str, info: Any, kind: str) -> list[dict[str, Any]]:
+    """A state: one condition table or a list of them (features with ``min``/``max``)."""
     items = [raw] if isinstance(raw, dict) else raw
     if not isinstance(items, list) or not items:
         raise TypeError(f"{where}: expected a condition table or a non-empty list of them")
@@ -186,6 +127,7 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data`` with dotted-key ``overrides`` (``{"data.n_train": 100}``) merged in."""
     if not overrides:
         return data
     nested: dict[str, Any] = {}

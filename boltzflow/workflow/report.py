@@ -31,9 +31,9 @@ import torch
 from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.sampling.results import Estimate
+from boltzflow.workflow.layout import REFERENCE_FILE, copy_atomic, sample_plan
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stage import StageContext
-from boltzflow.workflow.stages import REFERENCE_FILE, copy_atomic, sample_plan
 
 __all__ = ["comparison_rows", "markdown_table", "run_report_stage"]
 

@@ -25,12 +25,12 @@ A workflow names one system and everything the pipeline does with it::
     [teacher.train]                # model, flow_matching, train, sample: override the file
     steps = 1000
 
-    [students.f2d2]                # any number; method = f2d2 | falcon | nf (default: the name)
-    config = "configs/student_f2d2_dw4.toml"
-    [students.f2d2.train]          # student, loss, trajectories, train: override the file
-    steps = 500
+    [students.f2d2]                # any number; method: a name of boltzflow.registry.METHODS
+    config = "configs/student_f2d2_dw4.toml"   # (f2d2, falcon, nf, euler, ...; default: the
+    [students.f2d2.train]          # student's name); the other keys are the fields of the
+    steps = 500                    # method's config dataclass, over the config file's
     [students.small]               # an nf student: inline model, train, loss tables,
-    method = "nf"                  # n_pairs, pair_settings (boltzflow.distill.nf_train)
+    method = "nf"                  # n_pairs, pair_settings (boltzflow.distill.nf_run.NFConfig)
 
     [sample]
     n = 2000                       # samples per model and step count
@@ -60,56 +60,75 @@ A workflow names one system and everything the pipeline does with it::
     [profiles.gpu]                 # --profile gpu: tables merged over the base ones
     device = "cuda"
 
-Every key is checked: unknown keys, wrong types, unknown systems, missing files and invalid
-teacher/student configurations raise ``ValueError``/``TypeError``/``FileNotFoundError``/``KeyError``
-naming the workflow file and the offending key (and file), before anything is computed.
+Every table is read into its dataclass below by the one validator
+(:func:`boltzflow.io.tomlfile.dataclass_from_dict`): defaults are the dataclasses' field defaults,
+value checks their ``__post_init__`` (with the words of :mod:`boltzflow.validate`). Unknown keys,
+wrong types, unknown systems, missing files and invalid teacher/student configurations raise
+``ValueError``/``TypeError``/``FileNotFoundError``/``KeyError`` naming the workflow file and the
+offending key (and file), before anything is computed. :func:`check_data` also reads a data file
+(shape, finite rows) for ``boltzflow run --check``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from boltzflow.io.tomlfile import apply_profile, read_toml_file
-from boltzflow.workflow.checks import (
-    REQUIRED,
-    apply_overrides,
+from boltzflow.io.tomlfile import (
+    apply_profile,
+    check_keys,
     check_type,
+    dataclass_from_dict,
+    key_path,
+    read_toml_file,
+)
+from boltzflow.validate import nonnegative_int, positive_int, probability
+from boltzflow.workflow.checks import (
+    apply_overrides,
     existing_file,
-    int_list,
     located,
     merge,
     parse_assignment,
     parse_feature,
     parse_state,
-    read_table,
-    require_positive,
 )
 
+if TYPE_CHECKING:
+    from boltzflow.train.config import TeacherConfig
+
 __all__ = [
-    "STUDENT_METHODS",
     "BenchmarkSpec",
     "DataSpec",
     "EstimatesSpec",
+    "MethodConfig",
     "ReportSpec",
     "SampleSpec",
     "StudentSpec",
     "TeacherSpec",
     "Workflow",
+    "check_data",
     "load_workflow",
     "parse_assignment",
     "sample_label",
 ]
 
-#: Student methods a workflow can train.
-STUDENT_METHODS = ("f2d2", "falcon", "nf")
 _TEACHER_SECTIONS = ("model", "flow_matching", "train", "sample")
-_DISTILL_SECTIONS = ("student", "loss", "trajectories", "train")
-_NF_SECTIONS = ("model", "train", "loss")
+#: keys of a teacher or student table besides its config's fields
+_SOURCE_KEYS = ("config", "profile")
+#: steps a student samples with when its config does not say (the Student default)
+_DEFAULT_STEPS = 4
+
+
+def _check_steps(steps: Any, where: str) -> None:
+    if not steps:
+        raise ValueError(f"{where} must be a non-empty list of positive integers, got []")
+    for i, k in enumerate(steps):
+        positive_int(k, f"{where}[{i}]")
 
 
 # -- schema ---------------------------------------------------------------------------------------
@@ -122,18 +141,35 @@ class DataSpec:
         dataset: HDF5 dataset name inside ``file`` (default ``positions``).
         reference_file: held-out reference configurations (else the tail of ``file``).
         method: generator method (:func:`boltzflow.data.generate`) when generating.
-        n_train: training configurations (generated, or the first rows of ``file``).
+        n_train: training configurations: how many to generate (required then), or the first
+            rows of ``file`` (0: all but the reference rows).
         n_reference: held-out configurations for metrics (0: none).
         settings: generator settings (``burn_in``, ``n_chains``, ...).
     """
 
-    file: Path | None
-    dataset: str | None
-    reference_file: Path | None
-    method: str
-    n_train: int
-    n_reference: int
-    settings: dict[str, Any]
+    file: Path | None = None
+    dataset: str | None = None
+    reference_file: Path | None = None
+    method: str = "auto"
+    n_train: int = 0
+    n_reference: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from boltzflow.data.generate import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"data.method: {self.method!r} is not one of {list(METHODS)}")
+        nonnegative_int(self.n_reference, "data.n_reference")
+        if self.generate:
+            positive_int(self.n_train, "data.n_train")
+            for key in ("dataset", "reference_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key}: only meaningful with `file`")
+        else:
+            nonnegative_int(self.n_train, "data.n_train")
+            if self.settings or self.method != "auto":
+                raise ValueError("data: `method`/`settings` are for generated data, not `file`")
 
     @property
     def generate(self) -> bool:
@@ -151,21 +187,38 @@ class DataSpec:
 class TeacherSpec:
     """The teacher CNF run: a validated :class:`boltzflow.train.config.TeacherConfig`."""
 
-    config: Any
+    config: TeacherConfig
     source: Path | None = None
     profile: str | None = None
 
 
+class MethodConfig(Protocol):
+    """A method's config: an instance of the dataclass its registry entry names
+    (:attr:`boltzflow.models.method.Method.config`)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class StudentSpec:
-    """One student: ``method`` f2d2/falcon (``config`` a StudentConfig) or nf (``config`` a dict
-    of validated NF settings: ``model``, ``train``, ``loss`` dataclasses, ``n_pairs``,
-    ``pair_settings``)."""
+    """One student: a method of :data:`boltzflow.registry.METHODS` and an instance of that
+    method's config dataclass (``StudentConfig`` for f2d2/falcon, ``NFConfig`` for nf,
+    ``EulerConfig`` for the Euler baselines, ...)."""
 
     name: str
     method: str
-    config: Any
+    config: MethodConfig
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        from boltzflow.registry.methods import get_method
+
+        cls = get_method(self.method).config
+        if not isinstance(self.config, cls):
+            raise TypeError(
+                f"students.{self.name}: a {self.method!r} student needs a {cls.__name__}, got "
+                f"{type(self.config).__name__}"
+            )
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able form of the configuration (for hashing and the run record)."""
@@ -180,75 +233,119 @@ class StudentSpec:
 
     @property
     def default_steps(self) -> int:
-        """Steps the student samples with by default (1 for a one-pass method)."""
-        return int(self.config.student.default_steps) if self.uses_steps else 1
+        """Steps the student samples with by default (1 for a one-pass method): the config's
+        ``student.default_steps`` or ``default_steps``, else the student models' default."""
+        if not self.uses_steps:
+            return 1
+        options = getattr(self.config, "student", self.config)
+        return int(getattr(options, "default_steps", _DEFAULT_STEPS))
 
 
 @dataclass(frozen=True)
 class SampleSpec:
     """Sampling sizes: ``n`` per model and step count; student ``steps``; the teacher too?"""
 
-    n: int
-    steps: tuple[int, ...]
-    teacher: bool
-    batch_size: int
-    teacher_batch_size: int | None
+    n: int = 2000
+    steps: tuple[int, ...] = (1, 2, 4)
+    teacher: bool = True
+    batch_size: int = 4096
+    teacher_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        positive_int(self.n, "sample.n")
+        _check_steps(self.steps, "sample.steps")
+        positive_int(self.batch_size, "sample.batch_size")
+        if self.teacher_batch_size is not None:
+            positive_int(self.teacher_batch_size, "sample.teacher_batch_size")
 
 
 @dataclass(frozen=True)
 class EstimatesSpec:
     """What to estimate from every model's weighted samples (CIs by ``method``)."""
 
-    log_z: bool
-    observables: tuple[dict[str, Any], ...]
-    free_energies: tuple[dict[str, Any], ...]
-    method: str
+    log_z: bool = True
+    observables: tuple[dict[str, Any], ...] = ()
+    free_energies: tuple[dict[str, Any], ...] = ()
+    method: str = "delta"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("delta", "bootstrap", "both"):
+            raise ValueError(
+                f"estimates.method: {self.method!r} is not 'delta', 'bootstrap' or 'both'"
+            )
 
 
 @dataclass(frozen=True)
 class ReportSpec:
-    """The report: which model's samples are analysed in full and stored as ``samples.h5``."""
+    """The report: which model's samples are analysed in full and stored as ``samples.h5``.
 
-    proposal: str
-    proposal_steps: int | None
-    n_bootstrap: int
-    level: float
+    ``proposal`` None: the first student, else the teacher; ``proposal_steps`` None: that
+    student's default steps (both resolved by :func:`load_workflow`).
+    """
+
+    proposal: str | None = None
+    proposal_steps: int | None = None
+    n_bootstrap: int = 200
+    level: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.proposal_steps is not None:
+            positive_int(self.proposal_steps, "report.proposal_steps")
+        positive_int(self.n_bootstrap, "report.n_bootstrap")
+        if probability(self.level, "report.level") == 1:
+            raise ValueError(f"report.level must be a number in (0, 1), got {self.level!r}")
 
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """``boltzflow benchmark``: steps, samples per row, NLL points, log q check points, and
-    whether to add the naive Euler baselines."""
+    """``boltzflow benchmark``: steps, samples per row (None: ``sample.n``, resolved by
+    :func:`load_workflow`), NLL points, log q check points, and whether to add the naive Euler
+    baselines."""
 
-    steps: tuple[int, ...]
-    n: int
-    n_val: int
-    n_check: int
-    baselines: bool
+    steps: tuple[int, ...] = (1, 2, 4, 8)
+    n: int | None = None
+    n_val: int = 1000
+    n_check: int = 256
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        _check_steps(self.steps, "benchmark.steps")
+        if self.n is not None:
+            positive_int(self.n, "benchmark.n")
+        positive_int(self.n_val, "benchmark.n_val")
+        positive_int(self.n_check, "benchmark.n_check")
 
 
 @dataclass(frozen=True)
 class Workflow:
-    """A validated workflow (see the module docstring)."""
+    """A validated workflow (see the module docstring). ``output`` None: ``runs/<name>``."""
 
     name: str
-    description: str
     system: str
-    system_options: dict[str, Any]
-    output: Path
-    seed: int
-    threads: int
-    device: str | None
     data: DataSpec
     teacher: TeacherSpec
-    students: dict[str, StudentSpec]
-    sample: SampleSpec
-    estimates: EstimatesSpec
-    report: ReportSpec
-    benchmark: BenchmarkSpec
+    description: str = ""
+    system_options: dict[str, Any] = field(default_factory=dict)
+    output: Path | None = None
+    seed: int = 0
+    threads: int = 1
+    device: str | None = None
+    students: dict[str, StudentSpec] = field(default_factory=dict)
+    sample: SampleSpec = field(default_factory=SampleSpec)
+    estimates: EstimatesSpec = field(default_factory=EstimatesSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     path: Path | None = None
     profile: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        nonnegative_int(self.seed, "seed")
+        nonnegative_int(self.threads, "threads")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.output is None:
+            object.__setattr__(self, "output", Path("runs") / self.name)
 
     def open_system(self) -> Any:
         """Build the target system (``load_system(system, **system_options)``); close it after
@@ -261,7 +358,7 @@ class Workflow:
     def proposal_label(self) -> str:
         """Sample label of the report's proposal (``teacher``, ``<student>-K<steps>``, or the
         name of a one-pass nf student)."""
-        return sample_label(self.report.proposal, self.report.proposal_steps)
+        return sample_label(str(self.report.proposal), self.report.proposal_steps)
 
 
 def sample_label(model: str, steps: int | None) -> str:
@@ -270,23 +367,29 @@ def sample_label(model: str, steps: int | None) -> str:
 
 
 # -- parsing --------------------------------------------------------------------------------------
-_TOP = {
-    "name": (str, REQUIRED),
-    "description": (str, ""),
-    "system": (str, REQUIRED),
-    "system_options": (dict, {}),
-    "output": (str, None),
-    "seed": (int, 0),
-    "threads": (int, 1),
-    "device": (str, None),
-    "data": (dict, REQUIRED),
-    "teacher": (dict, REQUIRED),
-    "students": (dict, {}),
-    "sample": (dict, {}),
-    "estimates": (dict, {}),
-    "report": (dict, {}),
-    "benchmark": (dict, {}),
-}
+#: keys of the workflow file itself: the TOML-facing fields of :class:`Workflow`
+_TOP_KEYS = tuple(
+    f.name for f in dataclasses.fields(Workflow) if f.name not in ("path", "profile", "raw")
+)
+#: top-level keys read as tables by their own parsers
+_TABLES = ("data", "teacher", "students", "sample", "estimates", "report", "benchmark")
+
+
+def _read_top(raw: dict[str, Any], wf: str) -> dict[str, Any]:
+    """The workflow file's top-level keys, type-checked by :class:`Workflow`'s annotations;
+    tables are checked to be tables (their parsers read them), absent keys left out."""
+    check_keys(raw, wf, _TOP_KEYS)
+    hints = typing.get_type_hints(Workflow)
+    fields = {f.name: f for f in dataclasses.fields(Workflow)}
+    out = {}
+    for key in _TOP_KEYS:
+        f = fields[key]
+        if key not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{wf}: missing required key {key!r}")
+            continue
+        out[key] = check_type(raw[key], dict if key in _TABLES else hints[key], key_path(wf, key))
+    return out
 
 
 def _system_info(name: str, where: str) -> Any:
@@ -299,59 +402,27 @@ def _system_info(name: str, where: str) -> Any:
     return system_info(name), kind
 
 
-def _parse_data(raw: Any, base: Path, where: str) -> DataSpec:
-    from boltzflow.data.generate import METHODS
-
-    t = read_table(
-        raw,
-        where,
-        {
-            "generate": (bool, None),
-            "file": (str, None),
-            "dataset": (str, None),
-            "reference_file": (str, None),
-            "method": (str, "auto"),
-            "n_train": (int, None),
-            "n_reference": (int, 0),
-            "settings": (dict, {}),
-        },
-    )
-    has_file = t["file"] is not None
-    if t["generate"] is None:
-        t["generate"] = not has_file
-    if t["generate"] == has_file:
+def _parse_data(raw: Any, base: Path, wf: str) -> DataSpec:
+    where = f"{wf}: data"
+    keys = {f.name for f in dataclasses.fields(DataSpec)}
+    check_keys(raw, where, {"generate", *keys})
+    t = dict(raw)
+    generate = check_type(t.pop("generate", None), bool | None, f"{where}.generate")
+    has_file = "file" in t
+    if generate is None:
+        generate = not has_file
+    if generate == has_file:
         raise ValueError(
             f"{where}: give either `file = PATH` (existing data) or `generate = true`, not "
             f"{'both' if has_file else 'neither'}"
         )
-    if t["method"] not in METHODS:
-        raise ValueError(f"{where}.method: {t['method']!r} is not one of {list(METHODS)}")
-    if not has_file:
-        for key in ("dataset", "reference_file"):
-            if t[key] is not None:
-                raise ValueError(f"{where}.{key}: only meaningful with `file`")
-        if t["n_train"] is None:
-            raise ValueError(f"{where}: missing required key 'n_train' (how much to generate)")
-    elif t["settings"] or t["method"] != "auto":
-        raise ValueError(f"{where}: `method`/`settings` are for generated data, not `file`")
-    if t["n_train"] is not None:
-        require_positive(t["n_train"], f"{where}.n_train")
-    require_positive(t["n_reference"], f"{where}.n_reference", allow_zero=True)
-    file = existing_file(base, t["file"], f"{where}.file") if has_file else None
-    ref = (
-        existing_file(base, t["reference_file"], f"{where}.reference_file")
-        if t["reference_file"]
-        else None
-    )
-    return DataSpec(
-        file=file,
-        dataset=t["dataset"],
-        reference_file=ref,
-        method=t["method"],
-        n_train=t["n_train"] or 0,
-        n_reference=t["n_reference"],
-        settings=dict(t["settings"]),
-    )
+    if generate and "n_train" not in t:
+        raise ValueError(f"{where}: missing required key 'n_train' (how much to generate)")
+    for key in ("file", "reference_file"):
+        if key in t and has_file:
+            value = check_type(t[key], str, f"{where}.{key}")
+            t[key] = existing_file(base, value, f"{where}.{key}")
+    return located(wf, dataclass_from_dict, DataSpec, t, where)
 
 
 def _config_source(t: dict[str, Any], base: Path, where: str) -> tuple[dict[str, Any], Path | None]:
@@ -375,13 +446,13 @@ def _merged_config(
     where: str,
     *,
     what: str,
-    sections: tuple[str, ...],
+    cls: type,
     system: str,
     device: str | None,
 ) -> tuple[dict[str, Any], str]:
-    """A run config: the config file's tables (``data``, from ``source``) with the workflow
-    table ``t``'s inline sections and description, the device and the system over them; and the
-    label that locates its errors.
+    """A run config for dataclass ``cls``: the config file's tables (``data``, from ``source``)
+    with the workflow table ``t``'s other keys, the device (``train.device``) and the system
+    (where ``cls`` has those fields) over them; and the label that locates its errors.
 
     Raises:
         ValueError: the config file names another system than the workflow's.
@@ -392,14 +463,25 @@ def _merged_config(
             f"{where}.config: {source} is a {what} config for system {file_system!r}, but the "
             f"workflow's system is {system!r}"
         )
-    inline = {s: t[s] for s in sections if t[s] is not None}
-    if t["description"] is not None:
-        inline["description"] = t["description"]
+    names = {f.name for f in dataclasses.fields(cls)}
+    inline = {k: v for k, v in t.items() if k not in (*_SOURCE_KEYS, "method")}
     merged = merge(data, inline)
-    if device is not None:
+    if device is not None and "train" in names:
         merged = merge(merged, {"train": {"device": device}})
-    merged["system"] = system
+    if "system" in names:
+        merged["system"] = system
     return merged, f"{where} (config {source})" if source else where
+
+
+def _source_table(raw: Any, where: str, cls: type, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A teacher/student table: ``config``, ``profile`` (strings) and ``extra`` keys, then the
+    fields of ``cls`` but ``system`` (inline, checked when ``cls`` is built)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("system", *extra)]
+    check_keys(raw, where, [*_SOURCE_KEYS, *extra, *names])
+    for key in (*_SOURCE_KEYS, *extra):
+        if key in raw:
+            check_type(raw[key], str, f"{where}.{key}")
+    return dict(raw)
 
 
 def _parse_teacher(
@@ -407,106 +489,52 @@ def _parse_teacher(
 ) -> TeacherSpec:
     from boltzflow.train.config import TeacherConfig
 
-    fields = {"config": (str, None), "profile": (str, None), "description": (str, None)}
-    fields.update({s: (dict, None) for s in _TEACHER_SECTIONS})
-    t = read_table(raw, where, fields)
+    t = _source_table(raw, where, TeacherConfig)
     data, source = _config_source(t, base, where)
     merged, label = _merged_config(
-        t,
-        data,
-        source,
-        where,
-        what="teacher",
-        sections=_TEACHER_SECTIONS,
-        system=system,
-        device=device,
+        t, data, source, where, what="teacher", cls=TeacherConfig, system=system, device=device
     )
     cfg = located(label, TeacherConfig.from_dict, merged, where=label)
-    return TeacherSpec(config=cfg, source=source, profile=t["profile"])
+    return TeacherSpec(config=cfg, source=source, profile=t.get("profile"))
 
 
 def _parse_student(
     name: str, raw: Any, base: Path, where: str, system: str, device: str | None
 ) -> StudentSpec:
+    """A student of any registered method: its table is the method's config dataclass (the
+    registry's :attr:`~boltzflow.models.method.Method.config`), over an optional config file
+    and the method's :attr:`~boltzflow.models.method.Method.defaults`."""
+    from boltzflow.registry.methods import METHODS
+
     if not isinstance(raw, dict):
         raise TypeError(f"{where}: expected a table, got {raw!r}")
-    method = raw.get("method", name if name in STUDENT_METHODS else None)
-    if method not in STUDENT_METHODS:
+    method = raw.get("method", name if name in METHODS else None)
+    if method not in METHODS:
         raise ValueError(
-            f"{where}.method: {method!r} is not one of {list(STUDENT_METHODS)} (give `method` "
+            f"{where}.method: {method!r} is not one of {list(METHODS)} (give `method` "
             "when the student's name is not a method)"
         )
-    sections = _NF_SECTIONS if method == "nf" else _DISTILL_SECTIONS
-    fields: dict[str, tuple[Any, Any]] = {
-        "method": (str, None),
-        "config": (str, None),
-        "profile": (str, None),
-        "description": (str, None),
-    }
-    fields.update({s: (dict, None) for s in sections})
-    if method == "nf":
-        fields.update({"n_pairs": (int, 10_000), "pair_settings": (dict, {})})
-    t = read_table(raw, where, fields)
-    if method == "nf":
-        return _parse_nf(name, t, where, device)
-    from boltzflow.distill.train_students import StudentConfig
-    from boltzflow.train.config import dataclass_from_dict
-
+    entry = METHODS[method]
+    t = _source_table(raw, where, entry.config, extra=("method",))
     data, source = _config_source(t, base, where)
     file_method = data.pop("method", method)
     if file_method != method:
         raise ValueError(f"{where}.config: {source} is a {file_method!r} config, not {method!r}")
     merged, label = _merged_config(
-        t, data, source, where, what="student", sections=sections, system=system, device=device
+        t, data, source, where, what="student", cls=entry.config, system=system, device=device
     )
-    merged["method"] = method
-    cfg = located(label, dataclass_from_dict, StudentConfig, merged, where=label)
+    merged = {**entry.defaults, **merged}
+    if "method" in {f.name for f in dataclasses.fields(entry.config)}:
+        merged["method"] = method
+    cfg = located(label, dataclass_from_dict, entry.config, merged, label)
     return StudentSpec(name=name, method=method, config=cfg, source=source)
 
 
-def _parse_nf(name: str, t: dict[str, Any], where: str, device: str | None) -> StudentSpec:
-    from boltzflow.distill.nf import NFModelConfig
-    from boltzflow.distill.nf_losses import NFLossConfig
-    from boltzflow.distill.nf_run import NFConfig
-    from boltzflow.distill.nf_train import default_train_config
-    from boltzflow.train.config import TrainConfig, dataclass_from_dict
-
-    if t["config"] is not None or t["profile"] is not None:
-        raise ValueError(f"{where}: the nf student is configured inline (model, train, loss)")
-    train = dataclasses.asdict(default_train_config())
-    train.update(t["train"] or {})
-    if device is not None:
-        train["device"] = device
-    require_positive(t["n_pairs"], f"{where}.n_pairs")
-    config = NFConfig(
-        model=located(
-            where, dataclass_from_dict, NFModelConfig, t["model"] or {}, f"{where}.model"
-        ),
-        train=located(where, dataclass_from_dict, TrainConfig, train, f"{where}.train"),
-        loss=None
-        if t["loss"] is None
-        else located(where, dataclass_from_dict, NFLossConfig, t["loss"], f"{where}.loss"),
-        n_pairs=t["n_pairs"],
-        pair_settings=dict(t["pair_settings"]),
-    )
-    return StudentSpec(name=name, method="nf", config=config)
-
-
-def _parse_estimates(raw: Any, where: str, info: Any, kind: str) -> EstimatesSpec:
-    t = read_table(
-        raw,
-        where,
-        {
-            "log_z": (bool, True),
-            "observable": (list, []),
-            "free_energy": (list, []),
-            "method": (str, "delta"),
-        },
-    )
-    if t["method"] not in ("delta", "bootstrap", "both"):
-        raise ValueError(f"{where}.method: {t['method']!r} is not 'delta', 'bootstrap' or 'both'")
+def _parse_estimates(raw: Any, wf: str, info: Any, kind: str) -> EstimatesSpec:
+    where = f"{wf}: estimates"
+    check_keys(raw, where, ("log_z", "observable", "free_energy", "method"))
     observables, names = [], set()
-    for i, obs in enumerate(t["observable"]):
+    for i, obs in enumerate(check_type(raw.get("observable", []), list, f"{where}.observable")):
         w = f"{where}.observable[{i}]"
         o = parse_feature(obs, w, info, kind, {"name"})
         o["name"] = check_type(o.get("name", f"observable {i}"), str, f"{w}.name")
@@ -515,35 +543,29 @@ def _parse_estimates(raw: Any, where: str, info: Any, kind: str) -> EstimatesSpe
         names.add(o["name"])
         observables.append(o)
     free, names = [], set()
-    for i, fe in enumerate(t["free_energy"]):
+    for i, fe in enumerate(check_type(raw.get("free_energy", []), list, f"{where}.free_energy")):
         w = f"{where}.free_energy[{i}]"
-        if not isinstance(fe, dict):
-            raise TypeError(f"{w}: expected a table, got {fe!r}")
-        f = read_table(
-            fe,
-            w,
-            {
-                "name": (str, f"free energy {i}"),
-                "a": ((dict, list), REQUIRED),
-                "b": ((dict, list, str), REQUIRED),
-            },
-        )
+        check_keys(fe, w, ("name", "a", "b"))
+        for key in ("a", "b"):
+            if key not in fe:
+                raise ValueError(f"{w}: missing required key {key!r}")
+        f = {
+            "name": check_type(fe.get("name", f"free energy {i}"), str, f"{w}.name"),
+            "a": parse_state(fe["a"], f"{w}.a", info, kind),
+        }
         if f["name"] in names:
             raise ValueError(f"{w}.name: duplicate name {f['name']!r}")
         names.add(f["name"])
-        f["a"] = parse_state(f["a"], f"{w}.a", info, kind)
-        if isinstance(f["b"], str):
-            if f["b"] != "complement":
-                raise ValueError(f"{w}.b: a state or the string 'complement', got {f['b']!r}")
+        if isinstance(fe["b"], str):
+            if fe["b"] != "complement":
+                raise ValueError(f"{w}.b: a state or the string 'complement', got {fe['b']!r}")
+            f["b"] = fe["b"]
         else:
-            f["b"] = parse_state(f["b"], f"{w}.b", info, kind)
+            f["b"] = parse_state(fe["b"], f"{w}.b", info, kind)
         free.append(f)
-    return EstimatesSpec(
-        log_z=t["log_z"],
-        observables=tuple(observables),
-        free_energies=tuple(free),
-        method=t["method"],
-    )
+    given = {k: raw[k] for k in ("log_z", "method") if k in raw}
+    given.update(observables=tuple(observables), free_energies=tuple(free))
+    return located(wf, dataclass_from_dict, EstimatesSpec, given, where)
 
 
 def load_workflow(
@@ -562,7 +584,8 @@ def load_workflow(
         output: output folder (overrides the file's ``output``).
 
     Returns:
-        the :class:`Workflow`; nothing has been computed or written.
+        the :class:`Workflow`; nothing has been computed or written (data files are read by
+        :func:`check_data`).
 
     Raises:
         FileNotFoundError: the workflow file, or a file it names (data, configs), is missing.
@@ -574,91 +597,39 @@ def load_workflow(
     wf = path.name
     raw = apply_profile(read_toml_file(path, "workflow"), profile, wf)
     raw = apply_overrides(raw, overrides)
-    top = read_table(raw, wf, _TOP)
+    top = _read_top(raw, wf)
     info, kind = _system_info(top["system"], f"{wf}: system")
     system = top["system"]
     valid = {*info.parameters, "temperature"}
-    for key in top["system_options"]:
+    for key in top.get("system_options", {}):
         if key not in valid:
             raise ValueError(
                 f"{wf}: system_options: {system!r} has no parameter {key!r}; valid: {sorted(valid)}"
             )
+    if output is not None:
+        top["output"] = Path(output)
+    scalars = {k: v for k, v in top.items() if k not in _TABLES}
     base = path.resolve().parent
-    require_positive(top["threads"], f"{wf}: threads", allow_zero=True)
-    device = top["device"]
-    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"{wf}: device: expected 'cpu' or 'cuda[:N]', got {device!r}")
-    data = _parse_data(top["data"], base, f"{wf}: data")
+    device = top.get("device")
+    data = _parse_data(top["data"], base, wf)
     teacher = _parse_teacher(top["teacher"], base, f"{wf}: teacher", system, device)
     students = {}
-    for name, s in top["students"].items():
+    for name, s in top.get("students", {}).items():
         if not name.replace("_", "").replace("-", "").isalnum() or name == "teacher":
             raise ValueError(f"{wf}: students.{name}: use letters, digits, - and _ (not 'teacher')")
         students[name] = _parse_student(name, s, base, f"{wf}: students.{name}", system, device)
-    st = read_table(
-        top["sample"],
-        f"{wf}: sample",
-        {
-            "n": (int, 2000),
-            "steps": (list, [1, 2, 4]),
-            "teacher": (bool, True),
-            "batch_size": (int, 4096),
-            "teacher_batch_size": (int, None),
-        },
+    sample = located(wf, dataclass_from_dict, SampleSpec, top.get("sample", {}), f"{wf}: sample")
+    estimates = _parse_estimates(top.get("estimates", {}), wf, info, kind)
+    report = located(wf, dataclass_from_dict, ReportSpec, top.get("report", {}), f"{wf}: report")
+    report = _resolve_report(report, f"{wf}: report", students, sample)
+    benchmark = located(
+        wf, dataclass_from_dict, BenchmarkSpec, top.get("benchmark", {}), f"{wf}: benchmark"
     )
-    require_positive(st["n"], f"{wf}: sample.n")
-    require_positive(st["batch_size"], f"{wf}: sample.batch_size")
-    if st["teacher_batch_size"] is not None:
-        require_positive(st["teacher_batch_size"], f"{wf}: sample.teacher_batch_size")
-    sample = SampleSpec(
-        n=st["n"],
-        steps=tuple(int_list(st["steps"], f"{wf}: sample.steps")),
-        teacher=st["teacher"],
-        batch_size=st["batch_size"],
-        teacher_batch_size=st["teacher_batch_size"],
-    )
-    estimates = _parse_estimates(top["estimates"], f"{wf}: estimates", info, kind)
-    rp = read_table(
-        top["report"],
-        f"{wf}: report",
-        {
-            "proposal": (str, None),
-            "proposal_steps": (int, None),
-            "n_bootstrap": (int, 200),
-            "level": (float, 0.95),
-        },
-    )
-    report = _parse_report(rp, f"{wf}: report", students, sample)
-    bm = read_table(
-        top["benchmark"],
-        f"{wf}: benchmark",
-        {
-            "steps": (list, [1, 2, 4, 8]),
-            "n": (int, sample.n),
-            "n_val": (int, 1000),
-            "n_check": (int, 256),
-            "baselines": (bool, True),
-        },
-    )
-    for key in ("n", "n_val", "n_check"):
-        require_positive(bm[key], f"{wf}: benchmark.{key}")
-    benchmark = BenchmarkSpec(
-        steps=tuple(int_list(bm["steps"], f"{wf}: benchmark.steps")),
-        n=bm["n"],
-        n_val=bm["n_val"],
-        n_check=bm["n_check"],
-        baselines=bm["baselines"],
-    )
-    out = Path(output) if output is not None else Path(top["output"] or f"runs/{top['name']}")
-    return Workflow(
-        name=top["name"],
-        description=top["description"],
-        system=system,
-        system_options=dict(top["system_options"]),
-        output=out,
-        seed=top["seed"],
-        threads=top["threads"],
-        device=device,
+    if benchmark.n is None:
+        benchmark = dataclasses.replace(benchmark, n=sample.n)
+    return located(
+        wf,
+        Workflow,
         data=data,
         teacher=teacher,
         students=students,
@@ -669,19 +640,22 @@ def load_workflow(
         path=path,
         profile=profile,
         raw=raw,
+        **scalars,
     )
 
 
-def _parse_report(
-    rp: dict[str, Any], where: str, students: dict[str, StudentSpec], sample: SampleSpec
+def _resolve_report(
+    rp: ReportSpec, where: str, students: dict[str, StudentSpec], sample: SampleSpec
 ) -> ReportSpec:
-    proposal = rp["proposal"]
+    """``rp`` with its proposal and steps resolved and checked against the students and the
+    sampled step counts."""
+    proposal = rp.proposal
     if proposal is None:
         proposal = next(iter(students), "teacher")
     if proposal == "teacher":
         if not sample.teacher:
             raise ValueError(f"{where}.proposal: 'teacher' needs sample.teacher = true")
-        if rp["proposal_steps"] is not None:
+        if rp.proposal_steps is not None:
             raise ValueError(f"{where}.proposal_steps: not used for the teacher")
         steps = None
     else:
@@ -692,19 +666,53 @@ def _parse_report(
             )
         st = students[proposal]
         if not st.uses_steps:  # one pass: no step count
-            if rp["proposal_steps"] is not None:
-                raise ValueError(f"{where}.proposal_steps: not used for an nf student")
+            if rp.proposal_steps is not None:
+                raise ValueError(
+                    f"{where}.proposal_steps: not used for a one-pass {st.method!r} student"
+                )
             steps = None
         else:
-            steps = rp["proposal_steps"] or st.default_steps
+            steps = rp.proposal_steps or st.default_steps
             if steps not in sample.steps:
                 raise ValueError(
                     f"{where}.proposal_steps: {steps} is not one of sample.steps "
                     f"{list(sample.steps)}"
                 )
-    require_positive(rp["n_bootstrap"], f"{where}.n_bootstrap")
-    if not 0 < rp["level"] < 1:
-        raise ValueError(f"{where}.level: must lie in (0, 1), got {rp['level']}")
-    return ReportSpec(
-        proposal=proposal, proposal_steps=steps, n_bootstrap=rp["n_bootstrap"], level=rp["level"]
-    )
+    return dataclasses.replace(rp, proposal=proposal, proposal_steps=steps)
+
+
+def check_data(wf: Workflow) -> dict[str, int]:
+    """Read the workflow's data files as the data stage will (``boltzflow run --check``): the
+    right number of columns for the system, finite rows, a complete file, and enough rows for
+    ``data.n_reference``. Generated data has nothing to read.
+
+    Returns:
+        rows per file part (``{"file": N, "reference_file": M}``; empty when generating).
+
+    Raises:
+        ValueError (:class:`boltzflow.errors.InvalidFileError` for a damaged file): the message
+            names the workflow file, the key and the data file.
+    """
+    from boltzflow.data import load_positions
+    from boltzflow.errors import InvalidFileError
+
+    spec, label = wf.data, (wf.path.name if wf.path is not None else "workflow")
+    rows: dict[str, int] = {}
+    for key, dataset in (("file", spec.dataset), ("reference_file", None)):
+        file = getattr(spec, key)
+        if file is None:
+            continue
+        try:
+            rows[key] = len(load_positions(file, dataset, system=wf.system))
+        except (ValueError, OSError) as err:  # OSError: what HDF5 says of a damaged file
+            kind = (
+                type(err) if isinstance(err, ValueError | FileNotFoundError) else InvalidFileError
+            )
+            msg = str(err) if str(file) in str(err) else f"{file}: {err}"
+            raise kind(f"{label}: data.{key}: {msg}") from err
+    if "file" in rows and spec.reference_file is None and spec.n_reference >= rows["file"]:
+        raise ValueError(
+            f"{label}: data.n_reference = {spec.n_reference} leaves no training rows in "
+            f"{spec.file} ({rows['file']} rows)"
+        )
+    return rows

@@ -1,21 +1,9 @@
 """The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples ->
 report (and, for ``boltzflow benchmark``, the benchmark table).
 
-Output folder layout::
-
-    data/train.h5, data/reference.h5      boltzflow datasets (generated, or copied from a file)
-    teacher/teacher.pt                    teacher CNF (EMA weights; checkpoint.pt, metrics.jsonl)
-    students/trajectories-<id>.pt         cached teacher trajectories shared by F2D2/FALCON
-    students/<name>/student.pt            each student
-    samples/<label>.h5                    (x, log q, u, log w) per model and step count
-    samples.h5                            the report's proposal samples (a copy)
-    report.md, report.json                teacher vs students table, estimates with CIs
-    analysis/                             reweighting report of the proposal, plots (PNG)
-    benchmark.md, benchmark.json          ``boltzflow benchmark`` only
-    manifest.json                         stage keys and output fingerprints (the cache)
-
-Every file is written atomically (temporary file + rename), so a killed run never leaves a
-half-written output behind that a later run would trust.
+The output folder layout is in :mod:`boltzflow.workflow.layout`. Every file is written
+atomically (temporary file + rename), so a killed run never leaves a half-written output behind
+that a later run would trust.
 """
 
 from __future__ import annotations
@@ -31,57 +19,26 @@ from typing import Any
 
 import torch
 
-from boltzflow.io.atomic import atomic_path
+from boltzflow.workflow.benchmark import run_benchmark_stage
 from boltzflow.workflow.cache import canonical_json
-from boltzflow.workflow.spec import StudentSpec, Workflow, sample_label
+from boltzflow.workflow.layout import (
+    REFERENCE_FILE,
+    TEACHER_FILE,
+    TRAIN_FILE,
+    sample_plan,
+    stage_device,
+    teacher_sampling,
+)
+from boltzflow.workflow.report import run_report_stage
+from boltzflow.workflow.spec import StudentSpec, Workflow
 from boltzflow.workflow.stage import Stage, StageContext
 
-__all__ = [
-    "build_stages",
-    "copy_atomic",
-    "sample_plan",
-    "stage_device",
-    "teacher_sampling",
-]
-
-TRAIN_FILE = "data/train.h5"
-REFERENCE_FILE = "data/reference.h5"
-TEACHER_FILE = "teacher/teacher.pt"
-
-
-def teacher_sampling(wf: Workflow) -> dict[str, Any]:
-    """The teacher's ODE settings for sampling: ``[teacher.sample]`` (+ the batch override)."""
-    settings = dataclasses.asdict(wf.teacher.config.sample)
-    if wf.sample.teacher_batch_size is not None:
-        settings["batch_size"] = wf.sample.teacher_batch_size
-    return settings
+__all__ = ["build_stages"]
 
 
 def _training_key(config: dict[str, Any]) -> dict[str, Any]:
     """A model config without what cannot change the trained weights (sampling, description)."""
     return {k: v for k, v in config.items() if k not in ("sample", "description")}
-
-
-def stage_device(wf: Workflow) -> str:
-    """Device for sampling: the workflow's, else the teacher's training device."""
-    return wf.device or wf.teacher.config.train.device
-
-
-def sample_plan(wf: Workflow) -> dict[str, list[tuple[str, int | None]]]:
-    """``{model: [(label, steps), ...]}`` of the sample files the workflow writes."""
-    plan: dict[str, list[tuple[str, int | None]]] = {}
-    if wf.sample.teacher:
-        plan["teacher"] = [("teacher", None)]
-    for name, st in wf.students.items():
-        steps: list[int | None] = list(wf.sample.steps) if st.uses_steps else [None]
-        plan[name] = [(sample_label(name, k), k) for k in steps]
-    return plan
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file + rename."""
-    with atomic_path(dst, suffix=dst.suffix) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def _last_metrics(folder: Path) -> dict[str, Any]:
@@ -237,15 +194,17 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
         progress=ctx.progress,
         run_info=info,
     )
-    steps = st.config.train.steps
+    train = getattr(st.config, "train", None)  # None: a method without training (a baseline)
+    steps = int(train.steps) if train is not None else 0
     last = _last_metrics(ctx.workdir)
+    note = f"{st.method}, {steps} steps, loss {_g(last.get('loss'))}" if steps else st.method
     return {
         "method": st.method,
         "parameters": _n_params(student),
         "steps": steps,
         "train_seconds": last.get("elapsed_s", time.perf_counter() - start),
         "final_loss": last.get("loss"),
-        "note": f"{st.method}, {steps} steps, loss {_g(last.get('loss'))}",
+        "note": note,
     }
 
 
@@ -336,8 +295,6 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
     The stage configurations hold everything that decides a stage's result (resolved model
     configs, sizes, seeds, device), so a changed setting re-runs exactly the stages it affects.
     """
-    from boltzflow.workflow.benchmark import run_benchmark_stage
-    from boltzflow.workflow.report import run_report_stage
 
     device = stage_device(wf)
     system = {"name": wf.system, "options": wf.system_options}

@@ -14,8 +14,9 @@ import torch
 
 from boltzflow.cli import main
 from boltzflow.distill import EulerBaseline, load_student
+from boltzflow.distill.f2d2 import F2D2LossConfig
+from boltzflow.distill.falcon import FALCONLossConfig
 from boltzflow.distill.train_students import (
-    LossConfig,
     StudentConfig,
     StudentOptions,
     TrajectoryConfig,
@@ -55,7 +56,7 @@ def _config(method: str, steps: int = 100, signed: bool = True) -> StudentConfig
     return StudentConfig(
         method=method,
         student=StudentOptions(signed=signed),
-        loss=LossConfig(semigroup=0.5),
+        loss=F2D2LossConfig(semigroup=0.5) if method == "f2d2" else FALCONLossConfig(),
         trajectories=TrajectoryConfig(n=512, grid=4, atol=1e-4, rtol=1e-4, batch_size=512),
         train=TrainConfig(steps=steps, batch_size=128, lr=2e-3, warmup_steps=10, log_every=25),
     )
@@ -108,7 +109,7 @@ def test_falcon_trains_from_data_alone(toy_teacher: TeacherCNF, tmp_path: Path) 
     """``loss.target = "data"``: conditional flow matching + MeanFlow + invertibility on the
     interpolant, no teacher trajectories (the teacher only shapes the model)."""
     cfg = _config("falcon", steps=60)
-    cfg.loss = LossConfig(pairs=0.0, target="data")
+    cfg.loss = FALCONLossConfig(pairs=0.0, target="data")
     student = train_student(cfg, toy_teacher, tmp_path, data=_toy_data(), progress=False)
     assert not (tmp_path / "trajectories.pt").exists()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -118,10 +119,10 @@ def test_falcon_trains_from_data_alone(toy_teacher: TeacherCNF, tmp_path: Path) 
     assert torch.isfinite(log_q).all()
     with pytest.raises(ValueError, match="pairs"):
         bad = _config("falcon", steps=1)
-        bad.loss = LossConfig(target="data")
+        bad.loss = FALCONLossConfig(target="data")
         train_student(bad, toy_teacher, tmp_path / "bad", data=_toy_data(), progress=False)
     with pytest.raises(ValueError, match="F2D2 needs the teacher"):
-        StudentConfig(method="f2d2", loss=LossConfig(pairs=0.0, target="data"))
+        StudentConfig(method="f2d2", loss={"pairs": 0.0, "target": "data"})
 
 
 def _dw4_like_teacher(folder: Path) -> Path:
@@ -197,7 +198,7 @@ def test_falcon_energy_loss_trains_on_the_system_energy(
     teacher = TeacherCNF.load(_dw4_like_teacher(tmp_path / "teacher") / "teacher.pt")
     cfg = StudentConfig(
         method="falcon",
-        loss=LossConfig(energy=1.0, energy_steps=2),
+        loss=FALCONLossConfig(energy=1.0, energy_steps=2),
         trajectories=TrajectoryConfig(n=64, grid=4, atol=1e-3, rtol=1e-3, batch_size=64),
         train=TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5, log_every=20),
     )
@@ -209,15 +210,15 @@ def test_falcon_energy_loss_trains_on_the_system_energy(
     assert all(math.isfinite(m["energy"]) for m in metrics), metrics
     assert metrics[-1]["energy"] < metrics[0]["energy"], "reverse KL did not decrease"
 
-    with pytest.raises(ValueError, match=r"loss\.energy trains FALCON"):
-        StudentConfig(method="f2d2", loss=LossConfig(energy=1.0))
+    with pytest.raises(ValueError, match=r"loss: unknown key 'energy'"):
+        StudentConfig(method="f2d2", loss={"energy": 1.0})
     with pytest.raises(ValueError, match=r"loss\.energy_steps must be"):
-        LossConfig(energy=1.0, energy_steps=0)
+        FALCONLossConfig(energy=1.0, energy_steps=0)
     with pytest.raises(ValueError, match="needs the student's system"):
         train_student(cfg, toy_teacher, tmp_path / "no_system", progress=False)
     with pytest.raises(ValueError, match="needs target"):
         from_data = StudentConfig(
-            method="falcon", loss=LossConfig(energy=1.0, pairs=0.0, target="data")
+            method="falcon", loss=FALCONLossConfig(energy=1.0, pairs=0.0, target="data")
         )
         student = build_student(from_data, teacher, system="dw4")
         student_loss(student, from_data, data=torch.zeros(4, 8))
@@ -241,10 +242,10 @@ def test_falcon_likelihood_loss_trains_on_data_or_teacher_samples(
         assert all(math.isfinite(m["nll"]) and m["nll_dropped"] == 0 for m in metrics), metrics
         assert metrics[-1]["nll"] < metrics[0]["nll"], f"{name}: likelihood did not improve"
 
-    with pytest.raises(ValueError, match=r"loss\.likelihood trains FALCON"):
-        StudentConfig(method="f2d2", loss=LossConfig(likelihood=1.0))
+    with pytest.raises(ValueError, match=r"loss: unknown key 'likelihood'"):
+        StudentConfig(method="f2d2", loss={"likelihood": 1.0})
     with pytest.raises(ValueError, match=r"loss\.likelihood_steps must be"):
-        LossConfig(likelihood=1.0, likelihood_steps=0)
+        FALCONLossConfig(likelihood=1.0, likelihood_steps=0)
     with pytest.raises(ValueError, match="this run uses neither"):
         train_student(_config("falcon"), toy_teacher, tmp_path / "unused", data=_toy_data())
 
@@ -276,7 +277,7 @@ def test_falcon_logdet_loss_and_aligned_steps(toy_teacher: TeacherCNF, tmp_path:
     """``loss.logdet`` trains the map's exact step log-determinants against the teacher's
     log-density change; ``loss.aligned_steps`` restricts the aligned jumps to those step counts."""
     cfg = _config("falcon", steps=120)
-    cfg.loss = LossConfig(logdet=1.0, aligned_steps=[2], dyadic_fraction=1.0)
+    cfg.loss = FALCONLossConfig(logdet=1.0, aligned_steps=[2], dyadic_fraction=1.0)
     train_student(cfg, toy_teacher, tmp_path, progress=False)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["logdet"] < metrics[0]["logdet"], "log-determinant loss did not decrease"
@@ -287,18 +288,18 @@ def test_falcon_logdet_loss_and_aligned_steps(toy_teacher: TeacherCNF, tmp_path:
     assert 0.45 < float((i1 > i0).float().mean()) < 0.55  # both directions
 
     with pytest.raises(ValueError, match="powers of 2"):
-        LossConfig(aligned_steps=[3])
+        F2D2LossConfig(aligned_steps=[3])
     with pytest.raises(TypeError, match="list of step counts"):
-        LossConfig(aligned_steps=4)
+        FALCONLossConfig(aligned_steps=4)
     with pytest.raises(ValueError, match="beyond the trajectory grid"):
         StudentConfig(
             method="falcon",
-            loss=LossConfig(aligned_steps=[8]),
+            loss=FALCONLossConfig(aligned_steps=[8]),
             trajectories=TrajectoryConfig(grid=4),
         )
-    with pytest.raises(ValueError, match=r"loss\.logdet trains FALCON"):
-        StudentConfig(method="f2d2", loss=LossConfig(logdet=1.0))
+    with pytest.raises(ValueError, match=r"loss: unknown key 'logdet'"):
+        StudentConfig(method="f2d2", loss={"logdet": 1.0})
     with pytest.raises(ValueError, match=r"loss\.logdet needs teacher trajectories"):
         bad = _config("falcon", steps=1)
-        bad.loss = LossConfig(pairs=0.0, logdet=1.0, target="data")
+        bad.loss = FALCONLossConfig(pairs=0.0, logdet=1.0, target="data")
         train_student(bad, toy_teacher, tmp_path / "bad", data=_toy_data(), progress=False)

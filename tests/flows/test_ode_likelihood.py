@@ -207,6 +207,9 @@ def test_errors_name_the_valid_choices(linear_case):
         integrate(Linear(a, b), x, method="euler")
     with pytest.raises(ValueError, match="adaptive"):
         integrate(Linear(a, b), x, method="dopri5", steps=4)
+    for atol, rtol in ((0.0, 0.0), (-1.0, 1e-5), (1e-5, float("nan"))):
+        with pytest.raises(ValueError, match="atol and rtol must be positive"):
+            integrate(Linear(a, b), x, atol=atol, rtol=rtol)  # not torchdiffeq's AssertionError
     with pytest.raises(TypeError):
         integrate(Linear(a, b), x, atols=1e-3)  # keyword-only options: a typo raises
     with pytest.raises(ValueError, match="times"):

@@ -250,5 +250,5 @@ def test_workers_stop_when_the_loop_raises(tmp_path):
 
 
 def test_negative_worker_count_is_rejected():
-    with pytest.raises(ValueError, match="data_workers must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"train\.data_workers must be an integer >= 0, got -1"):
         TrainConfig(data_workers=-1)

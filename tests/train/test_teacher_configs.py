@@ -49,7 +49,7 @@ def test_unknown_keys_are_named(tmp_path):
 
 
 def test_bad_values_and_profiles_are_named(tmp_path):
-    with pytest.raises(TypeError, match=r"train\.steps: expected int"):
+    with pytest.raises(TypeError, match=r"train\.steps: expected integer"):
         load_teacher_config(_write(tmp_path, "[train]\nsteps = 'many'\n"))
     with pytest.raises(ValueError, match=r"sample\.method 'rk5'"):
         load_teacher_config(_write(tmp_path, "[sample]\nmethod = 'rk5'\n"))
@@ -71,7 +71,7 @@ def test_dict_round_trip_and_int_to_float():
     cfg = TeacherConfig.from_dict({"train": {"lr": 1, "steps": 3}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert TeacherConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match=r"train\.steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"train\.steps must be a positive integer, got 0"):
         dataclass_from_dict(TrainConfig, {"steps": 0}, "train")
 
 
@@ -81,3 +81,5 @@ def test_train_config_set_given_skips_unset_options():
     assert (cfg.steps, cfg.seed, cfg.device) == (7, 5, "cuda")
     with pytest.raises(TypeError, match="no field 'stepz'"):
         cfg.set_given(stepz=1)
+    with pytest.raises(ValueError, match=r"train\.steps must be a positive integer, got 0"):
+        cfg.set_given(steps=0)  # as a config file's steps = 0: never an untrained model

@@ -257,3 +257,78 @@ def test_run_lock_blocks_a_live_process_and_takes_over_a_stale_lock(tmp_path):
         sleeper.wait()
     with run_lock(tmp_path):  # the holder is gone: stale lock taken over
         pass
+
+
+def _flip_byte(path, offset_from_end=40):
+    """Flip one byte near the end of ``path`` (inside the data, not the header); same size."""
+    raw = bytearray(path.read_bytes())
+    raw[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_outputs_rerun_their_stage_and_a_touch_does_not(tmp_path):
+    """A byte flipped in a cached checkpoint or dataset used to pass as "up to date": the
+    checkpoint fingerprint was read from its own header, the dataset's from a stored checksum."""
+    from boltzflow.data import write_dataset
+    from boltzflow.io.checkpoint import save_checkpoint
+
+    calls = {"ckpt": 0, "data": 0}
+    x = np.linspace(0.0, 1.0, 4000).reshape(500, 8)
+
+    def ckpt(ctx):
+        calls["ckpt"] += 1
+        save_checkpoint(ctx.path("student.pt"), {"kind": "k", "w": torch.linspace(0, 1, 500)})
+
+    def data(ctx):
+        calls["data"] += 1
+        prov = {"generator": "t", "settings": {}, "seed": 0, "system_parameters": {}}
+        write_dataset(ctx.path("data.h5"), x, system="s", provenance={**prov, "temperature": None})
+
+    stages = [
+        Stage("ckpt", ckpt, config={}, outputs=("student.pt",)),
+        Stage("data", data, config={}, outputs=("data.h5",)),
+    ]
+    out = tmp_path / "out"
+
+    def run():
+        res = run_stages(stages, out, log=lambda msg: None, progress=False)
+        return _status(res)
+
+    assert run() == {"ckpt": "ran", "data": "ran"}
+    assert run() == {"ckpt": "cached", "data": "cached"}
+    _flip_byte(out / "student.pt")
+    assert run() == {"ckpt": "ran", "data": "cached"}
+    import h5py
+
+    with h5py.File(out / "data.h5", "r") as fh:  # flip a byte inside the stored array
+        offset = fh["positions"].id.get_offset()
+    raw = bytearray((out / "data.h5").read_bytes())
+    raw[offset + 100] ^= 0xFF
+    (out / "data.h5").write_bytes(bytes(raw))
+    assert run() == {"ckpt": "cached", "data": "ran"}
+    os.utime(out / "student.pt", ns=(1, 1))  # new mtime, same bytes: hashed, still cached
+    assert run() == {"ckpt": "cached", "data": "cached"}
+    assert calls == {"ckpt": 2, "data": 2}
+
+
+def test_manifest_without_byte_records_still_catches_a_damaged_checkpoint(tmp_path):
+    save = tmp_path / "out"
+    stage = Stage(
+        "ckpt",
+        lambda ctx: save_ckpt(ctx.path("m.pt")),
+        config={},
+        outputs=("m.pt",),
+    )
+
+    def save_ckpt(path):
+        from boltzflow.io.checkpoint import save_checkpoint
+
+        save_checkpoint(path, {"kind": "k", "w": torch.ones(100)})
+
+    run_stages([stage], save, log=lambda msg: None, progress=False)
+    manifest = json.loads((save / MANIFEST_FILE).read_text())
+    del manifest["stages"]["ckpt"]["files"]  # as written by boltzflow before byte records
+    (save / MANIFEST_FILE).write_text(json.dumps(manifest))
+    _flip_byte(save / "m.pt")
+    res = run_stages([stage], save, log=lambda msg: None, progress=False)
+    assert _status(res) == {"ckpt": "ran"}

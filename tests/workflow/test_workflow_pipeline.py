@@ -286,6 +286,20 @@ def test_nf_student_joins_the_comparison(tiny_run, tmp_path):
     assert row["log q"] == "exact (one pass)" and 0 < row["ESS/N"] <= 1
 
 
+def test_registered_euler_student_joins_the_comparison(tiny_run, tmp_path):
+    """A method of the registry the spec has no code for (a K-step Euler baseline): parsed from
+    its config dataclass, its stage trains nothing, and it is sampled like any student."""
+    out = _copy(tiny_run, tmp_path)
+    run = _run(out, **{"students.base": {"method": "euler-exact"}})
+    assert _ran(run) == {"student-base", "sample-base", "report"}  # the rest is cached
+    result = next(r for r in run.results if r.name == "student-base")
+    assert result.status == "ran"
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["label"]: r for r in report["models"] if r["model"] == "base"}
+    assert set(rows) == {"base-K1", "base-K2"}
+    assert all(0 < r["ESS/N"] <= 1 for r in rows.values())
+
+
 @pytest.mark.slow
 def test_full_quickstart_within_its_cpu_budget(tmp_path):
     """The shipped quickstart as `make demo` runs it: all outputs, and its CPU time (one thread)

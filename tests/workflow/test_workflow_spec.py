@@ -79,7 +79,11 @@ def test_minimal_workflow_defaults(tmp_path):
     [
         ("bogus = 1", ValueError, r"wf.toml: unknown key 'bogus'"),
         ("[sample]\nn = 'many'", TypeError, r"wf.toml: sample.n: expected integer, got 'many'"),
-        ("[sample]\nsteps = [1, 0]", ValueError, r"sample.steps\[1\]: must be >= 1"),
+        (
+            "[sample]\nsteps = [1, 0]",
+            ValueError,
+            r"wf.toml: sample.steps\[1\] must be a positive integer, got 0",
+        ),
         ("[sample]\nteacher = 1", TypeError, r"sample.teacher: expected boolean"),
         ("[teacher.model]\nhidden = 'wide'", TypeError, r"wf.toml: teacher.model.hidden"),
         (
@@ -205,7 +209,7 @@ def test_cli_rejects_invalid_workflows_before_any_work(tmp_path, capsys):
         main(["run", str(WORKFLOWS / "quickstart.toml"), "--set", "sample.n=0", "-o", str(out)])
         == 2
     )
-    assert "sample.n: must be > 0" in capsys.readouterr().err
+    assert "sample.n must be a positive integer, got 0" in capsys.readouterr().err
     assert not out.exists()
     assert main(["run", str(WORKFLOWS / "quickstart.toml"), "--check"]) == 0
     assert "valid workflow 'quickstart'" in capsys.readouterr().out

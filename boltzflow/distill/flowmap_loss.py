@@ -1,0 +1,101 @@
+"""What the flow-map students' losses share (F2D2 in :mod:`boltzflow.distill.f2d2`, FALCON in
+:mod:`boltzflow.distill.falcon`): the loss options common to both, the minibatch they read and
+the run context a step's loss may draw on.
+
+Each method defines a subclass of :class:`FlowMapLossConfig` with its own weights (the
+``[loss]`` section of its config file) and a per-step loss
+``loss(model, batch, config, context) -> (loss, {name: float})`` (:data:`FlowMapLoss`);
+:mod:`boltzflow.distill.train_students` draws the batch and runs the shared training loop.
+
+A batch (built by :func:`boltzflow.distill.train_students.student_loss`) holds, for ``B`` rows
+in flow units: ``x_s (B, dim)`` at times ``s (B,)`` with the teacher's (or conditional)
+velocity ``v_s``; for exact teacher jumps ``x_t`` at ``t (B,)`` and ``dlogp (B,)``
+(``log p_t - log p_s``); diagonal points ``x_k`` at ``t_k`` with velocity ``v_k`` and exact
+divergence ``div_k``; ``m (B,)`` uniform fractions (intermediate times) and ``t_any (B,)``
+uniform end times. A data batch (``target = "data"``) has only ``x_k, t_k, v_k, x_s, s, v_s,
+t, t_any``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FlowMapLoss", "FlowMapLossConfig", "LossContext"]
+
+
+@dataclass
+class FlowMapLossConfig:
+    """Options of every flow-map student's loss: weights ``diagonal`` (targets at ``s = t``) and
+    ``pairs`` (exact teacher jumps); ``dyadic_fraction`` of the pairs are aligned jumps, those
+    used at 1, 2, 4, ... steps (or only at the step counts listed in ``aligned_steps``, e.g.
+    ``[4]``), the rest any two grid times; ``target``: ``"teacher"`` (cached teacher
+    trajectories) or ``"data"`` (conditional flow matching on the training data)."""
+
+    diagonal: float = 1.0
+    pairs: float = 1.0
+    dyadic_fraction: float = 0.5
+    aligned_steps: list[int] = field(default_factory=list)
+    target: str = "teacher"
+
+    #: fields that must be >= 0 (subclasses add their weights)
+    nonnegative: ClassVar[tuple[str, ...]] = ("diagonal", "pairs")
+    #: weights of terms that read teacher jumps (must be 0 with ``target = "data"``)
+    teacher_terms: ClassVar[tuple[str, ...]] = ("pairs",)
+
+    def __post_init__(self) -> None:
+        for name in self.nonnegative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dyadic_fraction <= 1:
+            raise ValueError(f"loss.dyadic_fraction must be in [0, 1], got {self.dyadic_fraction}")
+        if self.target not in ("teacher", "data"):
+            raise ValueError(f"loss.target must be 'teacher' or 'data', got {self.target!r}")
+        if not isinstance(self.aligned_steps, list | tuple) or not all(
+            isinstance(k, int) for k in self.aligned_steps
+        ):
+            raise TypeError(
+                f"loss.aligned_steps must be a list of step counts, got {self.aligned_steps!r}"
+            )
+        self.aligned_steps = list(self.aligned_steps)
+        for k in self.aligned_steps:
+            if k < 1 or k & (k - 1):
+                raise ValueError(f"loss.aligned_steps must be powers of 2, got {k}")
+
+    @property
+    def uses_energy(self) -> bool:
+        """Whether a term needs the system's energy (:attr:`LossContext.energy`)."""
+        return False
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether a term reads training data (``target = "data"``, or a method's own term)."""
+        return self.target == "data"
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a step's loss may use beyond its batch.
+
+    Attributes:
+        generator: the step's random generator (draws beyond the batch come after it).
+        energy: ``energy(x (B, dim)) -> (B,)``, the target's reduced energy at flow-unit points
+            (None when no term uses it).
+        ml_points: ``(N, dim)`` flow-unit points for maximum likelihood (training data, else the
+            teacher's samples; None when there are neither).
+    """
+
+    generator: torch.Generator
+    energy: Callable[[Tensor], Tensor] | None = None
+    ml_points: Tensor | None = None
+
+
+#: ``loss(model, batch, config, context) -> (scalar loss, {part: float})``
+FlowMapLoss = Callable[
+    [nn.Module, dict[str, Tensor], FlowMapLossConfig, LossContext],
+    tuple[Tensor, dict[str, float]],
+]
