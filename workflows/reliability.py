@@ -10,6 +10,8 @@ happened:
   at the output path;
 * ``refused``: a partial (interrupted) file refused with a message saying so;
 * ``recovered``: the documented way around (``--allow-partial``) worked and said what it used;
+* ``exact data``: a damaged file whose damage missed the data (e.g. bytes in HDF5 free space):
+  the command ran and the reader returned exactly the original arrays;
 * ``SILENT``: exit code 0 where the input is bad (a confident wrong answer: the worst outcome);
 * ``TRACEBACK``: any other exception or exit code;
 * ``LEFT BEHIND``: the message was clear but a file or folder was left at the output path.
@@ -57,7 +59,8 @@ steps = 4
 batch_size = 256
 """
 
-GOOD_CASES = ("recovered",)
+#: outcomes that count as failures of the toolkit
+BAD_OUTCOMES = ("SILENT", "TRACEBACK", "LEFT BEHIND", "unclear error")
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Case:
     output: str | None = None  # path that must not exist afterwards (for failed commands)
     must_say: str | None = None  # words the message must contain
     prepare: Callable[[], None] | None = field(default=None, repr=False)
+    #: for damaged files: True when the reader returns exactly the intact file's arrays
+    exact: Callable[[], bool] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -84,7 +89,7 @@ class Outcome:
 
 
 def _run(argv: list[str]) -> tuple[int | None, str, str | None]:
-    """Run the CLI in-process: ``(exit code, stderr, traceback or None)``."""
+    """Run the CLI in-process: ``(exit code, stdout + stderr, traceback or None)``."""
     err, out = io.StringIO(), io.StringIO()
     tb = None
     code: int | None
@@ -96,7 +101,7 @@ def _run(argv: list[str]) -> tuple[int | None, str, str | None]:
         except BaseException:
             code = None
             tb = traceback.format_exc()
-    return code, err.getvalue(), tb
+    return code, out.getvalue() + err.getvalue(), tb
 
 
 def _last_line(text: str) -> str:
@@ -116,6 +121,8 @@ def classify(case: Case, code: int | None, stderr: str, tb: str | None) -> tuple
             return "recovered", message
         return ("SILENT" if code == 0 else "TRACEBACK"), message
     if code == 0:
+        if case.exact is not None and case.exact():
+            return "exact data", message
         return "SILENT", message
     if code != 2 or not message:
         return "TRACEBACK", message
@@ -173,6 +180,8 @@ def _damaged(src: Path, dst: Path, how: str) -> Path:
     elif how == "flip":  # flip bytes in the last quarter (data, not the superblock/header)
         for i in range(len(raw) * 3 // 4, len(raw), max(1, len(raw) // 64)):
             raw[i] ^= 0xFF
+    elif how == "flip-data":  # one byte inside the first stored row block of the main array
+        raw[_data_offset(src) + 5] ^= 0xFF
     elif how == "empty":
         raw = bytearray()
     elif how == "text":
@@ -181,14 +190,39 @@ def _damaged(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
+def _data_offset(path: Path) -> int:
+    """File offset of the first stored block of the main array (``x`` or ``positions``)."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        ds = fh["x"] if "x" in fh else fh["positions"]
+        if ds.chunks is None:
+            return int(ds.id.get_offset())
+        return int(ds.id.get_chunk_info(0).byte_offset)
+
+
+def _same_samples(good: Path, bad: Path) -> bool:
+    from boltzflow.io.samples import read_samples
+
+    a, b = read_samples(good), read_samples(bad)
+    pairs = [(a.x, b.x), (a.log_q, b.log_q), (a.u, b.u), (a.log_w, b.log_w)]
+    return all(np.array_equal(p, q) for p, q in pairs if p is not None or q is not None)
+
+
+def _same_positions(good: Path, bad: Path) -> bool:
+    from boltzflow.data import load_positions
+
+    return bool(np.array_equal(load_positions(good), load_positions(bad)))
+
+
 def _partial_samples(dst: Path) -> None:
     """A sample store whose writer stopped after its first chunk (as a Ctrl-C leaves it)."""
     from boltzflow.io.samples import SampleWriter
 
     rng = np.random.default_rng(0)
-    writer = SampleWriter(dst, dim=8, provenance={"system": "dw4"})
+    writer = SampleWriter(dst, dim=8, provenance={"system": "dw4"}, n_planned=300)
     writer.append(rng.normal(size=(100, 8)), log_q=rng.normal(size=100))
-    writer.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    writer.abort()
 
 
 def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
@@ -204,7 +238,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
         return str(tmp / "outputs" / name)
 
     # sample stores
-    for how in ("truncate", "flip", "empty", "text"):
+    for how in ("truncate", "flip", "flip-data", "empty", "text"):
         bad = _damaged(f["samples"], tmp / f"samples-{how}.h5", how)
         cases.append(
             Case(
@@ -212,6 +246,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                 f"{how} file -> reweight",
                 ["reweight", str(bad), "--system", "dw4", "-o", out(f"rw-{how}")],
                 output=out(f"rw-{how}"),
+                exact=lambda bad=bad: _same_samples(f["samples"], bad),
             )
         )
     part = tmp / "samples-partial.h5"
@@ -248,7 +283,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
         ),
     ]
     # datasets and arrays
-    for how in ("truncate", "flip", "empty"):
+    for how in ("truncate", "flip", "flip-data", "empty"):
         bad = _damaged(f["data"], tmp / f"data-{how}.h5", how)
         cases.append(Case("dataset", f"{how} dataset -> data info", ["data", "info", str(bad)]))
         cases.append(
@@ -266,6 +301,7 @@ def build_cases(f: dict[str, Path], tmp: Path) -> list[Case]:
                     out(f"tr-{how}"),
                 ],
                 output=out(f"tr-{how}"),
+                exact=lambda bad=bad: _same_positions(f["data"], bad),
             )
         )
     npys = {
@@ -462,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"seconds": round(seconds, 1), "cases": [asdict(r) for r in results]}
     (out / "reliability.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "reliability.md").write_text(table)
-    bad = [r for r in results if r.outcome in ("SILENT", "TRACEBACK", "LEFT BEHIND")]
+    bad = [
+        r for r in results if r.outcome in ("SILENT", "TRACEBACK", "LEFT BEHIND", "unclear error")
+    ]
     print(
         f"{len(bad)} of {len(results)} cases silently wrong, a traceback or left files behind "
         f"({seconds:.0f} s)",

@@ -57,8 +57,11 @@ def _cmd_energy(args: argparse.Namespace) -> int:
 
     output = check_output_file(args.output)
     with load_system(args.system) as system:
-        # NaN/inf rows are kept: they evaluate to u = +inf and are counted, never dropped silently.
-        x = load_positions(Path(args.input), dataset=args.dataset, system=system, nan="keep")
+        # NaN/inf rows are refused unless --nan keep: then they evaluate to u = +inf, row-aligned
+        # with the input, and are counted (never dropped silently).
+        x = load_positions(Path(args.input), dataset=args.dataset, system=system, nan=args.nan)
+        if len(x) == 0:
+            raise ValueError(f"{args.input}: no configurations (0 rows)")
         u = system.energy(torch.as_tensor(x, dtype=torch.float64)).detach().cpu().numpy()
         n_bad = int((~np.isfinite(u)).sum())
     with remove_on_failure(output):  # the folders atomic_save_npy creates
@@ -76,4 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help=".npy array (N, dim) or HDF5 file")
     p.add_argument("--dataset", default=None, help="HDF5 dataset name (default: positions)")
     p.add_argument("-o", "--output", required=True, help="output .npy of shape (N,)")
+    p.add_argument(
+        "--nan",
+        choices=("raise", "keep"),
+        default="raise",
+        help="rows with NaN/inf coordinates: refuse them (default) or keep them with u = +inf",
+    )
     p.set_defaults(func=_cmd_energy)

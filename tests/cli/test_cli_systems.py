@@ -21,12 +21,19 @@ def test_systems_table_lists_every_system(capsys):
     assert "300 K" in aldp
 
 
-def test_energy_command_matches_library(tmp_path):
+def test_energy_command_matches_library(tmp_path, capsys):
     system = load_system("dw4")
     x = torch.randn(16, system.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x[3] = float("nan")
     np.save(tmp_path / "x.npy", x.numpy())
-    assert main(["energy", "dw4", str(tmp_path / "x.npy"), "-o", str(tmp_path / "u.npy")]) == 0
+    argv = ["energy", "dw4", str(tmp_path / "x.npy"), "-o", str(tmp_path / "u.npy")]
+    # NaN coordinates are refused by default (one line, exit 2, no output) ...
+    assert main(argv) == 2
+    assert "1 of 16 rows contain NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "u.npy").exists()
+    # ... and kept row-aligned with u = +inf when asked
+    assert main([*argv, "--nan", "keep"]) == 0
+    assert "non-finite: 1" in capsys.readouterr().out
     u = np.load(tmp_path / "u.npy")
     expected = system.energy(x).numpy()
     assert u.shape == (16,)
@@ -40,12 +47,15 @@ def test_energy_command_matches_library(tmp_path):
         (["energy", "no_such_system", "{x}", "-o", "{out}"], "known systems"),
         (["energy", "lj13", "{x}", "-o", "{out}"], "has dim 39"),
         (["energy", "dw4", "{missing}", "-o", "{out}"], "missing.npy"),
+        (["energy", "dw4", "{empty}", "-o", "{out}"], "no configurations (0 rows)"),
     ],
 )
 def test_energy_command_bad_input_is_one_line(tmp_path, capsys, args, message):
     np.save(tmp_path / "x.npy", np.zeros((4, 8)))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8)))
     paths = {
         "x": tmp_path / "x.npy",
+        "empty": tmp_path / "empty.npy",
         "out": tmp_path / "u.npy",
         "missing": tmp_path / "missing.npy",
     }
