@@ -48,7 +48,7 @@ from torch import Tensor
 
 from boltzflow.distill.base import Student, register_student
 from boltzflow.flows.coupling import CouplingFlow
-from boltzflow.flows.priors import TorusGaussian
+from boltzflow.flows.priors import TorusGaussian, finite_points
 from boltzflow.models.protocol import (
     LOG_Q_KINDS,
     FlowOutput,
@@ -222,14 +222,7 @@ class InternalNFStudent(Student):
         Raises:
             ValueError: wrong shape or non-finite values.
         """
-        x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected points of shape (N, {self.dim}), got {tuple(x.shape)}")
-        x = x.to(dtype=self._param().dtype, device=self._param().device)
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).any(1).sum())
-            raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
-        return x
+        return finite_points(x, self.dim, self._param())
 
     def iter_samples(
         self,

@@ -51,6 +51,7 @@ from boltzflow.flows.priors import (
     TorusGaussian,
     build_prior,
     check_points,
+    finite_points,
     gaussian_prior,
 )
 from boltzflow.io.checkpoint import load_model_checkpoint, save_checkpoint
@@ -497,14 +498,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
     def _check_points(self, x: Tensor) -> Tensor:
         if self.transform is None:
             return check_points(self.prior, x, self._param())
-        x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected points of shape (N, {self.dim}), got {tuple(x.shape)}")
-        x = x.to(dtype=self._param().dtype, device=self._param().device)
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).any(1).sum())
-            raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
-        return x
+        return finite_points(x, self.dim, self._param())
 
     def _log_prob_batch(
         self, xb: Tensor, opts: dict[str, Any], probe_gen: torch.Generator

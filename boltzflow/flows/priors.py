@@ -31,6 +31,7 @@ __all__ = [
     "TorusGaussian",
     "build_prior",
     "check_points",
+    "finite_points",
     "gaussian_prior",
     "standard_normal_log_prob",
 ]
@@ -267,6 +268,22 @@ class PriorFlowMixin:
         return self.event_dim * math.log(self.scale)
 
 
+def finite_points(x: Tensor, dim: int, like: Tensor) -> Tensor:
+    """``x`` as ``(N, dim)`` finite points with the dtype and device of ``like``.
+
+    Raises:
+        ValueError: wrong shape, or rows with NaN or infinite values (counted).
+    """
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected points of shape (N, {dim}), got {tuple(x.shape)}")
+    x = x.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
+    return x
+
+
 def check_points(prior: Prior, x: Tensor, like: Tensor) -> Tensor:
     """Validate ``(N, dim)`` points for a flow with base density ``prior``.
 
@@ -284,13 +301,7 @@ def check_points(prior: Prior, x: Tensor, like: Tensor) -> Tensor:
     Raises:
         ValueError: wrong shape, non-finite values, or points off the mean-free subspace.
     """
-    x = torch.as_tensor(x)
-    if x.ndim != 2 or x.shape[1] != prior.dim:
-        raise ValueError(f"expected points of shape (N, {prior.dim}), got {tuple(x.shape)}")
-    x = x.to(dtype=like.dtype, device=like.device)
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(1).sum())
-        raise ValueError(f"{bad} of {len(x)} points contain NaN or infinite coordinates")
+    x = finite_points(x, prior.dim, like)
     if not isinstance(prior, MeanFreeGaussian):
         return x
     n, d = prior.n_particles, prior.spatial_dim
