@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from boltzflow.cli.teacher_cmd import train_group
-from boltzflow.validate import arg, nonnegative_int, positive_int
+from boltzflow.cli.teacher_cmd import run_options, train_group
 
 __all__ = ["register"]
 
@@ -73,10 +72,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="HDF5 dataset name (default: positions)")
     p.add_argument("--config", default=None, help="TOML run configuration (default: built-in)")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke")
-    p.add_argument("-o", "--output", required=True, help="run folder")
-    p.add_argument("--steps", type=arg(positive_int, "--steps"), help="override train.steps")
-    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), help="override train.seed")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda)")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
+    run_options(p)
     p.set_defaults(func=_cmd_train_nf)

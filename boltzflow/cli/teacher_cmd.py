@@ -35,6 +35,18 @@ def train_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     return parser._boltzflow_group  # type: ignore[attr-defined]
 
 
+def run_options(p: argparse.ArgumentParser) -> None:
+    """Add the options every ``boltzflow train MODEL`` shares: ``-o`` run folder and the
+    overrides of the run configuration (``--steps``, ``--seed``, ``--device``), ``--restart``
+    and ``--threads``."""
+    p.add_argument("-o", "--output", required=True, help="run folder")
+    p.add_argument("--steps", type=arg(positive_int, "--steps"), help="override train.steps")
+    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), help="override train.seed")
+    p.add_argument("--device", default=None, help="override train.device (cpu, cuda)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
+
+
 def ode_options(
     p: argparse.ArgumentParser, *, steps_help: str = "steps of a fixed-step method"
 ) -> None:
@@ -154,12 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="HDF5 dataset name (default: positions)")
     p.add_argument("--config", required=True, help="TOML run configuration")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke or gpu")
-    p.add_argument("-o", "--output", required=True, help="run folder")
-    p.add_argument("--steps", type=arg(positive_int, "--steps"), help="override train.steps")
-    p.add_argument("--seed", type=arg(nonnegative_int, "--seed"), help="override train.seed")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda)")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
+    run_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("nll", help="negative log-likelihood of configurations under a teacher")
