@@ -27,78 +27,56 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _integer(value: Any, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(value: Any, name: str, what: str, ok: Callable[[int], bool]) -> int:
+    """``value`` if it is an int (not a bool) with ``ok(value)``, else the shared message."""
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 
 
-def _number(value: Any, name: str, what: str) -> float:
+def _number(value: Any, name: str, what: str, ok: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a finite int or float (not a bool) with ``ok``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
+    out = float(value)
+    if not math.isfinite(out) or not ok(out):
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
+    return out
 
 
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int >= 1."""
-    what = "a positive integer"
-    out = _integer(value, name, what)
-    if out < 1:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _integer(value, name, "a positive integer", lambda v: v >= 1)
 
 
 def nonnegative_int(value: Any, name: str) -> int:
     """``value`` as an int >= 0."""
-    what = "an integer >= 0"
-    out = _integer(value, name, what)
-    if out < 0:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _integer(value, name, "an integer >= 0", lambda v: v >= 0)
 
 
 def finite_float(value: Any, name: str) -> float:
     """``value`` as a finite float."""
-    return _number(value, name, "a finite number")
+    return _number(value, name, "a finite number", lambda v: True)
 
 
 def positive_float(value: Any, name: str) -> float:
     """``value`` as a finite float > 0."""
-    what = "a positive number"
-    out = _number(value, name, what)
-    if out <= 0:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _number(value, name, "a positive number", lambda v: v > 0)
 
 
 def nonnegative_float(value: Any, name: str) -> float:
     """``value`` as a finite float >= 0."""
-    what = "a number >= 0"
-    out = _number(value, name, what)
-    if out < 0:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _number(value, name, "a number >= 0", lambda v: v >= 0)
 
 
 def probability(value: Any, name: str) -> float:
     """``value`` as a float in (0, 1] (a fraction of samples, a confidence level's mass)."""
-    what = "a number in (0, 1]"
-    out = _number(value, name, what)
-    if not 0 < out <= 1:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _number(value, name, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def unit_interval(value: Any, name: str) -> float:
     """``value`` as a float in [0, 1) (a decay rate, an ESS threshold)."""
-    what = "a number in [0, 1)"
-    out = _number(value, name, what)
-    if not 0 <= out < 1:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return out
+    return _number(value, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def arg(check: Callable[[Any, str], T], name: str) -> Callable[[str], T]:
