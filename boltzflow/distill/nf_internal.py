@@ -56,6 +56,7 @@ from boltzflow.models.protocol import (
     check_count,
 )
 from boltzflow.systems.internal_coords import InternalCoordinates
+from boltzflow.validate import nonnegative_float
 
 __all__ = ["ICNFModelConfig", "InternalNFStudent"]
 
@@ -77,6 +78,8 @@ class ICNFModelConfig:
         mask_seed: seeds the random splits.
         shift_cuts: move each dihedral's cut to its least populated angle when fitting the
             transform (harmless on the torus; the splines then rarely need to wrap).
+        standardize_dihedrals: rad; dihedrals whose circular spread in the data is below it are
+            standardised and take real-line splines (``InternalCoordinates.fit``); 0: none.
     """
 
     blocks: int = 8
@@ -88,6 +91,7 @@ class ICNFModelConfig:
     rotate: bool = True
     mask_seed: int = 0
     shift_cuts: bool = True
+    standardize_dihedrals: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("blocks", "couplings_per_block", "hidden", "depth"):
@@ -97,11 +101,14 @@ class ICNFModelConfig:
             raise ValueError(
                 f"model.bins must be >= 2 and bound > 0, got {self.bins}, {self.bound}"
             )
+        nonnegative_float(self.standardize_dihedrals, "model.standardize_dihedrals")
 
     def flow_options(self) -> dict[str, Any]:
-        """Keywords for :class:`CouplingFlow` (all but ``shift_cuts``)."""
+        """Keywords for :class:`CouplingFlow` (all but the transform's ``shift_cuts`` and
+        ``standardize_dihedrals``)."""
         out = dataclasses.asdict(self)
         out.pop("shift_cuts")
+        out.pop("standardize_dihedrals")
         return out
 
 

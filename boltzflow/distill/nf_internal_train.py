@@ -221,7 +221,13 @@ def train_nf_internal(
     train, val = split_frames(len(x), cfg.validation, cfg.train.seed)
     if len(train) < 2:
         raise ValueError(f"need at least 2 training frames, got {len(train)}")
-    ic = InternalCoordinates.fit(zmatrix, x[train], periodic=True, shift_cuts=cfg.model.shift_cuts)
+    ic = InternalCoordinates.fit(
+        zmatrix,
+        x[train],
+        periodic=True,
+        shift_cuts=cfg.model.shift_cuts,
+        standardize_dihedrals=cfg.model.standardize_dihedrals,
+    )
     with torch.no_grad():
         z_all, ld_all = ic(x)
     z_tr, z_val = z_all[train].float(), z_all[val].float()

@@ -25,13 +25,25 @@ Normalisation, fitted from data by :meth:`InternalCoordinates.fit` and part of t
   is continuous inside the interval (a bijection of the circle; log-det 0). Trans peptide bonds
   (ω ≈ ±π) are the standard case where this matters;
 - ``periodic=False``: dihedral features in (−π, π], for flows on an interval; ``periodic=True``:
-  in [−π, π), for flows on the torus (the cut shift is then harmless and optional).
+  in [−π, π), for flows on the torus (the cut shift is then harmless and optional);
+- optionally (``standardize_dihedrals=s`` in :meth:`InternalCoordinates.fit`), each *narrow*
+  dihedral, one whose circular standard deviation √(−2 log R) in the data is below s rad (in
+  alanine dipeptide 14 of 19: the dihedrals that place hydrogens, carbonyl oxygens and the trans
+  peptide bonds, spreads 0.08–0.19 rad), is standardised after the cut shift,
+  z = (wrap(φ − c − π) − μ)/σ (log-det −log σ), and becomes a real feature: a flow then maps a
+  normal prior onto it instead of squeezing a uniform angle into a 0.1-rad spike. Its domain is
+  the interval ((−π − μ)/σ, (π − μ)/σ]; a z outside it is no dihedral, and :meth:`inverse` gives
+  such a row a NaN log-det (the cut sits at the least populated angle, many σ away, so a fitted
+  flow puts negligible mass there). Boltzmann generators (Noé et al. 2019) and FAB (Midgley et
+  al. 2023) keep only a few dihedrals circular in the same way. :meth:`periodic_mask` lists the
+  dihedrals that stay on the circle.
 
 Layout of z, ``(batch, 3n − 6)``: ``[bonds (n − 1) | angles (n − 2) | dihedrals (n − 3)]``, each
 block in placement order (:meth:`ZMatrix.bond_rows` etc.).
 
 **One density convention** (DESIGN.md): ``forward(x)`` returns ``(z, log_det)`` with
-log_det = −log J(z) − Σ log σ, ``inverse(z)`` returns ``(x, −that)``, so a model with density
+log_det = −log J(z) − Σ log σ (σ of bonds, angles and standardised dihedrals),
+``inverse(z)`` returns ``(x, −that)``, so a model with density
 log q(z) reports, for its Cartesian sample x (nm),
 ``log q(x) = log q(z) − log J(z) − Σ log σ = log q(z) − inverse_log_det``: the density per
 d³ᴺx / (d³t dR). It equals the density of the Cartesian configuration integrated over rigid
@@ -58,6 +70,7 @@ from torch import Tensor, nn
 
 from boltzflow.systems.geometry import dihedral
 from boltzflow.systems.zmatrix import ZMatrix
+from boltzflow.validate import nonnegative_float
 
 __all__ = [
     "InternalCoordinates",
@@ -70,6 +83,10 @@ __all__ = [
 ]
 
 _FORMAT = "boltzflow.internal_coordinates"
+#: the normalised blocks of z, in layout order (buffers ``{block}_mean`` / ``{block}_std``)
+_BLOCKS = ("bond", "angle", "dihedral")
+#: buffers that version 1 dicts do not have
+_V2_BUFFERS = ("dihedral_mean", "dihedral_std", "dihedral_periodic")
 
 
 @lru_cache(maxsize=32)
@@ -272,7 +289,10 @@ class InternalCoordinates(nn.Module):
 
     Buffers (``state_dict``): ``bond_mean``, ``bond_std`` ``(n − 1,)`` nm; ``angle_mean``,
     ``angle_std`` ``(n − 2,)`` rad; ``dihedral_cut`` ``(n − 3,)`` rad, the angle each dihedral is
-    cut at (π: unshifted). Defaults are the identity normalisation. :meth:`to_dict` /
+    cut at (π: unshifted); ``dihedral_mean``, ``dihedral_std`` ``(n − 3,)`` rad, the
+    standardisation of the narrow dihedrals (0 and 1 for those on the circle);
+    ``dihedral_periodic`` ``(n − 3,)`` bool, False for the standardised ones. Defaults are the
+    identity normalisation with every dihedral periodic. :meth:`to_dict` /
     :meth:`from_dict` store everything, the Z-matrix included.
 
     Args:
@@ -285,6 +305,9 @@ class InternalCoordinates(nn.Module):
     angle_mean: Tensor
     angle_std: Tensor
     dihedral_cut: Tensor
+    dihedral_mean: Tensor
+    dihedral_std: Tensor
+    dihedral_periodic: Tensor
 
     def __init__(self, zmatrix: ZMatrix, *, periodic: bool = False) -> None:
         super().__init__()
@@ -299,6 +322,9 @@ class InternalCoordinates(nn.Module):
         self.register_buffer("angle_mean", torch.zeros(n - 2, dtype=f64))
         self.register_buffer("angle_std", torch.ones(n - 2, dtype=f64))
         self.register_buffer("dihedral_cut", torch.full((n - 3,), math.pi, dtype=f64))
+        self.register_buffer("dihedral_mean", torch.zeros(n - 3, dtype=f64))
+        self.register_buffer("dihedral_std", torch.ones(n - 3, dtype=f64))
+        self.register_buffer("dihedral_periodic", torch.ones(n - 3, dtype=torch.bool))
 
     @classmethod
     def fit(
@@ -309,6 +335,7 @@ class InternalCoordinates(nn.Module):
         periodic: bool = False,
         shift_cuts: bool = True,
         n_bins: int = 72,
+        standardize_dihedrals: float = 0.0,
     ) -> InternalCoordinates:
         """The transform with its normalisation fitted to data.
 
@@ -319,13 +346,22 @@ class InternalCoordinates(nn.Module):
             shift_cuts: move each dihedral's cut to its least populated angle
                 (:func:`least_populated_angle` with ``n_bins``); False keeps the cut at ±π.
             n_bins: histogram bins for the cut search.
+            standardize_dihedrals: standardise (and take off the circle) every dihedral whose
+                circular standard deviation in the data is below this many rad (module
+                docstring); 0 keeps every dihedral periodic. Needs ``shift_cuts``.
 
         Raises:
-            ValueError: bad shapes, non-finite frames, fewer than 2 frames, or a bond or angle
-                that does not vary in the data (constrained bonds cannot be standardised).
+            ValueError: bad shapes, non-finite frames, fewer than 2 frames, a bond or angle
+                that does not vary in the data (constrained bonds cannot be standardised), or a
+                negative ``standardize_dihedrals`` (or one without ``shift_cuts``).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        threshold = nonnegative_float(standardize_dihedrals, "standardize_dihedrals")
+        if threshold > 0 and not shift_cuts:
+            raise ValueError(
+                "standardize_dihedrals needs shift_cuts (the cut must be off the data)"
+            )
         ic = cls(zmatrix, periodic=periodic)
         with torch.no_grad():
             bonds, angles, dihedrals = internal_from_cartesian(x.to(torch.float64), zmatrix)
@@ -344,7 +380,21 @@ class InternalCoordinates(nn.Module):
             getattr(ic, f"{name}_std").copy_(std)
         if shift_cuts and dihedrals.shape[1]:
             ic.dihedral_cut.copy_(least_populated_angle(dihedrals, n_bins))
+        if threshold > 0 and dihedrals.shape[1]:
+            ic._standardise_narrow_dihedrals(dihedrals, threshold)
         return ic
+
+    def _standardise_narrow_dihedrals(self, dihedrals: Tensor, threshold: float) -> None:
+        """Fit mean and std of the cut-shifted dihedrals whose circular std is < threshold."""
+        resultant = torch.sqrt(dihedrals.cos().mean(0) ** 2 + dihedrals.sin().mean(0) ** 2)
+        circular_std = torch.sqrt(-2 * resultant.clamp_min(1e-300).log())
+        narrow = circular_std < threshold
+        shifted = wrap_angle(dihedrals - self.dihedral_cut - math.pi, periodic=self.periodic)
+        std = shifted.std(dim=0)
+        narrow &= std > 0
+        self.dihedral_mean.copy_(torch.where(narrow, shifted.mean(dim=0), 0.0))
+        self.dihedral_std.copy_(torch.where(narrow, std, 1.0))
+        self.dihedral_periodic.copy_(~narrow)
 
     @property
     def n_atoms(self) -> int:
@@ -372,14 +422,15 @@ class InternalCoordinates(nn.Module):
         return slice(2 * self.n_atoms - 3, self.dim)
 
     def periodic_mask(self) -> Tensor:
-        """Boolean ``(3n − 6,)``: True for the dihedral columns (angles on the circle)."""
+        """Boolean ``(3n − 6,)``: True for the dihedral columns on the circle (not standardised)."""
         mask = torch.zeros(self.dim, dtype=torch.bool)
-        mask[self.dihedral_slice] = True
+        mask[self.dihedral_slice] = self.dihedral_periodic.cpu()
         return mask
 
     def _normalisation_log_det(self, like: Tensor) -> Tensor:
-        """Σ log σ over bonds and angles: log |det ∂(r, θ)/∂z|, a scalar (dtype/device of like)."""
-        return self.bond_std.to(like).log().sum() + self.angle_std.to(like).log().sum()
+        """Σ log σ over bonds, angles and standardised dihedrals: log |det ∂(r, θ, φ)/∂z|, a
+        scalar (dtype/device of like)."""
+        return sum(getattr(self, f"{k}_std").to(like).log().sum() for k in _BLOCKS)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian → normalised internal coordinates.
@@ -396,13 +447,14 @@ class InternalCoordinates(nn.Module):
             ValueError: wrong shape, non-float or non-finite x.
         """
         bonds, angles, dihedrals = internal_from_cartesian(x, self.zmatrix)
+        shifted = wrap_angle(
+            dihedrals - self.dihedral_cut.to(bonds) - math.pi, periodic=self.periodic
+        )
         z = torch.cat(
             [
-                (bonds - self.bond_mean.to(bonds)) / self.bond_std.to(bonds),
-                (angles - self.angle_mean.to(bonds)) / self.angle_std.to(bonds),
-                wrap_angle(
-                    dihedrals - self.dihedral_cut.to(bonds) - math.pi, periodic=self.periodic
-                ),
+                (values - getattr(self, f"{k}_mean").to(bonds))
+                / getattr(self, f"{k}_std").to(bonds)
+                for k, values in zip(_BLOCKS, (bonds, angles, shifted), strict=True)
             ],
             dim=-1,
         )
@@ -418,8 +470,9 @@ class InternalCoordinates(nn.Module):
         Returns:
             ``(x, log_det)``: x ``(batch, 3n)`` nm and ``log_det`` ``(batch,)`` = log J + Σ log σ,
             so that log q(x) = log q(z) − log_det. Rows whose bonds fall at r ≤ 0 or angles
-            outside (0, π) are no molecule: their ``log_det`` is NaN or ±inf. Non-finite rows
-            pass through as non-finite (no error), for the energy code to count.
+            outside (0, π) are no molecule: their ``log_det`` is NaN or ±inf; so are rows with a
+            standardised dihedral outside its domain (module docstring): ``log_det`` NaN.
+            Non-finite rows pass through as non-finite (no error), for the energy code to count.
 
         Raises:
             ValueError: wrong shape or non-float z.
@@ -435,16 +488,21 @@ class InternalCoordinates(nn.Module):
             raise ValueError(f"z must be a floating-point tensor, got {z.dtype}")
         bonds = z[:, self.bond_slice] * self.bond_std.to(z) + self.bond_mean.to(z)
         angles = z[:, self.angle_slice] * self.angle_std.to(z) + self.angle_mean.to(z)
-        dihedrals = z[:, self.dihedral_slice] + self.dihedral_cut.to(z) + math.pi
+        shifted = z[:, self.dihedral_slice] * self.dihedral_std.to(z) + self.dihedral_mean.to(z)
+        dihedrals = shifted + self.dihedral_cut.to(z) + math.pi
         x = cartesian_from_internal(bonds, angles, dihedrals, self.zmatrix)
         log_det = log_volume(bonds, angles) + self._normalisation_log_det(z)
+        standardised = ~self.dihedral_periodic.to(z.device)
+        if bool(standardised.any()):
+            outside = ((shifted.abs() > math.pi) & standardised).any(dim=1)
+            log_det = torch.where(outside, torch.full_like(log_det, math.nan), log_det)
         return x, log_det
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the Z-matrix, the mode and the fitted normalisation."""
         return {
             "format": _FORMAT,
-            "version": 1,
+            "version": 2,
             "zmatrix": self.zmatrix.to_dict(),
             "periodic": self.periodic,
             **{name: buf.tolist() for name, buf in self.named_buffers()},
@@ -452,15 +510,29 @@ class InternalCoordinates(nn.Module):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InternalCoordinates:
-        """The transform written by :meth:`to_dict` (checked: format, lengths, positive stds)."""
+        """The transform written by :meth:`to_dict` (checked: format, lengths, positive stds).
+
+        Version 1 (before dihedral standardisation) loads with every dihedral periodic.
+        """
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"not an internal-coordinates dict (format {_FORMAT!r} expected)")
-        if data.get("version") != 1:
-            raise ValueError(f"unsupported internal-coordinates version {data.get('version')!r}")
+        version = data.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"unsupported internal-coordinates version {version!r}")
         ic = cls(ZMatrix.from_dict(data["zmatrix"]), periodic=bool(data["periodic"]))
         for name, buf in ic.named_buffers():
+            if version == 1 and name in _V2_BUFFERS:
+                continue  # identity standardisation, every dihedral periodic
             if name not in data:
                 raise ValueError(f"internal-coordinates dict misses {name!r}")
+            if buf.dtype == torch.bool:
+                flags = data[name]
+                if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
+                    raise ValueError(f"{name} must be a list of booleans")
+                if len(flags) != buf.shape[0]:
+                    raise ValueError(f"{name} must hold {buf.shape[0]} booleans")
+                buf.copy_(torch.tensor(flags, dtype=torch.bool).reshape(-1))
+                continue
             values = torch.as_tensor(data[name], dtype=torch.float64)
             if values.shape != buf.shape or not bool(torch.isfinite(values).all()):
                 raise ValueError(f"{name} must be {buf.shape[0]} finite numbers")
@@ -468,6 +540,15 @@ class InternalCoordinates(nn.Module):
                 raise ValueError(f"{name} must be positive")
             buf.copy_(values)
         return ic
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """State dicts saved before dihedral standardisation load with every dihedral periodic."""
+        if all(prefix + name not in state_dict for name in _V2_BUFFERS):
+            for name in _V2_BUFFERS:
+                state_dict[prefix + name] = getattr(self, name).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"n_atoms={self.n_atoms}, dim={self.dim}, periodic={self.periodic}"

@@ -123,11 +123,14 @@ class ModelConfig:
     internal coordinates of a molecule (bonds, angles, periodic dihedrals; dim 3n - 6) with an
     :class:`~boltzflow.systems.internal_coords.InternalCoordinates` transform fitted to the
     training data, a normal x uniform-angle prior and a periodic MLP (``backbone = "mlp"``,
-    ``scale = 1``); samples and log q are still Cartesian (DESIGN.md density convention)."""
+    ``scale = 1``); samples and log q are still Cartesian (DESIGN.md density convention).
+    ``standardize_dihedrals`` (internal only, rad): dihedrals whose circular spread in the data
+    is below it are standardised and leave the torus (``InternalCoordinates.fit``); 0: none."""
 
     backbone: str = "egnn"
     scale: float = 1.0
     representation: str = "cartesian"
+    standardize_dihedrals: float = 0.0
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -151,6 +154,9 @@ class ModelConfig:
                 "model.representation 'internal' needs backbone = 'mlp' and scale = 1 "
                 f"(got {self.backbone!r}, {self.scale})"
             )
+        nonnegative_float(self.standardize_dihedrals, "model.standardize_dihedrals")
+        if self.standardize_dihedrals and self.representation != "internal":
+            raise ValueError("model.standardize_dihedrals needs representation = 'internal'")
 
     def backbone_options(self) -> dict[str, Any]:
         """The constructor keywords this backbone takes."""
@@ -234,7 +240,7 @@ class TeacherConfig:
         out = dataclasses.asdict(self)
         used = _BACKBONE_KEYS[self.model.backbone] | {"backbone", "scale"}
         if self.model.representation != "cartesian":  # Cartesian runs record what they did
-            used = used | {"representation"}
+            used = used | {"representation", "standardize_dihedrals"}
         out["model"] = {k: v for k, v in out["model"].items() if k in used}
         return out
 
@@ -243,7 +249,7 @@ class TeacherConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         cfg = dataclass_from_dict(cls, data, where)
         model_raw = data.get("model", {})
-        common = {"backbone", "scale", "representation"}
+        common = {"backbone", "scale", "representation", "standardize_dihedrals"}
         unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - common
         if unused:
             raise ValueError(

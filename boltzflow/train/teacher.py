@@ -245,7 +245,8 @@ def train_teacher(
         zmatrix: for ``model.representation = "internal"``: the molecule's Z-matrix (default:
             :func:`system_zmatrix` of ``cfg.system`` or ``run_info["system"]``). The transform
             (periodic dihedrals, standardised bonds and angles, cuts at the least populated
-            angles) is fitted to ``data`` and stored in the model.
+            angles, narrow dihedrals standardised if ``model.standardize_dihedrals``) is
+            fitted to ``data`` and stored in the model.
 
     Returns:
         the teacher with EMA weights, in eval mode, on the training device.
@@ -267,7 +268,12 @@ def train_teacher(
             if name is None:
                 raise ValueError("internal coordinates need a zmatrix or a system name")
             zmatrix = system_zmatrix(name)
-        transform = InternalCoordinates.fit(zmatrix, data.double(), periodic=True)
+        transform = InternalCoordinates.fit(
+            zmatrix,
+            data.double(),
+            periodic=True,
+            standardize_dihedrals=cfg.model.standardize_dihedrals,
+        )
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
     teacher = build_teacher(cfg, shape, transform)
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
