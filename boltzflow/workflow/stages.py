@@ -174,17 +174,22 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
     from boltzflow.flows.cnf import TeacherCNF
     from boltzflow.registry.methods import get_method
 
-    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
-    info = {"teacher": TEACHER_FILE, "workflow": wf.name}
+    method = get_method(st.method)
+    teacher = None
+    info = {"workflow": wf.name}
+    if method.uses_teacher:
+        teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+        info["teacher"] = TEACHER_FILE
     start = time.perf_counter()
     data = None
-    if getattr(getattr(st.config, "loss", None), "target", None) == "data":
+    if method.reads_data(st.config):
         from boltzflow.data import read_dataset
 
         data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
+        info["data"] = TRAIN_FILE
     if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
         shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
-    student = get_method(st.method).train(
+    student = method.train(
         st.config,
         teacher,
         ctx.workdir,
@@ -296,6 +301,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
     configs, sizes, seeds, device), so a changed setting re-runs exactly the stages it affects.
     """
 
+    from boltzflow.registry.methods import get_method
+
     device = stage_device(wf)
     system = {"name": wf.system, "options": wf.system_options}
     stages = [
@@ -320,9 +327,10 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
     trajectories: dict[str, str] = {}
     student_stages: list[str] = []
     for name, st in wf.students.items():
+        method = get_method(st.method)
         tc = _trajectory_config(st)
         traj_file = None
-        deps = ["teacher"]
+        deps = ["teacher"] if method.uses_teacher else []
         if tc is not None:
             tid = _trajectory_id(tc)
             traj_file = f"students/trajectories-{tid}.pt"
@@ -340,7 +348,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                     )
                 )
             deps.append(stage_name)
-        if getattr(getattr(st.config, "loss", None), "target", None) == "data":
+        if method.reads_data(st.config):
             deps.append("data")
         stage = Stage(
             f"student-{name}",
@@ -353,7 +361,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             deps=tuple(deps),
             outputs=(f"students/{name}/student.pt",),
             workdir=f"students/{name}",
-            description=f"{st.method} student",
+            description=f"{st.method} student"
+            + ("" if method.uses_teacher else " (from the data alone)"),
         )
         stages.append(stage)
         student_stages.append(stage.name)
