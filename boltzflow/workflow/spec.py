@@ -16,6 +16,7 @@ A workflow names one system and everything the pipeline does with it::
     n_train = 4000
     n_reference = 2000             # held out: energy W2, reference ΔF, NLL
     settings = { burn_in = 500 }   # generator settings
+    holdout = "tail"               # or "segments" (md_seeded: whole MD segments held out)
     # ... or an existing file (relative to the workflow file): file = "x.npy", dataset,
     # reference_file (else the last n_reference rows of `file` are held out)
 
@@ -118,6 +119,8 @@ __all__ = [
 ]
 
 _TEACHER_SECTIONS = ("model", "flow_matching", "train", "sample")
+#: ways to hold out generated reference data (:class:`DataSpec`)
+HOLDOUTS = ("tail", "segments")
 #: keys of a teacher or student table besides its config's fields
 _SOURCE_KEYS = ("config", "profile")
 #: steps a student samples with when its config does not say (the Student default)
@@ -145,6 +148,12 @@ class DataSpec:
             rows of ``file`` (0: all but the reference rows).
         n_reference: held-out configurations for metrics (0: none).
         settings: generator settings (``burn_in``, ``n_chains``, ...).
+        holdout: how generated data are split: ``"tail"`` (the last ``n_reference`` records:
+            the ends of the MCMC chains) or ``"segments"`` (``method = "md_seeded"`` only:
+            whole MD segments, spread over the basins the segments started in,
+            round(n_seeds · n_reference / (n_train + n_reference)) of them, so about
+            ``n_reference`` frames; frames within a segment are correlated, so a random or
+            partial split would leak neighbours of held-out frames into training).
     """
 
     file: Path | None = None
@@ -154,6 +163,7 @@ class DataSpec:
     n_train: int = 0
     n_reference: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    holdout: str = "tail"
 
     def __post_init__(self) -> None:
         from boltzflow.data.generate import METHODS
@@ -161,6 +171,13 @@ class DataSpec:
         if self.method not in METHODS:
             raise ValueError(f"data.method: {self.method!r} is not one of {list(METHODS)}")
         nonnegative_int(self.n_reference, "data.n_reference")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"data.holdout: {self.holdout!r} is not one of {list(HOLDOUTS)}")
+        if self.holdout == "segments" and self.method != "md_seeded":
+            raise ValueError(
+                "data.holdout = 'segments' holds out whole MD segments: it needs generated data "
+                f"with method = 'md_seeded', not {'a file' if not self.generate else self.method!r}"
+            )
         if self.generate:
             positive_int(self.n_train, "data.n_train")
             for key in ("dataset", "reference_file"):
@@ -180,6 +197,8 @@ class DataSpec:
         out = dataclasses.asdict(self)
         for k in ("file", "reference_file"):
             out[k] = None if out[k] is None else str(out[k])
+        if out["holdout"] == "tail":  # the default keeps the keys of runs made before it existed
+            del out["holdout"]
         return out
 
 

@@ -63,8 +63,12 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
 
     spec = wf.data
     train_path, ref_path = ctx.path(TRAIN_FILE), ctx.path(REFERENCE_FILE)
+    split: dict[str, Any] = {}
     if spec.generate:
         total = spec.n_train + spec.n_reference
+        settings = dict(spec.settings)
+        if ctx.workdir is not None:  # md_seeded: finished segments survive an interrupted run
+            settings.setdefault("segments_dir", str(ctx.workdir))
         with wf.open_system() as system:
             x, u, prov = generate(
                 system,
@@ -72,13 +76,16 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
                 seed=wf.seed,
                 method=spec.method,
                 progress=ctx.progress,
-                **spec.settings,
+                **settings,
             )
-        # MCMC output is time-major: the held-out reference is the last records of the chains.
-        parts = {"train": (x[: spec.n_train], u[: spec.n_train])}
-        if spec.n_reference:
-            parts["reference"] = (x[spec.n_train :], u[spec.n_train :])
-        note = f"generated {total} ({prov['method']}): {spec.n_train} train"
+        if spec.holdout == "segments":
+            parts, split = _segment_split(x, u, prov, spec.n_reference)
+        else:
+            # MCMC output is time-major: the held-out reference is the last records of the chains.
+            parts = {"train": (x[: spec.n_train], u[: spec.n_train])}
+            if spec.n_reference:
+                parts["reference"] = (x[spec.n_train :], u[spec.n_train :])
+        note = f"generated {total} ({prov['method']}): {len(parts['train'][0])} train"
     else:
         x = load_positions(spec.file, spec.dataset, system=wf.system)
         if spec.reference_file is not None:
@@ -107,18 +114,54 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         note = f"from {spec.file.name}: {len(train)} train"
     for name, (xs, us) in parts.items():
         path = train_path if name == "train" else ref_path
-        provenance = {**prov, "workflow_part": name}
+        provenance = {**prov, "workflow_part": name, **({"split": split} if split else {})}
         write_dataset(path, xs, system=wf.system, provenance=provenance, energies=us)
     n_ref = len(parts["reference"][0]) if "reference" in parts else 0
     if n_ref:
         ctx.add_output(REFERENCE_FILE)
     else:
         ref_path.unlink(missing_ok=True)
-    return {
+    if ctx.workdir is not None and not spec.settings.get("keep_segments", False):
+        from boltzflow.data.seeded_md import remove_segments
+
+        remove_segments(ctx.workdir)  # the datasets hold the frames now
+    out = {
         "n_train": len(parts["train"][0]),
         "n_reference": n_ref,
         "note": f"{note}, {n_ref} reference",
     }
+    if split:
+        out["heldout_segments"] = split["heldout_segments"]
+        out["note"] += f" ({len(split['heldout_segments'])} whole segments)"
+    return out
+
+
+def _segment_split(
+    x: Any, u: Any, prov: dict[str, Any], n_reference: int
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
+    """Training and reference parts of seeded-MD frames, the reference made of whole segments
+    (:func:`boltzflow.data.seeded_md.held_out_segments`: round(n_seeds · n_reference / N) of
+    them, at least one if ``n_reference`` > 0, never all); and the split's record."""
+    from boltzflow.data.seeded_md import held_out_segments, segment_rows
+
+    stats = prov.get("statistics", {})
+    counts = stats.get("frames_per_seed")
+    if counts is None or sum(counts) != len(x):
+        raise ValueError("data.holdout = 'segments': the generator recorded no segments")
+    n_seeds = len(counts)
+    k = round(n_seeds * n_reference / len(x))
+    k = min(max(k, 1 if n_reference else 0), n_seeds - 1)
+    held = held_out_segments(stats["seed_phi"], k)
+    rows = segment_rows(counts, held)
+    parts = {"train": (x[~rows], u[~rows])}
+    if rows.any():
+        parts["reference"] = (x[rows], u[rows])
+    split = {
+        "rule": "whole segments, spread evenly within each starting basin",
+        "heldout_segments": held,
+        "frames_per_seed": list(counts),
+    }
+    return parts, split
 
 
 # -- teacher ---------------------------------------------------------------------------------------
@@ -312,6 +355,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             config={"system": system, "data": wf.data.key(), "seed": wf.seed},
             inputs=tuple(p for p in (wf.data.file, wf.data.reference_file) if p is not None),
             outputs=(TRAIN_FILE,),
+            # resumable MD segments (an interrupted md_seeded run keeps its finished ones)
+            workdir="data/md_seeded" if wf.data.method == "md_seeded" else None,
             description="reference configurations",
         ),
         Stage(

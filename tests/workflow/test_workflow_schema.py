@@ -276,6 +276,18 @@ def test_distill_does_not_offer_a_method_that_needs_no_teacher(tmp_path, capsys)
     assert "invalid choice: 'nf_internal'" in capsys.readouterr().err
 
 
+def test_segment_holdout_needs_seeded_md(tmp_path):
+    base = BASE.replace('"dw4"', '"aldp"')
+    text = base.replace("n_train = 10", "n_train = 10\nmethod = 'md_seeded'\nholdout = 'segments'")
+    assert load_workflow(_write(tmp_path, text)).data.holdout == "segments"
+    with pytest.raises(ValueError, match=r"data.holdout = 'segments'.*not 'md'"):
+        load_workflow(_write(tmp_path, text.replace("'md_seeded'", "'md'")))
+    with pytest.raises(ValueError, match=r"data.holdout: 'middle' is not one of"):
+        load_workflow(_write(tmp_path, text.replace("'segments'", "'middle'")))
+    # the default split leaves the data stage's key as it was before the option existed
+    assert "holdout" not in load_workflow(_write(tmp_path, base)).data.key()
+
+
 def test_student_config_must_be_the_methods_dataclass():
     with pytest.raises(TypeError, match=r"students.x: a 'f2d2' student needs a StudentConfig"):
         StudentSpec(name="x", method="f2d2", config=EulerConfig())
