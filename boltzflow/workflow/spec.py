@@ -51,6 +51,7 @@ A workflow names one system and everything the pipeline does with it::
 
     [report]
     proposal = "f2d2"              # whose samples become samples.h5 and get the full analysis
+    reference_profile = "reference/aldp_umbrella_profile.json"   # molecules: F(φ), ΔF reference
     proposal_steps = 4             # default: the student's default_steps
     n_bootstrap = 200
     level = 0.95
@@ -299,13 +300,17 @@ class ReportSpec:
     """The report: which model's samples are analysed in full and stored as ``samples.h5``.
 
     ``proposal`` None: the first student, else the teacher; ``proposal_steps`` None: that
-    student's default steps (both resolved by :func:`load_workflow`).
+    student's default steps (both resolved by :func:`load_workflow`). ``reference_profile``: a
+    reference F(φ) with its ΔF for molecules (the JSON of ``workflows/aldp_umbrella.py``, read
+    by :func:`boltzflow.analysis.free_energy.load_reference_profile`; in the file a path
+    relative to the workflow file), drawn and compared with every model's reweighted samples.
     """
 
     proposal: str | None = None
     proposal_steps: int | None = None
     n_bootstrap: int = 200
     level: float = 0.95
+    reference_profile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.proposal_steps is not None:
@@ -639,7 +644,7 @@ def load_workflow(
         students[name] = _parse_student(name, s, base, f"{wf}: students.{name}", system, device)
     sample = located(wf, dataclass_from_dict, SampleSpec, top.get("sample", {}), f"{wf}: sample")
     estimates = _parse_estimates(top.get("estimates", {}), wf, info, kind)
-    report = located(wf, dataclass_from_dict, ReportSpec, top.get("report", {}), f"{wf}: report")
+    report = _parse_report(top.get("report", {}), base, wf, kind)
     report = _resolve_report(report, f"{wf}: report", students, sample)
     benchmark = located(
         wf, dataclass_from_dict, BenchmarkSpec, top.get("benchmark", {}), f"{wf}: benchmark"
@@ -661,6 +666,23 @@ def load_workflow(
         raw=raw,
         **scalars,
     )
+
+
+def _parse_report(raw: Any, base: Path, wf: str, kind: str) -> ReportSpec:
+    """``[report]``; ``reference_profile`` must name a readable reference profile file, and
+    only for a molecular system."""
+    where = f"{wf}: report"
+    t = dict(check_type(raw, dict, where))
+    if "reference_profile" in t:
+        key = f"{where}.reference_profile"
+        path = existing_file(base, check_type(t["reference_profile"], str, key), key)
+        if kind != "openmm":
+            raise ValueError(f"{key}: a profile along φ needs a molecular system")
+        from boltzflow.analysis.free_energy import load_reference_profile
+
+        located(key, load_reference_profile, path)
+        t["reference_profile"] = path
+    return located(wf, dataclass_from_dict, ReportSpec, t, where)
 
 
 def _resolve_report(

@@ -471,16 +471,26 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             config={
                 "system": system,
                 "estimates": _jsonable(dataclasses.asdict(wf.estimates)),
-                "report": dataclasses.asdict(wf.report),
+                "report": _report_key(wf),
                 "seed": wf.seed,
                 "proposal": wf.proposal_label,
             },
             deps=("data", "teacher", *student_stages, *sample_stages),
+            inputs=tuple(p for p in (wf.report.reference_profile,) if p is not None),
             outputs=("report.md", "report.json", "samples.h5"),
             description="reweighting, estimates with CIs, plots",
         )
     )
     return stages
+
+
+def _report_key(wf: Workflow) -> dict[str, Any]:
+    """The report settings that decide its output (the reference profile's contents are an
+    input of the stage; without one the key is what it was before the option existed)."""
+    key = dataclasses.asdict(wf.report)
+    if key.pop("reference_profile") is not None:
+        key["reference_profile"] = True
+    return key
 
 
 def _jsonable(obj: Any) -> Any:

@@ -288,6 +288,22 @@ def test_segment_holdout_needs_seeded_md(tmp_path):
     assert "holdout" not in load_workflow(_write(tmp_path, base)).data.key()
 
 
+def test_report_reference_profile_is_a_checked_file_beside_the_workflow(tmp_path):
+    shipped = Path(__file__).resolve().parents[2] / "workflows/reference/aldp_umbrella_profile.json"
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "p.json").write_text(shipped.read_text())
+    base = BASE.replace('"dw4"', '"aldp"') + "[report]\nreference_profile = 'ref/p.json'\n"
+    wf = load_workflow(_write(tmp_path, base))
+    assert wf.report.reference_profile == tmp_path / "ref" / "p.json"
+    with pytest.raises(FileNotFoundError, match=r"report.reference_profile: file not found"):
+        load_workflow(_write(tmp_path, base.replace("p.json", "q.json")))
+    (tmp_path / "ref" / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"report.reference_profile: .*bad.json: not a reference"):
+        load_workflow(_write(tmp_path, base.replace("p.json", "bad.json")))
+    with pytest.raises(ValueError, match=r"reference_profile: a profile along φ needs a molec"):
+        load_workflow(_write(tmp_path, base.replace('"aldp"', '"dw4"')))
+
+
 def test_student_config_must_be_the_methods_dataclass():
     with pytest.raises(TypeError, match=r"students.x: a 'f2d2' student needs a StudentConfig"):
         StudentSpec(name="x", method="f2d2", config=EulerConfig())
