@@ -51,6 +51,7 @@ def test_block_free_energy_exact_values():
     r = block_free_energy(np.tile([True, False, False, False], 10), n_blocks=5)
     assert r["p_a"] == 0.25 and r["p_stderr"] == 0.0
     assert r["value"] == pytest.approx(-math.log(0.25 / 0.75), abs=1e-15)
+    assert r["ci_low"] == r["ci_high"] == r["value"]
     # blocks with P = 0.2 and 0.6: mean 0.4, se = std(ddof=1)/sqrt(2) = 0.2
     series = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], dtype=bool)
     r = block_free_energy(series, n_blocks=2, level=0.95)

@@ -78,6 +78,7 @@ def test_protocol_attributes(kind_and_model: tuple[str, Model]) -> None:
     assert isinstance(model, Model)
     assert model.system == SYSTEM and model.dim == 8
     assert model.log_q_kind in LOG_Q_KINDS.values()
+    assert model.representation == "cartesian"
     if kind != "teacher":
         method = METHODS[kind]
         assert isinstance(model, method.model)
