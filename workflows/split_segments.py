@@ -8,7 +8,9 @@ measures generalisation honestly (a random frame split would leak neighbours of 
 frame into training). The held-out segments are spread evenly over the segments that started
 in 0 < φ < 2 and those that started at φ < 0, in proportion to their counts. Writes
 ``OUT_PREFIX-train.h5`` and ``OUT_PREFIX-heldout.h5`` (boltzflow datasets whose provenance
-records the source file, its checksum and the segments taken).
+records the source file, its checksum and the segments taken). The rule is the library's
+(:func:`boltzflow.data.seeded_md.held_out_segments`), which the workflow's data stage also uses
+(``[data] holdout = "segments"``).
 """
 
 from __future__ import annotations
@@ -21,19 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from boltzflow.data import read_dataset, write_dataset
-from boltzflow.data.seeded_md import in_positive_basin
-
-
-def held_out_segments(seed_phi: np.ndarray, n_holdout: int) -> list[int]:
-    """Indices of ``n_holdout`` segments, spread evenly within each starting basin."""
-    positive = np.flatnonzero(in_positive_basin(seed_phi))
-    negative = np.flatnonzero(~in_positive_basin(seed_phi))
-    k_pos = round(n_holdout * len(positive) / len(seed_phi))
-    picked = []
-    for group, k in ((positive, k_pos), (negative, n_holdout - k_pos)):
-        if k:
-            picked += group[np.round(np.linspace(0, len(group) - 1, k)).astype(int)].tolist()
-    return sorted(int(i) for i in picked)
+from boltzflow.data.seeded_md import held_out_segments, segment_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.asarray(stats["frames_per_seed"], dtype=int)
     if counts.sum() != len(ds.positions):
         raise SystemExit(f"{args.data}: segments hold {counts.sum()} rows, not {len(ds)}")
-    held = held_out_segments(np.asarray(stats["seed_phi"]), args.holdout)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    mask = np.zeros(len(ds.positions), bool)
-    for i in held:
-        mask[starts[i] : starts[i + 1]] = True
+    held = held_out_segments(stats["seed_phi"], args.holdout)
+    mask = segment_rows(counts, held)
     for part, rows in (("train", ~mask), ("heldout", mask)):
         provenance = dict(provenance_in)
         provenance["split"] = {

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boltzflow.analysis.free_energy import ALDP_STATE_A, in_region
 from boltzflow.analysis.report import write_report
 from boltzflow.io.samples import FORMAT_NAME, SampleSet, read_samples
 from boltzflow.metrics import (
@@ -39,9 +40,6 @@ from boltzflow.sampling.weights import (
 from boltzflow.systems.base import System, compute_energies
 
 __all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis"]
-
-#: ALDP metastable state used for ΔF (DESIGN.md): 0 < φ < 2 rad, against everything else.
-ALDP_STATE_A = (0.0, 2.0)
 
 # Below this Kish ESS the report warns that its intervals are not to be trusted.
 _MIN_RELIABLE_ESS = 30
@@ -85,11 +83,6 @@ def _is_dihedral_system(system: System) -> bool:
 def _dihedrals(system: System, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
     phi, psi = system.backbone_dihedrals(torch.as_tensor(x, dtype=torch.float64))
     return phi.numpy(), psi.numpy()
-
-
-def _in_state_a(phi: np.ndarray) -> np.ndarray:
-    lo, hi = ALDP_STATE_A
-    return (phi > lo) & (phi < hi)
 
 
 def reweight_analysis(
@@ -298,7 +291,7 @@ def _molecular_section(
         "chirality: D-form fraction, proposal": chirality_rate(x, atoms, l_sign),
         "chirality: D-form fraction, reweighted": chirality_rate(x, atoms, l_sign, w_norm),
     }
-    in_a = _in_state_a(phi)
+    in_a = in_region(phi)
     lo, hi = ALDP_STATE_A
     label = f"ΔF = -log P({lo:g} < φ < {hi:g}) / P(otherwise) (kT)"
     try:
@@ -328,7 +321,7 @@ def _molecular_section(
         rphi, rpsi = _dihedrals(system, torch.as_tensor(ref_x))
         panels["reference"] = (rphi, rpsi, None)
         zeros = np.zeros(rphi.size)
-        r_in = _in_state_a(rphi)
+        r_in = in_region(rphi)
         try:
             section[f"{label}, reference"] = free_energy_difference(r_in, ~r_in, zeros, level=level)
         except ValueError as err:

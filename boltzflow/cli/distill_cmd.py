@@ -135,7 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a student from a teacher run folder; writes OUT/student.pt.",
     )
     p.add_argument("teacher", help="teacher run folder or checkpoint file")
-    p.add_argument("--method", required=True, choices=list(METHODS))
+    # methods that learn from a teacher (nf_internal learns from MD frames: `boltzflow train nf`)
+    methods = [name for name, m in METHODS.items() if m.uses_teacher]
+    p.add_argument("--method", required=True, choices=methods)
     p.add_argument("-o", "--output", required=True, help="student run folder")
     p.add_argument("--config", default=None, help="student TOML config (f2d2/falcon)")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke")

@@ -61,9 +61,11 @@ __all__ = [
     "DEFAULTS",
     "POSITIVE_PHI_BASIN",
     "default_segments_dir",
+    "held_out_segments",
     "in_positive_basin",
     "remove_segments",
     "run_seeded_md",
+    "segment_rows",
     "select_seeds",
 ]
 
@@ -195,6 +197,48 @@ def select_seeds(
         if k:
             chosen.append(candidates[np.round(np.linspace(0, len(candidates) - 1, k)).astype(int)])
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def held_out_segments(seed_phi: Any, n_holdout: int) -> list[int]:
+    """Indices of ``n_holdout`` segments to hold out, spread evenly within each starting basin.
+
+    Frames within one segment are correlated in time, so a held-out set of whole segments
+    measures generalisation honestly (a random frame split would leak neighbours of every
+    held-out frame into training). The segments that started in 0 < φ < 2 and those that
+    started elsewhere contribute in proportion to their counts.
+
+    Args:
+        seed_phi: ``(n_seeds,)`` φ of each segment's seed (``statistics["seed_phi"]``), radians.
+        n_holdout: segments to hold out, in [0, n_seeds].
+
+    Returns:
+        sorted segment indices.
+    """
+    seed_phi = np.asarray(seed_phi, dtype=np.float64)
+    if isinstance(n_holdout, bool) or int(n_holdout) != n_holdout:
+        raise ValueError(f"n_holdout must be an integer, got {n_holdout!r}")
+    if not 0 <= n_holdout <= len(seed_phi):
+        raise ValueError(f"n_holdout must lie in [0, {len(seed_phi)}], got {n_holdout}")
+    positive = np.flatnonzero(in_positive_basin(seed_phi))
+    negative = np.flatnonzero(~in_positive_basin(seed_phi))
+    k_pos = min(round(n_holdout * len(positive) / len(seed_phi)), len(positive))
+    k_pos = max(k_pos, n_holdout - len(negative))
+    picked: list[int] = []
+    for group, k in ((positive, k_pos), (negative, n_holdout - k_pos)):
+        if k:
+            picked += group[np.round(np.linspace(0, len(group) - 1, k)).astype(int)].tolist()
+    return sorted(int(i) for i in picked)
+
+
+def segment_rows(frames_per_seed: Any, segments: Any) -> np.ndarray:
+    """Boolean mask over the frames of a seeded-MD dataset (segments in seed order, as
+    :func:`run_seeded_md` writes them), True on the rows of ``segments``."""
+    counts = np.asarray(frames_per_seed, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    mask = np.zeros(int(starts[-1]), bool)
+    for i in segments:
+        mask[starts[i] : starts[i + 1]] = True
+    return mask
 
 
 def default_segments_dir(output: str | os.PathLike[str]) -> Path:

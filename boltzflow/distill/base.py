@@ -86,6 +86,10 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
     uses_steps: ClassVar[bool] = True
     #: default rows per batch of ``sample`` and ``log_prob``
     batch_size: ClassVar[int] = 4096
+    #: where the flow lives: ``"cartesian"`` x, or ``"internal"`` coordinates of a molecule (as
+    #: :attr:`boltzflow.flows.cnf.TeacherCNF.representation`); an internal-coordinate model
+    #: keeps the handedness of its training molecule, a Cartesian E(3) flow may mirror it
+    representation: ClassVar[str] = "cartesian"
 
     def __init__(
         self,

@@ -129,6 +129,7 @@ class InternalNFStudent(Student):
 
     log_q_kind = LOG_Q_KINDS["one_pass"]
     uses_steps = False
+    representation = "internal"
     #: what log q is a density of (recorded in sample files)
     log_q_convention = (
         "density per d^3N x / (d^3t dR): log q(z) - log J(z) - normalisation log-dets "

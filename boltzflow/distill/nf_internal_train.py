@@ -44,6 +44,7 @@ from boltzflow.distill.base import STUDENT_FILE
 from boltzflow.distill.nf_internal import ICNFModelConfig, InternalNFStudent
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.models.method import Method
 from boltzflow.progress import is_quiet
 from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.systems.zmatrix import ZMatrix, zmatrix_from_topology
@@ -52,11 +53,14 @@ from boltzflow.train.trainer import Trainer
 
 __all__ = [
     "BEST_FILE",
+    "METHOD",
     "VALIDATION_FILE",
     "ICNFRunConfig",
     "ValidationConfig",
+    "build_nf_internal",
     "load_icnf_config",
     "split_frames",
+    "train_method",
     "train_nf_internal",
 ]
 
@@ -161,6 +165,34 @@ def _zmatrix(system: Any) -> tuple[str | None, ZMatrix]:
     return getattr(system, "name", None), zmatrix_from_topology(top)
 
 
+def _prepare(
+    cfg: ICNFRunConfig, data: Any, system: Any
+) -> tuple[str | None, InternalCoordinates, Tensor, Tensor, Tensor]:
+    """System name, the transform fitted on the training frames, the frames (float64) and the
+    indices of the training and held-out frames.
+
+    Raises:
+        ValueError: data of the wrong shape, non-finite or too few frames.
+    """
+    name, zmatrix = _zmatrix(system)
+    x = torch.as_tensor(data, dtype=torch.float64)
+    if x.ndim != 2 or x.shape[1] != 3 * zmatrix.n_atoms:
+        raise ValueError(f"frames must be (N, {3 * zmatrix.n_atoms}), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("frames contain NaN or infinite values")
+    train, val = split_frames(len(x), cfg.validation, cfg.train.seed)
+    if len(train) < 2:
+        raise ValueError(f"need at least 2 training frames, got {len(train)}")
+    ic = InternalCoordinates.fit(
+        zmatrix,
+        x[train],
+        periodic=True,
+        shift_cuts=cfg.model.shift_cuts,
+        standardize_dihedrals=cfg.model.standardize_dihedrals,
+    )
+    return name, ic, x, train, val
+
+
 @torch.no_grad()
 def _nll(model: InternalNFStudent, z: Tensor, log_det: Tensor, batch: int) -> float:
     """Mean −log q(x) over frames (nats), from their internal coordinates ``z`` and the
@@ -212,22 +244,7 @@ def train_nf_internal(
         ValueError: data of the wrong shape, non-finite or too few frames; a non-molecular system.
     """
     cfg = config or ICNFRunConfig()
-    name, zmatrix = _zmatrix(system)
-    x = torch.as_tensor(data, dtype=torch.float64)
-    if x.ndim != 2 or x.shape[1] != 3 * zmatrix.n_atoms:
-        raise ValueError(f"frames must be (N, {3 * zmatrix.n_atoms}), got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("frames contain NaN or infinite values")
-    train, val = split_frames(len(x), cfg.validation, cfg.train.seed)
-    if len(train) < 2:
-        raise ValueError(f"need at least 2 training frames, got {len(train)}")
-    ic = InternalCoordinates.fit(
-        zmatrix,
-        x[train],
-        periodic=True,
-        shift_cuts=cfg.model.shift_cuts,
-        standardize_dihedrals=cfg.model.standardize_dihedrals,
-    )
+    name, ic, x, train, val = _prepare(cfg, data, system)
     with torch.no_grad():
         z_all, ld_all = ic(x)
     z_tr, z_val = z_all[train].float(), z_all[val].float()
@@ -327,3 +344,73 @@ def train_nf_internal(
     }
     model.save(out / STUDENT_FILE, extra=info)
     return model
+
+
+# -- the method registry's entry ------------------------------------------------------------------
+def build_nf_internal(
+    config: ICNFRunConfig, teacher: Any = None, *, system: Any, data: Any = None
+) -> InternalNFStudent:
+    """An untrained NF on the internal coordinates fitted to the training part of ``data``
+    (the registry's ``build``; ``teacher`` is not used).
+
+    Raises:
+        ValueError: no ``data`` (the transform is fitted on frames), or bad frames.
+    """
+    if data is None:
+        raise ValueError("nf_internal fits its internal-coordinate transform on frames: pass data")
+    name, ic, _, _, _ = _prepare(config, data, system)
+    torch.manual_seed(config.train.seed)  # parameter initialisation, as in training
+    return InternalNFStudent.build(config.model, ic, system=name)
+
+
+def train_method(
+    config: ICNFRunConfig,
+    teacher: Any,
+    output: str | os.PathLike[str],
+    *,
+    system: Any = None,
+    data: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+    run_info: dict[str, Any] | None = None,
+) -> InternalNFStudent:
+    """The registry's training function: :func:`train_nf_internal` on ``data`` (``teacher`` is
+    not used: the NF learns from the frames alone).
+
+    Raises:
+        ValueError: no ``data`` or no ``system``.
+    """
+    if data is None:
+        raise ValueError("nf_internal trains on MD frames by maximum likelihood: pass data")
+    system = system if system is not None else config.system
+    if system is None:
+        raise ValueError("nf_internal needs the molecular system (its topology)")
+    return train_nf_internal(
+        data,
+        output,
+        system=system,
+        config=config,
+        resume=resume,
+        progress=progress,
+        run_info=run_info,
+    )
+
+
+def _always(config: Any) -> bool:
+    return True
+
+
+#: registry entry (:mod:`boltzflow.registry.methods`): not a distillation method; trained on
+#: frames alone (``uses_teacher = False``, ``reads_data`` always)
+METHOD = Method(
+    name="nf_internal",
+    model=InternalNFStudent,
+    config=ICNFRunConfig,
+    build=build_nf_internal,
+    train=train_method,
+    log_q_kind=InternalNFStudent.log_q_kind,
+    uses_steps=False,
+    description="coupling NF in internal coordinates, maximum likelihood on MD frames",
+    uses_teacher=False,
+    reads_data=_always,
+)

@@ -436,6 +436,12 @@ def train_student(
             target.close()
 
 
+def _loss_on_data(cfg: StudentConfig) -> bool:
+    """Whether ``cfg`` trains from data frames (``loss.target = "data"``) rather than the
+    teacher's trajectories."""
+    return cfg.loss.target == "data"
+
+
 def _entry(name: str, model: type, description: str) -> Method:
     return Method(
         name=name,
@@ -447,6 +453,7 @@ def _entry(name: str, model: type, description: str) -> Method:
         uses_steps=True,
         description=description,
         defaults={"method": name},
+        reads_data=_loss_on_data,
     )
 
 

@@ -7,7 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Method"]
+__all__ = ["Method", "never_reads_data"]
+
+
+def never_reads_data(config: Any) -> bool:
+    """The default :attr:`Method.reads_data`: training never needs data frames."""
+    return False
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,12 @@ class Method:
         description: one line for ``--help`` and tables.
         defaults: config fields that select this method when several share a config class
             (F2D2 and FALCON share :class:`~boltzflow.distill.train_students.StudentConfig`).
+        uses_teacher: whether ``train`` (and ``build``) read the teacher CNF. False for a model
+            trained on data alone (``nf_internal``): it is passed ``teacher=None``, the workflow
+            trains it without waiting for the teacher, and ``boltzflow distill`` does not offer it.
+        reads_data: ``reads_data(config) -> bool``: whether ``train`` needs the training frames
+            (``data``) with this config (F2D2/FALCON with ``loss.target = "data"``, always for
+            ``nf_internal``); the workflow then hands them over.
     """
 
     name: str
@@ -38,6 +49,8 @@ class Method:
     uses_steps: bool
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    uses_teacher: bool = True
+    reads_data: Callable[[Any], bool] = never_reads_data
 
     def new_config(self, **fields: Any) -> Any:
         """A config of this method: :attr:`defaults` updated by ``fields``."""

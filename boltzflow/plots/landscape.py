@@ -14,7 +14,7 @@ from boltzflow.metrics.molecular import ramachandran_histogram
 from boltzflow.plots._figure import new_figure, save_png, to_numpy
 from boltzflow.sampling.estimators import FreeEnergyProfile
 
-__all__ = ["plot_free_energy_profile", "plot_ramachandran"]
+__all__ = ["plot_free_energy_profile", "plot_free_energy_profiles", "plot_ramachandran"]
 
 
 def plot_ramachandran(
@@ -116,4 +116,57 @@ def plot_free_energy_profile(
         fig.colorbar(im, ax=ax, label="F [kT]")
         ax.set_xlabel(label)
     ax.set_title(f"free-energy profile, N = {profile.n}, ESS = {profile.ess:.1f}")
+    return save_png(fig, path)
+
+
+def _finite_or_nan(a: Any) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(np.isfinite(a), a, np.nan)
+
+
+def plot_free_energy_profiles(
+    path: str | os.PathLike[str],
+    profiles: Mapping[str, FreeEnergyProfile],
+    *,
+    reference: FreeEnergyProfile | None = None,
+    reference_label: str = "reference",
+    label: str = "s",
+    f_max: float | None = None,
+) -> Path:
+    """Several 1-D profiles in one panel (one colour each, band shaded), and a reference as a
+    black dashed line with its band in grey.
+
+    Args:
+        path: output ``.png``.
+        profiles: name -> 1-D profile (e.g. each model's reweighted F(φ)).
+        reference: optional reference profile (e.g. umbrella sampling + MBAR).
+        reference_label: its legend entry.
+        label: name of the coordinate for the axis, e.g. ``"φ [rad]"``.
+        f_max: upper limit of the F axis in kT.
+    """
+    if not profiles and reference is None:
+        raise ValueError("no profiles to plot")
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for i, (name, prof) in enumerate(profiles.items()):
+        if len(prof.edges) != 1:
+            raise ValueError(f"profile {name!r} is not 1-D")
+        (c,) = prof.centers
+        colour = f"C{i % 10}"
+        ax.plot(c, _finite_or_nan(prof.free_energy), ".-", color=colour, label=name)
+        lo, hi = _finite_or_nan(prof.ci_low), _finite_or_nan(prof.ci_high)
+        ax.fill_between(c, lo, hi, color=colour, alpha=0.2)
+    if reference is not None:
+        (rc,) = reference.centers
+        ax.plot(rc, _finite_or_nan(reference.free_energy), "k--", lw=1.5, label=reference_label)
+        lo, hi = _finite_or_nan(reference.ci_low), _finite_or_nan(reference.ci_high)
+        if np.isfinite(lo).any():
+            ax.fill_between(rc, lo, hi, color="0.5", alpha=0.25)
+    ax.set_xlabel(label)
+    ax.set_ylabel("F [kT]")
+    if f_max is not None:
+        ax.set_ylim(-0.5, f_max)
+    first = next(iter(profiles.values()), reference)
+    ax.set_title(f"free-energy profiles (bands: {100 * first.level:g}% CI)")
+    ax.legend(fontsize=8)
     return save_png(fig, path)

@@ -1,4 +1,5 @@
-"""The one method registry: every way to turn a teacher CNF into a few-step model.
+"""The one method registry: every way to turn a teacher CNF into a few-step model, and the
+models trained beside the teacher on the same data (``nf_internal``: ``uses_teacher = False``).
 
 An entry (:class:`~boltzflow.models.method.Method`) carries the model class, its config
 dataclass, how an untrained model is built from a config and a teacher, its own training
@@ -13,7 +14,7 @@ and a ``METHOD = Method(...)`` entry) and one line in :data:`METHODS` below; see
 
 from __future__ import annotations
 
-from boltzflow.distill import baselines, nf_run, train_students
+from boltzflow.distill import baselines, nf_internal_train, nf_run, train_students
 from boltzflow.models.method import Method
 
 __all__ = ["METHODS", "Method", "get_method"]
@@ -25,6 +26,7 @@ METHODS: dict[str, Method] = {
         train_students.F2D2_METHOD,
         train_students.FALCON_METHOD,
         nf_run.METHOD,
+        nf_internal_train.METHOD,
         *baselines.METHODS,
     )
 }

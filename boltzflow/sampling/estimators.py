@@ -19,7 +19,7 @@ Free energies are in kT; log Z in nats.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,8 +281,9 @@ def free_energy_difference(
             )
     value = -math.log(pa / pb)
     if method == "delta":
-        psi = a / pa - b / pb
-        se = math.sqrt(float(np.sum(w**2 * psi**2)))
+        # (w psi)^2, not w^2 psi^2: with P(A) ~ 1e-160 the factors under- and overflow apart
+        # (0 * inf = NaN) while each product w_i a_i / P(A) <= 1
+        se = math.sqrt(float(np.sum((w * a / pa - w * b / pb) ** 2)))
         return _delta_estimate(value, se, level, lw)
 
     def stat(idx: np.ndarray) -> float:
@@ -353,6 +354,58 @@ class FreeEnergyProfile:
             "level": self.level,
         }
         return _nan_to_none(out)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FreeEnergyProfile:
+        """The inverse of :meth:`to_dict`: a null free energy, band end or standard error (an
+        empty bin) becomes ``inf``; missing ``probability`` is derived from F.
+
+        Raises:
+            ValueError: missing keys, or arrays that do not match the edges.
+        """
+        for key in ("edges", "free_energy_kT"):
+            if key not in data:
+                raise ValueError(f"a free-energy profile needs {key!r}; got keys {sorted(data)}")
+        edges = tuple(np.asarray(e, dtype=np.float64) for e in data["edges"])
+        shape = tuple(len(e) - 1 for e in edges)
+        if not 1 <= len(edges) <= 2 or min(shape) < 1:
+            raise ValueError(f"edges must be 1 or 2 arrays of >= 2 values, got shape {shape}")
+
+        def array(key: str, fill: float) -> np.ndarray:
+            raw = data.get(key)
+            if raw is None:
+                return np.full(shape, fill)
+            a = np.array(_none_to(raw, fill), dtype=np.float64)
+            if a.shape != shape:
+                raise ValueError(f"profile {key!r} has shape {a.shape}, edges say {shape}")
+            return a
+
+        free = array("free_energy_kT", math.inf)
+        if data.get("probability") is not None:
+            probability = array("probability", 0.0)
+        else:
+            p = np.exp(-free)
+            probability = p / p.sum()
+        return cls(
+            edges=edges,
+            free_energy=free,
+            ci_low=array("ci_low", math.nan),
+            ci_high=array("ci_high", math.inf),
+            stderr=array("stderr", math.inf),
+            probability=probability,
+            n=int(data.get("n") or 0),
+            ess=float(data.get("ess") or math.nan),
+            method=str(data.get("method", "unknown")),
+            level=float(data.get("level") or 0.95),
+        )
+
+
+def _none_to(obj: Any, fill: float) -> Any:
+    if obj is None:
+        return fill
+    if isinstance(obj, list):
+        return [_none_to(v, fill) for v in obj]
+    return obj
 
 
 def _nan_to_none(obj: Any) -> Any:

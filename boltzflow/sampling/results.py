@@ -8,7 +8,8 @@ confidence interval, its standard error, the sample count and the Kish ESS behin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,25 @@ class Estimate:
             if isinstance(val, float) and not math.isfinite(val):
                 out[key] = None
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Estimate:
+        """The inverse of :meth:`to_dict` (None becomes NaN; unknown keys are ignored).
+
+        Raises:
+            ValueError: a required field is missing.
+        """
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in data and k != "level"]
+        if missing:
+            raise ValueError(f"an estimate needs {missing}; got keys {sorted(data)}")
+        values = {k: data[k] for k in names if k in data}
+        for key in ("value", "ci_low", "ci_high", "stderr", "ess", "level"):
+            if key in values:
+                values[key] = math.nan if values[key] is None else float(values[key])
+        values["n"] = int(values["n"])
+        values["method"] = str(values["method"])
+        return cls(**values)
 
     def __str__(self) -> str:
         pct = f"{100 * self.level:g}%"

@@ -32,6 +32,7 @@ from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.sampling.results import Estimate
 from boltzflow.workflow.layout import REFERENCE_FILE, copy_atomic, sample_plan
+from boltzflow.workflow.report_molecular import molecular_section, molecular_table
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stage import StageContext
 
@@ -223,6 +224,8 @@ def _training(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
 
 def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     """The ``report`` stage: comparison table, estimates, reweighting analysis and plots."""
+    from boltzflow.analysis.estimate import estimate_methods
+    from boltzflow.analysis.free_energy import load_reference_profile
     from boltzflow.analysis.reweight import reweight_analysis
     from boltzflow.data import read_dataset
     from boltzflow.systems.base import compute_energies
@@ -230,13 +233,30 @@ def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     out = ctx.out_dir
     ref_path = out / REFERENCE_FILE
     label = wf.proposal_label
+    reference = None
+    if wf.report.reference_profile is not None:
+        reference = load_reference_profile(wf.report.reference_profile)
     with wf.open_system() as system:
         ref_x = u_ref_all = u_ref = None
+        ref_boltzmann = True
         if ref_path.is_file():
-            ref_x = read_dataset(ref_path).positions.astype(np.float64)
+            ref_ds = read_dataset(ref_path)
+            ref_x = ref_ds.positions.astype(np.float64)
+            provenance = ref_ds.attrs.get("provenance") or {}
+            ref_boltzmann = provenance.get("boltzmann_across_basins", True) is not False
             u_ref_all = compute_energies(system, torch.as_tensor(ref_x)).numpy()
             u_ref = u_ref_all[np.isfinite(u_ref_all)]
         rows = comparison_rows(wf, out, system, u_ref)
+        molecular = molecular_section(
+            wf,
+            out,
+            system,
+            rows,
+            ref_x=ref_x,
+            ref_boltzmann=ref_boltzmann,
+            reference=reference,
+            methods=estimate_methods(wf.estimates.method),
+        )
         all_rows = list(rows)
         if ref_x is not None:
             all_rows.append(_reference_row(wf, ref_x, u_ref_all, system))
@@ -253,6 +273,8 @@ def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     plots = {k: Path(v) for k, v in analysis.get("plots", {}).items()}
     if any(r["model"] != "teacher" for r in rows):
         plots["ESS/N by model and steps"] = _ess_plot(rows, out / "analysis" / "ess_by_model.png")
+    if molecular is not None:
+        plots.update(molecular["plots"])
     for path in plots.values():
         ctx.add_output(path)
     ctx.add_output(out / "analysis" / "report.md")
@@ -261,6 +283,15 @@ def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     table = markdown_table(all_rows, exact)
     training = _training(ctx, wf)
     notes = _notes(wf, rows, exact, u_ref is not None)
+    if not ref_boltzmann:
+        notes.append(
+            "the held-out frames are seeded MD, Boltzmann within but not across the φ basins: "
+            "their ΔF (reference row) is not a reference, and energy and torus W2 against them "
+            "measure fit to those frames, not distance to the target"
+        )
+    mol_md = ""
+    if molecular is not None:
+        mol_md = molecular_table(rows, molecular, wf.report.level)
     payload = {
         "workflow": wf.name,
         "system": wf.system,
@@ -277,9 +308,14 @@ def run_report_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         "notes": notes,
         "table_markdown": table,
     }
+    if molecular is not None:
+        payload["molecular"] = {k: v for k, v in molecular.items() if k != "plots"} | {
+            "table_markdown": mol_md
+        }
     atomic_write_text(out / "report.json", json.dumps(jsonable(payload), indent=2) + "\n")
     atomic_write_text(
-        out / "report.md", _markdown(wf, table, training, analysis, plots, notes, out)
+        out / "report.md",
+        _markdown(wf, table, training, analysis, plots, notes, out, molecular=mol_md),
     )
     best = max(rows, key=lambda r: r["ESS/N"])
     return {
@@ -327,12 +363,16 @@ def _markdown(
     plots: dict[str, Path],
     notes: list[str],
     out: Path,
+    *,
+    molecular: str = "",
 ) -> str:
     lines = [f"# boltzflow workflow report: {wf.name} ({wf.system})", ""]
     if wf.description:
         lines += [wf.description, ""]
     lines += [f"- {n}" for n in notes] + [""]
     lines += ["## Teacher vs students", "", table, ""]
+    if molecular:
+        lines += ["## Molecule: (φ, ψ), chirality and free energy along φ", "", molecular, ""]
     lines += [
         "## Training",
         "",

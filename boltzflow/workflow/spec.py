@@ -16,6 +16,7 @@ A workflow names one system and everything the pipeline does with it::
     n_train = 4000
     n_reference = 2000             # held out: energy W2, reference ΔF, NLL
     settings = { burn_in = 500 }   # generator settings
+    holdout = "tail"               # or "segments" (md_seeded: whole MD segments held out)
     # ... or an existing file (relative to the workflow file): file = "x.npy", dataset,
     # reference_file (else the last n_reference rows of `file` are held out)
 
@@ -50,6 +51,7 @@ A workflow names one system and everything the pipeline does with it::
 
     [report]
     proposal = "f2d2"              # whose samples become samples.h5 and get the full analysis
+    reference_profile = "reference/aldp_umbrella_profile.json"   # molecules: F(φ), ΔF reference
     proposal_steps = 4             # default: the student's default_steps
     n_bootstrap = 200
     level = 0.95
@@ -118,6 +120,8 @@ __all__ = [
 ]
 
 _TEACHER_SECTIONS = ("model", "flow_matching", "train", "sample")
+#: ways to hold out generated reference data (:class:`DataSpec`)
+HOLDOUTS = ("tail", "segments")
 #: keys of a teacher or student table besides its config's fields
 _SOURCE_KEYS = ("config", "profile")
 #: steps a student samples with when its config does not say (the Student default)
@@ -145,6 +149,12 @@ class DataSpec:
             rows of ``file`` (0: all but the reference rows).
         n_reference: held-out configurations for metrics (0: none).
         settings: generator settings (``burn_in``, ``n_chains``, ...).
+        holdout: how generated data are split: ``"tail"`` (the last ``n_reference`` records:
+            the ends of the MCMC chains) or ``"segments"`` (``method = "md_seeded"`` only:
+            whole MD segments, spread over the basins the segments started in,
+            round(n_seeds · n_reference / (n_train + n_reference)) of them, so about
+            ``n_reference`` frames; frames within a segment are correlated, so a random or
+            partial split would leak neighbours of held-out frames into training).
     """
 
     file: Path | None = None
@@ -154,6 +164,7 @@ class DataSpec:
     n_train: int = 0
     n_reference: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    holdout: str = "tail"
 
     def __post_init__(self) -> None:
         from boltzflow.data.generate import METHODS
@@ -161,6 +172,13 @@ class DataSpec:
         if self.method not in METHODS:
             raise ValueError(f"data.method: {self.method!r} is not one of {list(METHODS)}")
         nonnegative_int(self.n_reference, "data.n_reference")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"data.holdout: {self.holdout!r} is not one of {list(HOLDOUTS)}")
+        if self.holdout == "segments" and self.method != "md_seeded":
+            raise ValueError(
+                "data.holdout = 'segments' holds out whole MD segments: it needs generated data "
+                f"with method = 'md_seeded', not {'a file' if not self.generate else self.method!r}"
+            )
         if self.generate:
             positive_int(self.n_train, "data.n_train")
             for key in ("dataset", "reference_file"):
@@ -180,6 +198,8 @@ class DataSpec:
         out = dataclasses.asdict(self)
         for k in ("file", "reference_file"):
             out[k] = None if out[k] is None else str(out[k])
+        if out["holdout"] == "tail":  # the default keeps the keys of runs made before it existed
+            del out["holdout"]
         return out
 
 
@@ -280,13 +300,17 @@ class ReportSpec:
     """The report: which model's samples are analysed in full and stored as ``samples.h5``.
 
     ``proposal`` None: the first student, else the teacher; ``proposal_steps`` None: that
-    student's default steps (both resolved by :func:`load_workflow`).
+    student's default steps (both resolved by :func:`load_workflow`). ``reference_profile``: a
+    reference F(φ) with its ΔF for molecules (the JSON of ``workflows/aldp_umbrella.py``, read
+    by :func:`boltzflow.analysis.free_energy.load_reference_profile`; in the file a path
+    relative to the workflow file), drawn and compared with every model's reweighted samples.
     """
 
     proposal: str | None = None
     proposal_steps: int | None = None
     n_bootstrap: int = 200
     level: float = 0.95
+    reference_profile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.proposal_steps is not None:
@@ -620,7 +644,7 @@ def load_workflow(
         students[name] = _parse_student(name, s, base, f"{wf}: students.{name}", system, device)
     sample = located(wf, dataclass_from_dict, SampleSpec, top.get("sample", {}), f"{wf}: sample")
     estimates = _parse_estimates(top.get("estimates", {}), wf, info, kind)
-    report = located(wf, dataclass_from_dict, ReportSpec, top.get("report", {}), f"{wf}: report")
+    report = _parse_report(top.get("report", {}), base, wf, kind)
     report = _resolve_report(report, f"{wf}: report", students, sample)
     benchmark = located(
         wf, dataclass_from_dict, BenchmarkSpec, top.get("benchmark", {}), f"{wf}: benchmark"
@@ -642,6 +666,23 @@ def load_workflow(
         raw=raw,
         **scalars,
     )
+
+
+def _parse_report(raw: Any, base: Path, wf: str, kind: str) -> ReportSpec:
+    """``[report]``; ``reference_profile`` must name a readable reference profile file, and
+    only for a molecular system."""
+    where = f"{wf}: report"
+    t = dict(check_type(raw, dict, where))
+    if "reference_profile" in t:
+        key = f"{where}.reference_profile"
+        path = existing_file(base, check_type(t["reference_profile"], str, key), key)
+        if kind != "openmm":
+            raise ValueError(f"{key}: a profile along φ needs a molecular system")
+        from boltzflow.analysis.free_energy import load_reference_profile
+
+        located(key, load_reference_profile, path)
+        t["reference_profile"] = path
+    return located(wf, dataclass_from_dict, ReportSpec, t, where)
 
 
 def _resolve_report(

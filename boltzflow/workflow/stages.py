@@ -63,8 +63,12 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
 
     spec = wf.data
     train_path, ref_path = ctx.path(TRAIN_FILE), ctx.path(REFERENCE_FILE)
+    split: dict[str, Any] = {}
     if spec.generate:
         total = spec.n_train + spec.n_reference
+        settings = dict(spec.settings)
+        if ctx.workdir is not None:  # md_seeded: finished segments survive an interrupted run
+            settings.setdefault("segments_dir", str(ctx.workdir))
         with wf.open_system() as system:
             x, u, prov = generate(
                 system,
@@ -72,13 +76,16 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
                 seed=wf.seed,
                 method=spec.method,
                 progress=ctx.progress,
-                **spec.settings,
+                **settings,
             )
-        # MCMC output is time-major: the held-out reference is the last records of the chains.
-        parts = {"train": (x[: spec.n_train], u[: spec.n_train])}
-        if spec.n_reference:
-            parts["reference"] = (x[spec.n_train :], u[spec.n_train :])
-        note = f"generated {total} ({prov['method']}): {spec.n_train} train"
+        if spec.holdout == "segments":
+            parts, split = _segment_split(x, u, prov, spec.n_reference)
+        else:
+            # MCMC output is time-major: the held-out reference is the last records of the chains.
+            parts = {"train": (x[: spec.n_train], u[: spec.n_train])}
+            if spec.n_reference:
+                parts["reference"] = (x[spec.n_train :], u[spec.n_train :])
+        note = f"generated {total} ({prov['method']}): {len(parts['train'][0])} train"
     else:
         x = load_positions(spec.file, spec.dataset, system=wf.system)
         if spec.reference_file is not None:
@@ -107,18 +114,54 @@ def _run_data(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         note = f"from {spec.file.name}: {len(train)} train"
     for name, (xs, us) in parts.items():
         path = train_path if name == "train" else ref_path
-        provenance = {**prov, "workflow_part": name}
+        provenance = {**prov, "workflow_part": name, **({"split": split} if split else {})}
         write_dataset(path, xs, system=wf.system, provenance=provenance, energies=us)
     n_ref = len(parts["reference"][0]) if "reference" in parts else 0
     if n_ref:
         ctx.add_output(REFERENCE_FILE)
     else:
         ref_path.unlink(missing_ok=True)
-    return {
+    if ctx.workdir is not None and not spec.settings.get("keep_segments", False):
+        from boltzflow.data.seeded_md import remove_segments
+
+        remove_segments(ctx.workdir)  # the datasets hold the frames now
+    out = {
         "n_train": len(parts["train"][0]),
         "n_reference": n_ref,
         "note": f"{note}, {n_ref} reference",
     }
+    if split:
+        out["heldout_segments"] = split["heldout_segments"]
+        out["note"] += f" ({len(split['heldout_segments'])} whole segments)"
+    return out
+
+
+def _segment_split(
+    x: Any, u: Any, prov: dict[str, Any], n_reference: int
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
+    """Training and reference parts of seeded-MD frames, the reference made of whole segments
+    (:func:`boltzflow.data.seeded_md.held_out_segments`: round(n_seeds · n_reference / N) of
+    them, at least one if ``n_reference`` > 0, never all); and the split's record."""
+    from boltzflow.data.seeded_md import held_out_segments, segment_rows
+
+    stats = prov.get("statistics", {})
+    counts = stats.get("frames_per_seed")
+    if counts is None or sum(counts) != len(x):
+        raise ValueError("data.holdout = 'segments': the generator recorded no segments")
+    n_seeds = len(counts)
+    k = round(n_seeds * n_reference / len(x))
+    k = min(max(k, 1 if n_reference else 0), n_seeds - 1)
+    held = held_out_segments(stats["seed_phi"], k)
+    rows = segment_rows(counts, held)
+    parts = {"train": (x[~rows], u[~rows])}
+    if rows.any():
+        parts["reference"] = (x[rows], u[rows])
+    split = {
+        "rule": "whole segments, spread evenly within each starting basin",
+        "heldout_segments": held,
+        "frames_per_seed": list(counts),
+    }
+    return parts, split
 
 
 # -- teacher ---------------------------------------------------------------------------------------
@@ -174,17 +217,22 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
     from boltzflow.flows.cnf import TeacherCNF
     from boltzflow.registry.methods import get_method
 
-    teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
-    info = {"teacher": TEACHER_FILE, "workflow": wf.name}
+    method = get_method(st.method)
+    teacher = None
+    info = {"workflow": wf.name}
+    if method.uses_teacher:
+        teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
+        info["teacher"] = TEACHER_FILE
     start = time.perf_counter()
     data = None
-    if getattr(getattr(st.config, "loss", None), "target", None) == "data":
+    if method.reads_data(st.config):
         from boltzflow.data import read_dataset
 
         data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
+        info["data"] = TRAIN_FILE
     if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
         shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
-    student = get_method(st.method).train(
+    student = method.train(
         st.config,
         teacher,
         ctx.workdir,
@@ -296,6 +344,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
     configs, sizes, seeds, device), so a changed setting re-runs exactly the stages it affects.
     """
 
+    from boltzflow.registry.methods import get_method
+
     device = stage_device(wf)
     system = {"name": wf.system, "options": wf.system_options}
     stages = [
@@ -305,6 +355,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             config={"system": system, "data": wf.data.key(), "seed": wf.seed},
             inputs=tuple(p for p in (wf.data.file, wf.data.reference_file) if p is not None),
             outputs=(TRAIN_FILE,),
+            # resumable MD segments (an interrupted md_seeded run keeps its finished ones)
+            workdir="data/md_seeded" if wf.data.method == "md_seeded" else None,
             description="reference configurations",
         ),
         Stage(
@@ -320,9 +372,10 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
     trajectories: dict[str, str] = {}
     student_stages: list[str] = []
     for name, st in wf.students.items():
+        method = get_method(st.method)
         tc = _trajectory_config(st)
         traj_file = None
-        deps = ["teacher"]
+        deps = ["teacher"] if method.uses_teacher else []
         if tc is not None:
             tid = _trajectory_id(tc)
             traj_file = f"students/trajectories-{tid}.pt"
@@ -340,7 +393,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                     )
                 )
             deps.append(stage_name)
-        if getattr(getattr(st.config, "loss", None), "target", None) == "data":
+        if method.reads_data(st.config):
             deps.append("data")
         stage = Stage(
             f"student-{name}",
@@ -353,7 +406,8 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             deps=tuple(deps),
             outputs=(f"students/{name}/student.pt",),
             workdir=f"students/{name}",
-            description=f"{st.method} student",
+            description=f"{st.method} student"
+            + ("" if method.uses_teacher else " (from the data alone)"),
         )
         stages.append(stage)
         student_stages.append(stage.name)
@@ -417,16 +471,26 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             config={
                 "system": system,
                 "estimates": _jsonable(dataclasses.asdict(wf.estimates)),
-                "report": dataclasses.asdict(wf.report),
+                "report": _report_key(wf),
                 "seed": wf.seed,
                 "proposal": wf.proposal_label,
             },
             deps=("data", "teacher", *student_stages, *sample_stages),
+            inputs=tuple(p for p in (wf.report.reference_profile,) if p is not None),
             outputs=("report.md", "report.json", "samples.h5"),
             description="reweighting, estimates with CIs, plots",
         )
     )
     return stages
+
+
+def _report_key(wf: Workflow) -> dict[str, Any]:
+    """The report settings that decide its output (the reference profile's contents are an
+    input of the stage; without one the key is what it was before the option existed)."""
+    key = dataclasses.asdict(wf.report)
+    if key.pop("reference_profile") is not None:
+        key["reference_profile"] = True
+    return key
 
 
 def _jsonable(obj: Any) -> Any:

@@ -16,7 +16,13 @@ import torch
 
 from boltzflow.cli import main
 from boltzflow.data import generate, read_dataset
-from boltzflow.data.seeded_md import default_segments_dir, in_positive_basin, select_seeds
+from boltzflow.data.seeded_md import (
+    default_segments_dir,
+    held_out_segments,
+    in_positive_basin,
+    segment_rows,
+    select_seeds,
+)
 from boltzflow.systems import geometry
 
 N = 42
@@ -66,6 +72,29 @@ def test_select_seeds_rejects_what_it_cannot_do(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         select_seeds(phi, n_seeds, fraction)
+
+
+def test_held_out_segments_are_whole_and_spread_over_both_basins() -> None:
+    # 60 segments, 18 started in 0 < φ < 2 (the docs' production data): 6 held out, 2 of them
+    # from there (6 * 18 / 60 = 1.8), first/middle/last of each group
+    seed_phi = np.array([1.0 if i % 10 < 3 else -1.5 for i in range(60)])
+    held = held_out_segments(seed_phi, 6)
+    assert held == sorted(held) and len(set(held)) == 6
+    assert in_positive_basin(seed_phi[held]).sum() == 2
+    positive = np.flatnonzero(in_positive_basin(seed_phi))
+    assert [i for i in held if i in positive] == [int(positive[0]), int(positive[-1])]
+    assert held_out_segments(seed_phi, 0) == []
+    # every segment from one basin: none can come from the other, whatever the rounding
+    assert held_out_segments(np.array([-1.0, -1.0, 1.0]), 3) == [0, 1, 2]
+    assert held_out_segments(np.array([-1.0, 1.0, 1.0]), 1) == [1]
+    with pytest.raises(ValueError, match=r"n_holdout must lie in \[0, 3\]"):
+        held_out_segments(np.array([-1.0, 1.0, 1.0]), 4)
+
+
+def test_segment_rows_marks_whole_segments() -> None:
+    mask = segment_rows([3, 2, 4], [0, 2])
+    assert mask.tolist() == [True] * 3 + [False] * 2 + [True] * 4
+    assert not segment_rows([3, 2], []).any()
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def test_protocol_attributes(model: InternalNFStudent) -> None:
     assert isinstance(model, Model)
     assert model.system == "aldp" and model.dim == 66 and model.event_dim == 60
     assert model.log_q_kind == LOG_Q_KINDS["one_pass"] and model.uses_steps is False
+    assert model.representation == "internal"  # keeps its handedness: never mirrored
     assert model.flow.periodic == tuple(range(41, 60))  # the 19 dihedral columns
 
 

@@ -67,3 +67,24 @@ def test_torus_w2_subsampling_is_seeded_and_close():
     assert w1 == torus_w2(a, b, max_points=500, seed=1)
     # a rigid shift by 0.3 in both angles: W2 = 0.3 * sqrt(2); subsampling adds O(N^-1/2) noise
     assert w1 == pytest.approx(0.3 * math.sqrt(2), abs=0.12)
+
+
+def test_torus_w2_known_answers_on_the_circle():
+    # two point masses a distance d apart on the circle: W2 = d (the shorter way round)
+    assert torus_w2([0.5], [1.7]) == pytest.approx(1.2, abs=1e-12)
+    assert torus_w2([-2.9], [2.9]) == pytest.approx(2 * math.pi - 5.8, abs=1e-12)  # wraps at ±π
+    assert torus_w2([0.0], [math.pi]) == pytest.approx(math.pi, abs=1e-12)  # antipodes
+    # two equal point masses each: every mass moves 0.1 across ±π (not 6.18 the long way)
+    assert torus_w2([-3.0, 3.0], [3.1, -3.1]) == pytest.approx(0.1, abs=1e-12)
+    # an evenly spaced ring shifted by s < half its spacing: each point moves s, so W2 = s,
+    # also for the points that cross ±π after the shift
+    ring = -math.pi + 0.4 + 2 * math.pi * np.arange(12) / 12
+    shifted = np.remainder(ring + 0.2 + math.pi, 2 * math.pi) - math.pi
+    assert shifted.min() < ring.min()  # the last point wrapped round to -π
+    assert torus_w2(ring, shifted) == pytest.approx(0.2, abs=1e-12)
+    # on the torus the squared distances add: shifts (0.2, 0.1) give sqrt(0.05)
+    grid = np.stack([ring, np.roll(ring, 5)], 1)
+    moved = np.remainder(grid + np.array([0.2, 0.1]) + math.pi, 2 * math.pi) - math.pi
+    assert torus_w2(grid, moved) == pytest.approx(math.sqrt(0.05), abs=1e-12)
+    # importance weights select the points they put mass on
+    assert torus_w2([1.0], [1.0, -2.0], weights=[1.0, 0.0]) == pytest.approx(0.0, abs=1e-12)

@@ -13,6 +13,7 @@ from boltzflow.plots import (
     plot_energy_histograms,
     plot_ess_vs_n,
     plot_free_energy_profile,
+    plot_free_energy_profiles,
     plot_log_weights,
     plot_ramachandran,
 )
@@ -64,4 +65,16 @@ def test_landscape_plots(tmp_path, data):
     _check(plot_free_energy_profile(tmp_path / "p.png", prof, label="φ", reference=ref))
     prof2 = free_energy_profile(np.stack([phi, psi], 1), lw, bins=12, n_bootstrap=10)
     _check(plot_free_energy_profile(tmp_path / "p2.png", prof2, label="φ, ψ"))
+    many = {
+        "a": prof,
+        "b (one sample)": free_energy_profile(
+            phi[10:11], lw[10:11], bins=30, value_range=(-math.pi, math.pi)
+        ),
+    }
+    _check(plot_free_energy_profiles(tmp_path / "m.png", many, reference=ref, label="φ"))
+    _check(plot_free_energy_profiles(tmp_path / "m2.png", {}, reference=ref, f_max=5.0))
+    with pytest.raises(ValueError, match="no profiles"):
+        plot_free_energy_profiles(tmp_path / "m3.png", {})
+    with pytest.raises(ValueError, match="not 1-D"):
+        plot_free_energy_profiles(tmp_path / "m4.png", {"2-D": prof2})
     assert "matplotlib.pyplot" not in sys.modules

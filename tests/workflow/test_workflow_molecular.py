@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
-
-import numpy as np
-import pytest
 
 from boltzflow.workflow import load_workflow, run_workflow
 
@@ -39,26 +35,6 @@ def test_lj13_smoke_profile_runs_end_to_end(tmp_path):
     assert report["reference"]["N"] == 32
     for row in report["models"]:
         assert 0 < row["ESS/N"] <= 1 and row["N"] == 32
-
-
-def test_block_free_energy_exact_values():
-    fe = _script().block_free_energy
-    # every block holds exactly 1 of 4 frames in A: P = 1/4 in each block, zero spread
-    r = fe(np.tile([True, False, False, False], 10), n_blocks=5)
-    assert r["p_a"] == 0.25 and r["p_stderr"] == 0.0
-    assert r["value"] == pytest.approx(-math.log(0.25 / 0.75), abs=1e-15)
-    assert r["ci_low"] == r["ci_high"] == r["value"]
-    # blocks with P = 0.2 and 0.6: mean 0.4, se = std(ddof=1)/sqrt(2) = 0.2
-    series = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], dtype=bool)
-    r = fe(series, n_blocks=2, level=0.95)
-    assert r["p_a"] == pytest.approx(0.4) and r["p_stderr"] == pytest.approx(0.2)
-    se = 0.2 / (0.4 * 0.6)
-    assert r["stderr"] == pytest.approx(se)
-    t = 12.706204736174707  # Student t, 1 degree of freedom, 97.5% quantile
-    assert r["ci_high"] - r["value"] == pytest.approx(t * se)
-    assert fe(np.zeros(10, dtype=bool), 2)["value"] is None
-    with pytest.raises(ValueError, match="cannot fill"):
-        fe(np.ones(3, dtype=bool), 5)
 
 
 def test_aldp_smoke_workflow_and_free_energy_script(tmp_path, capsys):

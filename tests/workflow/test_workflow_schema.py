@@ -226,6 +226,84 @@ def test_a_newly_registered_method_is_parsed_without_a_spec_edit(tmp_path, monke
         load_workflow(_write(tmp_path, text))
 
 
+def test_a_method_without_a_teacher_trains_on_the_data_alone(tmp_path, monkeypatch):
+    """``uses_teacher = False`` / ``reads_data``: the student stage waits for the data, not the
+    teacher; the shipped such method is nf_internal, whose table is an ICNFRunConfig."""
+    from boltzflow.distill.nf_internal_train import ICNFRunConfig
+    from boltzflow.workflow.stages import build_stages
+
+    def unused(*args, **kwargs):
+        raise AssertionError("building the graph must not build or train")
+
+    toy = Method(
+        name="toy",
+        model=object,
+        config=ToyConfig,
+        build=unused,
+        train=unused,
+        log_q_kind="exact",
+        uses_steps=False,
+        description="a test method",
+        uses_teacher=False,
+        reads_data=lambda cfg: cfg.width > 4,
+    )
+    monkeypatch.setitem(METHODS, "toy", toy)
+    text = BASE + "[students.t]\nmethod = 'toy'\nwidth = 5\n"
+    deps = {s.name: s.deps for s in build_stages(load_workflow(_write(tmp_path, text)))}
+    assert deps["student-t"] == ("data",)
+    text = text.replace("width = 5", "width = 3")
+    deps = {s.name: s.deps for s in build_stages(load_workflow(_write(tmp_path, text)))}
+    assert deps["student-t"] == ()
+    nf = METHODS["nf_internal"]
+    assert not nf.uses_teacher and nf.reads_data(nf.new_config())
+    text = BASE.replace('"dw4"', '"aldp"') + (
+        "[students.nf]\nmethod = 'nf_internal'\n[students.nf.train]\nsteps = 3\n"
+        "[students.nf.validation]\npatience = 1\n"
+    )
+    wf = load_workflow(_write(tmp_path, text))
+    st = wf.students["nf"]
+    assert isinstance(st.config, ICNFRunConfig) and st.config.system == "aldp"
+    assert st.config.train.steps == 3 and st.config.validation.patience == 1
+    assert not st.uses_steps and wf.proposal_label == "nf"
+    deps = {s.name: s.deps for s in build_stages(wf)}
+    assert deps["student-nf"] == ("data",) and "teacher" not in deps["sample-nf"]
+
+
+def test_distill_does_not_offer_a_method_that_needs_no_teacher(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["distill", str(tmp_path), "--method", "nf_internal", "-o", str(tmp_path / "s")])
+    assert err.value.code == 2
+    assert "invalid choice: 'nf_internal'" in capsys.readouterr().err
+
+
+def test_segment_holdout_needs_seeded_md(tmp_path):
+    base = BASE.replace('"dw4"', '"aldp"')
+    text = base.replace("n_train = 10", "n_train = 10\nmethod = 'md_seeded'\nholdout = 'segments'")
+    assert load_workflow(_write(tmp_path, text)).data.holdout == "segments"
+    with pytest.raises(ValueError, match=r"data.holdout = 'segments'.*not 'md'"):
+        load_workflow(_write(tmp_path, text.replace("'md_seeded'", "'md'")))
+    with pytest.raises(ValueError, match=r"data.holdout: 'middle' is not one of"):
+        load_workflow(_write(tmp_path, text.replace("'segments'", "'middle'")))
+    # the default split leaves the data stage's key as it was before the option existed
+    assert "holdout" not in load_workflow(_write(tmp_path, base)).data.key()
+
+
+def test_report_reference_profile_is_a_checked_file_beside_the_workflow(tmp_path):
+    shipped = Path(__file__).resolve().parents[2] / "workflows/reference/aldp_umbrella_profile.json"
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "p.json").write_text(shipped.read_text())
+    base = BASE.replace('"dw4"', '"aldp"') + "[report]\nreference_profile = 'ref/p.json'\n"
+    wf = load_workflow(_write(tmp_path, base))
+    assert wf.report.reference_profile == tmp_path / "ref" / "p.json"
+    with pytest.raises(FileNotFoundError, match=r"report.reference_profile: file not found"):
+        load_workflow(_write(tmp_path, base.replace("p.json", "q.json")))
+    (tmp_path / "ref" / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"report.reference_profile: .*bad.json: not a reference"):
+        load_workflow(_write(tmp_path, base.replace("p.json", "bad.json")))
+    with pytest.raises(ValueError, match=r"reference_profile: a profile along φ needs a molec"):
+        load_workflow(_write(tmp_path, base.replace('"aldp"', '"dw4"')))
+
+
 def test_student_config_must_be_the_methods_dataclass():
     with pytest.raises(TypeError, match=r"students.x: a 'f2d2' student needs a StudentConfig"):
         StudentSpec(name="x", method="f2d2", config=EulerConfig())
