@@ -339,3 +339,9 @@ def test_internal_configs_are_for_aldp() -> None:
             cfg = load_student_config(CONFIGS / f"student_{method}_aldp_internal.toml", profile)
             assert isinstance(cfg, StudentConfig) and cfg.system == SYSTEM
             assert cfg.method == method and cfg.student.init_from_teacher
+
+
+def test_the_cartesian_nf_method_refuses_an_internal_teacher(teacher: TeacherCNF) -> None:
+    method = METHODS["nf"]
+    with pytest.raises(ValueError, match="internal coordinates"):
+        method.build(method.new_config(), teacher, system=SYSTEM)
