@@ -14,6 +14,17 @@ their estimate. :class:`Student` then supplies batching, seeding, unit scaling, 
 check and persistence. For mean-free particle systems every density is on the (n - 1) d
 subspace, as for the teacher (:mod:`boltzflow.flows.priors`).
 
+Internal coordinates (a student built with ``transform``, an
+:class:`~boltzflow.systems.internal_coords.InternalCoordinates` in periodic mode, like the
+internal-coordinate teacher of :mod:`boltzflow.flows.cnf`): ``push`` and ``pull`` act on the
+transform's z (``prior.dim = 3n - 6``, the dihedral columns of
+:attr:`Student.periodic` on the circle, wrapped into [-pi, pi) after every step by
+:meth:`Student._project`), while :meth:`Student.iter_samples` and :meth:`Student.log_prob` take
+and return Cartesian x (nm, ``dim = 3n``) with log q(x) = log q(z) - log J(z) - sum log sigma and
+the extra column ``log_q_internal``
+(:meth:`~boltzflow.systems.internal_coords.InternalCoordinates.cartesian_density`, the density
+convention of DESIGN.md). ``log_prob`` accepts any rigid placement of x.
+
 Checkpoint payload (:func:`boltzflow.io.checkpoint.save_checkpoint`, kind ``"student"``):
 ``student_kind`` (registry name), ``system`` (name or None), ``model_config`` (what
 ``from_config`` needs), ``state_dict``, ``extra``.
@@ -31,11 +42,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.priors import (
     Prior,
     PriorFlowMixin,
+    TorusGaussian,
     build_prior,
     check_points,
+    finite_points,
 )
 from boltzflow.io.checkpoint import load_model_checkpoint, save_checkpoint
 from boltzflow.models.protocol import (
@@ -45,6 +59,11 @@ from boltzflow.models.protocol import (
     check_count,
     check_steps,
     check_trained_for,
+)
+from boltzflow.systems.internal_coords import (
+    LOG_Q_CONVENTION,
+    LOG_Q_INTERNAL,
+    InternalCoordinates,
 )
 from boltzflow.systems.particles import remove_mean
 
@@ -77,6 +96,16 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         system: name of the system the student was trained for (checked on load).
         scale: the student works on ``x / scale`` (as :class:`~boltzflow.flows.cnf.TeacherCNF`).
         default_steps: steps used when a call gives none.
+        transform: internal-coordinate transform (periodic mode; ``prior`` then a
+            :class:`~boltzflow.flows.priors.TorusGaussian` on its z with the same periodic
+            columns, ``scale`` 1): the student maps z and reports Cartesian x (module docstring).
+            Not part of the module tree (fixed by ``model_config``, float64 buffers that must not
+            follow ``.float()``).
+
+    Raises:
+        ValueError: a non-positive ``scale`` or ``default_steps``, or a ``transform`` that does
+            not match ``prior`` (dimension, periodic columns) or ``scale``.
+        TypeError: a ``transform`` that is not an ``InternalCoordinates``.
     """
 
     student_kind: ClassVar[str] = "student"
@@ -86,10 +115,6 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
     uses_steps: ClassVar[bool] = True
     #: default rows per batch of ``sample`` and ``log_prob``
     batch_size: ClassVar[int] = 4096
-    #: where the flow lives: ``"cartesian"`` x, or ``"internal"`` coordinates of a molecule (as
-    #: :attr:`boltzflow.flows.cnf.TeacherCNF.representation`); an internal-coordinate model
-    #: keeps the handedness of its training molecule, a Cartesian E(3) flow may mirror it
-    representation: ClassVar[str] = "cartesian"
 
     def __init__(
         self,
@@ -99,6 +124,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         system: str | None = None,
         scale: float = 1.0,
         default_steps: int = 4,
+        transform: InternalCoordinates | None = None,
     ) -> None:
         super().__init__()
         if not scale > 0:
@@ -107,6 +133,10 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
             raise ValueError(f"default_steps must be >= 1, got {default_steps}")
         self.prior = prior
         self.dim = prior.dim
+        if transform is not None:
+            _check_transform(transform, prior, scale)
+            self.dim = 3 * transform.n_atoms
+        object.__setattr__(self, "transform", transform)
         self.scale = float(scale)
         self.system = system
         self.default_steps = int(default_steps)
@@ -132,18 +162,76 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         """``steps`` or the default, checked."""
         return self.default_steps if check_steps(steps) is None else int(steps)
 
+    @property
+    def periodic(self) -> Tensor | None:
+        """Boolean ``(prior.dim,)`` mask of the periodic (dihedral) columns of z; None without
+        an internal-coordinate transform."""
+        return None if self.transform is None else self.transform.periodic_mask()
+
+    @property
+    def representation(self) -> str:
+        """Where the flow lives: ``"cartesian"`` x, or ``"internal"`` coordinates of a molecule
+        (as :attr:`boltzflow.flows.cnf.TeacherCNF.representation`). An internal-coordinate model
+        keeps the handedness of its training molecule; a Cartesian E(3) flow may mirror it."""
+        return "cartesian" if self.transform is None else "internal"
+
+    @property
+    def log_q_convention(self) -> str | None:
+        """What log q is a density of, where it is not the plain density of x (sample files)."""
+        return LOG_Q_CONVENTION if self.transform is not None else None
+
+    def _wrap(self, x: Tensor) -> Tensor:
+        """``x (B, prior.dim)`` with the periodic columns wrapped into [-pi, pi) (a new tensor;
+        ``x`` itself without periodic columns). Differentiable: a piecewise translation."""
+        return x if self.transform is None else wrap_columns(x, self.periodic)
+
+    def wrap_difference(self, d: Tensor) -> Tensor:
+        """A difference of two points, ``(B, prior.dim)``, with the periodic columns taken the
+        short way round the circle (wrapped into [-pi, pi))."""
+        return self._wrap(d)
+
     def _project(self, x: Tensor) -> Tensor:
+        """Back onto the space the flow lives on: the mean-free subspace for particle systems,
+        the periodic columns wrapped into [-pi, pi) in internal coordinates."""
         if self.mean_free:
             return remove_mean(x, self.prior.n_particles, self.prior.spatial_dim)
-        return x
+        return self._wrap(x)
 
     def check_points(self, x: Tensor) -> Tensor:
-        """Validate ``(N, dim)`` points (mean-free where required); cast to the model's dtype.
+        """Validate ``(N, dim)`` points (mean-free where required; Cartesian x for an
+        internal-coordinate student); cast to the model's dtype.
 
         Raises:
-            ValueError: wrong shape, or points off the mean-free subspace.
+            ValueError: wrong shape, non-finite values, or points off the mean-free subspace.
         """
+        if self.transform is not None:
+            return finite_points(x, self.dim, self._param())
         return check_points(self.prior, x, self._param())
+
+    def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian ``x (B, 3n)`` (nm, any rigid placement) -> ``z (B, 3n - 6)`` in the
+        model's dtype and ``log_det (B,)`` float64 with log q(x) = log q(z) + log_det.
+
+        Raises:
+            ValueError: a student without an internal-coordinate transform.
+        """
+        if self.transform is None:
+            raise ValueError("to_internal needs an internal-coordinate student")
+        z, log_det = self.transform(x.to(torch.float64))
+        return z.to(self._param().dtype), log_det
+
+    def _output(
+        self, z: Tensor, y: Tensor, ladj: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Data-unit samples ``x``, their ``log_q`` and extra columns from the prior points
+        ``z``, the pushed points ``y`` (flow units) and ``ladj`` (all detached)."""
+        log_q_flow = (self.prior.log_prob(z) - ladj).detach()
+        if self.transform is None:
+            x = self._project(y.detach()) * self.scale
+            return x, log_q_flow - self._log_scale(), {}
+        dtype = self._param().dtype
+        out = self.transform.cartesian_density(y.detach(), log_q_flow)
+        return out.x.to(dtype), out.log_q.to(dtype), {LOG_Q_INTERNAL: out.log_q_internal.to(dtype)}
 
     def iter_samples(
         self,
@@ -166,7 +254,9 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
 
         Yields:
             :class:`~boltzflow.models.protocol.FlowOutput` per batch: ``x (B, dim)`` (data units,
-            mean-free for particle systems), ``log_q (B,)`` and ``steps`` network evaluations.
+            mean-free for particle systems; Cartesian nm in the standard frame for an
+            internal-coordinate student, with the column ``log_q_internal``), ``log_q (B,)`` and
+            ``steps`` network evaluations.
         """
         check_count(n)
         batch_size = check_batch_size(batch_size) or self.batch_size
@@ -181,20 +271,21 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
             for start in range(0, n, batch_size):
                 t0, c0 = time.perf_counter(), time.process_time()
                 z = z_all[start : start + batch_size]
-                x, ladj = self.push(z, steps)
-                x = self._project(x.detach()) * self.scale
-                log_q = (self.prior.log_prob(z) - ladj).detach() - self._log_scale()
+                with torch.no_grad():
+                    y, ladj = self.push(z, steps)
+                    x, log_q, columns = self._output(z, y, ladj)
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-                yield FlowOutput(x, log_q, nfe, nfe, 0, seconds, cpu)
+                yield FlowOutput(x, log_q, nfe, nfe, 0, seconds, cpu, columns)
         finally:
             self.train(was_training)
 
     def log_prob(
         self, x: Tensor, *, steps: int | None = None, batch_size: int | None = None
     ) -> Tensor:
-        """``(N,)`` log q of ``(N, dim)`` data-unit points, mapping them to noise in ``steps``.
+        """``(N,)`` log q of ``(N, dim)`` data-unit points, mapping them to noise in ``steps``
+        (Cartesian x in nm, any rigid placement, for an internal-coordinate student).
 
         Raises:
             ValueError: wrong shape, non-finite values, points off the mean-free subspace, or
@@ -208,11 +299,21 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         self.eval()
         try:
             for start in range(0, len(x), batch_size):
-                z, ladj = self.pull(x[start : start + batch_size] / self.scale, steps)
-                out.append((self.prior.log_prob(z) - ladj).detach() - self._log_scale())
+                out.append(self._log_prob_batch(x[start : start + batch_size], steps))
         finally:
             self.train(was_training)
         return torch.cat(out) if out else x.new_zeros(0)
+
+    def _log_prob_batch(self, x: Tensor, steps: int) -> Tensor:
+        """``(B,)`` log q of checked data-unit points (see :meth:`log_prob`)."""
+        with torch.no_grad():
+            if self.transform is None:
+                z, ladj = self.pull(x / self.scale, steps)
+                return (self.prior.log_prob(z) - ladj).detach() - self._log_scale()
+            y, log_det = self.to_internal(x)
+            z, ladj = self.pull(y, steps)
+            log_q_flow = self.prior.log_prob(self._wrap(z)) - ladj
+            return (log_q_flow.double() + log_det).to(x.dtype)
 
     # -- persistence -----------------------------------------------------------------------------
     def payload(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -283,6 +384,38 @@ def load_student(
     check_trained_for(path, f"{kind} student", trained_for, system, model.dim)
     model.load_state_dict(state)
     return model.to(map_location) if map_location is not None else model
+
+
+def _check_transform(transform: InternalCoordinates, prior: Prior, scale: float) -> None:
+    """Raise unless ``transform`` fits a student on ``prior`` at ``scale``.
+
+    Raises:
+        TypeError: ``transform`` is not an :class:`InternalCoordinates`.
+        ValueError: not periodic, another dimension or periodic columns than ``prior`` (which
+            must be a :class:`TorusGaussian`), or a scale other than 1.
+    """
+    if not isinstance(transform, InternalCoordinates):
+        raise TypeError(f"transform must be InternalCoordinates, got {type(transform).__name__}")
+    periodic = tuple(transform.periodic_mask().nonzero().flatten().tolist())
+    if (
+        not transform.periodic
+        or transform.dim != prior.dim
+        or scale != 1.0
+        or not isinstance(prior, TorusGaussian)
+        or prior.periodic != periodic
+    ):
+        raise ValueError(
+            f"an internal-coordinate student needs a periodic transform, scale 1 and a "
+            f"TorusGaussian prior on its z with its periodic columns; got transform dim "
+            f"{transform.dim} (periodic mode {transform.periodic}), prior {prior}, scale {scale}"
+        )
+
+
+def transform_from_config(config: dict[str, Any]) -> InternalCoordinates | None:
+    """The internal-coordinate transform recorded in a student's ``model_config`` (None for a
+    Cartesian student)."""
+    data = config.get("internal_coordinates")
+    return None if data is None else InternalCoordinates.from_dict(data)
 
 
 def prior_from_config(config: dict[str, Any]) -> Prior:

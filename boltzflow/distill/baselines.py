@@ -12,6 +12,11 @@ Two ways to carry log q through the K steps x_{k+1} = x_k + h v(t_k, x_k), h = 1
   that needs no training. A student that does not beat it learned nothing the teacher did not
   already give.
 
+With an internal-coordinate teacher the steps run on its z and each is wrapped into [-pi, pi) on
+the periodic columns (a piecewise translation: the step's log-determinant is unchanged; v is
+periodic there, so the step is a map of the torus); samples and log q come out Cartesian as the
+teacher's (:class:`~boltzflow.distill.base.Student`).
+
 Likelihoods of given points (``log_prob``) run the Euler rule backward in time,
 x_k = x_{k+1} - h v(t_{k+1}, x_{k+1}), which is not the exact inverse of the forward scheme; the
 NLL of a baseline is therefore a few-step estimate, not the density of its samples.
@@ -57,7 +62,13 @@ class EulerBaseline(Student):
             "logdet": logdet,
             "prior": teacher.prior.config(),
         }
-        super().__init__(teacher.prior, model_config=config, system=system, scale=teacher.scale)
+        super().__init__(
+            teacher.prior,
+            model_config=config,
+            system=system,
+            scale=teacher.scale,
+            transform=teacher.transform,
+        )
         self.net: nn.Module = teacher.net
         self.logdet = logdet
 
@@ -73,7 +84,8 @@ class EulerBaseline(Student):
         )
 
     def _step(self, x: Tensor, t: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``x + h v(t, x)`` and the step's contribution to log|det dx_out/dx_in| (B,)."""
+        """``x + h v(t, x)`` (unwrapped) and the step's contribution to log|det dx_out/dx_in|
+        ``(B,)``."""
         if self.logdet == "euler":
             v, div = exact_divergence(self.net, t, x)
             return x + h * v, h * div

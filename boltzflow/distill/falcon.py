@@ -42,6 +42,13 @@ Losses (weighted by :func:`falcon_loss` with a :class:`FALCONLossConfig`):
 
 :meth:`FALCON.log_prob` scores given points through the same Newton preimages, so it is the
 density of the sampler; :meth:`FALCON.learned_pull` applies the learned backward map instead.
+
+Internal coordinates (:mod:`boltzflow.distill.flowmap`): each jump is wrapped into [-pi, pi) on
+the periodic columns, which leaves its Jacobian and log-determinant unchanged. The map commutes
+with 2π shifts of a periodic column (X(z + 2π e_k) = X(z) + 2π e_k on the flat chart), so a
+jump's preimage is found by Newton iterations on the unwrapped map towards the representative
+of the target nearest to the image of the starting point (every representative has a preimage,
+a shifted copy of the same point of the torus), and the preimage is then wrapped.
 """
 
 from __future__ import annotations
@@ -227,26 +234,39 @@ class FALCON(FlowMapStudent):
         restricted Jacobian ``(B, m, m)`` and residual ``(B,)``, without gradients: Newton
         iterations from the learned backward jump, and for the points where they stall (they
         can end on a fold of the map, where the Jacobian is nearly singular) again from ``y``
-        itself; each point keeps the smaller residual."""
+        itself; each point keeps the smaller residual. In internal coordinates the iterations
+        run on the unwrapped map towards the representative of ``y`` nearest to the starting
+        point's image, and the preimage comes back wrapped (module docstring)."""
         with torch.no_grad():
             y = y.detach()
-            x, jac, res = newton_inverse(
-                self.flow_map, y, self.flow_map(y, t, s), basis, extra=(s, t), iters=iters, tol=tol
-            )
+            x, jac, res = self._newton(y, self.flow_map(y, t, s), s, t, basis, iters, tol)
             idx = torch.nonzero(res > tol)[:, 0]
             if len(idx):
-                x2, jac2, res2 = newton_inverse(
-                    self.flow_map,
-                    y[idx],
-                    y[idx],
-                    basis,
-                    extra=(s[idx], t[idx]),
-                    iters=iters,
-                    tol=tol,
-                )
+                x2, jac2, res2 = self._newton(y[idx], y[idx], s[idx], t[idx], basis, iters, tol)
                 take = res2 < res[idx]
                 x[idx[take]], jac[idx[take]], res[idx[take]] = x2[take], jac2[take], res2[take]
-        return x, jac, res
+        return self._wrap(x), jac, res
+
+    def _newton(
+        self,
+        y: Tensor,
+        init: Tensor,
+        s: Tensor,
+        t: Tensor,
+        basis: Tensor,
+        iters: int,
+        tol: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~boltzflow.distill.flowmap.newton_inverse` of the jump ``s -> t`` from
+        ``init``, aimed at the representative of ``y`` nearest to ``X(init)`` (``y`` itself
+        without periodic columns)."""
+        target = y
+        if self.transform is not None:
+            near = self.flow_map(init, s, t)
+            target = near + self.wrap_difference(y - near)
+        return newton_inverse(
+            self.flow_map, target, init, basis, extra=(s, t), iters=iters, tol=tol
+        )
 
     def inversion_error(self, x: Tensor, steps: int | None = None) -> Tensor:
         """``|z - learned_pull(push(z))|`` per point ``(B,)`` for flow-unit noise ``z`` (or
@@ -255,7 +275,7 @@ class FALCON(FlowMapStudent):
         with torch.no_grad():
             y, _ = self._run(x, time_grid(steps, like=x))
             back, _ = self._run(y, time_grid(steps, reverse=True, like=x))
-        return (back - x).norm(dim=-1)
+        return self.wrap_difference(back - x).norm(dim=-1)
 
 
 # -- losses -----------------------------------------------------------------------------------
@@ -347,7 +367,9 @@ def falcon_likelihood_loss(
     Gradients follow the implicit function theorem: at a preimage x* of y = X(x*) (found without
     gradients), x* - J^-1 (X_theta(x*) - y) equals x* in value and has the derivative of the
     exact inverse in theta and y (J the step's Jacobian at x*, held fixed); each jump's
-    log-determinant is then taken there with gradients. Points whose preimage did not converge
+    log-determinant is then taken there with gradients (in internal coordinates the residual is
+    taken the short way round on the periodic columns and the point wrapped, both piecewise
+    translations). Points whose preimage did not converge
     (residual above ``tol``: off the map's image, or a fold the iterations did not escape) are
     left out.
 
@@ -359,10 +381,10 @@ def falcon_likelihood_loss(
     ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for jump in model.preimages(x, steps, iters=iters, tol=tol):
         ok = ok & (jump.res <= tol)
-        residual = (model.flow_map(jump.x, jump.s, jump.t) - y) @ jump.basis
+        residual = model.wrap_difference(model.flow_map(jump.x, jump.s, jump.t) - y) @ jump.basis
         corr, info = torch.linalg.solve_ex(jump.jac, residual[..., None])
         ok = ok & (info == 0)
-        y = jump.x - torch.where(ok[:, None], corr[..., 0], 0.0) @ jump.basis.T
+        y = model._wrap(jump.x - torch.where(ok[:, None], corr[..., 0], 0.0) @ jump.basis.T)
         _, inc = model.jump_with_logdet(y, jump.s, jump.t)
         ladj = ladj + inc
     nll = ladj - model.prior.log_prob(y)

@@ -13,6 +13,15 @@ al. 2024, arXiv:2406.07507), with u given by the teacher's backbone type built w
 ``s`` features (zeros on ``t`` and ``t - s``), so that at initialisation u(x, s, t) = v(s, x):
 the student starts as the Euler step of the teacher and training only has to learn the
 correction.
+
+Internal coordinates (a teacher with ``representation = "internal"``): the student lives on the
+same z, with the teacher's :class:`~boltzflow.nn.torus.TorusMLP` built with two times (it sees
+the periodic columns through (cos, sin), so u is 2π-periodic in them). Each jump
+z -> z + (t - s) u(z, s, t) runs on the flat chart and is wrapped back into [-pi, pi) on the
+periodic columns; since u is periodic the jump is a well-defined map of the torus (a jump from z
+and from z + 2π e_k land on the same point), and the wrap, a piecewise translation, leaves its
+Jacobian, hence every per-step log-determinant, unchanged (Rezende et al. 2020,
+arXiv:2002.02428, flows on tori).
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from boltzflow.distill.base import Student, prior_from_config
+from boltzflow.distill.base import Student, prior_from_config, transform_from_config
 from boltzflow.flows.ode import jacobian_rows, over_row_chunks
 from boltzflow.flows.priors import MeanFreeGaussian, Prior
-from boltzflow.nn import EGNN, MLP, ParticleTransformer, build_backbone
+from boltzflow.nn import EGNN, MLP, ParticleTransformer, TorusMLP, build_backbone
+from boltzflow.systems.internal_coords import InternalCoordinates
 
 __all__ = [
     "FeatureTap",
@@ -52,10 +62,25 @@ def build_two_time_backbone(
     n_particles: int | None,
     spatial_dim: int | None,
     options: dict[str, Any] | None = None,
+    periodic: list[int] | None = None,
 ) -> nn.Module:
-    """A backbone of type ``backbone`` taking ``(t, x, s=s)``, output ``(B, dim)``."""
+    """A backbone of type ``backbone`` taking ``(t, x, s=s)``, output ``(B, dim)``.
+
+    ``periodic``: column indices on the circle (internal coordinates): the backbone is then a
+    :class:`~boltzflow.nn.torus.TorusMLP` with two times (``backbone`` must be ``"mlp"``, as for
+    the internal-coordinate teacher).
+
+    Raises:
+        ValueError: ``periodic`` with a backbone other than ``"mlp"``.
+    """
     opts = dict(options or {})
     opts.pop("n_times", None)
+    if periodic is not None:
+        if backbone != "mlp":
+            raise ValueError(
+                f"internal coordinates take backbone 'mlp' (a TorusMLP), not {backbone!r}"
+            )
+        return TorusMLP(dim, periodic, n_times=2, **opts)
     return build_backbone(
         backbone, dim=dim, n_particles=n_particles, spatial_dim=spatial_dim, n_times=2, **opts
     )
@@ -107,7 +132,8 @@ class FeatureTap:
     """Captures a backbone's last hidden features during its forward pass (a forward hook).
 
     EGNN: node features of the last layer ``(B, n, H)``; particle transformer: the final
-    normalised tokens ``(B, n, H)``; MLP: the last hidden activation ``(B, H)``. :meth:`pooled`
+    normalised tokens ``(B, n, H)``; MLP and TorusMLP: the last hidden activation ``(B, H)`` (for
+    the TorusMLP periodic in the angles, as its input features are). :meth:`pooled`
     sums over particles, which keeps permutation/rotation/translation invariance.
     """
 
@@ -118,7 +144,7 @@ class FeatureTap:
         elif isinstance(backbone, ParticleTransformer):
             module, self.width = backbone.norm, backbone.time_embedding.out_dim
             self._pick = lambda out: out
-        elif isinstance(backbone, MLP):
+        elif isinstance(backbone, MLP | TorusMLP):
             module, self.width = backbone.net[-2], backbone.time_embedding.out_dim
             self._pick = lambda out: out
         else:
@@ -292,7 +318,9 @@ class FlowMapStudent(Student):
 
     Subclasses implement :meth:`_jump_ladj`, one jump with its contribution to
     ``log|det dx/dz|``; this class builds the backbone and the model description, and runs the
-    jumps on a uniform time grid in either direction.
+    jumps on a uniform time grid in either direction, projecting after each jump
+    (:meth:`~boltzflow.distill.base.Student._project`: mean-free, or the periodic columns of
+    internal coordinates wrapped into [-pi, pi)).
 
     Args:
         net: two-time backbone ``net(t, x, s=s) -> (B, dim)``.
@@ -320,15 +348,21 @@ class FlowMapStudent(Student):
         system: str | None = None,
         scale: float = 1.0,
         default_steps: int = 4,
+        transform: InternalCoordinates | None = None,
         **options: Any,
     ) -> _FM:
         """Fresh student for a prior's dimension with the given backbone.
 
         Args:
+            transform: internal-coordinate transform of an internal-coordinate teacher: the
+                student then lives on its z (``prior`` the teacher's TorusGaussian, ``backbone``
+                ``"mlp"``, a two-time TorusMLP; see the module docstring).
             options: the subclass's own options (:attr:`options`, e.g. FALCON's ``signed``).
 
         Raises:
             TypeError: an option the subclass does not have.
+            ValueError: a transform with another backbone than ``"mlp"`` or that does not fit
+                the prior.
         """
         unknown = sorted(set(options) - set(cls.options))
         if unknown:
@@ -339,8 +373,16 @@ class FlowMapStudent(Student):
         # each option cast to its default's type (the description must stay plain JSON)
         own = {k: type(d)(options.get(k, d)) for k, d in cls.options.items()}
         opts = dict(backbone_options or {})
+        periodic = None
+        if transform is not None:
+            periodic = transform.periodic_mask().nonzero().flatten().tolist()
         net = build_two_time_backbone(
-            backbone, dim=prior.dim, n_particles=n_particles, spatial_dim=spatial_dim, options=opts
+            backbone,
+            dim=prior.dim,
+            n_particles=n_particles,
+            spatial_dim=spatial_dim,
+            options=opts,
+            periodic=periodic,
         )
         config = {
             "backbone": backbone,
@@ -352,6 +394,9 @@ class FlowMapStudent(Student):
             "scale": float(scale),
             "default_steps": int(default_steps),
         }
+        if transform is not None:  # Cartesian descriptions stay as they were
+            config["representation"] = "internal"
+            config["internal_coordinates"] = transform.to_dict()
         return cls(
             net,
             prior,
@@ -360,6 +405,7 @@ class FlowMapStudent(Student):
             system=system,
             scale=scale,
             default_steps=default_steps,
+            transform=transform,
         )
 
     @classmethod
@@ -373,6 +419,7 @@ class FlowMapStudent(Student):
             system=system,
             scale=config.get("scale", 1.0),
             default_steps=config.get("default_steps", 4),
+            transform=transform_from_config(config),
             **{k: config.get(k, d) for k, d in cls.options.items()},
         )
 

@@ -29,7 +29,11 @@ z still decodes to a molecule, but not one whose density is q; its log q is repo
 (weight 0), which keeps importance weights unbiased: E_q[w · 1(valid)] = ∫ p over valid z.
 
 The internal-coordinate transform runs in float64 (22 atoms cost nothing), the flow in the
-model's dtype; x and log q come back in the model's dtype.
+model's dtype; x and log q come back in the model's dtype. The Cartesian side (sampling, scoring,
+this bookkeeping) is the one internal-coordinate path of :class:`~boltzflow.distill.base.Student`
+(:meth:`~boltzflow.systems.internal_coords.InternalCoordinates.cartesian_density`), shared with
+the flow-map students and Euler baselines of an internal-coordinate teacher; this class supplies
+the flow on z (``push``/``pull``).
 
 Training by maximum likelihood with early stopping: :mod:`boltzflow.distill.nf_internal_train`.
 """
@@ -37,9 +41,6 @@ Training by maximum likelihood with early stopping: :mod:`boltzflow.distill.nf_i
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,20 +49,12 @@ from torch import Tensor
 
 from boltzflow.distill.base import Student, register_student
 from boltzflow.flows.coupling import CouplingFlow
-from boltzflow.flows.priors import TorusGaussian, finite_points
-from boltzflow.models.protocol import (
-    LOG_Q_KINDS,
-    FlowOutput,
-    check_batch_size,
-    check_count,
-)
+from boltzflow.flows.priors import TorusGaussian
+from boltzflow.models.protocol import LOG_Q_KINDS
 from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.validate import nonnegative_float
 
 __all__ = ["ICNFModelConfig", "InternalNFStudent"]
-
-#: extra per-sample column written beside log q (see the module docstring)
-LOG_Q_INTERNAL = "log_q_internal"
 
 
 @dataclass
@@ -129,12 +122,6 @@ class InternalNFStudent(Student):
 
     log_q_kind = LOG_Q_KINDS["one_pass"]
     uses_steps = False
-    representation = "internal"
-    #: what log q is a density of (recorded in sample files)
-    log_q_convention = (
-        "density per d^3N x / (d^3t dR): log q(z) - log J(z) - normalisation log-dets "
-        "(internal coordinates; rigid motions integrated out)"
-    )
 
     def __init__(
         self,
@@ -158,10 +145,10 @@ class InternalNFStudent(Student):
             system=system,
             scale=1.0,
             default_steps=1,
+            transform=ic,
         )
         self.flow = flow
-        self.ic = ic
-        self.dim = 3 * ic.n_atoms
+        self.ic = ic  # also a submodule: its buffers are in the state_dict of shipped models
 
     @classmethod
     def build(
@@ -193,29 +180,19 @@ class InternalNFStudent(Student):
         """Trainable parameters."""
         return self.flow.n_parameters
 
-    def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Cartesian ``x (B, 3n)`` (nm, any rigid placement) -> ``z (B, 3n − 6)`` in the model's
-        dtype and ``log J + Σ log σ (B,)`` (float64), so that log q(x) = log q(z) − that."""
-        z, log_det = self.ic(x.to(torch.float64))
-        return z.to(self._param().dtype), -log_det
-
-    def from_internal(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``z (B, 3n − 6)`` -> Cartesian ``x (B, 3n)`` (nm, standard frame, float64) and
-        ``log J + Σ log σ (B,)`` (float64)."""
-        return self.ic.inverse(z.to(torch.float64))
-
     def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Noise -> Cartesian x: ``(x (B, 3n), log|det dx/d eps| (B,))`` in the convention of
-        the module docstring (flow log-det + log J + Σ log σ)."""
-        u, ladj_flow = self.flow.decode(z)
-        x, ladj_ic = self.from_internal(u)
-        return x.to(z.dtype), ladj_flow + ladj_ic.to(z.dtype)
+        """Noise -> normalised internal coordinates u: ``(u (B, 3n − 6), log|det du/d eps|
+        (B,))``; the base class turns u into Cartesian x with the transform's log-det
+        (:meth:`~boltzflow.distill.base.Student.iter_samples`)."""
+        with torch.no_grad():
+            return self.flow.decode(z)
 
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Cartesian x -> noise; ``ladj`` of the noise -> data direction."""
-        u, ladj_ic = self.to_internal(x)
-        eps, ladj_enc = self.flow.encode(u)
-        return eps, ladj_ic.to(eps.dtype) - ladj_enc
+        """Normalised internal coordinates u -> noise; ``ladj`` of the noise -> u direction
+        (:meth:`~boltzflow.distill.base.Student.log_prob` maps Cartesian x to u first)."""
+        with torch.no_grad():
+            eps, ladj_enc = self.flow.encode(x)
+        return eps, -ladj_enc
 
     def log_prob_internal(self, u: Tensor) -> Tensor:
         """``(B,)`` log density of normalised internal coordinates ``u (B, 3n − 6)``
@@ -224,87 +201,7 @@ class InternalNFStudent(Student):
         return self.prior.log_prob(eps) + ladj
 
     # -- the protocol -----------------------------------------------------------------------------
-    def check_points(self, x: Tensor) -> Tensor:
-        """``(N, 3n)`` finite Cartesian points, cast to the model's dtype.
-
-        Raises:
-            ValueError: wrong shape or non-finite values.
-        """
-        return finite_points(x, self.dim, self._param())
-
-    def iter_samples(
-        self,
-        n: int,
-        *,
-        steps: int | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        progress: bool = False,
-    ) -> Iterator[FlowOutput]:
-        """Yield ``n`` Cartesian samples (nm, standard frame) with log q, batch by batch.
-
-        Args:
-            n: number of samples.
-            steps: checked and ignored (one exact pass).
-            seed: seeds the base draw (all ``n`` first); the same seed gives the same output.
-            batch_size: rows per batch (default :attr:`batch_size`).
-            progress: unused (accepted for the protocol).
-
-        Yields:
-            :class:`FlowOutput` per batch: ``x (B, 3n)``, ``log_q (B,)`` (module docstring) and
-            the column ``log_q_internal (B,)``, all in the model's dtype; one network pass.
-        """
-        check_count(n)
-        batch_size = check_batch_size(batch_size) or self.batch_size
-        self._steps(steps)
-        p = self._param()
-        gen = torch.Generator().manual_seed(seed)
-        eps_all = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    eps = eps_all[start : start + batch_size]
-                    u, ladj_flow = self.flow.decode(eps)
-                    x, ladj_ic = self.from_internal(u)
-                    log_q_u = self.prior.log_prob(eps) - ladj_flow
-                    log_q = log_q_u.double() - ladj_ic
-                    # z off the valid range (r <= 0, theta outside (0, pi)): x is a molecule
-                    # whose density is not q; weight 0 keeps E_q[w] unbiased (module text)
-                    log_q = torch.where(torch.isfinite(ladj_ic), log_q, math.inf)
-                    log_j = ladj_ic - self.ic._normalisation_log_det(ladj_ic)
-                    columns = {LOG_Q_INTERNAL: (log_q + log_j).to(p.dtype)}
-                    if x.is_cuda:
-                        torch.cuda.synchronize(x.device)
-                    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    yield FlowOutput(
-                        x.to(p.dtype), log_q.to(p.dtype), 1, 1, 0, seconds, cpu, columns
-                    )
-        finally:
-            self.train(was_training)
-
-    def log_prob(
-        self, x: Tensor, *, steps: int | None = None, batch_size: int | None = None
-    ) -> Tensor:
-        """``(N,)`` log q of Cartesian ``(N, 3n)`` points (nm, any rigid placement).
-
-        Raises:
-            ValueError: wrong shape, non-finite values, or a non-positive ``steps``/``batch_size``.
-        """
-        x = self.check_points(x)
-        self._steps(steps)
-        batch_size = check_batch_size(batch_size) or self.batch_size
-        out = []
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(x), batch_size):
-                    u, ladj_ic = self.to_internal(x[start : start + batch_size])
-                    log_q = self.log_prob_internal(u).double() - ladj_ic
-                    out.append(log_q.to(x.dtype))
-        finally:
-            self.train(was_training)
-        return torch.cat(out) if out else x.new_zeros(0)
+    # sample, iter_samples, log_prob and check_points are the base class's internal-coordinate
+    # path: one network pass (push/pull above, steps checked and ignored), Cartesian x in the
+    # standard frame, log q and the column log_q_internal from
+    # InternalCoordinates.cartesian_density (module docstring).

@@ -14,7 +14,12 @@ from typing import Any
 from boltzflow.distill.base import STUDENT_FILE
 from boltzflow.distill.nf import NFModelConfig, NFStudent
 from boltzflow.distill.nf_losses import NFLossConfig
-from boltzflow.distill.nf_train import default_train_config, distill_nf_from_cnf, distill_nf_from_nf
+from boltzflow.distill.nf_train import (
+    check_cartesian_teacher,
+    default_train_config,
+    distill_nf_from_cnf,
+    distill_nf_from_nf,
+)
 from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file
 from boltzflow.models.method import Method
 from boltzflow.train.config import TrainConfig
@@ -173,7 +178,12 @@ class NFConfig:
 
 
 def build_nf(cfg: NFConfig, teacher: Any, *, system: str | None) -> NFStudent:
-    """An untrained NF student for ``teacher``'s system (dimension and particle structure)."""
+    """An untrained NF student for ``teacher``'s system (dimension and particle structure).
+
+    Raises:
+        ValueError: an internal-coordinate teacher.
+    """
+    check_cartesian_teacher(teacher)
     tc = teacher.model_config
     return NFStudent.build(
         cfg.model,

@@ -42,6 +42,7 @@ from boltzflow.train.trainer import LossFn
 
 __all__ = [
     "PAIRS_FILE",
+    "check_cartesian_teacher",
     "cnf_pairs",
     "default_train_config",
     "distill_nf_from_cnf",
@@ -384,6 +385,20 @@ def cnf_pairs(
     return torch.cat(zs).float().cpu(), torch.cat(xs).float().cpu()
 
 
+def check_cartesian_teacher(teacher: Any) -> None:
+    """Refuse a teacher on internal coordinates: this NF distils Cartesian (noise, sample) pairs.
+
+    Raises:
+        ValueError: ``teacher`` has an internal-coordinate transform.
+    """
+    if getattr(teacher, "transform", None) is not None:
+        raise ValueError(
+            "the nf method distils a Cartesian teacher; this teacher lives on internal "
+            "coordinates: distil it with f2d2, falcon or the Euler baselines, or train an "
+            "internal-coordinate NF on data with `boltzflow train nf`"
+        )
+
+
 def distill_nf_from_cnf(
     teacher: Any,
     out_dir: str | os.PathLike[str],
@@ -413,7 +428,11 @@ def distill_nf_from_cnf(
             ``steps``, ``batch_size``).
         model: student architecture (``scale`` None: RMS of the teacher's samples).
         train, loss, resume, progress, run_info: as in :func:`train_nf`.
+
+    Raises:
+        ValueError: an internal-coordinate teacher (:func:`check_cartesian_teacher`).
     """
+    check_cartesian_teacher(teacher)
     model = model or NFModelConfig()
     train = train or default_train_config()
     loss = loss or NFLossConfig(final_weight=1.0, sample_weight=1.0)

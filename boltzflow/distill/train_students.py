@@ -18,6 +18,16 @@ starts from its weights, i.e. as the Euler step of the teacher
 options (e.g. ``hidden = 32`` for a smaller, faster student), which needs
 ``init_from_teacher = false``.
 
+An internal-coordinate teacher (``representation = "internal"``) gives an internal-coordinate
+student on the same z (the teacher's transform, TorusGaussian prior and a two-time TorusMLP;
+:mod:`boltzflow.distill.flowmap`): its trajectories are recorded on z, the minibatch points are
+wrapped into [-pi, pi) on the periodic columns with the pair ends on the same sheet
+(:meth:`~boltzflow.distill.trajectories.Trajectories.pairs`), training data (``--data``,
+Cartesian nm) are mapped to z by the teacher's transform, the data coupling and interpolant are
+the wrapped OT and the geodesic of the teacher's flow matching, and ``loss.energy`` sees the
+energy of z, u(x(z)) - log J(z) - sum log sigma (so that its reverse KL is the one of the
+Cartesian density in the convention of DESIGN.md).
+
 Config file (TOML; ``[profiles.NAME.*]`` override sections as for teachers)::
 
     method = "f2d2"            # or "falcon"
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +81,7 @@ __all__ = [
     "StudentOptions",
     "TrajectoryConfig",
     "build_student",
+    "flow_energy",
     "load_student_config",
     "student_loss",
     "teacher_system",
@@ -206,7 +218,7 @@ def teacher_system(path: str | os.PathLike[str]) -> str | None:
 
 def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None) -> Student:
     """An untrained student with the teacher's backbone type and options (those in
-    ``cfg.student.backbone`` replaced)."""
+    ``cfg.student.backbone`` replaced), on the teacher's internal coordinates if it has them."""
     tc = teacher.model_config
     common = {
         "prior": teacher.prior,
@@ -216,6 +228,7 @@ def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None
         "system": system,
         "scale": teacher.scale,
         "default_steps": cfg.student.default_steps,
+        "transform": teacher.transform,
     }
     if cfg.method == "f2d2":
         student: Student = F2D2.build(tc["backbone"], **common)
@@ -258,6 +271,23 @@ def _draw_pairs(
     return torch.where(back, i1, i0), torch.where(back, i0, i1)
 
 
+def flow_energy(model: Student, target: Any) -> Callable[[Tensor], Tensor]:
+    """The target's reduced energy as a function of the student's flow-unit points ``(B, dim)
+    -> (B,)``: u(scale x) for a Cartesian student; for an internal-coordinate student the energy
+    of z, u(x(z)) - log J(z) - sum log sigma, so that log q(z) + energy(z) = log q(x) + u(x) in
+    the density convention of DESIGN.md (what ``loss.energy`` needs). ``target``: anything with
+    ``energy(x (B, 3n)) -> (B,)`` (a :class:`~boltzflow.systems.System`)."""
+    transform = model.transform
+
+    def energy(x: Tensor) -> Tensor:
+        if transform is None:
+            return target.energy(x * model.scale)
+        xc, log_det = transform.inverse(x.double())
+        return (target.energy(xc) - log_det).to(x.dtype)
+
+    return energy
+
+
 def student_loss(
     model: Student,
     cfg: StudentConfig,
@@ -270,7 +300,7 @@ def student_loss(
     minibatch of teacher trajectory points (or, with ``loss.target = "data"``, of the linear
     interpolant of coupled data and prior samples), weighted by the method's loss
     (:data:`LOSSES`). ``target`` is the system whose energy ``loss.energy`` uses (the caller
-    closes it)."""
+    closes it). ``data``: flow-unit points (z for an internal-coordinate student)."""
     lc = cfg.loss
     method_loss = LOSSES[cfg.method].loss
     b = cfg.train.batch_size
@@ -291,29 +321,28 @@ def student_loss(
         data = data / model.scale
     prior = model.prior
     n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
+    periodic = model.periodic
     if lc.uses_energy and target is None:
         raise ValueError("loss.energy needs target, the system whose energy it uses")
     # maximum-likelihood points: the data if given, else the teacher's samples
-    ml_points = data if data is not None else (tr.x[:, -1] if trajectories is not None else None)
+    ml_points = data if data is not None else (tr.ends() if trajectories is not None else None)
 
-    def flow_energy(x: Tensor) -> Tensor:
-        return target.energy(x * model.scale)
-
-    energy = flow_energy if target is not None else None
+    energy = flow_energy(model, target) if target is not None else None
 
     def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
         idx = torch.randint(len(tr), (b,), generator=gen)
         i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction, lc.aligned_steps)
         k = torch.randint(0, grid + 1, (b,), generator=gen)
         cast = {"dtype": p.dtype, "device": p.device}
+        x_s, x_t = tr.pairs(idx, i0, i1)
         return {
-            "x_s": tr.x[idx, i0].to(**cast),
-            "x_t": tr.x[idx, i1].to(**cast),
+            "x_s": x_s.to(**cast),
+            "x_t": x_t.to(**cast),
             "s": tr.times[i0].to(**cast),
             "t": tr.times[i1].to(**cast),
             "dlogp": (tr.logp[idx, i1] - tr.logp[idx, i0]).to(**cast),
             "v_s": tr.v[idx, i0].to(**cast),
-            "x_k": tr.x[idx, k].to(**cast),
+            "x_k": tr.points(idx, k).to(**cast),
             "t_k": tr.times[k].to(**cast),
             "v_k": tr.v[idx, k].to(**cast),
             "div_k": tr.div[idx, k].to(**cast),
@@ -326,9 +355,9 @@ def student_loss(
         x1 = data[torch.randint(len(data), (b,), generator=gen)].to(**cast)
         x0 = prior.sample(b, generator=gen, **cast)
         mode = "equivariant_ot" if n_p is not None else "ot"
-        x0 = couple(x0, x1, mode, n_particles=n_p, spatial_dim=s_d)
+        x0 = couple(x0, x1, mode, n_particles=n_p, spatial_dim=s_d, periodic=periodic)
         s = torch.rand(b, generator=gen).to(**cast)
-        xs, v = interpolate(x0, x1, s)
+        xs, v = interpolate(x0, x1, s, periodic=periodic)
         t = torch.rand(b, generator=gen).to(**cast)
         return {"x_k": xs, "t_k": s, "v_k": v, "x_s": xs, "s": s, "v_s": v, "t": t, "t_any": t}
 
@@ -376,7 +405,8 @@ def train_student(
         out_dir: run folder (``trajectories.pt``, ``checkpoint.pt``, ``metrics.jsonl``,
             ``run.json``, ``student.pt``).
         system: name of the teacher's system (recorded; checked when the student is loaded).
-        data: ``(N, dim)`` training data, for FALCON with ``loss.target = "data"`` or for its
+        data: ``(N, dim)`` training data (Cartesian nm for an internal-coordinate teacher,
+            mapped to its z here), for FALCON with ``loss.target = "data"`` or for its
             ``loss.likelihood`` (which otherwise uses the teacher's samples).
         resume, stop_at, progress: as :meth:`boltzflow.train.trainer.Trainer.fit`.
         run_info: extra JSON-able facts for the run record (teacher path, ...).
@@ -412,7 +442,11 @@ def train_student(
                 "training data are used by loss.target = 'data' or loss.likelihood only; "
                 "this run uses neither"
             )
-        data = torch.as_tensor(data).float()
+        data = torch.as_tensor(data)
+        if student.transform is not None:  # Cartesian frames -> the student's z
+            with torch.no_grad():
+                data = student.to_internal(data)[0]
+        data = data.float()
         if student.mean_free:
             data = remove_mean(data, student.prior.n_particles, student.prior.spatial_dim)
     run_config = {"student": cfg.to_dict(), "system": system, **(run_info or {})}

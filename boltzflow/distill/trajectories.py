@@ -7,6 +7,13 @@ at every grid time; the teacher's velocity and exact divergence are then evaluat
 points. Everything is in the teacher's flow units
 (``x / scale``). Any two grid times give an exact flow-map pair: X(x(t_i), t_i, t_j) = x(t_j) and
 int_{t_i}^{t_j} div = -(logp_j - logp_i), in either direction.
+
+Internal coordinates (an internal-coordinate teacher, whose ODE runs on the flat chart of its
+z): the positions are stored as the ODE's continuous path, the periodic columns
+(:attr:`Trajectories.periodic`) starting in [-pi, pi) and not wrapped along the way, so that
+x(t_j) - x(t_i) is the exact displacement of the flow map even where a dihedral moves past ±pi.
+:meth:`Trajectories.pairs` and :meth:`Trajectories.points` give the points the students see
+(wrapped into [-pi, pi)) with the end of each pair moved by the same 2π multiple as its start.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from torch import Tensor
 
 from boltzflow.flows.cnf import TeacherCNF
+from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import exact_divergence
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 
@@ -37,6 +45,8 @@ class Trajectories:
         v: ``(N, K + 1, dim)`` teacher velocity at the grid points.
         div: ``(N, K + 1)`` its exact divergence.
         seconds: wall time of the generation.
+        periodic: boolean ``(dim,)`` mask of the periodic columns (internal coordinates; their
+            positions are the continuous path, not wrapped: module docstring), or None.
     """
 
     times: Tensor
@@ -45,9 +55,31 @@ class Trajectories:
     v: Tensor
     div: Tensor
     seconds: float = 0.0
+    periodic: Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def _wrap(self, x: Tensor) -> Tensor:
+        return x if self.periodic is None else wrap_columns(x, self.periodic)
+
+    def points(self, idx: Tensor, k: Tensor) -> Tensor:
+        """Positions ``(B, dim)`` of trajectories ``idx (B,)`` at grid indices ``k (B,)``,
+        periodic columns wrapped into [-pi, pi)."""
+        return self._wrap(self.x[idx, k])
+
+    def pairs(self, idx: Tensor, i0: Tensor, i1: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact flow-map pairs ``(x_s, x_t)``, each ``(B, dim)``, of trajectories ``idx`` at
+        grid indices ``i0 -> i1``: ``x_s`` wrapped into [-pi, pi) on the periodic columns and
+        ``x_t = x_s + (x(t) - x(s))`` the end on the same sheet (possibly outside [-pi, pi)),
+        so that ``x_t - x_s`` is the teacher's exact displacement."""
+        start, end = self.x[idx, i0], self.x[idx, i1]
+        x_s = self._wrap(start)
+        return x_s, x_s + (end - start)
+
+    def ends(self) -> Tensor:
+        """``(N, dim)`` the teacher's samples (the trajectories' last points), wrapped."""
+        return self._wrap(self.x[:, -1])
 
     def save(self, path: str | os.PathLike[str], *, info: dict | None = None) -> Path:
         """Write a checksummed checkpoint file (kind ``"teacher_trajectories"``)."""
@@ -59,6 +91,7 @@ class Trajectories:
             "v": self.v,
             "div": self.div,
             "seconds": self.seconds,
+            "periodic": self.periodic,
             "info": dict(info or {}),
         }
         return save_checkpoint(path, payload)
@@ -67,7 +100,15 @@ class Trajectories:
     def load(cls, path: str | os.PathLike[str]) -> tuple[Trajectories, dict]:
         """Inverse of :meth:`save`; returns the trajectories and the stored ``info``."""
         p = load_checkpoint(path, kind="teacher_trajectories")
-        traj = cls(p["times"], p["x"], p["logp"], p["v"], p["div"], float(p["seconds"]))
+        traj = cls(
+            p["times"],
+            p["x"],
+            p["logp"],
+            p["v"],
+            p["div"],
+            float(p["seconds"]),
+            p.get("periodic"),  # files written before internal coordinates: None
+        )
         return traj, dict(p.get("info", {}))
 
 
@@ -94,7 +135,8 @@ def teacher_trajectories(
         atol, rtol, method: solver settings (adaptive torchdiffeq method).
 
     Returns:
-        :class:`Trajectories` in float32 on CPU.
+        :class:`Trajectories` in float32 on CPU (for an internal-coordinate teacher: on its z,
+        with its periodic mask; positions as the continuous path, module docstring).
     """
     if n < 1 or grid < 1:
         raise ValueError(f"need n >= 1 and grid >= 1, got {n}, {grid}")
@@ -141,4 +183,5 @@ def teacher_trajectories(
         torch.cat(vs),
         torch.cat(ds),
         time.perf_counter() - start,
+        teacher.periodic,
     )

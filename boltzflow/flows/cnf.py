@@ -20,8 +20,12 @@ Cartesian x (nm, ``(B, 3n)``); for a sample x = x(z),
     log q(x) = log q(z) - log J(z) - sum log sigma = log q(z) - inverse_log_det,
 
 the density per d^3n x / (d^3t dR) of :mod:`boltzflow.systems.internal_coords` (rigid motions
-integrated out), so log w = -u(x) - log q(x) is correct. ``log_prob`` maps any rigidly moved x to
-z first (z is invariant under translations and proper rotations). The transform is computed in
+integrated out), so log w = -u(x) - log q(x) is correct; samples carry the column
+``log_q_internal`` = log q(x) + log J(z), and a sample whose z is no molecule gets log q = +inf
+(weight 0), as every internal-coordinate model
+(:meth:`~boltzflow.systems.internal_coords.InternalCoordinates.cartesian_density`).
+``log_prob`` maps any rigidly moved x to z first (z is invariant under translations and proper
+rotations). The transform is computed in
 float64 and stored in the checkpoint (``model_config["internal_coordinates"]``).
 
 Example:
@@ -66,7 +70,11 @@ from boltzflow.models.protocol import (
 )
 from boltzflow.nn import TorusMLP, build_backbone
 from boltzflow.progress import Progress
-from boltzflow.systems.internal_coords import InternalCoordinates
+from boltzflow.systems.internal_coords import (
+    LOG_Q_CONVENTION,
+    LOG_Q_INTERNAL,
+    InternalCoordinates,
+)
 from boltzflow.systems.particles import remove_mean
 
 __all__ = ["DEFAULT_SAMPLING", "REPRESENTATIONS", "FlowOutput", "TeacherCNF"]
@@ -291,6 +299,11 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         return "cartesian" if self.transform is None else "internal"
 
     @property
+    def log_q_convention(self) -> str | None:
+        """What log q is a density of, where it is not the plain density of x (sample files)."""
+        return LOG_Q_CONVENTION if self.transform is not None else None
+
+    @property
     def periodic(self) -> Tensor | None:
         """Boolean ``(prior.dim,)`` mask of the flow's periodic columns (None: Cartesian)."""
         return None if self.transform is None else self.transform.periodic_mask()
@@ -466,7 +479,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
                 ``divergence``, ``trace_mode``, ``quadrature_points``).
 
         Yields:
-            :class:`FlowOutput` per batch with ``x (B, dim)`` and ``log_q (B,)``.
+            :class:`FlowOutput` per batch with ``x (B, dim)`` and ``log_q (B,)`` (internal
+            coordinates: also the column ``log_q_internal (B,)``, module docstring).
         """
         batches = self.push_prior(
             n,
@@ -482,9 +496,12 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             if self.mean_free:  # remove the solver's round-off drift off the subspace
                 x1 = remove_mean(x1, self.prior.n_particles, self.prior.spatial_dim)
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
+            columns = {}
             if self.transform is not None:  # z -> x (nm), log q(x) = log q(z) - log_det
-                x1, log_det = self.to_cartesian(x1)
-                log_q = (log_q.double() - log_det).to(x1.dtype)
+                out = self.transform.cartesian_density(wrap_columns(x1, self.periodic), log_q)
+                dtype = x1.dtype
+                x1, log_q = out.x.to(dtype), out.log_q.to(dtype)
+                columns = {LOG_Q_INTERNAL: out.log_q_internal.to(dtype)}
             yield FlowOutput(
                 x1 * self.scale,
                 log_q,
@@ -493,6 +510,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
                 res.trace_evals,
                 res.seconds,
                 res.cpu_seconds,
+                columns,
             )
 
     def _check_points(self, x: Tensor) -> Tensor:

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,9 @@ from boltzflow.systems.zmatrix import ZMatrix
 from boltzflow.validate import nonnegative_float
 
 __all__ = [
+    "LOG_Q_CONVENTION",
+    "LOG_Q_INTERNAL",
+    "CartesianDensity",
     "InternalCoordinates",
     "cartesian_from_internal",
     "internal_from_cartesian",
@@ -83,6 +86,14 @@ __all__ = [
 ]
 
 _FORMAT = "boltzflow.internal_coordinates"
+#: name of the extra per-sample column of internal-coordinate models: log q(x) + log J(z), the
+#: density of the physical internal coordinates (bonds nm, angles and dihedrals rad)
+LOG_Q_INTERNAL = "log_q_internal"
+#: what the log q of an internal-coordinate model is a density of (recorded in sample files)
+LOG_Q_CONVENTION = (
+    "density per d^3N x / (d^3t dR): log q(z) - log J(z) - normalisation log-dets "
+    "(internal coordinates; rigid motions integrated out)"
+)
 #: the normalised blocks of z, in layout order (buffers ``{block}_mean`` / ``{block}_std``)
 _BLOCKS = ("bond", "angle", "dihedral")
 #: buffers that version 1 dicts do not have
@@ -90,6 +101,22 @@ _V2_BUFFERS = ("dihedral_mean", "dihedral_std", "dihedral_periodic")
 
 
 @lru_cache(maxsize=32)
+class CartesianDensity(NamedTuple):
+    """A model's samples in internal coordinates brought to Cartesian form
+    (:meth:`InternalCoordinates.cartesian_density`), all ``float64``.
+
+    Attributes:
+        x: ``(B, 3n)`` positions (nm, standard frame).
+        log_q: ``(B,)`` log q(x) = log q(z) − log J(z) − Σ log σ (:data:`LOG_Q_CONVENTION`);
+            ``+inf`` for rows whose z is no molecule (weight 0).
+        log_q_internal: ``(B,)`` log q(x) + log J(z) (:data:`LOG_Q_INTERNAL`).
+    """
+
+    x: Tensor
+    log_q: Tensor
+    log_q_internal: Tensor
+
+
 def _rows(zmatrix: ZMatrix) -> tuple[Tensor, Tensor, Tensor]:
     return (
         torch.tensor(zmatrix.bond_rows(), dtype=torch.long).reshape(-1, 2),
@@ -497,6 +524,26 @@ class InternalCoordinates(nn.Module):
             outside = ((shifted.abs() > math.pi) & standardised).any(dim=1)
             log_det = torch.where(outside, torch.full_like(log_det, math.nan), log_det)
         return x, log_det
+
+    def cartesian_density(self, z: Tensor, log_q_z: Tensor) -> CartesianDensity:
+        """Samples ``z (B, 3n − 6)`` of a model on this transform's coordinates and their log
+        density ``log_q_z (B,)`` -> Cartesian x (nm, standard frame) and log q(x) in the one
+        density convention (module docstring): log q(x) = log q(z) − log J(z) − Σ log σ. The
+        one place where internal-coordinate models (the NF, the flow-map students, the Euler
+        baselines) turn their output into Cartesian samples.
+
+        A row whose z is no molecule (r ≤ 0, θ outside (0, π), a standardised dihedral outside
+        its domain: the inverse's log-det is not finite) decodes to positions whose density is
+        not q; its log q is ``+inf`` (importance weight 0), which keeps weights unbiased:
+        E_q[w · 1(valid)] = ∫ p over the valid z. Computed in float64.
+
+        Returns:
+            :class:`CartesianDensity` ``(x, log_q, log_q_internal)``, float64.
+        """
+        x, log_det = self.inverse(z.to(torch.float64))
+        log_q = torch.where(torch.isfinite(log_det), log_q_z.double() - log_det, math.inf)
+        log_j = log_det - self._normalisation_log_det(log_det)
+        return CartesianDensity(x, log_q, log_q + log_j)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the Z-matrix, the mode and the fitted normalisation."""
