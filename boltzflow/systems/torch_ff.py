@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import openmm
@@ -66,7 +65,8 @@ ONE_4PI_EPS0 = 1.0 / (
 )
 
 # Memory a chunk of the batch may take for intermediates when ``chunk_size`` is automatic.
-_CHUNK_BYTES = 256 * 2**20
+_CHUNK_BYTES_CPU = 64 * 2**20
+_CHUNK_BYTES_GPU = 2**30
 # Rough count of live (batch, n_pairs)-sized intermediates per pairwise evaluation (measured
 # with GB: about 40 in float64 under no_grad; the autograd graph keeps about twice as many).
 _PAIR_TEMPORARIES = 40
@@ -86,19 +86,36 @@ def _tensor(values: object, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 # -- bonded terms ------------------------------------------------------------------------------
+# Every term works on positions laid out as (3, n_atoms, batch) and pair distances as
+# (n_pairs, batch): the batch is the contiguous axis, so gathering atoms copies whole rows and
+# every per-term parameter is a (n_terms, 1) column broadcast along the batch. On CPU this is
+# several times faster than (batch, n_atoms, 3) with its strided gathers.
+def _column(values: Tensor) -> Tensor:
+    return values.reshape(-1, 1).clone()
+
+
+def _gather(pos: Tensor, atoms: Tensor) -> Tensor:
+    """``(3, n_atoms, batch)`` positions of atom list ``atoms`` -> ``(3, len(atoms), batch)``."""
+    return pos.index_select(1, atoms)
+
+
+def _norm(v: Tensor) -> Tensor:
+    return torch.sqrt((v * v).sum(0))
+
+
 class _Bonds(nn.Module):
     """Σ ½ k (r − r₀)² over bonds; r₀ in nm, k in kJ/mol/nm²."""
 
     def __init__(self, atoms: Tensor, length: Tensor, k: Tensor) -> None:
         super().__init__()
-        self.register_buffer("atoms", atoms)
-        self.register_buffer("length", length)
-        self.register_buffer("k", k)
+        self.register_buffer("atoms", atoms.T.contiguous())  # (2, n_bonds)
+        self.register_buffer("length", _column(length))
+        self.register_buffer("half_k", _column(0.5 * k))
 
     def forward(self, pos: Tensor, pair_r: Tensor | None) -> Tensor:
-        d = pos[:, self.atoms[:, 1]] - pos[:, self.atoms[:, 0]]
-        r = torch.linalg.vector_norm(d, dim=-1)
-        return (0.5 * self.k * (r - self.length) ** 2).sum(-1)
+        r = _norm(_gather(pos, self.atoms[1]) - _gather(pos, self.atoms[0]))
+        dr = r - self.length
+        return (self.half_k * dr * dr).sum(0)
 
 
 class _Angles(nn.Module):
@@ -106,17 +123,17 @@ class _Angles(nn.Module):
 
     def __init__(self, atoms: Tensor, angle: Tensor, k: Tensor) -> None:
         super().__init__()
-        self.register_buffer("atoms", atoms)
-        self.register_buffer("angle", angle)
-        self.register_buffer("k", k)
+        self.register_buffer("atoms", atoms.T.contiguous())  # (3, n_angles)
+        self.register_buffer("angle", _column(angle))
+        self.register_buffer("half_k", _column(0.5 * k))
 
     def forward(self, pos: Tensor, pair_r: Tensor | None) -> Tensor:
-        a, b, c = (pos[:, self.atoms[:, m]] for m in range(3))
-        u, v = a - b, c - b
+        vertex = _gather(pos, self.atoms[1])
+        u, v = _gather(pos, self.atoms[0]) - vertex, _gather(pos, self.atoms[2]) - vertex
         # atan2(|u × v|, u · v) stays accurate (and differentiable) near 0 and π, unlike acos.
-        sin = torch.linalg.vector_norm(torch.linalg.cross(u, v, dim=-1), dim=-1)
-        theta = torch.atan2(sin, (u * v).sum(-1))
-        return (0.5 * self.k * (theta - self.angle) ** 2).sum(-1)
+        sin = _norm(torch.linalg.cross(u, v, dim=0))
+        dtheta = torch.atan2(sin, (u * v).sum(0)) - self.angle
+        return (self.half_k * dtheta * dtheta).sum(0)
 
 
 class _Torsions(nn.Module):
@@ -124,28 +141,28 @@ class _Torsions(nn.Module):
 
     def __init__(self, atoms: Tensor, periodicity: Tensor, phase: Tensor, k: Tensor) -> None:
         super().__init__()
-        self.register_buffer("atoms", atoms)
-        self.register_buffer("periodicity", periodicity)
-        self.register_buffer("phase", phase)
-        self.register_buffer("k", k)
+        self.register_buffer("atoms", atoms.T.contiguous())  # (4, n_torsions)
+        self.register_buffer("periodicity", _column(periodicity))
+        self.register_buffer("phase", _column(phase))
+        self.register_buffer("k", _column(k))
 
     def forward(self, pos: Tensor, pair_r: Tensor | None) -> Tensor:
-        p0, p1, p2, p3 = (pos[:, self.atoms[:, m]] for m in range(4))
+        p0, p1, p2, p3 = (_gather(pos, self.atoms[m]) for m in range(4))
         b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
-        n1 = torch.linalg.cross(b1, b2, dim=-1)
-        n2 = torch.linalg.cross(b2, b3, dim=-1)
+        n1 = torch.linalg.cross(b1, b2, dim=0)
+        n2 = torch.linalg.cross(b2, b3, dim=0)
         # IUPAC sign convention: φ = atan2(|b2| b1·(b2×b3), (b1×b2)·(b2×b3)), as OpenMM uses.
-        y = torch.linalg.vector_norm(b2, dim=-1) * (b1 * n2).sum(-1)
-        phi = torch.atan2(y, (n1 * n2).sum(-1))
-        return (self.k * (1.0 + torch.cos(self.periodicity * phi - self.phase))).sum(-1)
+        phi = torch.atan2(_norm(b2) * (b1 * n2).sum(0), (n1 * n2).sum(0))
+        return (self.k * (1.0 + torch.cos(self.periodicity * phi - self.phase))).sum(0)
 
 
 # -- pairwise terms ----------------------------------------------------------------------------
 class _Nonbonded(nn.Module):
     """Σ over interacting pairs of k_e q_i q_j / r + c12 / r¹² − c6 / r⁶ (no cutoff).
 
-    ``pairs`` index the force field's list of all unique pairs; ``coulomb`` = k_e·q_i q_j in
-    kJ/mol·nm, ``c12`` = 4εσ¹², ``c6`` = 4εσ⁶ (exceptions already substituted).
+    ``pairs`` index the force field's list of all unique pairs (None: all of them);
+    ``coulomb`` = k_e·q_i q_j in kJ/mol·nm, ``c12`` = 4εσ¹², ``c6`` = 4εσ⁶ (exceptions already
+    substituted).
     """
 
     def __init__(
@@ -153,20 +170,21 @@ class _Nonbonded(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("pairs", pairs)
-        self.register_buffer("coulomb", coulomb)
-        self.register_buffer("c12", c12)
-        self.register_buffer("c6", c6)
+        self.register_buffer("coulomb", _column(coulomb))
+        self.register_buffer("c12", _column(c12))
+        self.register_buffer("c6", _column(c6))
         self.has_lj = has_lj
 
     def forward(self, pos: Tensor, pair_r: Tensor | None) -> Tensor:
         assert pair_r is not None  # internal: the force field computes it for pairwise terms
-        r = pair_r if self.pairs is None else pair_r[:, self.pairs]
+        r = pair_r if self.pairs is None else pair_r.index_select(0, self.pairs)
         inv_r = 1.0 / r
         energy = self.coulomb * inv_r
         if self.has_lj:
-            inv_r6 = (inv_r * inv_r) ** 3
+            inv_r2 = inv_r * inv_r
+            inv_r6 = inv_r2 * inv_r2 * inv_r2
             energy = energy + (self.c12 * inv_r6 - self.c6) * inv_r6
-        return energy.sum(-1)
+        return energy.sum(0)
 
 
 class _GeneralizedBorn(nn.Module):
@@ -202,23 +220,23 @@ class _GeneralizedBorn(nn.Module):
         super().__init__()
         self.n_atoms = int(charge.numel())
         self.obc = obc
-        self.self_coef, self.pair_coef, self.sa_coef = self_coef, pair_coef, sa_coef
         self.buried_correction = buried_correction
+        self.has_sa = sa_coef != 0.0
         self.register_buffer("pair_i", pair_i)
         self.register_buffer("pair_j", pair_j)
-        self.register_buffer("charge_sq", charge**2)
-        self.register_buffer("charge_prod", charge[pair_i] * charge[pair_j])
-        self.register_buffer("inv_offset_radius", 1.0 / offset_radius)
-        self.register_buffer("offset_radius", offset_radius)
-        self.register_buffer("inv_tanh_radius", 1.0 / tanh_radius)
-        self.register_buffer("sa_radius", sa_radius)
-        self.register_buffer("sa_weight", sa_coef * (sa_radius + probe) ** 2)
+        self.register_buffer("self_weight", _column(self_coef * charge**2))
+        self.register_buffer("pair_weight", _column(pair_coef * charge[pair_i] * charge[pair_j]))
+        self.register_buffer("inv_offset_radius", _column(1.0 / offset_radius))
+        self.register_buffer("offset_radius", _column(offset_radius))
+        self.register_buffer("inv_tanh_radius", _column(1.0 / tanh_radius))
+        self.register_buffer("sa_radius", _column(sa_radius))
+        self.register_buffer("sa_weight", _column(sa_coef * (sa_radius + probe) ** 2))
         # Per-pair parameters for both directions of the descreening integral.
         for tag, (a, b) in {"ij": (pair_i, pair_j), "ji": (pair_j, pair_i)}.items():
-            self.register_buffer(f"rho_{tag}", offset_radius[a])
-            self.register_buffer(f"inv_rho_{tag}", 1.0 / offset_radius[a])
-            self.register_buffer(f"s_{tag}", scaled_radius[b])
-            self.register_buffer(f"s2_{tag}", scaled_radius[b] ** 2)
+            self.register_buffer(f"rho_{tag}", _column(offset_radius[a]))
+            self.register_buffer(f"inv_rho_{tag}", _column(1.0 / offset_radius[a]))
+            self.register_buffer(f"s_{tag}", _column(scaled_radius[b]))
+            self.register_buffer(f"s2_{tag}", _column(scaled_radius[b] ** 2))
 
     def _descreening(
         self, r: Tensor, inv_r: Tensor, rho: Tensor, inv_rho: Tensor, s: Tensor, s2: Tensor
@@ -246,22 +264,25 @@ class _GeneralizedBorn(nn.Module):
         inv_r = 1.0 / r
         h_ij = self._descreening(r, inv_r, self.rho_ij, self.inv_rho_ij, self.s_ij, self.s2_ij)
         h_ji = self._descreening(r, inv_r, self.rho_ji, self.inv_rho_ji, self.s_ji, self.s2_ji)
-        integral = r.new_zeros(r.shape[0], self.n_atoms)
-        integral = integral.index_add(1, self.pair_i, h_ij).index_add(1, self.pair_j, h_ji)
+        integral = r.new_zeros(self.n_atoms, r.shape[1])
+        integral = integral.index_add(0, self.pair_i, h_ij).index_add(0, self.pair_j, h_ji)
         if self.obc is None:
-            born = 1.0 / (self.inv_offset_radius - integral)
+            inv_born = self.inv_offset_radius - integral
         else:
             alpha, beta, gamma = self.obc
             psi = integral * self.offset_radius
             t = torch.tanh(psi * (alpha + psi * (gamma * psi - beta)))
-            born = 1.0 / (self.inv_offset_radius - t * self.inv_tanh_radius)
-        energy = self.self_coef * (self.charge_sq / born).sum(-1)
-        if self.sa_coef != 0.0:
-            energy = energy + (self.sa_weight * (self.sa_radius / born) ** 6).sum(-1)
-        bb = born[:, self.pair_i] * born[:, self.pair_j]
+            inv_born = self.inv_offset_radius - t * self.inv_tanh_radius
+        energy = (self.self_weight * inv_born).sum(0)
+        if self.has_sa:
+            ratio = self.sa_radius * inv_born
+            ratio3 = ratio * ratio * ratio
+            energy = energy + (self.sa_weight * ratio3 * ratio3).sum(0)
+        born = 1.0 / inv_born
+        bb = born.index_select(0, self.pair_i) * born.index_select(0, self.pair_j)
         r2 = r * r
         f = torch.sqrt(r2 + bb * torch.exp(-0.25 * r2 / bb))
-        return energy + self.pair_coef * (self.charge_prod / f).sum(-1)
+        return energy + (self.pair_weight / f).sum(0)
 
 
 # -- compiling OpenMM forces --------------------------------------------------------------------
@@ -499,9 +520,12 @@ class TorchForceField(nn.Module):
         n_atoms: number of particles.
         terms: ``{label: term}``, one term per compiled OpenMM force.
         force_index: ``{label: index of the force in the openmm.System}``.
-        pairs: ``(n_pairs, 2)`` all unique atom pairs (i < j), or None without pairwise terms.
+        pairs: ``(2, n_pairs)`` all unique atom pairs (i < j), or None without pairwise terms.
         temperature: default temperature in K for :meth:`reduced_energy` (None: pass one).
-        chunk_size: configurations per evaluation pass (None: sized from a 256 MiB budget).
+        chunk_size: configurations per evaluation pass (None: :meth:`auto_chunk_size`).
+        compiled: evaluate through ``torch.compile`` (fuses the elementwise work; about 4-7x
+            faster on CPU here, after a one-off compilation of tens of seconds per chunk size,
+            dtype and gradient mode). Chunks are padded to ``chunk_size`` so one shape serves.
 
     ``to(device)`` / ``to(dtype)`` move every parameter, as for any ``nn.Module``.
     """
@@ -515,6 +539,7 @@ class TorchForceField(nn.Module):
         *,
         temperature: float | None = None,
         chunk_size: int | None = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
@@ -525,6 +550,8 @@ class TorchForceField(nn.Module):
         self.register_buffer("pairs", pairs)
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.compiled = compiled
+        self._compiled_total: object = None
 
     @property
     def dim(self) -> int:
@@ -544,40 +571,66 @@ class TorchForceField(nn.Module):
         return torch.device("cpu")
 
     def auto_chunk_size(self) -> int:
-        """Configurations per pass such that intermediates stay near 256 MiB."""
+        """Configurations per pass: intermediates near 64 MiB on CPU, 1 GiB on a GPU.
+
+        On CPU small passes keep the working set near the caches (for ALDP, 256-1024
+        configurations ran as fast as larger passes); a GPU needs large passes to be busy.
+        """
         itemsize = torch.finfo(self.dtype).bits // 8
-        n_pairs = 0 if self.pairs is None else self.pairs.shape[0]
+        n_pairs = 0 if self.pairs is None else self.pairs.shape[1]
         n_bonded = sum(
-            t.atoms.shape[0]
+            t.atoms.shape[1]
             for t in self.terms.values()
             if isinstance(t, _Bonds | _Angles | _Torsions)
         )
         per_config = itemsize * (_PAIR_TEMPORARIES * n_pairs + 30 * n_bonded + 30 * self.n_atoms)
-        return max(1, _CHUNK_BYTES // max(per_config, 1))
+        budget = _CHUNK_BYTES_CPU if self.device.type == "cpu" else _CHUNK_BYTES_GPU
+        return max(1, budget // max(per_config, 1))
 
-    def _chunks(self, x: Tensor, chunk_size: int | None) -> Iterator[Tensor]:
+    def _chunks(self, x: Tensor, chunk_size: int | None) -> tuple[int, tuple[Tensor, ...]]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         size = chunk_size or self.chunk_size or self.auto_chunk_size()
-        yield from x.to(device=self.device, dtype=self.dtype).split(size)
+        return size, x.to(device=self.device, dtype=self.dtype).split(size)
 
     def _evaluate(self, x: Tensor) -> dict[str, Tensor]:
-        pos = x.reshape(x.shape[0], self.n_atoms, 3)
+        # (batch, 3 n) -> (3, n, batch): the batch becomes the contiguous axis (see above).
+        pos = x.reshape(x.shape[0], self.n_atoms, 3).permute(2, 1, 0).contiguous()
         pair_r = None
         if self.pairs is not None:
-            d = pos[:, self.pairs[:, 1]] - pos[:, self.pairs[:, 0]]
-            pair_r = torch.sqrt((d * d).sum(-1))
+            pair_r = _norm(_gather(pos, self.pairs[1]) - _gather(pos, self.pairs[0]))
         return {label: term(pos, pair_r) for label, term in self.terms.items()}
 
+    def _total(self, x: Tensor) -> Tensor:
+        total = x.new_zeros(x.shape[0])
+        for value in self._evaluate(x).values():
+            total = total + value
+        return total
+
+    def _chunk_energy(self, chunk: Tensor, size: int) -> Tensor:
+        if not self.compiled:
+            return self._total(chunk)
+        if self._compiled_total is None:
+            self._compiled_total = torch.compile(self._total, dynamic=False)
+        rows = chunk.shape[0]
+        if rows < size:  # pad with copies of a real row: one compiled shape for every chunk
+            chunk = torch.cat([chunk, chunk[:1].expand(size - rows, -1)])
+        return self._compiled_total(chunk)[:rows]
+
     def energy_terms(self, x: Tensor, *, chunk_size: int | None = None) -> dict[str, Tensor]:
-        """Energy of each compiled force, ``{label: (batch,)}`` in kJ/mol.
+        """Energy of each compiled force, ``{label: (batch,)}`` in kJ/mol (never compiled).
 
         Labels read ``"force 3 (NonbondedForce)"``; :attr:`force_index` maps them to the
         index of the force in the ``openmm.System``.
         """
-        parts = [self._evaluate(c) for c in self._chunks(x, chunk_size)]
+        _, chunks = self._chunks(x, chunk_size)
+        parts = [self._evaluate(c) for c in chunks]
         if not parts:
             empty = x.new_zeros(0, dtype=self.dtype, device=self.device)
             return {label: empty for label in self.terms}
@@ -586,16 +639,14 @@ class TorchForceField(nn.Module):
     def energy(self, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
         """Potential energy ``(batch,)`` in kJ/mol of positions ``x`` ``(batch, 3 n_atoms)`` nm.
 
-        Differentiable in ``x`` (higher orders too). ``x`` is converted to the force field's
-        dtype and device, where the result lives. The batch is evaluated ``chunk_size`` rows
-        at a time: without gradients memory stays bounded for any batch; with a graph (``x``
-        requiring grad) every chunk's graph is kept, so use :meth:`energy_and_forces` for
-        bounded memory.
+        Differentiable in ``x`` (higher orders too, uncompiled). ``x`` is converted to the
+        force field's dtype and device, where the result lives. The batch is evaluated
+        ``chunk_size`` rows at a time: without gradients memory stays bounded for any batch;
+        with a graph (``x`` requiring grad) every chunk's graph is kept, so use
+        :meth:`energy_and_forces` for bounded memory.
         """
-        outs = []
-        for chunk in self._chunks(x, chunk_size):
-            terms = self._evaluate(chunk)
-            outs.append(torch.stack(list(terms.values())).sum(0) if terms else chunk[:, 0] * 0)
+        size, chunks = self._chunks(x, chunk_size)
+        outs = [self._chunk_energy(chunk, size) for chunk in chunks]
         return torch.cat(outs) if outs else x.new_zeros(0, dtype=self.dtype, device=self.device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -610,11 +661,12 @@ class TorchForceField(nn.Module):
         Each chunk's graph is freed before the next, so memory stays bounded; the results
         carry no graph.
         """
+        size, chunks = self._chunks(x, chunk_size)
         energies, forces = [], []
-        for chunk in self._chunks(x, chunk_size):
+        for chunk in chunks:
             with torch.enable_grad():
                 xc = chunk.detach().requires_grad_(True)
-                e = self.energy(xc, chunk_size=xc.shape[0])
+                e = self._chunk_energy(xc, size)
                 (grad,) = torch.autograd.grad(e.sum(), xc)
             energies.append(e.detach())
             forces.append(-grad)
@@ -642,7 +694,10 @@ class TorchForceField(nn.Module):
         return self.energy(x, chunk_size=chunk_size) / kt_kj_per_mol(temperature)
 
     def extra_repr(self) -> str:
-        return f"n_atoms={self.n_atoms}, dtype={self.dtype}, chunk_size={self.chunk_size}"
+        return (
+            f"n_atoms={self.n_atoms}, dtype={self.dtype}, chunk_size={self.chunk_size}, "
+            f"compiled={self.compiled}"
+        )
 
 
 def compile_openmm_system(
@@ -652,6 +707,7 @@ def compile_openmm_system(
     device: torch.device | str = "cpu",
     temperature: float | None = None,
     chunk_size: int | None = None,
+    compiled: bool = False,
 ) -> TorchForceField:
     """Read every force of ``system`` once into tensors and return a batched force field.
 
@@ -660,7 +716,9 @@ def compile_openmm_system(
         dtype: float32 or float64 for parameters and evaluation.
         device: where parameters live and energies are computed.
         temperature: default temperature in K for :meth:`TorchForceField.reduced_energy`.
-        chunk_size: configurations per evaluation pass (None: automatic, ~256 MiB).
+        chunk_size: configurations per evaluation pass (None: automatic, see
+            :meth:`TorchForceField.auto_chunk_size`).
+        compiled: evaluate through ``torch.compile`` (see :class:`TorchForceField`).
 
     Raises:
         ValueError: a force or setting the torch force field cannot reproduce exactly; the
@@ -705,8 +763,9 @@ def compile_openmm_system(
         n,
         terms,
         force_index,
-        pairs if needs_pairs else None,
+        pairs.T.contiguous() if needs_pairs else None,
         temperature=temperature,
         chunk_size=chunk_size,
+        compiled=compiled,
     )
     return ff.to(device=device, dtype=dtype)
