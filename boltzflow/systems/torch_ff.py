@@ -67,12 +67,18 @@ ONE_4PI_EPS0 = 1.0 / (
 # Memory a chunk of the batch may take for intermediates when ``chunk_size`` is automatic.
 _CHUNK_BYTES_CPU = 64 * 2**20
 _CHUNK_BYTES_GPU = 2**30
+# Rows of a pass are padded to a multiple of this (covers SIMD widths of 2-64 elements).
+_ROW_ALIGN = 64
 # Rough count of live (batch, n_pairs)-sized intermediates per pairwise evaluation (measured
 # with GB: about 40 in float64 under no_grad; the autograd graph keeps about twice as many).
 _PAIR_TEMPORARIES = 40
 
 _KJ = unit.kilojoule_per_mole
 _NM = unit.nanometer
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _force_label(index: int, force: openmm.Force) -> str:
@@ -585,7 +591,7 @@ class TorchForceField(nn.Module):
         )
         per_config = itemsize * (_PAIR_TEMPORARIES * n_pairs + 30 * n_bonded + 30 * self.n_atoms)
         budget = _CHUNK_BYTES_CPU if self.device.type == "cpu" else _CHUNK_BYTES_GPU
-        return max(1, budget // max(per_config, 1))
+        return max(_ROW_ALIGN, budget // max(per_config, 1) // _ROW_ALIGN * _ROW_ALIGN)
 
     def _chunks(self, x: Tensor, chunk_size: int | None) -> tuple[int, tuple[Tensor, ...]]:
         if not isinstance(x, Tensor):
@@ -613,15 +619,26 @@ class TorchForceField(nn.Module):
             total = total + value
         return total
 
+    def _padded(self, chunk: Tensor, size: int) -> Tensor:
+        # Pad with copies of a real row to a multiple of _ROW_ALIGN rows (compiled: to the
+        # chunk size, one compiled shape for every chunk). Vectorised loops compute the
+        # trailing rows that do not fill a SIMD register with scalar code, whose log/exp/tanh
+        # differ from the vector ones in the last bit; padding keeps every real row in the
+        # vector path, so results do not depend on the chunk size or the batch, bit for bit.
+        rows = chunk.shape[0]
+        target = _round_up(size if self.compiled else rows, _ROW_ALIGN)
+        if rows == target:
+            return chunk
+        return torch.cat([chunk, chunk[:1].expand(target - rows, -1)])
+
     def _chunk_energy(self, chunk: Tensor, size: int) -> Tensor:
+        rows = chunk.shape[0]
+        padded = self._padded(chunk, size)
         if not self.compiled:
-            return self._total(chunk)
+            return self._total(padded)[:rows]
         if self._compiled_total is None:
             self._compiled_total = torch.compile(self._total, dynamic=False)
-        rows = chunk.shape[0]
-        if rows < size:  # pad with copies of a real row: one compiled shape for every chunk
-            chunk = torch.cat([chunk, chunk[:1].expand(size - rows, -1)])
-        return self._compiled_total(chunk)[:rows]
+        return self._compiled_total(padded)[:rows]
 
     def energy_terms(self, x: Tensor, *, chunk_size: int | None = None) -> dict[str, Tensor]:
         """Energy of each compiled force, ``{label: (batch,)}`` in kJ/mol (never compiled).
@@ -630,7 +647,10 @@ class TorchForceField(nn.Module):
         index of the force in the ``openmm.System``.
         """
         _, chunks = self._chunks(x, chunk_size)
-        parts = [self._evaluate(c) for c in chunks]
+        parts = []
+        for chunk in chunks:
+            terms = self._evaluate(self._padded(chunk, chunk.shape[0]))
+            parts.append({label: value[: chunk.shape[0]] for label, value in terms.items()})
         if not parts:
             empty = x.new_zeros(0, dtype=self.dtype, device=self.device)
             return {label: empty for label in self.terms}
