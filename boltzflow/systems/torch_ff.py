@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import openmm
@@ -593,7 +594,9 @@ class TorchForceField(nn.Module):
         budget = _CHUNK_BYTES_CPU if self.device.type == "cpu" else _CHUNK_BYTES_GPU
         return max(_ROW_ALIGN, budget // max(per_config, 1) // _ROW_ALIGN * _ROW_ALIGN)
 
-    def _chunks(self, x: Tensor, chunk_size: int | None) -> tuple[int, tuple[Tensor, ...]]:
+    def _chunks(self, x: Tensor, chunk_size: int | None) -> tuple[int, Iterator[Tensor]]:
+        """The pass size and the chunks of ``x``, each moved to this field's device and dtype
+        only when reached (a large CPU batch is never copied whole)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -603,7 +606,8 @@ class TorchForceField(nn.Module):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         size = chunk_size or self.chunk_size or self.auto_chunk_size()
-        return size, x.to(device=self.device, dtype=self.dtype).split(size)
+        device, dtype = self.device, self.dtype
+        return size, (chunk.to(device=device, dtype=dtype) for chunk in x.split(size))
 
     def _evaluate(self, x: Tensor) -> dict[str, Tensor]:
         # (batch, 3 n) -> (3, n, batch): the batch becomes the contiguous axis (see above).

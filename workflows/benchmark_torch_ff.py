@@ -1,0 +1,291 @@
+"""Torch force field against the OpenMM worker pool: configurations per second on one batch.
+
+Both sides evaluate the same batch of ALDP configurations (the structure file's configuration
+plus Gaussian noise of ``--noise`` nm per coordinate, seeded) in one run:
+
+- the OpenMM pool path of :class:`boltzflow.systems.molecular.MolecularSystem` (``--workers``
+  processes, one thread each, on the definition's platform unless ``--platform``), energies
+  alone (``system.energy``) and energies with forces (``system.force``);
+- :mod:`boltzflow.systems.torch_ff` with ``--threads`` torch threads on ``--device``, in each
+  ``--dtype``: ``energy`` without a graph, and ``energy_and_forces`` (autograd); with
+  ``--compile`` also through ``torch.compile`` (its one-off compilation time is reported apart).
+
+Each timing is the median of ``--repeats`` runs after one warm-up run (the pool's start-up and
+the compilation are not counted). The ratio is torch over pool for the same quantity. The
+largest relative difference between the torch energies and the pool's is printed as a check.
+
+``--big`` also evaluates ``--big-n`` (default 1,000,000) configurations in a fresh process per
+dtype (and compilation mode), with chunking and no graph, and reports its peak resident memory
+(``resource.getrusage`` maxrss) next to the memory held by the batch itself (float32
+positions, as a sampler would hand them over).
+
+Usage (2 cores)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python workflows/benchmark_torch_ff.py \\
+        [--system aldp] [--batch 10000] [--threads 2] [--workers 2] [--device cpu] \\
+        [--dtype float64 float32] [--compile] [--big] [--json runs/benchmark_torch_ff.json]
+
+Prints a markdown table and writes the JSON atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from boltzflow.io.atomic import atomic_write_text
+from boltzflow.systems import load_system
+from boltzflow.systems.torch_ff import compile_openmm_system
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], Any]:
+    """Wall-clock seconds of ``repeats`` calls after one warm-up call (and its result)."""
+    result = fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def _batch(reference: torch.Tensor, n: int, noise: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return reference + noise * torch.randn(
+        n, reference.shape[1], generator=gen, dtype=torch.float64
+    )
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def big_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``--big-n`` configurations in this (fresh) process; memory and time."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    system = load_system(args.system, n_workers=0)
+    ff = compile_openmm_system(
+        system.openmm_system,
+        dtype=DTYPES[args.dtype[0]],
+        device=device,
+        chunk_size=args.chunk_size,
+        compiled=args.compile,
+    )
+    if args.compile:  # compile outside the measured pass
+        ff.energy(_batch(system.reference_configuration(), 8, args.noise, args.seed))
+    rss_before = _maxrss_mib()
+    gen = torch.Generator().manual_seed(args.seed)
+    x = system.reference_configuration().float() + args.noise * torch.randn(
+        args.big_n, system.dim, generator=gen, dtype=torch.float32
+    )
+    rss_batch = _maxrss_mib()
+    start = time.perf_counter()
+    with torch.no_grad():
+        energies = ff.energy(x)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "n": args.big_n,
+        "dtype": args.dtype[0],
+        "device": str(device),
+        "threads": args.threads,
+        "compiled": args.compile,
+        "chunk_size": args.chunk_size or ff.auto_chunk_size(),
+        "seconds": seconds,
+        "configs_per_s": args.big_n / seconds,
+        "finite": bool(torch.isfinite(energies).all()),
+        "batch_mib": x.numel() * x.element_size() / 2**20,
+        "maxrss_before_batch_mib": rss_before,
+        "maxrss_with_batch_mib": rss_batch,
+        "maxrss_peak_mib": _maxrss_mib(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", default="aldp")
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--workers", type=int, default=2, help="OpenMM pool worker processes")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (default: definition)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", nargs="+", choices=sorted(DTYPES), default=["float64", "float32"]
+    )
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: automatic")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=0.01, help="nm, around the PDB structure")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--big", action="store_true", help="also 1e6 configurations: memory")
+    parser.add_argument("--big-n", type=int, default=1_000_000)
+    parser.add_argument("--big-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=str(ROOT / "runs/benchmark_torch_ff.json"))
+    args = parser.parse_args(argv)
+    if args.big_child:
+        result = big_child(args)
+        print(json.dumps(result))
+        return result
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    overrides: dict[str, Any] = {"n_workers": args.workers, "threads": 1}
+    if args.platform:
+        overrides["platform"] = args.platform
+    system = load_system(args.system, **overrides)
+    x = _batch(system.reference_configuration(), args.batch, args.noise, args.seed)
+    rows: list[dict[str, Any]] = []
+    try:
+        with torch.no_grad():
+            pool_e_times, pool_u = _timed(
+                lambda: system.energy(x), args.repeats, torch.device("cpu")
+            )
+        pool_f_times, _ = _timed(lambda: system.force(x), args.repeats, torch.device("cpu"))
+    finally:
+        system.close()
+    pool_energies = pool_u.numpy() * system.kt  # kJ/mol
+    pool_label = f"OpenMM pool ({args.workers} workers, {system.platform_name})"
+    pool_rate = {}
+    for what, times in (("energy", pool_e_times), ("energy+forces", pool_f_times)):
+        pool_rate[what] = args.batch / statistics.median(times)
+        rows.append({"backend": pool_label, "what": what, "times_s": times})
+
+    xd = x.to(device)
+    compile_modes = (False, True) if args.compile else (False,)
+    for name in args.dtype:
+        for compiled in compile_modes:
+            start = time.perf_counter()
+            ff = compile_openmm_system(
+                system.openmm_system,
+                dtype=DTYPES[name],
+                device=device,
+                chunk_size=args.chunk_size,
+                compiled=compiled,
+            )
+            build_s = time.perf_counter() - start
+            label = f"torch {name} {'compiled' if compiled else 'eager'} ({device}, "
+            label += f"{args.threads} threads, chunk {args.chunk_size or ff.auto_chunk_size()})"
+
+            def energies(ff=ff) -> torch.Tensor:
+                with torch.no_grad():
+                    return ff.energy(xd)
+
+            start = time.perf_counter()
+            e_times, e = _timed(energies, args.repeats, device)
+            f_times, _ = _timed(lambda ff=ff: ff.energy_and_forces(xd), args.repeats, device)
+            first_s = time.perf_counter() - start - sum(e_times) - sum(f_times)
+            diff = np.abs(e.double().cpu().numpy() - pool_energies) / np.abs(pool_energies)
+            for what, times in (("energy", e_times), ("energy+forces", f_times)):
+                rows.append(
+                    {
+                        "backend": label,
+                        "what": what,
+                        "times_s": times,
+                        "build_s": build_s,
+                        "warmup_s": first_s,
+                        "max_rel_diff_vs_pool": float(diff.max()),
+                    }
+                )
+    for row in rows:
+        row["configs_per_s"] = args.batch / statistics.median(row["times_s"])
+        row["ratio_vs_pool"] = row["configs_per_s"] / pool_rate[row["what"]]
+
+    print(f"\n{args.system}, batch {args.batch}, median of {args.repeats} (after one warm-up)\n")
+    print("| backend | quantity | configs/s | ratio vs pool | max rel. ΔE vs pool |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        diff = row.get("max_rel_diff_vs_pool")
+        print(
+            f"| {row['backend']} | {row['what']} | {row['configs_per_s']:,.0f} "
+            f"| {row['ratio_vs_pool']:.2f} | {'—' if diff is None else f'{diff:.1e}'} |"
+        )
+    if args.compile:
+        print("\ncompilation (first energy + first energy+forces call, not counted above):")
+        for row in rows:
+            if "compiled" in row["backend"] and row["what"] == "energy":
+                print(f"  {row['backend']}: {row['warmup_s']:.1f} s")
+
+    big = []
+    if args.big:
+        for name, compiled in [(n, c) for n in args.dtype for c in compile_modes]:
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--big-child",
+                "--system",
+                args.system,
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--dtype",
+                name,
+                "--big-n",
+                str(args.big_n),
+                "--noise",
+                str(args.noise),
+                "--seed",
+                str(args.seed),
+            ]
+            if args.chunk_size:
+                command += ["--chunk-size", str(args.chunk_size)]
+            if compiled:
+                command.append("--compile")
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            big.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"\n{args.big_n:,} configurations in a fresh process (positions float32 on CPU):\n")
+        print("| dtype | compiled | chunk | seconds | configs/s | batch MiB | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for b in big:
+            print(
+                f"| {b['dtype']} | {b['compiled']} | {b['chunk_size']} | {b['seconds']:.1f} "
+                f"| {b['configs_per_s']:,.0f} | {b['batch_mib']:.0f} | {b['maxrss_peak_mib']:.0f} |"
+            )
+
+    result = {
+        "system": args.system,
+        "batch": args.batch,
+        "threads": args.threads,
+        "workers": args.workers,
+        "pool_platform": system.platform_name,
+        "device": str(device),
+        "repeats": args.repeats,
+        "noise_nm": args.noise,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        "big": big,
+    }
+    atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
