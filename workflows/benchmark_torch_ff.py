@@ -59,19 +59,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], Any]:
-    """Wall-clock seconds of ``repeats`` calls after one warm-up call (and its result)."""
-    result = fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times, result
-
-
 def _batch(reference: torch.Tensor, n: int, noise: float, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return reference + noise * torch.randn(
@@ -138,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="default: automatic")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--noise", type=float, default=0.01, help="nm, around the PDB structure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--big", action="store_true", help="also 1e6 configurations: memory")
@@ -158,23 +145,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["platform"] = args.platform
     system = load_system(args.system, **overrides)
     x = _batch(system.reference_configuration(), args.batch, args.noise, args.seed)
-    rows: list[dict[str, Any]] = []
-    try:
-        with torch.no_grad():
-            pool_e_times, pool_u = _timed(
-                lambda: system.energy(x), args.repeats, torch.device("cpu")
-            )
-        pool_f_times, _ = _timed(lambda: system.force(x), args.repeats, torch.device("cpu"))
-    finally:
-        system.close()
-    pool_energies = pool_u.numpy() * system.kt  # kJ/mol
-    pool_label = f"OpenMM pool ({args.workers} workers, {system.platform_name})"
-    pool_rate = {}
-    for what, times in (("energy", pool_e_times), ("energy+forces", pool_f_times)):
-        pool_rate[what] = args.batch / statistics.median(times)
-        rows.append({"backend": pool_label, "what": what, "times_s": times})
-
     xd = x.to(device)
+    cpu = torch.device("cpu")
+
+    def pool_energy() -> torch.Tensor:
+        with torch.no_grad():
+            return system.energy(x) * system.kt  # kJ/mol
+
+    # Every case: (row, callable, device). Warm-ups first; then the repeats go round-robin over
+    # all cases, so that a change in the load of a shared machine hits every case alike.
+    pool_label = f"OpenMM pool ({args.workers} workers, {system.platform_name})"
+    cases: list[tuple[dict[str, Any], Callable[[], Any], torch.device]] = [
+        ({"backend": pool_label, "what": "energy"}, pool_energy, cpu),
+        ({"backend": pool_label, "what": "energy+forces"}, lambda: system.force(x), cpu),
+    ]
     compile_modes = (False, True) if args.compile else (False,)
     for name in args.dtype:
         for compiled in compile_modes:
@@ -190,31 +174,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             label = f"torch {name} {'compiled' if compiled else 'eager'} ({device}, "
             label += f"{args.threads} threads, chunk {args.chunk_size or ff.auto_chunk_size()})"
 
-            def energies(ff=ff) -> torch.Tensor:
+            def energies(ff: Any = ff) -> torch.Tensor:
                 with torch.no_grad():
                     return ff.energy(xd)
 
+            info = {"backend": label, "build_s": build_s}
+            cases.append(({**info, "what": "energy"}, energies, device))
+            cases.append(
+                ({**info, "what": "energy+forces"}, lambda ff=ff: ff.energy_and_forces(xd), device)
+            )
+    rows: list[dict[str, Any]] = []
+    try:
+        results = []
+        for row, fn, dev in cases:
             start = time.perf_counter()
-            e_times, e = _timed(energies, args.repeats, device)
-            f_times, _ = _timed(lambda ff=ff: ff.energy_and_forces(xd), args.repeats, device)
-            first_s = time.perf_counter() - start - sum(e_times) - sum(f_times)
-            diff = np.abs(e.double().cpu().numpy() - pool_energies) / np.abs(pool_energies)
-            for what, times in (("energy", e_times), ("energy+forces", f_times)):
-                rows.append(
-                    {
-                        "backend": label,
-                        "what": what,
-                        "times_s": times,
-                        "build_s": build_s,
-                        "warmup_s": first_s,
-                        "max_rel_diff_vs_pool": float(diff.max()),
-                    }
-                )
+            results.append(fn())
+            _sync(dev)
+            row["warmup_s"] = time.perf_counter() - start
+            row["times_s"] = []
+            rows.append(row)
+        for _ in range(args.repeats):
+            for row, fn, dev in cases:
+                start = time.perf_counter()
+                fn()
+                _sync(dev)
+                row["times_s"].append(time.perf_counter() - start)
+    finally:
+        system.close()
+    pool_energies = results[0].numpy()
+    for row, result in zip(rows, results):
+        if row["backend"] != pool_label and row["what"] == "energy":
+            diff = np.abs(result.double().cpu().numpy() - pool_energies) / np.abs(pool_energies)
+            row["max_rel_diff_vs_pool"] = float(diff.max())
+    pool_rate = {
+        row["what"]: args.batch / statistics.median(row["times_s"])
+        for row in rows
+        if row["backend"] == pool_label
+    }
     for row in rows:
         row["configs_per_s"] = args.batch / statistics.median(row["times_s"])
         row["ratio_vs_pool"] = row["configs_per_s"] / pool_rate[row["what"]]
 
-    print(f"\n{args.system}, batch {args.batch}, median of {args.repeats} (after one warm-up)\n")
+    print(
+        f"\n{args.system}, batch {args.batch}, median of {args.repeats} runs (after one warm-up; "
+        "repeats interleaved across backends)\n"
+    )
     print("| backend | quantity | configs/s | ratio vs pool | max rel. ΔE vs pool |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -224,10 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"| {row['ratio_vs_pool']:.2f} | {'—' if diff is None else f'{diff:.1e}'} |"
         )
     if args.compile:
-        print("\ncompilation (first energy + first energy+forces call, not counted above):")
+        print("\nfirst call, compilation included (not counted above):")
         for row in rows:
-            if "compiled" in row["backend"] and row["what"] == "energy":
-                print(f"  {row['backend']}: {row['warmup_s']:.1f} s")
+            if "compiled" in row["backend"]:
+                print(f"  {row['backend']}, {row['what']}: {row['warmup_s']:.1f} s")
 
     big = []
     if args.big:

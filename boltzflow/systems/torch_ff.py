@@ -95,8 +95,7 @@ def _tensor(values: object, dtype: torch.dtype = torch.float64) -> Tensor:
 # -- bonded terms ------------------------------------------------------------------------------
 # Every term works on positions laid out as (3, n_atoms, batch) and pair distances as
 # (n_pairs, batch): the batch is the contiguous axis, so gathering atoms copies whole rows and
-# every per-term parameter is a (n_terms, 1) column broadcast along the batch. On CPU this is
-# several times faster than (batch, n_atoms, 3) with its strided gathers.
+# every per-term parameter is a (n_terms, 1) column broadcast along the batch.
 def _column(values: Tensor) -> Tensor:
     return values.reshape(-1, 1).clone()
 
