@@ -70,9 +70,9 @@ _CHUNK_BYTES_CPU = 64 * 2**20
 _CHUNK_BYTES_GPU = 2**30
 # Rows of a pass are padded to a multiple of this (covers SIMD widths of 2-64 elements).
 _ROW_ALIGN = 64
-# Rough count of live (batch, n_pairs)-sized intermediates per pairwise evaluation (measured
-# with GB: about 40 in float64 under no_grad; the autograd graph keeps about twice as many).
-_PAIR_TEMPORARIES = 40
+# Peak memory of one pass in units of a (n_pairs, batch) tensor, bonded terms included:
+# measured for ALDP with GB in float64, about 12 without a graph and 59 for energy_and_forces.
+_PAIR_TEMPORARIES = 60
 
 _KJ = unit.kilojoule_per_mole
 _NM = unit.nanometer
