@@ -258,8 +258,9 @@ class _GeneralizedBorn(nn.Module):
             + 0.5 * torch.log(lower * inv_u) * inv_r
         )
         if self.buried_correction:
-            # Atom i entirely inside j's descreening sphere: GBSAOBCForce adds 2(1/ρ̃_i − 1/L)
-            # to the paper's integrand (OpenMM ReferenceObc.cpp, after Tinker); 1/L there.
+            # Atom i entirely inside j's descreening sphere (ρ̃_i < s_j − r, so L = s_j − r):
+            # GBSAOBCForce adds 2(1/ρ̃_i − 1/L) to the paper's integrand, i.e. 1/ρ̃_i − 1/L to
+            # h (OpenMM ReferenceObc.cpp, after Tinker); the CustomGBForce forms do not.
             value = value + torch.where(rho < s - r, inv_rho - inv_l, torch.zeros_like(r))
         # step(r + s_j − ρ̃_i): no contribution when j's sphere does not reach i.
         return torch.where(upper >= rho, value, torch.zeros_like(r))
