@@ -388,7 +388,11 @@ def mbar_profile(
         se_bins = np.where(occupied[3:], d_delta[0, 3:], np.inf)
         se_df = float(d_delta[2, 1])
         ci_df = (dF - z * se_df, dF + z * se_df)
-        band = (f_prof - z * se_bins, f_prof + z * se_bins)
+        with np.errstate(invalid="ignore"):  # empty bins: inf − inf; their band is (inf, inf)
+            band = (
+                np.where(occupied[3:], f_prof - z * se_bins, np.inf),
+                np.where(occupied[3:], f_prof + z * se_bins, np.inf),
+            )
         label = "analytical"
     else:
         rng = np.random.default_rng(seed)
