@@ -20,8 +20,10 @@ production run kept 4–10 decorrelated samples in some windows). ``--grid-psi N
 well: a grid of ``--windows`` × N windows in (φ, ψ) (``--windows`` defaults to N there), each
 with ½ κ_φ d(φ, c^φ)² + ½ κ_ψ d(ψ, c^ψ)², pulled along φ at the PDB's ψ and then along ψ from
 each of those windows; everything else relaxes in picoseconds, so the windows are short (defaults
-for a grid: 20 ps + 3 ps burn-in per window, κ = 100·(n/36)² kT/rad² on each
-axis, the 1-D default's σ/spacing):
+for a grid: 25 ps + 3 ps burn-in per window, κ = 100·(n/36)² kT/rad² on each axis, the 1-D
+default's σ/spacing; 44.4 kT/rad², σ = 0.15 rad, for n = 24). The 24 × 24 grid below is 16.1 M
+MD steps (about 7.4 min on two free cores at 55 µs/step) and an MBAR over about 576 × 250
+samples (5–8 min on one core, up to about 8 GB of memory); see docs/benchmarks.md:
 
     python workflows/aldp_umbrella.py --system aldp -o runs/umbrella2d-aldp --grid-psi 24
 
@@ -59,7 +61,7 @@ from boltzflow.validate import arg, nonnegative_float, positive_float, positive_
 
 #: defaults of the 1-D run (ψ free) and of a (φ, ψ) grid (--grid-psi)
 DEFAULTS_1D = {"windows": 36, "ns_per_window": 1.0, "burn_in_ps": 20.0}
-DEFAULTS_GRID = {"ns_per_window": 0.02, "burn_in_ps": 3.0}
+DEFAULTS_GRID = {"ns_per_window": 0.025, "burn_in_ps": 3.0}
 
 
 def default_kappa(windows: int) -> float:

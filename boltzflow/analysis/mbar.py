@@ -232,6 +232,17 @@ def _from_log_weights(
         return float(delta), -np.log(p)
 
 
+#: Windows above which MBAR is solved with pymbar's "robust" protocol (adaptive Newton /
+#: self-consistent iteration, then L-BFGS-B) instead of its default (hybr, then adaptive).
+#: On a 24 × 24 (φ, ψ) grid of ALDP windows hybr did not converge and the default took 2.3×
+#: longer than "robust" (39.5 s against 17.0 s of CPU for 11,520 samples, same f_k to 1e-13).
+MANY_WINDOWS = 64
+
+
+def _solver(n_windows: int) -> str | None:
+    return "robust" if n_windows > MANY_WINDOWS else None
+
+
 def _check_centers(centers: Any, k: int, kappa: Any) -> tuple[np.ndarray, np.ndarray]:
     """Centres as ``(K, D)`` (D = 1 or 2) wrapped, κ as ``(D,)``; ValueError otherwise."""
     c = np.asarray(centers, dtype=np.float64)
@@ -344,7 +355,7 @@ def mbar_profile(
         x_n = np.concatenate(kept)
         phi_n = x_n[:, 0]
         u_kn = bias_matrix(x_n, c, kap)
-        mbar = pymbar.MBAR(u_kn, n_k)
+        mbar = pymbar.MBAR(u_kn, n_k, solver_protocol=_solver(k))
         f_k = np.asarray(mbar.f_k, dtype=np.float64)
         if k > 1:
             ov = mbar.compute_overlap()
@@ -402,7 +413,7 @@ def mbar_profile(
             for _ in range(int(n_bootstrap)):
                 take = np.concatenate([s + rng.integers(0, m, size=m) for s, m in zip(starts, n_k)])
                 ub = u_kn[:, take]
-                mb = pymbar.MBAR(ub, n_k, initial_f_k=f_k)
+                mb = pymbar.MBAR(ub, n_k, initial_f_k=f_k, solver_protocol=_solver(k))
                 lw_b = _unbiased_log_weights(ub, n_k, np.asarray(mb.f_k, dtype=np.float64))
                 d_b, nlp_b = _from_log_weights(lw_b, phi_n[take], edges, (lo, hi))
                 reps_df.append(d_b)
