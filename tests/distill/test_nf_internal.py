@@ -224,7 +224,7 @@ def test_train_early_stops_and_samples_with_the_right_chirality(
     captured = capsys.readouterr()
     assert "val NLL" in captured.err and "best held-out NLL" in captured.out
     history = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
-    assert history[-1]["step"] <= 300 and [r["step"] for r in history][:2] == [50, 100]
+    assert history[-1]["step"] <= 300 and [r["step"] for r in history][:2] == [20, 40]
     best = min(history, key=lambda r: r["val_nll"])
     assert best["val_nll"] < history[0]["val_nll"]  # held-out NLL falls, then rises (overfit)
     info = load_checkpoint(run / "student.pt", kind="student")["extra"]
