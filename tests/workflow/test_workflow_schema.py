@@ -192,11 +192,13 @@ class ToyConfig:
         positive_int(self.width, "toy.width")
 
 
-def test_a_newly_registered_method_is_parsed_without_a_spec_edit(tmp_path, monkeypatch):
-    def unused(*args, **kwargs):
-        raise AssertionError("parsing must not build or train")
+def _toy_method(**extra: object) -> Method:
+    """A registry entry for :class:`ToyConfig` whose build and train must never be called."""
 
-    toy = Method(
+    def unused(*args, **kwargs):
+        raise AssertionError("parsing or building the graph must not build or train")
+
+    return Method(
         name="toy",
         model=object,
         config=ToyConfig,
@@ -205,7 +207,12 @@ def test_a_newly_registered_method_is_parsed_without_a_spec_edit(tmp_path, monke
         log_q_kind="exact",
         uses_steps=False,
         description="a test method",
+        **extra,
     )
+
+
+def test_a_newly_registered_method_is_parsed_without_a_spec_edit(tmp_path, monkeypatch):
+    toy = _toy_method()
     monkeypatch.setitem(METHODS, "toy", toy)
     text = (
         "device = 'cuda'\n" + BASE + "[students.t]\nmethod = 'toy'\nwidth = 5\n"
@@ -232,21 +239,7 @@ def test_a_method_without_a_teacher_trains_on_the_data_alone(tmp_path, monkeypat
     from boltzflow.distill.nf_internal_train import ICNFRunConfig
     from boltzflow.workflow.stages import build_stages
 
-    def unused(*args, **kwargs):
-        raise AssertionError("building the graph must not build or train")
-
-    toy = Method(
-        name="toy",
-        model=object,
-        config=ToyConfig,
-        build=unused,
-        train=unused,
-        log_q_kind="exact",
-        uses_steps=False,
-        description="a test method",
-        uses_teacher=False,
-        reads_data=lambda cfg: cfg.width > 4,
-    )
+    toy = _toy_method(uses_teacher=False, reads_data=lambda cfg: cfg.width > 4)
     monkeypatch.setitem(METHODS, "toy", toy)
     text = BASE + "[students.t]\nmethod = 'toy'\nwidth = 5\n"
     deps = {s.name: s.deps for s in build_stages(load_workflow(_write(tmp_path, text)))}
