@@ -160,6 +160,20 @@ class System(abc.ABC):
             (grad,) = torch.autograd.grad(u.sum(), xg)
         return -grad
 
+    def energy_provenance(self) -> dict[str, Any]:
+        """What computes u(x), JSON-friendly: recorded beside stored energies (sample files).
+
+        ``{"system", "temperature", "parameters", "backend"}``; the backend is ``"analytic"``
+        for closed-form potentials (molecular systems name theirs, see
+        :mod:`boltzflow.systems.molecular`).
+        """
+        return {
+            "system": self.name,
+            "temperature": self.temperature,
+            "parameters": dict(self.info.parameters),
+            "backend": "analytic",
+        }
+
     # -- helpers ---------------------------------------------------------------------------------
     def remove_mean(self, x: Tensor) -> Tensor:
         """Centre particle coordinates (identity for non-particle systems)."""

@@ -152,7 +152,7 @@ def _configurations(system: openmm.System, positions: np.ndarray, seed: int) -> 
 
 @pytest.fixture(scope="module", params=ALDP_SYSTEMS)
 def aldp(request: pytest.FixtureRequest):
-    system = load_system(request.param, n_workers=0)
+    system = load_system(request.param, backend="openmm", n_workers=0)
     omm = system.openmm_system
     x = _configurations(omm, system.reference_configuration().numpy().reshape(-1, 3), seed=7)
     yield request.param, system, x
