@@ -77,7 +77,14 @@ from boltzflow.systems.base import System, SystemInfo
 from boltzflow.systems.openmm_pool import OpenMMPool, resolve_platform
 from boltzflow.systems.torch_ff import TorchForceField, compile_openmm_system
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "MolecularSystem", "build", "regularise_energy"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "INPUT_DEVICE",
+    "MolecularSystem",
+    "build",
+    "regularise_energy",
+]
 
 #: Energy backends of a molecular system; see the module docstring.
 BACKENDS = ("torch", "openmm")
@@ -97,6 +104,8 @@ _IMPLICIT_SOLVENTS = {
     "GBn": app.GBn,
     "GBn2": app.GBn2,
 }
+# Those with a default here are also in the registry's _DEFAULTED_PARAMETERS["openmm"] (so
+# that load_system can set them for any molecule); a test keeps the two in step.
 _PARAMETERS = {
     "backend",
     "dtype",
@@ -404,8 +413,8 @@ class MolecularSystem(System):
         return u, -out_forces / self.kt * slope[:, None]
 
     def _energy(self, x: Tensor) -> Tensor:
-        # Forces cost about 50% (OpenMM) to 200% (torch) more than energies alone: compute them
-        # only when a graph is built.
+        # Forces cost about 0.5x (OpenMM) to 2-3x (torch, autograd) more than energies alone
+        # (docs/benchmarks.md): compute them only when a graph is built.
         need_grad = torch.is_grad_enabled() and x.requires_grad
         return _ReducedEnergy.apply(x, self, need_grad)
 

@@ -13,11 +13,12 @@ import math
 import shutil
 from pathlib import Path
 
+import openmm
 import pytest
 import torch
 
 from boltzflow.data.generate import generate
-from boltzflow.systems import load_system
+from boltzflow.systems import load_system, molecular, registry
 from boltzflow.systems.molecular import BACKENDS, DEFAULT_BACKEND, MolecularSystem
 from boltzflow.systems.registry import BUILTIN_DIR, SYSTEMS_DIR_ENV, valid_overrides
 
@@ -74,6 +75,8 @@ def test_default_backend_and_switch_through_load_system(aldp_pair):
     assert f32.energy_dtype == torch.float32 and f32.torch_force_field().chunk_size == 16
     for name in ("aldp", "aldp_vacuum", "aldp_ff96_obc1"):
         assert "backend" in valid_overrides(name)
+    # The overrides the registry accepts for any molecule are parameters the builder knows.
+    assert set(registry._DEFAULTED_PARAMETERS["openmm"]) <= molecular._PARAMETERS
 
 
 def test_unknown_backend_is_a_clear_error():
@@ -106,6 +109,19 @@ def test_backend_of_a_definition_without_the_key(tmp_path: Path, monkeypatch):
     torch.testing.assert_close(load_system("my_vacuum").energy(x), reference.energy(x))
     with pytest.raises(TypeError, match="no parameter 'cutoff'"):
         load_system("my_vacuum", cutoff=1.0)
+
+
+def test_a_force_the_torch_backend_cannot_reproduce_is_refused_at_build():
+    vacuum = load_system("aldp_vacuum", backend="openmm", n_workers=0)
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(vacuum.openmm_system))
+    restraint = openmm.CustomBondForce("0.5*k*r^2")
+    restraint.addGlobalParameter("k", 1.0)
+    restraint.addBond(0, 21, [])
+    system.addForce(restraint)
+    args = (vacuum.info, system, vacuum.topology, vacuum.reference_configuration().reshape(22, 3))
+    with pytest.raises(ValueError, match=r"CustomBondForce.*backend='openmm'"):
+        MolecularSystem(*args, backend="torch")
+    assert MolecularSystem(*args, backend="openmm", n_workers=0).backend == "openmm"
 
 
 # -- agreement ---------------------------------------------------------------------------------
