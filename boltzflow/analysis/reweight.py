@@ -37,9 +37,14 @@ from boltzflow.sampling.weights import (
     kish_ess,
     log_weights,
 )
-from boltzflow.systems.base import System, compute_energies
+from boltzflow.systems.base import (
+    System,
+    compute_energies,
+    describe_energy_provenance,
+    energy_provenance_of,
+)
 
-__all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis"]
+__all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis", "sample_energies"]
 
 # Below this Kish ESS the report warns that its intervals are not to be trusted.
 _MIN_RELIABLE_ESS = 30
@@ -83,6 +88,35 @@ def _is_dihedral_system(system: System) -> bool:
 def _dihedrals(system: System, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
     phi, psi = system.backbone_dihedrals(torch.as_tensor(x, dtype=torch.float64))
     return phi.numpy(), psi.numpy()
+
+
+def sample_energies(
+    samples: SampleSet, system: System, *, recompute: bool = True
+) -> tuple[Tensor, dict[str, Any]]:
+    """Reduced energies ``(N,)`` float64 (kT) of stored samples, and where they come from.
+
+    Recomputed with ``system`` when ``recompute`` is set or the store has no ``u`` column (a
+    stored column is then compared: ``stored_u_max_abs_diff``); otherwise the stored column,
+    described by the ``energy`` entry of the store's provenance (written by ``boltzflow
+    sample`` and the workflows since energy backends exist; "not recorded" before).
+
+    Returns:
+        ``(u, record)``; ``record["u"]`` is one line such as ``"recomputed: aldp, torch backend
+        (float64, device input)"``, plus ``stored_u_max_abs_diff`` where both exist.
+    """
+    record: dict[str, Any] = {}
+    if recompute or samples.u is None:
+        u = compute_energies(system, torch.as_tensor(samples.x, dtype=torch.float64))
+        record["u"] = f"recomputed: {describe_energy_provenance(energy_provenance_of(system))}"
+        if samples.u is not None:
+            diff = np.abs(u.numpy() - samples.u)
+            finite = np.isfinite(diff)
+            record["stored_u_max_abs_diff"] = float(diff[finite].max()) if finite.any() else None
+    else:
+        u = torch.as_tensor(samples.u, dtype=torch.float64)
+        stored = describe_energy_provenance(samples.provenance.get("energy"))
+        record["u"] = f"stored column: {stored}"
+    return u, record
 
 
 def reweight_analysis(
@@ -145,17 +179,7 @@ def reweight_analysis(
     out.mkdir(parents=True, exist_ok=True)
     x = torch.as_tensor(samples.x, dtype=torch.float64)
     log_q = torch.as_tensor(samples.log_q, dtype=torch.float64)
-    energy_check: dict[str, Any] = {}
-    if recompute_energy or samples.u is None:
-        u = compute_energies(system, x)
-        if samples.u is not None:
-            diff = np.abs(u.numpy() - samples.u)
-            finite = np.isfinite(diff)
-            energy_check["stored_u_max_abs_diff"] = (
-                float(diff[finite].max()) if finite.any() else None
-            )
-    else:
-        u = torch.as_tensor(samples.u, dtype=torch.float64)
+    u, energy_check = sample_energies(samples, system, recompute=recompute_energy)
     log_w = log_weights(u, log_q)
     n = samples.n
     results: dict[str, Any] = {}
@@ -251,6 +275,7 @@ def reweight_analysis(
         f"system {system.name}, samples {samples.path}, N = {n}",
         f"seed {seed}, bootstrap B = {n_bootstrap}, confidence level {level:g}",
         "log w = -u(x) - log q(x); energy W2 is reported with the square root (W2, not W2^2)",
+        f"u: {energy_check['u']}",
     ]
     if not samples.complete:
         notes.append(samples.partial_note() + " (the writer did not finish)")

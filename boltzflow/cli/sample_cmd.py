@@ -29,6 +29,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzflow.sampling.draw import cost_of, iter_draws, write_draws
     from boltzflow.sampling.weights import ess_fraction
     from boltzflow.systems import load_system
+    from boltzflow.systems.base import energy_provenance_of
 
     output = check_output_file(args.output)
     if args.threads:
@@ -54,6 +55,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "log_q_kind": model.log_q_kind,
         "log_q": getattr(model, "log_q_convention", None)
         or ("density on the mean-free subspace" if model.mean_free else "density"),
+        "energy": energy_provenance_of(system),  # what computed the u column (None: no u)
     }
     try:
         batches = iter_draws(

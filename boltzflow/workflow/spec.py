@@ -617,6 +617,8 @@ def load_workflow(
             and the key, e.g. ``quickstart.toml: teacher.train: unknown key 'stepz'``).
         KeyError: an unknown system (the message lists the known ones).
     """
+    from boltzflow.systems.registry import valid_overrides
+
     path = Path(path)
     wf = path.name
     raw = apply_profile(read_toml_file(path, "workflow"), profile, wf)
@@ -624,7 +626,7 @@ def load_workflow(
     top = _read_top(raw, wf)
     info, kind = _system_info(top["system"], f"{wf}: system")
     system = top["system"]
-    valid = {*info.parameters, "temperature"}
+    valid = set(valid_overrides(system))
     for key in top.get("system_options", {}):
         if key not in valid:
             raise ValueError(

@@ -271,6 +271,7 @@ def _sample_model(
     None: the model's own) and write ``samples/<label>.h5``; returns ESS/N and the
     :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance."""
     from boltzflow.sampling.draw import Draw, iter_draws, write_draws
+    from boltzflow.systems.base import energy_provenance_of
 
     n, seed = wf.sample.n, wf.seed + 1
     with wf.open_system() as system:
@@ -285,6 +286,7 @@ def _sample_model(
                 progress=ctx.progress,
             )
         )
+        energy = energy_provenance_of(system)
     draw = Draw.from_batches(batches)
     prov = {
         **provenance,
@@ -297,6 +299,7 @@ def _sample_model(
         "log_q_kind": model.log_q_kind,
         "sampling": sampling,
         "log_q": "density on the mean-free subspace" if model.mean_free else "density",
+        "energy": energy,  # what computed the u column
     }
     write_draws(ctx.path(f"samples/{label}.h5"), batches, dim=model.dim, provenance=prov)
     return draw.samples.ess_fraction, draw.cost
