@@ -16,6 +16,7 @@ The list file names model folders under ``models/`` and, per system, the ΔF to 
     name = "d01 < 4 vs d01 >= 4"
     a = [{ feature = "distance", atoms = [0, 1], max = 4.0 }]
     b = "complement"
+    # reference_profile = "x.json"  # optional: a reference ΔF (workflows/aldp_umbrella.py output)
 
 Rows are timed on the calling thread (model work only, energies excluded, as in
 :class:`boltzflow.sampling.draw.SampleCost`); the figure plots ESS/N against samples per second
@@ -59,6 +60,8 @@ class Showcase:
     entries: tuple[ShowcaseEntry, ...]
     seed: int
     free_energy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per system: the reference ΔF (an Estimate) the rows are compared with
+    references: dict[str, Any] = field(default_factory=dict)
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -109,15 +112,23 @@ def load_showcase(path: str | os.PathLike[str] = SHOWCASE) -> Showcase:
             step_list = tuple(_positive_int(k, f"{where}: steps") for k in steps)
         n = _positive_int(m.get("n", n_default), f"{where}: n")
         entries.append(ShowcaseEntry(folder, step_list, n))
-    free_energy = top.get("free_energy", {})
-    for system, fe in free_energy.items():
+    from boltzflow.analysis.free_energy import load_reference_profile
+
+    free_energy, references = {}, {}
+    for system, fe in top.get("free_energy", {}).items():
         if not isinstance(fe, dict) or "a" not in fe or "b" not in fe:
             raise ValueError(f"{path}: free_energy.{system} needs states 'a' and 'b'")
-    return Showcase(tuple(entries), seed, dict(free_energy))
+        fe = dict(fe)
+        ref = fe.pop("reference_profile", None)
+        if ref is not None:
+            references[system] = load_reference_profile(path.parent / ref).delta_f
+        free_energy[system] = fe
+    return Showcase(tuple(entries), seed, free_energy, references)
 
 
 def _row(entry: ShowcaseEntry, steps: int | None, showcase: Showcase) -> dict[str, Any]:
     from boltzflow.analysis.estimate import free_energy_estimates
+    from boltzflow.analysis.free_energy import compare_free_energy
     from boltzflow.registry import load_model
     from boltzflow.sampling.draw import draw_samples
     from boltzflow.sampling.weights import ess_fraction
@@ -156,6 +167,11 @@ def _row(entry: ShowcaseEntry, steps: int | None, showcase: Showcase) -> dict[st
             )
             name, value = next(iter(est.items()))
             row["free_energy"] = {"name": name, **_estimate_dict(value.get("delta"), value)}
+            ref = showcase.references.get(model.system)
+            if ref is not None and "delta" in value:
+                cmp = compare_free_energy(value["delta"], ref)
+                row["free_energy"]["reference"] = {"value": ref.value, "stderr": ref.stderr}
+                row["free_energy"]["minus_reference"] = cmp
     return row
 
 
@@ -207,11 +223,24 @@ def _fe_cell(fe: dict[str, Any] | None) -> str:
     return f"{fe['value']:.3f} [{fe['low']:.3f}, {fe['high']:.3f}]"
 
 
+def _diff_cell(fe: dict[str, Any] | None) -> str:
+    cmp = (fe or {}).get("minus_reference")
+    if not cmp or cmp.get("difference") is None:
+        return "-"
+    ref = fe["reference"]  # type: ignore[index]
+    return (
+        f"{cmp['difference']:+.3f} ± {cmp['stderr']:.3f} "
+        f"(ref {ref['value']:.3f} ± {ref['stderr']:.3f})"
+    )
+
+
 def showcase_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of :func:`run_showcase` rows (ΔF column: value [95% CI], kT)."""
+    """Markdown table of :func:`run_showcase` rows (ΔF: value [95% CI], kT; its difference from
+    the reference with the combined standard error where the list names one)."""
     lines = [
-        "| model | system | steps | N | NFE/sample | samples/s | ESS/N | ΔF (kT) [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | system | steps | N | NFE/sample | samples/s | ESS/N | ΔF (kT) [95% CI] "
+        "| ΔF − reference (kT, ± combined se) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fe = r.get("free_energy")
@@ -219,6 +248,6 @@ def showcase_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['system']} | {r['steps'] or '-'} | {r['n']} | "
             f"{r['nfe_per_sample']:.1f} | {r['samples_per_s']:.3g} | {r['ess_fraction']:.3f} | "
-            f"{_fe_cell(fe)}{fe_name} |"
+            f"{_fe_cell(fe)}{fe_name} | {_diff_cell(fe)} |"
         )
     return "\n".join(lines)

@@ -36,6 +36,7 @@ name = "{MODELS / "aldp-nf-internal"}"
 name = "0 < φ < 2 vs rest"
 a = [{{ feature = "phi", min = 0.0, max = 2.0 }}]
 b = "complement"
+reference_profile = "{MODELS.parent / "workflows" / "reference" / "aldp_umbrella_profile.json"}"
 """,
     )
     rows = run_showcase(path, tmp_path / "out", progress=False)
@@ -44,9 +45,13 @@ b = "complement"
     assert 0 < row["ess_fraction"] <= 1 and row["samples_per_s"] > 0
     fe = row["free_energy"]
     assert fe["low"] < fe["value"] < fe["high"]
+    diff = fe["minus_reference"]
+    assert diff["difference"] == pytest.approx(fe["value"] - fe["reference"]["value"])
+    assert diff["stderr"] > fe["reference"]["stderr"] > 0
     assert json.loads((tmp_path / "out" / "shipped_models.json").read_text()) == rows
     assert (tmp_path / "out" / "shipped_models.png").stat().st_size > 0
-    assert "| aldp-nf-internal | aldp | - | 300 |" in showcase_table(rows)
+    table = showcase_table(rows)
+    assert "| aldp-nf-internal | aldp | - | 300 |" in table and "(ref 3.946 ± 0.0" in table
 
 
 @pytest.mark.parametrize(
