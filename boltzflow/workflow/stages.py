@@ -1,6 +1,11 @@
 """The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples ->
 report (and, for ``boltzflow benchmark``, the benchmark table).
 
+A teacher or student with ``run = PATH`` (:func:`boltzflow.workflow.spec.imported_run`) is
+imported instead of trained: its stage copies the model file into the output folder (a training
+checkpoint is saved as a model file with its EMA weights), keyed by the file's content
+fingerprint, so downstream stages see the same inputs as in the run the file came from.
+
 The output folder layout is in :mod:`boltzflow.workflow.layout`. Every file is written
 atomically (temporary file + rename), so a killed run never leaves a half-written output behind
 that a later run would trust.
@@ -14,17 +19,19 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from boltzflow.workflow.benchmark import run_benchmark_stage
-from boltzflow.workflow.cache import canonical_json
+from boltzflow.workflow.cache import canonical_json, file_fingerprint
 from boltzflow.workflow.layout import (
     REFERENCE_FILE,
     TEACHER_FILE,
     TRAIN_FILE,
+    copy_atomic,
     sample_plan,
     stage_device,
     teacher_sampling,
@@ -189,6 +196,55 @@ def _run_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         "final_loss": last.get("loss"),
         "note": f"{cfg.model.backbone}, {cfg.train.steps} steps, loss {_g(last.get('loss'))}",
     }
+
+
+# -- imported runs ---------------------------------------------------------------------------------
+def _import_model(src: Path, dst: Path, load: Callable[[Path], Any]) -> tuple[Any, dict[str, Any]]:
+    """Put the model of checkpoint ``src`` at ``dst``: a model file is copied bit for bit, a
+    training checkpoint saved through ``load(path)`` (its EMA weights). Returns the model loaded
+    from ``dst`` and what the summary records of its training (steps, time, final loss)."""
+    from boltzflow.io.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(src)
+    info: dict[str, Any] = {"imported": str(src), "imported_kind": payload["kind"]}
+    if payload["kind"] == "training":
+        load(src).save(dst, extra={"imported_from": str(src), "training_step": payload["step"]})
+        total = payload.get("train_config", {}).get("steps")
+        info.update(steps=payload["step"], train_seconds=payload.get("elapsed_s"))
+        if total is not None and payload["step"] < total:
+            info["unfinished"] = f"training checkpoint at step {payload['step']} of {total}"
+    else:
+        copy_atomic(src, dst)
+    last = _last_metrics(src.parent)  # the run folder's training log, when there is one
+    if last:
+        info.setdefault("steps", last.get("step"))
+        info.setdefault("train_seconds", last.get("elapsed_s"))
+        info["final_loss"] = last.get("loss")
+    return load(dst), info
+
+
+def _run_import(
+    ctx: StageContext, wf: Workflow, src: Path, dst: str, what: str, method: str | None = None
+) -> dict[str, Any]:
+    """An import stage: ``src`` (a checked :attr:`TeacherSpec.run`/:attr:`StudentSpec.run`)
+    becomes ``dst`` (relative to the output folder), a teacher (``method`` None) or a student."""
+    if method is None:
+        from boltzflow.flows.cnf import TeacherCNF
+
+        def load(path: Path) -> Any:
+            return TeacherCNF.load(path, system=wf.system)
+    else:
+        from boltzflow.distill import load_student
+
+        def load(path: Path) -> Any:
+            return load_student(path, system=wf.system)
+
+    model, info = _import_model(src, ctx.path(dst), load)
+    note = f"{what} imported from {src}"
+    if "unfinished" in info:
+        note += f" ({info['unfinished']})"
+    out = {"parameters": _n_params(model), **info, "note": note}
+    return out if method is None else {"method": method, **out}
 
 
 # -- students --------------------------------------------------------------------------------------
@@ -359,19 +415,30 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             workdir="data/md_seeded" if wf.data.method == "md_seeded" else None,
             description="reference configurations",
         ),
-        Stage(
-            "teacher",
-            functools.partial(_run_teacher, wf=wf),
-            config={"system": system, "teacher": _training_key(wf.teacher.config.to_dict())},
-            deps=("data",),
-            outputs=(TEACHER_FILE,),
-            workdir="teacher",
-            description="flow-matching teacher CNF",
-        ),
+        _teacher_stage(wf, system),
     ]
     trajectories: dict[str, str] = {}
     student_stages: list[str] = []
     for name, st in wf.students.items():
+        if st.run is not None:
+            stages.append(
+                Stage(
+                    f"student-{name}",
+                    functools.partial(
+                        _run_import,
+                        wf=wf,
+                        src=st.run,
+                        dst=f"students/{name}/student.pt",
+                        what=f"{st.method} student",
+                        method=st.method,
+                    ),
+                    config={"system": system, "method": st.method, "import": _imported_key(st.run)},
+                    outputs=(f"students/{name}/student.pt",),
+                    description=f"{st.method} student imported from {st.run}",
+                )
+            )
+            student_stages.append(f"student-{name}")
+            continue
         method = get_method(st.method)
         tc = _trajectory_config(st)
         traj_file = None
@@ -482,6 +549,35 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
         )
     )
     return stages
+
+
+def _imported_key(path: Path) -> str:
+    """What identifies an imported model in a stage key: its file's content fingerprint (not
+    its path: a moved run folder with the same file keeps the key)."""
+    return file_fingerprint(path)
+
+
+def _teacher_stage(wf: Workflow, system: dict[str, Any]) -> Stage:
+    """The ``teacher`` stage: training on the data, or importing ``teacher.run``."""
+    if wf.teacher.run is not None:
+        return Stage(
+            "teacher",
+            functools.partial(
+                _run_import, wf=wf, src=wf.teacher.run, dst=TEACHER_FILE, what="teacher"
+            ),
+            config={"system": system, "import": _imported_key(wf.teacher.run)},
+            outputs=(TEACHER_FILE,),
+            description=f"teacher CNF imported from {wf.teacher.run}",
+        )
+    return Stage(
+        "teacher",
+        functools.partial(_run_teacher, wf=wf),
+        config={"system": system, "teacher": _training_key(wf.teacher.config.to_dict())},
+        deps=("data",),
+        outputs=(TEACHER_FILE,),
+        workdir="teacher",
+        description="flow-matching teacher CNF",
+    )
 
 
 def _report_key(wf: Workflow) -> dict[str, Any]:
