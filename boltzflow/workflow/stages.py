@@ -316,6 +316,7 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
 def _sample_model(
     ctx: StageContext,
     wf: Workflow,
+    system: Any,
     model: Any,
     label: str,
     steps: int | None,
@@ -324,23 +325,23 @@ def _sample_model(
     batch_size: int | None = None,
 ) -> tuple[float, Any]:
     """Draw ``wf.sample.n`` samples of ``model`` in ``steps`` (``batch_size`` rows at a time;
-    None: the model's own) and write ``samples/<label>.h5``; returns ESS/N and the
-    :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance."""
+    None: the model's own), weighted against the open ``system``, and write
+    ``samples/<label>.h5``; returns ESS/N and the :class:`~boltzflow.sampling.draw.SampleCost`.
+    ``sampling`` is recorded as provenance."""
     from boltzflow.sampling.draw import Draw, iter_draws, write_draws
 
     n, seed = wf.sample.n, wf.seed + 1
-    with wf.open_system() as system:
-        batches = list(
-            iter_draws(
-                model,
-                n,
-                system=system,
-                steps=steps,
-                seed=seed,
-                batch_size=batch_size,
-                progress=ctx.progress,
-            )
+    batches = list(
+        iter_draws(
+            model,
+            n,
+            system=system,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=ctx.progress,
         )
+    )
     draw = Draw.from_batches(batches)
     prov = {
         **provenance,
@@ -364,7 +365,10 @@ def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
     teacher.sampling = teacher.settings_with(teacher_sampling(wf))
     provenance = {"model": "teacher", "checkpoint": TEACHER_FILE}
-    ess, cost = _sample_model(ctx, wf, teacher, "teacher", None, provenance, teacher.sampling)
+    with wf.open_system() as system:
+        ess, cost = _sample_model(
+            ctx, wf, system, teacher, "teacher", None, provenance, teacher.sampling
+        )
     return {
         "ess_fraction": ess,
         "nfe_per_sample": cost.nfe_per_sample,
@@ -382,12 +386,15 @@ def _run_sample_student(ctx: StageContext, wf: Workflow, st: StudentSpec) -> dic
     out: dict[str, Any] = {}
     checkpoint = f"students/{st.name}/student.pt"
     provenance = {"model": st.name, "method": st.method, "checkpoint": checkpoint}
-    for label, steps in sample_plan(wf)[st.name]:
-        batch = wf.sample.batch_size
-        sampling = {"batch_size": batch}
-        ess, cost = _sample_model(ctx, wf, student, label, steps, provenance, sampling, batch)
-        out[label] = {"ess_fraction": ess, "sample_seconds": cost.seconds}
-        notes.append(f"K={steps or 1}: {ess:.3f}")
+    batch = wf.sample.batch_size
+    sampling = {"batch_size": batch}
+    with wf.open_system() as system:  # one system (and OpenMM pool) for every step count
+        for label, steps in sample_plan(wf)[st.name]:
+            ess, cost = _sample_model(
+                ctx, wf, system, student, label, steps, provenance, sampling, batch
+            )
+            out[label] = {"ess_fraction": ess, "sample_seconds": cost.seconds}
+            notes.append(f"K={steps or 1}: {ess:.3f}")
     return {"runs": out, "note": "ESS/N " + ", ".join(notes)}
 
 
@@ -479,20 +486,29 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
         stages.append(stage)
         student_stages.append(stage.name)
     if benchmark:
+        config = {
+            "system": system,
+            "benchmark": dataclasses.asdict(wf.benchmark),
+            "students": sorted(wf.students),
+            "seed": wf.seed,
+            "device": device,
+            "batch_size": wf.sample.batch_size,
+            "teacher_sampling": teacher_sampling(wf),
+        }
+        if _molecular(wf):  # the (φ, ψ) columns' settings (other systems keep their keys)
+            rp = wf.report
+            config["molecular"] = {
+                "level": rp.level,
+                "n_bootstrap": rp.n_bootstrap,
+                "reference_profile": rp.reference_profile is not None,  # its contents: inputs
+            }
         stages.append(
             Stage(
                 "benchmark",
                 functools.partial(run_benchmark_stage, wf=wf),
-                config={
-                    "system": system,
-                    "benchmark": dataclasses.asdict(wf.benchmark),
-                    "students": sorted(wf.students),
-                    "seed": wf.seed,
-                    "device": device,
-                    "batch_size": wf.sample.batch_size,
-                    "teacher_sampling": teacher_sampling(wf),
-                },
+                config=config,
                 deps=("data", "teacher", *student_stages),
+                inputs=tuple(p for p in (wf.report.reference_profile,) if p is not None),
                 outputs=("benchmark.md", "benchmark.json"),
                 description="teacher vs students vs Euler baselines",
             )
@@ -549,6 +565,14 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
         )
     )
     return stages
+
+
+def _molecular(wf: Workflow) -> bool:
+    """Whether the system may be a molecule with backbone dihedrals (an OpenMM system; the
+    stages decide by the built system itself)."""
+    from boltzflow.systems.registry import definition
+
+    return definition(wf.system)["kind"] == "openmm"
 
 
 def _imported_key(path: Path) -> str:
