@@ -19,11 +19,11 @@ samples with the teacher's exact log q, and FALCON's inversion error |z - X^-1(X
 For a molecule with backbone dihedrals (as the report decides:
 :func:`~boltzflow.analysis.free_energy.has_backbone_dihedrals`) every row also gets, from the
 report's molecular section (:func:`~boltzflow.workflow.report_molecular.phi_metrics`): the
-torus W2 on (φ, ψ) of the
-reweighted samples against the held-out frames, ΔF(φ state vs rest) with its delta-method
-interval, and, with ``[report] reference_profile``, ΔF − reference with the combined standard
-error; and F(φ) of the teacher and of every row at :data:`PROFILE_STEPS` steps (and one-pass
-students) is drawn against the reference profile (``benchmark_profile_phi.png``).
+torus W2 on (φ, ψ) of the reweighted samples against the held-out frames, ΔF(φ state vs rest)
+with its delta-method interval, and, with ``[report] reference_profile``, ΔF − reference with
+the combined standard error; and F(φ) of the teacher and of every row at :data:`PROFILE_STEPS`
+steps (and one-pass students) is drawn against the reference profile
+(``benchmark_profile_phi.png``).
 Writes ``benchmark.md`` and ``benchmark.json`` in the output folder.
 """
 
@@ -53,6 +53,7 @@ from boltzflow.workflow.layout import (
     teacher_sampling,
 )
 from boltzflow.workflow.report_molecular import (
+    OT_POINTS,
     PhiReference,
     format_comparison,
     format_estimate,
@@ -208,8 +209,9 @@ def molecular_summary(
     note = (
         f"Molecular columns: torus W2 on (φ, ψ) of the reweighted samples against the "
         f"{frames if ref.angles is not None else f'(no {frames})'} (exact OT, "
-        f"wrapped distance, at most 2,000 points a side, W2 with the root); ΔF = F({lo:g} < φ < "
-        f"{hi:g}) − F(rest) in kT with its {100 * level:g}% delta-method interval"
+        f"wrapped distance, at most {OT_POINTS:,} points a side, W2 with the root); "
+        f"ΔF = F({lo:g} < φ < {hi:g}) − F(rest) in kT with its {100 * level:g}% delta-method "
+        "interval"
     )
     if ref.profile is not None and ref.profile.delta_f is not None:
         d = ref.profile.delta_f
@@ -235,8 +237,8 @@ def molecular_summary(
 
 def profile_label(row: dict[str, Any], profile_steps: int) -> str | None:
     """The legend entry of ``row`` in the F(φ) figure, or None if the row is not drawn: the
-    teacher (its ``log_q`` is ``"ode-trace"`` or its steps a solver name), one-pass models and
-    rows at ``profile_steps`` steps."""
+    teacher (its steps are a solver name), one-pass models (steps ``"-"``) and rows at
+    ``profile_steps`` steps."""
     steps = row["steps"]
     if steps == "-" or isinstance(steps, str):
         return str(row["model"])

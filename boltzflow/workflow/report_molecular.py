@@ -36,6 +36,7 @@ from boltzflow.sampling.estimators import FreeEnergyProfile
 from boltzflow.workflow.spec import Workflow
 
 __all__ = [
+    "OT_POINTS",
     "PhiReference",
     "format_comparison",
     "format_estimate",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 #: torus W2: points per side (exact OT on a max_points x max_points cost matrix)
-_OT_POINTS = 2000
+OT_POINTS = 2000
 #: contiguous blocks for the held-out frames' ΔF interval
 _MD_BLOCKS = 10
 #: F axis cap of the profile plot (kT)
@@ -126,7 +127,7 @@ def phi_metrics(
     out: dict[str, Any] = {}
     if ref.angles is not None:
         angles = np.stack([phi, psi], 1)
-        ot = {"max_points": _OT_POINTS, "seed": seed}
+        ot = {"max_points": OT_POINTS, "seed": seed}
         if proposal_w2:
             out["torus W2 (φ, ψ) proposal (rad)"] = torus_w2(ref.angles, angles, **ot)
         if w is not None:
@@ -315,7 +316,7 @@ def molecular_table(rows: list[dict[str, Any]], section: dict[str, Any], level: 
     ]
     intro = (
         "Against the held-out frames (torus W2 on (φ, ψ): exact OT with the wrapped distance, at "
-        f"most {_OT_POINTS:,} points a side, W2 with the root) and the reference profile; "
+        f"most {OT_POINTS:,} points a side, W2 with the root) and the reference profile; "
         "rw = reweighted; ΔF − reference with the combined standard error."
     )
     lines = [intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
