@@ -16,10 +16,12 @@ Each row reports ESS/N (Kish, final weights) with N, ΔF = F(0 < φ < 2) − F(r
 95% interval (plain student: delta method; SMC: delta method with the particles grouped by
 their initial ancestor, since resampled particles are correlated) and its difference from the
 umbrella/MBAR reference (``workflows/reference/aldp_umbrella_profile.json``), physical energy and
-force evaluations per final sample, and wall time (sampling, energies and SMC; loading excluded).
-The SMC row also gives the temperatures, the mean acceptance, the distinct initial ancestors
-("Eves") that survive, and whether the last step resampled (then every final weight is equal and
-ESS/N = 1 says nothing about diversity: the Eves and the ΔF interval do).
+force evaluations per final sample, and wall time (sampling, energies and SMC; loading
+excluded; the JSON adds this process's CPU time, which leaves out the OpenMM worker process, and
+the load average, since the machine may be shared). The SMC row also gives the temperatures,
+the mean acceptance, the distinct initial ancestors ("Eves") that survive, and whether the last
+step resampled (then every final weight is equal and ESS/N = 1 says nothing about diversity: the
+Eves and the ΔF interval do).
 
 Usage (one thread, niced on a shared machine):
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -128,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     with load_system(args.system) as system:
         system.energy(system.reference_configuration())  # start the OpenMM pool before timing
-        t0 = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        t0, c0 = time.perf_counter(), time.process_time()
         x, log_q = model.sample(args.n, steps=args.steps, seed=args.seed)
         u = compute_energies(system, x)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         log_w = log_weights(u, log_q.double())
         rows.append(
             _row(
@@ -143,9 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 1.0,
                 0.0,
                 seconds,
+                cpu_seconds=cpu,
             )
         )
+        c0 = time.process_time()
         r = refine_latent(model, system, args.n, steps=args.steps, seed=args.seed, **smc_options)
+        cpu = time.process_time() - c0
         s = r.samples
         rows.append(
             _row(
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r.energy_evaluations_per_sample,
                 r.force_evaluations_per_sample,
                 r.seconds,
+                cpu_seconds=cpu,
                 temperatures=len(r.smc.betas) - 1,
                 betas=r.smc.betas,
                 acceptance=float(np.mean(r.smc.acceptance)),
@@ -168,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 eves=r.smc.n_eves,
                 unique_particles=int(torch.unique(r.z, dim=0).shape[0]),
                 initial_ess_fraction=r.initial_ess_fraction,
+                last_ess_before_resampling=float(r.smc.ess_history[-1]),
                 log_z=r.log_z,
             )
         )
+        load_after = os.getloadavg()[0]
     results = {
         "run": str(args.run),
         "student": type(model).__name__,
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "state A": f"{region[0]:g} < φ < {region[1]:g} rad",
         "rows": rows,
         "torch threads": args.threads,
+        "load average (1 min) before / after": [load_before, load_after],
+        "machine cores": os.cpu_count(),
     }
     text = _markdown(results)
     print(text)
@@ -219,15 +231,18 @@ def _markdown(results: dict[str, Any]) -> str:
             f"{row['force evaluations per sample']:.0f} | {row['wall seconds']:.1f} |"
         )
     smc = results["rows"][-1]
+    load = results["load average (1 min) before / after"]
     lines += [
         "",
         f"SMC: {smc['temperatures']} temperatures (adaptive, conditional ESS/N "
         f"{results['smc']['adaptive_ess']}), {results['smc']['n_kernel_steps']} "
         f"{results['smc']['kernel'].upper()} moves each, mean acceptance {smc['acceptance']:.2f}, "
         f"resampled {int(np.sum(smc['resampled']))}x (last step: {smc['last_step_resampled']}), "
+        f"ESS/N before any resampling at the last step {smc['last_ess_before_resampling']:.3f}, "
         f"{smc['eves']} surviving initial ancestors and {smc['unique_particles']} distinct "
         f"particles of {smc['N']}; ESS/N of the same N initial draws "
-        f"{smc['initial_ess_fraction']:.3f}.",
+        f"{smc['initial_ess_fraction']:.3f}. Load average {load[0]:.1f} / {load[1]:.1f} "
+        f"(1 min, before / after) on {results['machine cores']} cores.",
     ]
     return "\n".join(lines)
 
