@@ -107,9 +107,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="conditional ESS/N kept by each tempering step",
     )
     parser.add_argument("--n-kernel-steps", type=int, default=5, help="moves per temperature")
-    parser.add_argument("--step-size", type=float, default=0.01, help="initial step size")
+    parser.add_argument("--step-size", type=float, default=0.05, help="initial step size")
     parser.add_argument("--n-leapfrog", type=int, default=5)
-    parser.add_argument("--resample-threshold", type=float, default=0.5)
+    parser.add_argument("--resample-threshold", type=float, default=0.8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        help="rows per differentiable pass through the student (FALCON: ~11 MB per row)",
+    )
     parser.add_argument("--system", default="aldp")
     parser.add_argument(
         "--n-workers",
@@ -158,7 +164,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
         c0 = time.process_time()
-        r = refine_latent(model, system, args.n, steps=args.steps, seed=args.seed, **smc_options)
+        r = refine_latent(
+            model,
+            system,
+            args.n,
+            steps=args.steps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            **smc_options,
+        )
         cpu = time.process_time() - c0
         s = r.samples
         rows.append(

@@ -41,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from boltzflow.sampling.results import Estimate, WeightedSamples
 from boltzflow.sampling.smc import SMCResult, smc
@@ -140,12 +141,29 @@ class LatentTarget(System):
         model: the sampler (:class:`LatentSampler`), used as it is (put it in eval mode).
         system: the physical target (reduced energy u(x) in kT, differentiable).
         steps: the sampler's number of steps K (None: its default).
+        batch_size: rows per pass through the sampler. With a gradient, each chunk's value and
+            gradient are computed (and its graph freed) before the next, so memory is bounded by
+            ``batch_size`` rows: a FALCON student keeps a Jacobian per step and row in its graph
+            (about 11 MB per ALDP row at K = 4).
 
     Attributes:
         periodic: boolean ``(dim,)`` mask of the periodic prior columns (None without any).
+
+    Raises:
+        TypeError: ``model`` has no ``prior`` or ``sample_from``.
+        ValueError: ``batch_size < 1``.
     """
 
-    def __init__(self, model: LatentSampler, system: System, steps: int | None = None) -> None:
+    def __init__(
+        self,
+        model: LatentSampler,
+        system: System,
+        steps: int | None = None,
+        *,
+        batch_size: int = 1024,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(model, LatentSampler):
             raise TypeError(
                 f"model must have a prior and sample_from(z, steps), got {type(model).__name__}"
@@ -167,6 +185,7 @@ class LatentTarget(System):
         self.model = model
         self.system = system
         self.steps = steps
+        self.batch_size = batch_size
         columns = [int(i) for i in getattr(prior, "periodic", ())]
         self.periodic: Tensor | None = None
         if columns:
@@ -186,12 +205,47 @@ class LatentTarget(System):
         x, log_q = self.model.sample_from(z, self.steps)
         return x, log_q.to(torch.float64), self.model.prior.log_prob(z).to(torch.float64)
 
-    def _energy(self, z: Tensor) -> Tensor:
+    def reduced_energy(self, z: Tensor) -> Tensor:
+        """u_z of one batch ``z (B, dim)`` in a single graph (``(B,)`` float64; no chunking)."""
         x, log_q, log_p = self.decode(z)
         u = self.system.energy(x.to(torch.float64))
         u_z = u + log_q - log_p
         bad = torch.isnan(u_z) | torch.isinf(u) | torch.isinf(log_q)
         return torch.where(bad, torch.full_like(u_z, float("inf")), u_z)
+
+    def _energy(self, z: Tensor) -> Tensor:
+        need_grad = torch.is_grad_enabled() and z.requires_grad
+        return _ChunkedEnergy.apply(z, self, need_grad)
+
+
+class _ChunkedEnergy(torch.autograd.Function):
+    """u_z chunk by chunk; with a gradient, each chunk's gradient is taken at once (its graph
+    freed) and saved for the backward pass, as the OpenMM energy saves its forces."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, target: LatentTarget, need_grad: bool) -> Tensor:
+        values, grads = [], []
+        for chunk in z.detach().split(target.batch_size):
+            if not need_grad:
+                values.append(target.reduced_energy(chunk).detach())
+                continue
+            with torch.enable_grad():
+                zc = chunk.detach().requires_grad_(True)
+                u = target.reduced_energy(zc)
+                finite = torch.isfinite(u)
+                (g,) = torch.autograd.grad(torch.where(finite, u, 0).sum(), zc)
+            values.append(u.detach())
+            grads.append(torch.where(finite[:, None], g, torch.zeros_like(g)))
+        if need_grad:
+            ctx.save_for_backward(torch.cat(grads) if grads else z.new_zeros(z.shape))
+        return torch.cat(values) if values else z.new_zeros(0, dtype=torch.float64)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        factor = torch.where(torch.isfinite(grad_u), grad_u, torch.zeros_like(grad_u))
+        return (factor[:, None] * grad).to(grad.dtype), None, None
 
 
 @dataclass(frozen=True)
@@ -251,6 +305,7 @@ def refine_latent(
     *,
     steps: int | None = None,
     seed: int = 0,
+    batch_size: int = 1024,
     **smc_options: Any,
 ) -> LatentSMCResult:
     """Refine a few-step sampler's samples by SMC in its latent space (module docstring).
@@ -267,6 +322,7 @@ def refine_latent(
         n: number of particles N.
         steps: the sampler's number of steps K (None: its default).
         seed: seeds the prior draw, the kernel noise and the resampling.
+        batch_size: rows per pass through the sampler (:class:`LatentTarget`).
         smc_options: keywords of :func:`~boltzflow.sampling.smc` (``adaptive_ess`` or
             ``betas``/``n_steps``, ``kernel``, ``n_kernel_steps``, ``step_size``, ``adapt``,
             ``resample_threshold``, ...); ``initial`` and ``wrap`` are set here.
@@ -280,7 +336,7 @@ def refine_latent(
     for key in ("initial", "wrap"):
         if key in smc_options:
             raise TypeError(f"refine_latent sets {key!r} itself")
-    target = LatentTarget(model, system, steps)
+    target = LatentTarget(model, system, steps, batch_size=batch_size)
     like = _model_tensor(model)
     proposal = PriorProposal(model.prior, dtype=like.dtype, device=like.device)
     t_start = time.perf_counter()
@@ -292,7 +348,8 @@ def refine_latent(
         result = smc(target, proposal, n, wrap=wrap, seed=seed, **smc_options)
         z = result.samples.x
         with torch.no_grad():
-            x, log_q, log_p = target.decode(z)
+            parts = [target.decode(chunk) for chunk in z.split(batch_size)]
+        x, log_q, log_p = (torch.cat(column) for column in zip(*parts, strict=True))
     finally:
         if was_training:
             model.train()  # type: ignore[attr-defined]
