@@ -121,10 +121,32 @@ def _percentile_ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarr
     return lo, hi, sd
 
 
-def _delta_estimate(value: float, se: float, level: float, lw: np.ndarray) -> Estimate:
+def _delta_estimate(
+    value: float, se: float, level: float, lw: np.ndarray, label: str = "delta"
+) -> Estimate:
     z = _z(level)
     ess = kish_ess(torch.from_numpy(lw))
-    return Estimate(value, value - z * se, value + z * se, se, lw.size, ess, "delta", level)
+    return Estimate(value, value - z * se, value + z * se, se, lw.size, ess, label, level)
+
+
+def _clusters(clusters: Any, n: int, method: str) -> np.ndarray | None:
+    """Validated ``(n,)`` non-negative int cluster labels (None stays None)."""
+    if clusters is None:
+        return None
+    if method != "delta":
+        raise ValueError("clusters are supported by the delta method only")
+    c = _as_numpy(clusters, "clusters")
+    if c.shape != (n,) or not np.issubdtype(c.dtype, np.integer) or (c.size and c.min() < 0):
+        raise ValueError(f"clusters must be ({n},) non-negative integer labels")
+    return c.astype(np.int64)
+
+
+def _sum_of_squares(terms: np.ndarray, clusters: np.ndarray | None) -> float:
+    """sum_i t_i^2, or with clusters sum_c (sum_{i in c} t_i)^2 (correlated samples of one
+    cluster contribute their summed influence; Chan & Lai 2013, Lee & Whiteley 2018)."""
+    if clusters is not None:
+        terms = np.bincount(clusters, weights=terms)
+    return float(np.sum(terms**2))
 
 
 def _bootstrap_estimate(value: float, reps: np.ndarray, level: float, lw: np.ndarray) -> Estimate:
@@ -143,6 +165,7 @@ def snis_expectation(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    clusters: Any | None = None,
 ) -> Estimate:
     """Self-normalised estimate of E_p[f] = sum_i W_i f_i with a confidence interval.
 
@@ -154,6 +177,10 @@ def snis_expectation(
         level: confidence level.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        clusters: ``(N,)`` integer labels of correlated groups, e.g. the SMC Eves
+            (:attr:`~boltzflow.sampling.smc.SMCResult.eves`): the delta-method variance sums
+            each group's influence before squaring (method label ``"delta-clustered"``); with
+            one sample per group it is the plain delta method.
 
     Raises:
         ValueError: on mismatched shapes, all-zero weights, or a non-finite value with nonzero
@@ -161,6 +188,7 @@ def snis_expectation(
     """
     _check_method(method, level, n_bootstrap)
     lw = _log_weights(log_w)
+    groups = _clusters(clusters, lw.size, method)
     f = _as_numpy(values, "values").astype(np.float64)
     if f.shape != lw.shape:
         raise ValueError(f"values must have shape {lw.shape} like log_w, got {f.shape}")
@@ -171,8 +199,9 @@ def snis_expectation(
     w = _normalized(lw)
     mu = float(np.sum(w * f))
     if method == "delta":
-        se = math.sqrt(float(np.sum(w**2 * (f - mu) ** 2)))
-        return _delta_estimate(mu, se, level, lw)
+        se = math.sqrt(_sum_of_squares(w * (f - mu), groups))
+        label = "delta" if groups is None else "delta-clustered"
+        return _delta_estimate(mu, se, level, lw, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]
@@ -248,6 +277,7 @@ def free_energy_difference(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    clusters: Any | None = None,
 ) -> Estimate:
     """ΔF = F_A - F_B = -log(P(A) / P(B)) in kT, from weighted indicator sums.
 
@@ -263,12 +293,15 @@ def free_energy_difference(
         level: confidence level.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        clusters: ``(N,)`` integer labels of correlated groups (delta method only; see
+            :func:`snis_expectation`).
 
     Raises:
         ValueError: if either state carries zero weight (ΔF would be infinite).
     """
     _check_method(method, level, n_bootstrap)
     lw = _log_weights(log_w)
+    groups = _clusters(clusters, lw.size, method)
     a = _membership(in_a, lw.shape, "in_a")
     b = _membership(in_b, lw.shape, "in_b")
     w = _normalized(lw)
@@ -283,8 +316,9 @@ def free_energy_difference(
     if method == "delta":
         # (w psi)^2, not w^2 psi^2: with P(A) ~ 1e-160 the factors under- and overflow apart
         # (0 * inf = NaN) while each product w_i a_i / P(A) <= 1
-        se = math.sqrt(float(np.sum((w * a / pa - w * b / pb) ** 2)))
-        return _delta_estimate(value, se, level, lw)
+        se = math.sqrt(_sum_of_squares(w * a / pa - w * b / pb, groups))
+        label = "delta" if groups is None else "delta-clustered"
+        return _delta_estimate(value, se, level, lw, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]
