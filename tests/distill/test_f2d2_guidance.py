@@ -10,19 +10,24 @@ exact, semigroup included: its log q is the true density of its samples, guided 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_teacher import smoke_f2d2
 from torch import Tensor, nn
 
 from boltzflow.cli import main
-from boltzflow.distill import F2D2, FALCON
+from boltzflow.distill import F2D2, FALCON, load_student
 from boltzflow.distill.f2d2_guidance import guidance_objective, likelihood_guidance
 from boltzflow.distill.flowmap import subspace_basis
 from boltzflow.flows.priors import MeanFreeGaussian, StandardGaussian
 from boltzflow.io.samples import read_samples
+from boltzflow.sampling.weights import ess_fraction
+from boltzflow.systems import load_system
 
 C = 0.12
 A = torch.tensor([[-0.3, 0.8, 0.0], [-0.5, 0.2, 0.1], [0.0, 0.3, -0.4]], dtype=torch.float64)
@@ -246,3 +251,32 @@ def test_sample_command_takes_guidance(tmp_path: Path, capsys: pytest.CaptureFix
     bad = ["sample", str(other), "-n", "5", "-o", str(tmp_path / "f.h5")]
     assert main([*bad, "--guidance", "0.1"]) == 2
     assert "--guidance is a setting of F2D2 students" in capsys.readouterr().err
+
+
+def test_guidance_script_on_a_smoke_trained_student(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``workflows/f2d2_guidance.py`` end to end: every (K, lam) cell of the same draws, the
+    lam = 0 column equal to the unguided sampler's ESS/N, the JSON written."""
+    _, student = smoke_f2d2(tmp_path)
+    spec = importlib.util.spec_from_file_location(
+        "f2d2_guidance_script", Path(__file__).resolve().parents[2] / "workflows/f2d2_guidance.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = tmp_path / "g.json"
+    args = ["--student", str(student), "--n", "40", "--steps", "1", "2", "--batch-size", "16"]
+    out = module.main([*args, "--guidance", "0", "0.01", "0.02", "--json", str(report)])
+    cells = {(c["steps"], c["guidance"]): c for c in json.loads(report.read_text())["cells"]}
+    assert set(cells) == {(k, lam) for k in (1, 2) for lam in (0.0, 0.01, 0.02)}
+    model = load_student(student)
+    system = load_system("dw4")
+    for k in (1, 2):
+        x, log_q = model.sample(40, steps=k, seed=0)
+        lw = -system.energy(x.double()).detach() - log_q.double()
+        assert cells[k, 0.0]["ess_fraction"] == pytest.approx(ess_fraction(lw), abs=1e-9)
+        for lam in (0.01, 0.02):
+            assert cells[k, lam]["invertible"] and 0 < cells[k, lam]["ess_fraction"] <= 1
+    assert out["largest_scale"] > 0.02 and "| K | lam = 0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main([*args, "--guidance", "-0.1"])
