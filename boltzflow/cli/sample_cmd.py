@@ -3,6 +3,8 @@
     boltzflow sample runs/t -n 10000 -o samples.h5                  # teacher: exact-trace ODE
     boltzflow sample runs/dw4_f2d2 --steps 4 -n 10000 -o samples.h5 # student: 4 map steps
     boltzflow sample runs/dw4_nf -n 10000 -o samples.h5             # NF student: one pass
+    boltzflow sample runs/dw4_f2d2 --steps 2 --guidance 0.1 -n 10000 -o samples.h5
+                                       # F2D2 with maximum-likelihood self-guidance
 
 Every model kind goes through the one sampling path (:mod:`boltzflow.sampling.draw`): batches
 are drawn, weighted against the system the model was trained for (or ``--system``) and
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from boltzflow.cli.teacher_cmd import ode_options, ode_settings
-from boltzflow.validate import arg, nonnegative_int, positive_int
+from boltzflow.validate import arg, nonnegative_float, nonnegative_int, positive_int
 
 __all__ = ["register"]
 
@@ -40,6 +42,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     given = sorted(k for k in settings if k not in ("steps", "batch_size", "threads"))
     if given and not hasattr(model, "sampling"):  # only a teacher has ODE settings
         raise ValueError(f"{given} are ODE settings of a teacher; {args.model} holds a student")
+    if args.guidance is not None:  # F2D2 only (boltzflow.distill.f2d2_guidance)
+        from boltzflow.distill import F2D2
+
+        if not isinstance(model, F2D2):
+            kind = getattr(model, "student_kind", "teacher_cnf")
+            raise ValueError(
+                f"--guidance is a setting of F2D2 students; {args.model} holds a {kind}"
+            )
+        settings["guidance"] = args.guidance
     steps = settings.pop("steps", None)
     batch_size = settings.pop("batch_size", None)
     system_name = args.system or model.system
@@ -132,4 +143,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="target system (default: the model's)")
     p.add_argument("--no-energy", action="store_true", help="skip u and log w")
     ode_options(p, steps_help="a student's map steps, or steps of a teacher's fixed-step method")
+    p.add_argument(
+        "--guidance",
+        type=arg(nonnegative_float, "--guidance"),
+        default=None,
+        help="F2D2 only: maximum-likelihood self-guidance scale (flow units^2 per nat; "
+        "default 0, off); log q stays the exact density of the guided map",
+    )
     p.set_defaults(func=_cmd_sample)

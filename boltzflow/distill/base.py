@@ -266,6 +266,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        **settings: Any,
     ) -> Iterator[FlowOutput]:
         """Yield ``n`` samples with their log density in ``steps`` steps, batch by batch.
 
@@ -276,6 +277,8 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
                 output.
             batch_size: rows per batch (default :attr:`batch_size`).
             progress: unused (the few-step students are fast); accepted for the protocol.
+            **settings: a subclass's own sampling settings (:meth:`_draw_batch`; F2D2's
+                ``guidance``); the base class has none and raises ``TypeError`` for any.
 
         Yields:
             :class:`~boltzflow.models.protocol.FlowOutput` per batch: ``x (B, dim)`` (data units,
@@ -286,7 +289,6 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         check_count(n)
         batch_size = check_batch_size(batch_size) or self.batch_size
         steps = self._steps(steps)
-        nfe = steps if self.uses_steps else 1
         p = self._param()
         gen = torch.Generator().manual_seed(seed)
         z_all = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
@@ -297,7 +299,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
                 t0, c0 = time.perf_counter(), time.process_time()
                 z = z_all[start : start + batch_size]
                 with torch.no_grad():
-                    y, ladj = self.push(z, steps)
+                    y, ladj, nfe = self._draw_batch(z, steps, **settings)
                     x, log_q, columns = self._output(z, y, ladj)
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)
@@ -305,6 +307,18 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
                 yield FlowOutput(x, log_q, nfe, nfe, 0, seconds, cpu, columns)
         finally:
             self.train(was_training)
+
+    def _draw_batch(self, z: Tensor, steps: int, **settings: Any) -> tuple[Tensor, Tensor, int]:
+        """Prior points ``z (B, dim)`` -> pushed points ``(B, dim)`` (flow units), ``ladj (B,)``
+        with ``log q = log p(z) - ladj``, and the network evaluations per sample.
+
+        Raises:
+            TypeError: any ``settings`` (subclasses with sampling settings override this).
+        """
+        if settings:
+            raise TypeError(f"{type(self).__name__} has no sampling settings {sorted(settings)}")
+        y, ladj = self.push(z, steps)
+        return y, ladj, steps if self.uses_steps else 1
 
     def log_prob(
         self, x: Tensor, *, steps: int | None = None, batch_size: int | None = None

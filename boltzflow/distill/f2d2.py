@@ -21,10 +21,16 @@ Targets (the losses below, weighted by :func:`f2d2_loss` with an :class:`F2D2Los
   for positions, and (t - s) D(x, s, t) = (m - s) D(x, s, m) + (t - m) D(X(x, s, m), m, t),
   with the two-jump side as a stop-gradient target;
 - teacher pairs (optional): exact jumps read off cached teacher trajectories.
+
+Sampling takes one setting of its own, ``guidance`` (default 0, off): the paper's maximum-likelihood
+self-guidance, one gradient step of the noise uphill on the student's one-jump log-likelihood
+before the K jumps, with log q the exact density of the guided map
+(:mod:`boltzflow.distill.f2d2_guidance`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,9 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from boltzflow.distill.base import register_student
+from boltzflow.distill.f2d2_guidance import (
+    LikelihoodGuidance,
+    check_guidance,
+    likelihood_guidance,
+)
 from boltzflow.distill.flowmap import FeatureTap, FlowMapStudent
 from boltzflow.distill.flowmap_loss import FlowMapLossConfig, LossContext
-from boltzflow.models.protocol import LOG_Q_KINDS
+from boltzflow.models.protocol import LOG_Q_KINDS, FlowOutput
 
 __all__ = [
     "F2D2",
@@ -106,6 +117,81 @@ class F2D2(FlowMapStudent):
         if h.ndim == 1:
             return x + h[:, None] * u, h * div, div
         return x + h * u, h * div, div
+
+    def iter_samples(
+        self,
+        n: int,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+        guidance: float = 0.0,
+    ) -> Iterator[FlowOutput]:
+        """:meth:`Student.iter_samples <boltzflow.distill.base.Student.iter_samples>` with
+        maximum-likelihood self-guidance of scale ``guidance`` (flow units squared per nat;
+        0: none, the unguided sampler exactly). With guidance each batch costs one more forward
+        pass (counted in ``nfe``), a backward pass and the m = (n - 1) d (or dim) Hessian rows
+        through it; log q stays the density of what is sampled
+        (:mod:`boltzflow.distill.f2d2_guidance`).
+
+        Raises:
+            ValueError: a negative or non-finite ``guidance`` (at the call), guidance on an
+                internal-coordinate student, or a scale at which the guided noise map is not
+                invertible at a drawn point (when that batch is drawn).
+        """
+        guidance = check_guidance(guidance)
+        if guidance and self.transform is not None:
+            raise ValueError("guidance is implemented for Cartesian F2D2 students only")
+        return super().iter_samples(
+            n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, guidance=guidance
+        )
+
+    def _draw_batch(
+        self, z: Tensor, steps: int, *, guidance: float = 0.0
+    ) -> tuple[Tensor, Tensor, int]:
+        if not guidance:
+            return super()._draw_batch(z, steps)
+        y, ladj = self._push_guided(likelihood_guidance(self, z), steps, guidance)
+        return y, ladj, steps + 1
+
+    def _push_guided(
+        self, field: LikelihoodGuidance, steps: int, guidance: float
+    ) -> tuple[Tensor, Tensor]:
+        # log q = log p(z) - log det(dz'/dz) - ladj_K(z'): the guided ladj relative to p(z)
+        z_guided, log_det = field.step(guidance)
+        y, ladj = self.push(z_guided, steps)
+        return y, ladj + log_det
+
+    def draw_guided(
+        self, field: LikelihoodGuidance, *, steps: int, guidance: float
+    ) -> tuple[Tensor, Tensor]:
+        """Samples of the guided sampler from the noise of a precomputed field, so that one
+        Hessian serves every scale and step count (what ``sample(..., guidance=...)`` does
+        batch by batch, for the same noise).
+
+        Args:
+            field: :func:`~boltzflow.distill.f2d2_guidance.likelihood_guidance` at noise
+                ``field.z (B, dim)`` drawn from the prior.
+            steps: jumps after the guided step.
+            guidance: scale (>= 0; 0 gives the unguided sampler from the same noise).
+
+        Returns:
+            ``x (B, dim)`` (data units) and ``log_q (B,)``.
+
+        Raises:
+            ValueError: an invalid scale or one at which the guided map is not invertible at a
+                point of ``field``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                y, ladj = self._push_guided(field, self._steps(steps), guidance)
+                x, log_q, _ = self._output(field.z, y, ladj)
+        finally:
+            self.train(was_training)
+        return x, log_q
 
     def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # push: ladj = sum_k (t_k+1 - t_k) D_k (= int_0^1 div v); pull: the backward jumps'

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_teacher import dw4_like_teacher, smoke_f2d2
 
 from boltzflow.cli import main
 from boltzflow.distill import EulerBaseline, load_student
@@ -125,34 +126,8 @@ def test_falcon_trains_from_data_alone(toy_teacher: TeacherCNF, tmp_path: Path) 
         StudentConfig(method="f2d2", loss={"pairs": 0.0, "target": "data"})
 
 
-def _dw4_like_teacher(folder: Path) -> Path:
-    torch.manual_seed(0)
-    teacher = TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-        sampling={"atol": 1e-3, "rtol": 1e-3},
-    )
-    folder.mkdir()
-    teacher.save(folder / "teacher.pt", extra={"run": {"system": "dw4"}})
-    return folder
-
-
-def _smoke_f2d2(tmp_path: Path) -> tuple[Path, Path]:
-    """A tiny DW4-shaped teacher and its F2D2 student from ``boltzflow distill`` (smoke profile)."""
-    teacher = _dw4_like_teacher(tmp_path / "teacher")
-    config = ROOT / "workflows/configs/student_f2d2_dw4.toml"
-    out = tmp_path / "f2d2"
-    args = ["distill", str(teacher), "--method", "f2d2", "-o", str(out)]
-    assert main([*args, "--config", str(config), "--profile", "smoke"]) == 0
-    return teacher, out
-
-
 def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    teacher, out = _smoke_f2d2(tmp_path)
+    teacher, out = smoke_f2d2(tmp_path)
     assert (out / "student.pt").is_file() and (out / "trajectories.pt").is_file()
     samples = tmp_path / "s.h5"
     assert main(["sample", str(out), "--steps", "2", "-n", "50", "-o", str(samples)]) == 0
@@ -168,7 +143,7 @@ def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_student_accuracy_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``workflows/student_accuracy.py``: ESS/N over seeds and the log q error with its CI."""
-    teacher, out = _smoke_f2d2(tmp_path)
+    teacher, out = smoke_f2d2(tmp_path)
     spec = importlib.util.spec_from_file_location(
         "student_accuracy", ROOT / "workflows/student_accuracy.py"
     )
@@ -195,7 +170,7 @@ def test_falcon_energy_loss_trains_on_the_system_energy(
 ) -> None:
     """``loss.energy`` adds the reverse KL of the student's samples to the system's Boltzmann
     density (here DW4 on a tiny DW4-shaped teacher); it needs FALCON and a known system."""
-    teacher = TeacherCNF.load(_dw4_like_teacher(tmp_path / "teacher") / "teacher.pt")
+    teacher = TeacherCNF.load(dw4_like_teacher(tmp_path / "teacher") / "teacher.pt")
     cfg = StudentConfig(
         method="falcon",
         loss=FALCONLossConfig(energy=1.0, energy_steps=2),
