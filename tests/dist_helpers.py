@@ -32,7 +32,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world: int, port: int, dist_timeout: str, args: tuple
+) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -40,7 +42,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
-        BOLTZFLOW_DIST_TIMEOUT=DIST_TIMEOUT_S,
+        BOLTZFLOW_DIST_TIMEOUT=dist_timeout,
     )
     import torch
 
@@ -51,11 +53,18 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
         fn(rank, *args)
 
 
-def spawn_ranks(fn: Callable[..., Any], *args: Any, world: int = 2, timeout: float = 90) -> None:
-    """Run ``fn(rank, *args)`` on ``world`` gloo ranks; fail if any raises or time runs out."""
+def spawn_ranks(
+    fn: Callable[..., Any],
+    *args: Any,
+    world: int = 2,
+    timeout: float = 90,
+    dist_timeout: str = DIST_TIMEOUT_S,
+) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks (collective timeout ``dist_timeout``
+    seconds); fail if any raises or ``timeout`` seconds pass."""
     ctx = mp.start_processes(
         _entry,
-        args=(fn, world, free_port(), args),
+        args=(fn, world, free_port(), dist_timeout, args),
         nprocs=world,
         join=False,
         start_method="spawn",

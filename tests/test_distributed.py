@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.distributed as dist
+from dist_helpers import spawn_ranks
 
 from boltzflow import distributed
 from boltzflow.distributed import rank_seed, shard_range, split_sizes
@@ -73,3 +76,42 @@ def test_rank_seeds() -> None:
     assert len(set(seeds)) == 8 and all(0 <= s < 2**62 for s in seeds)
     assert rank_seed(11, 3, 4) == rank_seed(11, 3, 8)  # rank r's stream does not depend on K
     assert rank_seed(12, 3, 4) != rank_seed(11, 3, 4)
+
+
+def _collectives(rank: int, out_dir: str) -> None:
+    import time
+
+    found: dict[str, object] = {}
+    parts = distributed.all_gather_arrays(np.arange(rank * 3) > 1)  # uneven rows, bool
+    found["parts"] = [p.tolist() for p in parts]
+
+    def read() -> int:
+        if rank == 1:
+            raise FileNotFoundError("no such shard: s.rank1-of-2.h5")
+        return 1
+
+    try:
+        distributed.run_on_all(read)
+    except (ValueError, OSError) as err:
+        found["error"] = f"{type(err).__name__}: {err}"
+    # a rank that stops answering: the other's collective raises after the timeout (2 s)
+    start = time.monotonic()
+    if rank == 1:
+        time.sleep(6)
+    else:
+        try:
+            distributed.barrier()
+        except RuntimeError as err:
+            found["timeout"] = (time.monotonic() - start, distributed.is_communication_error(err))
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(found))
+
+
+@pytest.mark.timeout(120)
+def test_collectives_errors_and_timeout_on_two_ranks(tmp_path: Path) -> None:
+    spawn_ranks(_collectives, str(tmp_path), dist_timeout="2")
+    zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert zero["parts"] == one["parts"] == [[], [False, False, True]]
+    assert one["error"] == "FileNotFoundError: no such shard: s.rank1-of-2.h5"
+    assert zero["error"] == "ValueError: rank 1 of 2: no such shard: s.rank1-of-2.h5"
+    seconds, recognised = zero["timeout"]
+    assert 1.5 < seconds < 5.5 and recognised
