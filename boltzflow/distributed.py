@@ -46,6 +46,7 @@ __all__ = [
     "all_gather_arrays",
     "all_gather_concat",
     "all_gather_objects",
+    "alone",
     "barrier",
     "broadcast_object",
     "collective_check",
@@ -61,6 +62,7 @@ __all__ = [
     "shutdown",
     "split_sizes",
     "timeout_s",
+    "wait_group",
 ]
 
 #: seconds a collective may wait for the other ranks before it raises (also the rendezvous)
@@ -138,13 +140,29 @@ def launched() -> DistInfo:
     return DistInfo(rank, world, rank if local is None else local, None)
 
 
+_ALONE = threading.local()
+
+
 def info() -> DistInfo:
-    """This process in the initialised process group (or a single process if there is none)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """This process in the initialised process group (or a single process if there is none, or
+    inside :func:`alone`)."""
+    if getattr(_ALONE, "depth", 0) or not (dist.is_available() and dist.is_initialized()):
         return SINGLE
     env = launched()
     local = env.local_rank if env.distributed else dist.get_rank()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process acts as a single process (:func:`info` says rank 0 of 1,
+    the collectives are local): for work that rank 0 does by itself while the others wait, such
+    as a workflow stage that is not spread over the ranks."""
+    _ALONE.depth = getattr(_ALONE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _ALONE.depth -= 1
 
 
 def is_main() -> bool:
@@ -260,13 +278,32 @@ def all_gather_objects(obj: T) -> list[T]:
     return out
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank."""
+def broadcast_object(obj: T, src: int = 0, *, group: Any = None) -> T:
+    """Rank ``src``'s ``obj`` on every rank (``group``: a group from :func:`wait_group`)."""
     if not info().distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+#: seconds the ranks wait for rank 0 in :func:`wait_group` (rank 0 may run long work alone)
+WAIT_TIMEOUT_ENV = "BOLTZFLOW_DIST_WAIT_TIMEOUT"
+_WAIT_GROUPS: dict[Any, Any] = {}
+
+
+def wait_group() -> Any:
+    """A gloo group of all ranks whose collectives wait up to ``BOLTZFLOW_DIST_WAIT_TIMEOUT``
+    seconds (default 7 days): for ranks that wait while rank 0 works alone (a workflow stage
+    that is not spread). A rank that dies still ends the wait at once (its connections close).
+    Created on first use; every rank must call this the same number of times."""
+    group = dist.group.WORLD
+    if group not in _WAIT_GROUPS:
+        raw = os.environ.get(WAIT_TIMEOUT_ENV) or str(7 * 24 * 3600)
+        seconds = datetime.timedelta(seconds=float(raw))
+        _WAIT_GROUPS.clear()  # a group of an earlier process group is gone with it
+        _WAIT_GROUPS[group] = dist.new_group(backend="gloo", timeout=seconds)
+    return _WAIT_GROUPS[group]
 
 
 def all_gather_arrays(array: np.ndarray) -> list[np.ndarray]:

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from boltzflow.errors import InvalidFileError
-from boltzflow.io.atomic import atomic_write_text
+from boltzflow.io.atomic import atomic_path, atomic_write_text
+from boltzflow.io.samples import SampleWriter, read_samples
 
 __all__ = [
     "MANIFEST_FORMAT",
     "manifest_path",
+    "merge_stores",
     "read_manifest",
     "resolve_sample_files",
     "shard_path",
@@ -133,3 +135,32 @@ def resolve_sample_files(paths: str | os.PathLike[str] | Sequence[Any]) -> list[
     if not files:
         raise ValueError("no sample files given")
     return files
+
+
+def merge_stores(
+    files: Sequence[str | os.PathLike[str]],
+    target: str | os.PathLike[str],
+    *,
+    provenance: Mapping[str, Any],
+) -> int:
+    """Write the union of complete sample stores (in order) to one store ``target``, atomically
+    (a workflow's sampling stage on several ranks ends with this, on rank 0).
+
+    Returns:
+        the rows written.
+
+    Raises:
+        ValueError: the stores differ in dim or columns (or one is partial or damaged).
+    """
+    parts = [read_samples(f) for f in files]
+    if not parts:
+        raise ValueError("no sample stores to merge")
+    dim = parts[0].dim
+    with atomic_path(target, suffix=".h5") as tmp:
+        with SampleWriter(tmp, dim=dim, provenance=provenance, n_planned=None) as writer:
+            for part in parts:
+                if part.dim != dim:
+                    raise ValueError(f"{part.path}: dim {part.dim}, not {dim} like the others")
+                cols = {k: getattr(part, k) for k in ("log_q", "u", "log_w")}
+                writer.append(part.x, **cols, **part.columns)
+    return sum(p.n for p in parts)

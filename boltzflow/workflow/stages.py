@@ -269,9 +269,13 @@ def _sample_model(
 ) -> tuple[float, Any]:
     """Draw ``wf.sample.n`` samples of ``model`` in ``steps`` (``batch_size`` rows at a time;
     None: the model's own) and write ``samples/<label>.h5``; returns ESS/N and the
-    :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance."""
+    :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance.
+    Under torchrun every rank draws its share (:func:`_sample_sharded`)."""
+    from boltzflow import distributed
     from boltzflow.sampling.draw import Draw, iter_draws, write_draws
 
+    if distributed.info().distributed:
+        return _sample_sharded(ctx, wf, model, label, steps, provenance, sampling, batch_size)
     n, seed = wf.sample.n, wf.seed + 1
     with wf.open_system() as system:
         batches = list(
@@ -300,6 +304,75 @@ def _sample_model(
     }
     write_draws(ctx.path(f"samples/{label}.h5"), batches, dim=model.dim, provenance=prov)
     return draw.samples.ess_fraction, draw.cost
+
+
+def _sample_sharded(
+    ctx: StageContext,
+    wf: Workflow,
+    model: Any,
+    label: str,
+    steps: int | None,
+    provenance: dict[str, Any],
+    sampling: dict[str, Any],
+    batch_size: int | None,
+) -> tuple[float, Any]:
+    """:func:`_sample_model` on every rank: each draws its share with its rank seed into a shard
+    (:func:`~boltzflow.sampling.sharded.write_sharded_draws`), then rank 0 merges the shards into
+    ``samples/<label>.h5`` (the stage's output, as one process writes it) and removes them.
+    Cost: wall time of the slowest rank, NFE per sample of the union."""
+    from boltzflow import distributed
+    from boltzflow.io.shards import merge_stores, shard_path
+    from boltzflow.sampling.draw import SampleCost, cost_of
+    from boltzflow.sampling.sharded import write_sharded_draws
+
+    me = distributed.info()
+    n, seed = wf.sample.n, wf.seed + 1
+    shards = ctx.path(f"samples/.{label}.shards")
+    prov = {
+        **provenance,
+        "system": wf.system,
+        "seed": seed,
+        "n": n,
+        "steps": steps,
+        "log_q_kind": model.log_q_kind,
+        "sampling": sampling,
+        "log_q": "density on the mean-free subspace" if model.mean_free else "density",
+    }
+    with wf.open_system() as system:
+        result = write_sharded_draws(
+            model,
+            n,
+            shards / f"{label}.h5",
+            system=system,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            provenance=prov,
+            progress=ctx.progress,
+        )
+    costs = distributed.all_gather_objects(cost_of(result.batches))
+    cost = SampleCost(
+        n=result.n,
+        nfe_per_sample=sum(c.nfe_per_sample * c.n for c in costs) / max(result.n, 1),
+        seconds=max(c.seconds for c in costs),
+        cpu_seconds=sum(c.cpu_seconds for c in costs),
+        trace_evals=sum(c.trace_evals for c in costs),
+    )
+    if me.is_main:
+        files = [shard_path(shards / f"{label}.h5", r, me.world_size) for r in range(me.world_size)]
+        merged = {
+            **prov,
+            "world_size": me.world_size,
+            "rank_seeds": [
+                distributed.rank_seed(seed, r, me.world_size) for r in range(me.world_size)
+            ],
+            "nfe_per_sample": cost.nfe_per_sample,
+            "sample_seconds": cost.seconds,
+        }
+        merge_stores(files, ctx.path(f"samples/{label}.h5"), provenance=merged)
+        shutil.rmtree(shards, ignore_errors=True)
+    distributed.barrier()  # the merged file exists on every rank's return
+    return result.ess / result.n, cost
 
 
 def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
@@ -367,6 +440,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             outputs=(TEACHER_FILE,),
             workdir="teacher",
             description="flow-matching teacher CNF",
+            distributed=True,
         ),
     ]
     trajectories: dict[str, str] = {}
@@ -448,6 +522,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                 deps=("teacher",),
                 outputs=("samples/teacher.h5",),
                 description="teacher samples with exact log q",
+                distributed=True,
             )
         )
         sample_stages.append("sample-teacher")
@@ -461,6 +536,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                 deps=(f"student-{name}",),
                 outputs=tuple(f"samples/{label}.h5" for label, _ in plan[name]),
                 description=f"{name} samples",
+                distributed=True,
             )
         )
         sample_stages.append(f"sample-{name}")

@@ -86,7 +86,7 @@ FAILING = Path(__file__).with_name("failing_sampler.py")
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("how", ["raise", "kill"])
+@pytest.mark.parametrize("how", ["raise", pytest.param("kill", marks=pytest.mark.slow)])
 def test_a_failing_rank_ends_the_job(teacher: Path, tmp_path: Path, how: str) -> None:
     out = tmp_path / "s.h5"
     start = time.monotonic()
