@@ -3,6 +3,11 @@
 Importable from any test module: pytest puts ``tests/`` on ``sys.path`` with its conftest.py.
 """
 
+from __future__ import annotations
+
+import json
+from typing import Any
+
 #: ``--set``-style overrides of workflows/quickstart.toml: same stages and code paths, tiny sizes
 TINY = {
     "data.n_train": 64,
@@ -44,3 +49,17 @@ TINY = {
     "benchmark.n_val": 8,
     "benchmark.n_check": 4,
 }
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal (inline tables and arrays), for ``--set KEY=VALUE``."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def set_args(overrides: dict[str, Any]) -> list[str]:
+    """``["--set", "KEY=VALUE", ...]`` for the command line."""
+    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={toml_literal(v)}")]

@@ -23,7 +23,15 @@ student and baseline at 1, 2, 4 and 8 steps it reports
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
   the students and baselines and (unless ``--no-teacher-ess-seeds``) for the teacher on the
   same prior draws, with each model's ratio to the teacher seed by seed and the ESS/N of all
-  the seeds' samples pooled, printed below the table.
+  the seeds' samples pooled, printed below the table;
+- for a molecule with backbone dihedrals (ALDP), as ``boltzflow benchmark`` does
+  (:func:`boltzflow.workflow.benchmark.molecular_columns`): the torus W2 on (φ, ψ) of the
+  reweighted samples against the ``--reference`` frames, ΔF(0 < φ < 2 vs rest) with its
+  delta-method 95% interval, and with ``--reference-profile FILE`` (the umbrella/MBAR profile
+  of ``workflows/aldp_umbrella.py``, e.g. ``workflows/reference/aldp_umbrella_profile.json``)
+  ΔF − reference with the combined standard error; F(φ) of the teacher and of every row at 4
+  steps (and one-pass students) against the reference profile goes to
+  ``<json stem>_profile_phi.png``.
 
 Usage (DW4, one thread):
 
@@ -31,6 +39,16 @@ Usage (DW4, one thread):
         --teacher runs/dw4_teacher --student f2d2=runs/dw4_f2d2 \\
         --student falcon=runs/dw4_falcon [--student nf=runs/dw4_nf] \\
         --reference ../shared/reference/dem/val_split_DW4.npy --json runs/benchmark_students.json
+
+ALDP in internal coordinates (runs trained with ``boltzflow train teacher`` / ``boltzflow
+distill``; held-out seeded-MD frames):
+
+    OMP_NUM_THREADS=1 .venv/bin/python workflows/benchmark_students.py \\
+        --teacher /work/runs/teacher-aldp-ic2 --student f2d2=/work/runs/aldp-ic-f2d2 \\
+        --student falcon=/work/runs/aldp-ic-falcon --reference /work/runs/aldp-heldout-5k.h5 \\
+        --reference-profile workflows/reference/aldp_umbrella_profile.json \\
+        --n 10000 --batch 10000 --teacher-batch 1000 --ess-seeds 0 \\
+        --json runs/benchmark_students_aldp.json
 
 Prints the table (markdown) and writes the JSON beside it.
 """
@@ -47,25 +65,41 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzflow.analysis.free_energy import ReferenceProfile, load_reference_profile
+from boltzflow.analysis.report import jsonable
 from boltzflow.data import load_positions
 from boltzflow.distill import EulerBaseline, load_student
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
+from boltzflow.sampling.estimators import FreeEnergyProfile
 from boltzflow.sampling.weights import ess_fraction
 from boltzflow.systems import load_system
 from boltzflow.workflow.benchmark import (
+    PROFILE_STEPS,
     benchmark_table,
     ess_seed_summary,
     logq_errors,
+    molecular_columns,
+    molecular_reference,
+    molecular_summary,
+    profile_label,
     reference_nll,
     sample_log_weights,
-    weighted_metrics,
+    weighted_sample_metrics,
+    weighted_samples,
 )
+from boltzflow.workflow.report_molecular import PhiReference, plot_phi_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dem" / "val_split_DW4.npy"
-LOGQ_KIND = {"f2d2": "head", "falcon": "jac", "nf": "exact", "euler": "euler-div"}
+LOGQ_KIND = {
+    "f2d2": "head",
+    "falcon": "jac",
+    "nf": "exact",
+    "nf_internal": "exact",
+    "euler": "euler-div",
+}
 
 
 def _teacher_logq(teacher: TeacherCNF, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -92,8 +126,40 @@ def _ess_over_seeds(
     return {"ess_fraction_seeds": values, "ess_fraction_pooled": ess_fraction(torch.cat(parts))}
 
 
+def _frames_boltzmann(path: str) -> bool:
+    """False when the reference file is a dataset whose provenance says its frames are not
+    Boltzmann across the φ basins (seeded MD), else True (as the workflow report reads it)."""
+    from boltzflow.data import read_dataset
+
+    try:
+        provenance = read_dataset(path).attrs.get("provenance") or {}
+    except (OSError, ValueError):  # a .npy file or another format: nothing recorded
+        return True
+    return provenance.get("boltzmann_across_basins", True) is not False
+
+
 def _row(name: str, steps: Any, logq_kind: str, **values: Any) -> dict[str, Any]:
     return {"model": name, "steps": steps, "log_q": logq_kind, **values}
+
+
+def _add_molecular(
+    row: dict[str, Any],
+    samples: Any,
+    *,
+    system: Any,
+    mol: PhiReference | None,
+    profiles: dict[str, FreeEnergyProfile],
+    args: argparse.Namespace,
+) -> None:
+    """The molecular columns of ``row`` (nothing for a system without backbone dihedrals), and
+    its F(φ) into ``profiles`` when the figure shows the row."""
+    if mol is None:
+        return
+    drawn = profile_label(row, args.profile_steps)
+    cols, prof = molecular_columns(system, samples, mol, seed=args.seed, profile=drawn is not None)
+    row.update(cols)
+    if drawn is not None and prof is not None:
+        profiles[drawn] = prof
 
 
 def _evaluate(
@@ -106,11 +172,14 @@ def _evaluate(
     args: argparse.Namespace,
     u_ref: np.ndarray,
     val: torch.Tensor,
+    mol: PhiReference | None,
+    profiles: dict[str, FreeEnergyProfile],
 ) -> dict[str, Any]:
     start = time.perf_counter()
     x, log_q = model.sample(args.n, steps=steps, seed=args.seed, batch_size=args.batch)
     seconds = time.perf_counter() - start
-    ess, w2, n_bad = weighted_metrics(system, x, log_q, u_ref)
+    samples = weighted_samples(system, x, log_q)
+    ess, w2, n_bad = weighted_sample_metrics(samples, u_ref)
     nll, nll_unscored = reference_nll(model, val, steps, batch_size=args.batch)
     check = x[: args.n_check]
     ref = _teacher_logq(teacher, check, args)
@@ -138,11 +207,11 @@ def _evaluate(
         )
         inv = model.inversion_error(z, steps)
         extra.update(inv_err_median=float(inv.median()), inv_err_max=float(inv.max()))
-    return _row(
+    row = _row(
         name,
-        steps if kind != "nf" else "-",
+        steps if model.uses_steps else "-",
         logq_kind,
-        nfe_per_sample=(steps if kind != "nf" else 1),
+        nfe_per_sample=(steps if model.uses_steps else 1),
         samples_per_s=args.n / seconds,
         seconds=seconds,
         ess_fraction=ess,
@@ -154,6 +223,8 @@ def _evaluate(
         **errors,
         **extra,
     )
+    _add_molecular(row, samples, system=system, mol=mol, profiles=profiles, args=args)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -161,6 +232,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--teacher", default=str(ROOT / "runs/dw4_teacher"))
     parser.add_argument("--student", action="append", default=[], help="NAME=RUN_DIR (repeatable)")
     parser.add_argument("--reference", default=str(REFERENCE), help="reference configurations")
+    parser.add_argument(
+        "--reference-profile",
+        default=None,
+        metavar="FILE",
+        help="molecules: reference F(φ) with its ΔF (workflows/aldp_umbrella.py output) for the "
+        "ΔF − reference column and the F(φ) figure",
+    )
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--n", type=int, default=4096, help="samples per row (ESS/N, W2)")
     parser.add_argument("--batch", type=int, default=4096, help="batch for the students")
@@ -192,19 +270,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=str(ROOT / "runs/benchmark_students.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.profile_steps = PROFILE_STEPS if PROFILE_STEPS in args.steps else max(args.steps)
+    reference: ReferenceProfile | None = None
+    if args.reference_profile is not None:
+        try:
+            reference = load_reference_profile(args.reference_profile)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--reference-profile: {err}") from None
 
     teacher = TeacherCNF.load(args.teacher)
     teacher.eval()
     name = teacher_system(args.teacher) or "dw4"
     system = load_system(name)
-    ref = torch.as_tensor(load_positions(args.reference, system=name)).float()
-    u_ref = system.energy(ref.double()).detach().numpy()
+    ref64 = torch.as_tensor(load_positions(args.reference, system=name), dtype=torch.float64)
+    ref = ref64.float()
+    u_ref = system.energy(ref64).detach().numpy()
     val = ref[: args.n_val]
+    try:
+        mol = molecular_reference(system, ref64, reference)
+    except ValueError as err:
+        system.close()
+        raise SystemExit(f"--reference-profile: {err} ({name!r} has none)") from None
+    profiles: dict[str, FreeEnergyProfile] = {}
     rows: list[dict[str, Any]] = []
 
     # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
     out = teacher.sample_with_stats(args.n, seed=args.seed, batch_size=args.teacher_batch)
-    ess, w2, n_bad = weighted_metrics(system, out.x, out.log_q, u_ref)
+    samples = weighted_samples(system, out.x, out.log_q)
+    ess, w2, n_bad = weighted_sample_metrics(samples, u_ref)
     lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
     teacher_extra: dict[str, Any] = {}
     if args.ess_seeds and args.teacher_ess_seeds:
@@ -216,25 +309,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             system=system,
             args=args,
         )
-    rows.append(
-        _row(
-            "teacher",
-            f"{teacher.sampling['method']}",
-            "ode-trace",
-            nfe_per_sample=out.nfe_per_batch,
-            samples_per_s=args.n / out.seconds,
-            seconds=out.seconds,
-            ess_fraction=ess,
-            n=args.n,
-            non_finite_weights=n_bad,
-            energy_w2=w2,
-            nll=float(-lp.log_q.double().mean()),
-            logq_err_median=0.0,
-            logq_err_mean=0.0,
-            logq_err_score_median=0.0,
-            **teacher_extra,
-        )
+    row = _row(
+        "teacher",
+        f"{teacher.sampling['method']}",
+        "ode-trace",
+        nfe_per_sample=out.nfe_per_batch,
+        samples_per_s=args.n / out.seconds,
+        seconds=out.seconds,
+        ess_fraction=ess,
+        n=args.n,
+        non_finite_weights=n_bad,
+        energy_w2=w2,
+        nll=float(-lp.log_q.double().mean()),
+        logq_err_median=0.0,
+        logq_err_mean=0.0,
+        logq_err_score_median=0.0,
+        **teacher_extra,
     )
+    _add_molecular(row, samples, system=system, mol=mol, profiles=profiles, args=args)
+    rows.append(row)
     print(f"teacher: ESS/N {ess:.4f}, {args.n / out.seconds:.1f} samples/s", flush=True)
 
     models: list[tuple[str, Any]] = []
@@ -248,9 +341,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models.append(("euler (exact step log-det)", EulerBaseline(teacher, logdet="exact")))
     for label, model in models:
         model.eval()
-        for steps in [None] if getattr(model, "student_kind", "") == "nf" else args.steps:
+        for steps in args.steps if model.uses_steps else [None]:
             row = _evaluate(
-                label, model, steps, system=system, teacher=teacher, args=args, u_ref=u_ref, val=val
+                label,
+                model,
+                steps,
+                system=system,
+                teacher=teacher,
+                args=args,
+                u_ref=u_ref,
+                val=val,
+                mol=mol,
+                profiles=profiles,
             )
             rows.append(row)
             print(
@@ -269,6 +371,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "
         f"log q check on {args.n_check} samples, {args.threads} thread(s)"
     )
+    path = Path(args.json)
+    molecular = None
+    if mol is not None:
+        boltzmann = _frames_boltzmann(args.reference)
+        molecular = molecular_summary(mol, 0.95, boltzmann, frames="--reference frames")
+        molecular["profiles"] = profiles
+        print(molecular["note"])
+        if profiles or reference is not None:
+            figure = path.with_name(f"{path.stem}_profile_phi.png")
+            molecular["plot"] = str(plot_phi_profiles(figure, profiles, reference))
     print(text)
     report = {
         "system": name,
@@ -280,9 +392,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "table_markdown": text,
     }
-    path = Path(args.json)
+    if molecular is not None:
+        report["molecular"] = molecular
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(report), indent=2) + "\n")
+    if molecular is not None and "plot" in molecular:
+        print(f"\nwrote {molecular['plot']}")
     print(f"\nwrote {path}")
     return report
 

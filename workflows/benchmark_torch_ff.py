@@ -3,9 +3,10 @@
 Both sides evaluate the same batch of ALDP configurations (the structure file's configuration
 plus Gaussian noise of ``--noise`` nm per coordinate, seeded) in one run:
 
-- the OpenMM pool path of :class:`boltzflow.systems.molecular.MolecularSystem` (``--workers``
-  processes, one thread each, on the definition's platform unless ``--platform``), energies
-  alone (``system.energy``) and energies with forces (``system.force``);
+- the OpenMM pool path of :class:`boltzflow.systems.molecular.MolecularSystem` (its
+  ``backend="openmm"``: ``--workers`` processes, one thread each, on the definition's platform
+  unless ``--platform``), energies alone (``system.energy``) and energies with forces
+  (``system.force``);
 - :mod:`boltzflow.systems.torch_ff` with ``--threads`` torch threads on ``--device``, in each
   ``--dtype``: ``energy`` without a graph, and ``energy_and_forces`` (autograd); with
   ``--compile`` also through ``torch.compile`` (its one-off compilation time is reported apart).
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    overrides: dict[str, Any] = {"n_workers": args.workers, "threads": 1}
+    # The pool side is the OpenMM backend (torch is the molecular systems' default backend).
+    overrides: dict[str, Any] = {"backend": "openmm", "n_workers": args.workers, "threads": 1}
     if args.platform:
         overrides["platform"] = args.platform
     system = load_system(args.system, **overrides)

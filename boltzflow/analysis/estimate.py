@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from boltzflow.analysis.report import write_report
+from boltzflow.analysis.reweight import sample_energies
 from boltzflow.io.samples import read_samples
 from boltzflow.io.tomlfile import read_toml_file
 from boltzflow.sampling.estimators import free_energy_difference, snis_expectation
 from boltzflow.sampling.features import compute_feature, state_mask
 from boltzflow.sampling.weights import clip_log_weights, kish_ess, log_weights
-from boltzflow.systems.base import System, compute_energies
+from boltzflow.systems.base import System
 
 __all__ = [
     "ESTIMATE_METHODS",
@@ -213,13 +214,12 @@ def estimate_from_spec(
         if samples.log_q is None:
             raise ValueError("the sample file has no log_q column")
         x = torch.as_tensor(samples.x, dtype=torch.float64)
-        if spec.get("recompute_energy", True) or samples.u is None:
-            u = compute_energies(system, x)
-        else:
-            u = torch.as_tensor(samples.u, dtype=torch.float64)
+        recompute = spec.get("recompute_energy", True)
+        u, energy_record = sample_energies(samples, system, recompute=recompute)
         log_w = log_weights(u, torch.as_tensor(samples.log_q, dtype=torch.float64))
         clip = float(spec.get("clip_fraction", 0.0))
         weights: dict[str, Any] = {"N": samples.n, "ESS/N": kish_ess(log_w) / samples.n}
+        weights["u"] = energy_record["u"]
         if not samples.complete:
             weights["partial file"] = samples.partial_note()
         if clip > 0:

@@ -49,9 +49,14 @@ from boltzflow.sampling.weights import (
     forward_ess_fraction,
     log_weights,
 )
-from boltzflow.systems.base import System, compute_energies
+from boltzflow.systems.base import (
+    System,
+    compute_energies,
+    describe_energy_provenance,
+    energy_provenance_of,
+)
 
-__all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis"]
+__all__ = ["ALDP_STATE_A", "load_reference", "reweight_analysis", "sample_energies"]
 
 # Below this Kish ESS the report warns that its intervals are not to be trusted.
 _MIN_RELIABLE_ESS = 30
@@ -97,6 +102,10 @@ class _Rows:
     u: np.ndarray | None
     source: str  # the file, or "K files (first, ...)"
     partial: str  # partial-file note ("" if every file is complete)
+    # the ``energy`` entry of the first file's provenance (what computed its stored u; None if
+    # not recorded), and whether every file records the same one
+    energy: Any = None
+    energy_same: bool = True
 
 
 def _partial_note(n: int, planned: int | None) -> str:
@@ -149,7 +158,9 @@ def _read_rows(
         u = np.concatenate([p.u for p in parts]) if parts else np.zeros(0)
     paths = [h.path for h in heads]
     source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
-    return _Rows(x, log_q, u, source, partial)
+    energies = [h.provenance.get("energy") for h in heads]
+    same = all(e == energies[0] for e in energies[1:])
+    return _Rows(x, log_q, u, source, partial, energies[0], same)
 
 
 def _is_dihedral_system(system: System) -> bool:
@@ -159,6 +170,44 @@ def _is_dihedral_system(system: System) -> bool:
 def _dihedrals(system: System, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
     phi, psi = system.backbone_dihedrals(torch.as_tensor(x, dtype=torch.float64))
     return phi.numpy(), psi.numpy()
+
+
+def sample_energies(
+    samples: SampleSet, system: System, *, recompute: bool = True
+) -> tuple[Tensor, dict[str, Any]]:
+    """Reduced energies ``(N,)`` float64 (kT) of stored samples, and where they come from.
+
+    Recomputed with ``system`` when ``recompute`` is set or the store has no ``u`` column (a
+    stored column is then compared: ``stored_u_max_abs_diff``); otherwise the stored column,
+    described by the ``energy`` entry of the store's provenance (written by ``boltzflow
+    sample`` and the workflows since energy backends exist; "not recorded" before).
+
+    Returns:
+        ``(u, record)``; ``record["u"]`` is one line such as ``"recomputed: aldp, torch backend
+        (float64, device input)"``, plus ``stored_u_max_abs_diff`` where both exist.
+    """
+    record: dict[str, Any] = {}
+    if recompute or samples.u is None:
+        u = compute_energies(system, torch.as_tensor(samples.x, dtype=torch.float64))
+        record["u"] = _recomputed_line(system)
+        if samples.u is not None:
+            diff = np.abs(u.numpy() - samples.u)
+            finite = np.isfinite(diff)
+            record["stored_u_max_abs_diff"] = float(diff[finite].max()) if finite.any() else None
+    else:
+        u = torch.as_tensor(samples.u, dtype=torch.float64)
+        record["u"] = _stored_line(samples.provenance.get("energy"))
+    return u, record
+
+
+def _recomputed_line(system: System) -> str:
+    return f"recomputed: {describe_energy_provenance(energy_provenance_of(system))}"
+
+
+def _stored_line(energy: Any, same: bool = True) -> str:
+    """``record["u"]`` for a stored column, from the store's provenance ``energy`` entry."""
+    line = f"stored column: {describe_energy_provenance(energy)}"
+    return line if same else f"{line} (first file; the files record different sources)"
 
 
 def reweight_analysis(
@@ -224,12 +273,14 @@ def reweight_analysis(
     energy_check: dict[str, Any] = {}
     if recompute_energy or rows.u is None:
         u = compute_energies(system, x) if len(x) else torch.zeros(0, dtype=torch.float64)
+        energy_check["u"] = _recomputed_line(system)
         if rows.u is not None:
             diff = np.abs(u.numpy() - rows.u)
             diff = red.gather(diff[np.isfinite(diff)])
             energy_check["stored_u_max_abs_diff"] = float(diff.max()) if diff.size else None
     else:
         u = torch.as_tensor(rows.u, dtype=torch.float64)
+        energy_check["u"] = _stored_line(rows.energy, rows.energy_same)
     log_w = log_weights(u, log_q)
     ess = red.kish_ess(log_w.numpy())
     results: dict[str, Any] = {}
@@ -347,6 +398,7 @@ def reweight_analysis(
         f"system {system.name}, samples {rows.source}, N = {n}",
         f"seed {seed}, bootstrap B = {n_bootstrap}, confidence level {level:g}",
         "log w = -u(x) - log q(x); energy W2 is reported with the square root (W2, not W2^2)",
+        f"u: {energy_check['u']}",
     ]
     if me.distributed:
         notes.append(

@@ -1,9 +1,11 @@
-"""``boltzflow demo``: the main job. Prints the systems table, then runs the quickstart workflow
+"""``boltzflow demo``: the main job. Prints the systems table, samples and reweights the shipped
+models (``models/showcase.toml``: ESS/N, samples per second and ΔF side by side, in well under a
+minute; :mod:`boltzflow.workflow.showcase`), then runs the quickstart workflow
 (``workflows/quickstart.toml``: DW4 data, teacher CNF, F2D2 and FALCON students, importance
 sampling, report) into ``runs/quickstart`` and ends by printing where the report, the plots and
 the samples are.
 
-    boltzflow demo [-o runs/quickstart] [--workflow FILE] [--set KEY=VALUE ...]
+    boltzflow demo [-o runs/quickstart] [--workflow FILE] [--set KEY=VALUE ...] [--no-models]
 
 A second ``boltzflow demo`` reuses every finished stage (see ``boltzflow run``).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from boltzflow.cli.systems_cmd import format_table, systems_table
@@ -36,6 +39,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_systems:
         print(format_table(systems_table()))
         print()
+    if not args.no_models:
+        _show_models(Path(wf.output) / "shipped_models")
     print(f"running {path.name}: {wf.description or wf.name} -> {wf.output}")
     run = run_workflow(wf, progress=not args.no_progress)
     report = run.out_dir / "report.json"
@@ -46,11 +51,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_models(out_dir: Path) -> None:
+    from boltzflow.workflow.showcase import SHOWCASE, run_showcase, showcase_table
+
+    if not SHOWCASE.is_file():
+        print(f"no shipped models to show ({SHOWCASE} not found)\n")
+        return
+    print(f"shipped models ({SHOWCASE.parent}): sampling and reweighting, one CPU thread")
+    start = time.perf_counter()
+    rows = run_showcase(SHOWCASE, out_dir, progress=True)
+    print()
+    print(showcase_table(rows))
+    print(
+        f"({time.perf_counter() - start:.0f} s; samples/s: model work only, energies excluded; "
+        f"figure {out_dir / 'shipped_models.png'}; each model's card gives ESS/N at N = 10,000)\n"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the quickstart workflow (DW4, a few minutes on a CPU) and show the report",
-        description="Print the systems table, run workflows/quickstart.toml (DW4: data, teacher, "
+        description="Print the systems table, sample and reweight the shipped models "
+        "(models/showcase.toml), run workflows/quickstart.toml (DW4: data, teacher, "
         "F2D2 and FALCON students, importance sampling) and show where the report, plots and "
         "samples are. Finished stages are reused on a second run.",
     )
@@ -61,5 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="override a workflow key (repeatable)"
     )
     p.add_argument("--no-systems", action="store_true", help="skip the systems table")
+    p.add_argument(
+        "--no-models", action="store_true", help="skip sampling the shipped models (models/)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

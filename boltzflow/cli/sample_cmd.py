@@ -51,6 +51,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzflow.sampling.draw import cost_of
     from boltzflow.sampling.sharded import write_sharded_draws
     from boltzflow.systems import load_system
+    from boltzflow.systems.base import energy_provenance_of
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +77,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "log_q_kind": model.log_q_kind,
         "log_q": getattr(model, "log_q_convention", None)
         or ("density on the mean-free subspace" if model.mean_free else "density"),
+        "energy": energy_provenance_of(system),  # what computed the u column (None: no u)
     }
     try:
         # streamed in place: Ctrl-C keeps the completed batches (marked partial), an error

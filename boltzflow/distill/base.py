@@ -145,7 +145,9 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
     # -- what subclasses implement --------------------------------------------------------------
     @abc.abstractmethod
     def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Noise -> data in flow units: ``(x (B, dim), log|det dx/dz| (B,))``."""
+        """Noise -> data in flow units: ``(x (B, dim), log|det dx/dz| (B,))``, differentiable
+        in ``z`` while autograd is enabled (callers that need no graph, such as
+        :meth:`iter_samples`, run it under ``torch.no_grad``)."""
 
     @abc.abstractmethod
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
@@ -224,14 +226,37 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         self, z: Tensor, y: Tensor, ladj: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Data-unit samples ``x``, their ``log_q`` and extra columns from the prior points
-        ``z``, the pushed points ``y`` (flow units) and ``ladj`` (all detached)."""
-        log_q_flow = (self.prior.log_prob(z) - ladj).detach()
+        ``z``, the pushed points ``y`` (flow units) and ``ladj`` (differentiable: the graph
+        runs through whatever ``y`` and ``ladj`` carry)."""
+        log_q_flow = self.prior.log_prob(z) - ladj
         if self.transform is None:
-            x = self._project(y.detach()) * self.scale
+            x = self._project(y) * self.scale
             return x, log_q_flow - self._log_scale(), {}
         dtype = self._param().dtype
-        out = self.transform.cartesian_density(y.detach(), log_q_flow)
+        out = self.transform.cartesian_density(y, log_q_flow)
         return out.x.to(dtype), out.log_q.to(dtype), {LOG_Q_INTERNAL: out.log_q_internal.to(dtype)}
+
+    def sample_from(self, z: Tensor, steps: int | None = None) -> tuple[Tensor, Tensor]:
+        """The few-step sampler applied to given prior points, differentiable in ``z``.
+
+        Runs in the model's current mode (call ``eval()`` first for sampling); gradients flow
+        through the ``steps`` network passes, the log-determinant (F2D2's divergence head,
+        FALCON's Jacobian) and, for an internal-coordinate student, the transform to Cartesian
+        x. With the same ``z`` it gives the same ``x`` and ``log_q`` as :meth:`iter_samples`.
+
+        Args:
+            z: ``(B, prior.dim)`` prior points in the model's dtype (periodic columns in
+                [-pi, pi); mean-free for particle systems).
+            steps: number of steps (default :attr:`default_steps`).
+
+        Returns:
+            ``x (B, dim)`` data-unit samples and ``log_q (B,)`` in the one density convention
+            (Cartesian nm and log q(x) = log q(z) - log J(z) - sum log sigma in internal
+            coordinates), both in the model's dtype.
+        """
+        y, ladj = self.push(z, self._steps(steps))
+        x, log_q, _ = self._output(z, y, ladj)
+        return x, log_q
 
     def iter_samples(
         self,

@@ -93,14 +93,13 @@ class EulerBaseline(Student):
         return map_and_logdet(lambda y: y + h * self.net(t, y), x, subspace_basis(self.prior, x))
 
     def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """K forward Euler steps; ``ladj`` accumulated by the chosen rule."""
+        """K forward Euler steps; ``ladj`` accumulated by the chosen rule (differentiable)."""
         grid = time_grid(steps, like=z)
         total = z.new_zeros(len(z))
-        with torch.no_grad():
-            for k in range(steps):
-                z, inc = self._step(z, grid[k], grid[k + 1] - grid[k])
-                z = self._project(z)
-                total = total + inc
+        for k in range(steps):
+            z, inc = self._step(z, grid[k], grid[k + 1] - grid[k])
+            z = self._project(z)
+            total = total + inc
         return z, total
 
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:

@@ -436,9 +436,8 @@ class FlowMapStudent(Student):
         return x, total
 
     def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """Noise -> data; ``ladj`` is the sum of the jumps' contributions."""
-        with torch.no_grad():
-            return self._run(z, time_grid(steps, like=z))
+        """Noise -> data; ``ladj`` is the sum of the jumps' contributions (differentiable)."""
+        return self._run(z, time_grid(steps, like=z))
 
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """Data -> noise by backward jumps; ``ladj`` is minus the sum of their contributions

@@ -183,9 +183,8 @@ class InternalNFStudent(Student):
     def push(self, z: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """Noise -> normalised internal coordinates u: ``(u (B, 3n − 6), log|det du/d eps|
         (B,))``; the base class turns u into Cartesian x with the transform's log-det
-        (:meth:`~boltzflow.distill.base.Student.iter_samples`)."""
-        with torch.no_grad():
-            return self.flow.decode(z)
+        (:meth:`~boltzflow.distill.base.Student.iter_samples`); differentiable in z."""
+        return self.flow.decode(z)
 
     def pull(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """Normalised internal coordinates u -> noise; ``ladj`` of the noise -> u direction

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from boltzflow.sampling.draw import Draw, iter_draws, write_draws
 from boltzflow.sampling.weights import ess_fraction, kish_ess, normalized_weights
-from boltzflow.systems.base import compute_energies
+from boltzflow.systems.base import compute_energies, energy_provenance_of
 
 __all__ = ["evaluate_flow", "nll_summary"]
 
@@ -73,7 +73,12 @@ def evaluate_flow(
         iter_draws(flow, n_samples, system=system, seed=seed, progress=progress, **settings)
     )
     if samples_path is not None:
-        provenance = {"model": type(flow).__name__, "seed": seed, "settings": settings}
+        provenance = {
+            "model": type(flow).__name__,
+            "seed": seed,
+            "settings": settings,
+            "energy": energy_provenance_of(system),  # what computed the u column
+        }
         write_draws(samples_path, batches, dim=flow.dim, provenance=provenance)
     draw = Draw.from_batches(batches)
     u, log_w, cost = draw.samples.u, draw.samples.log_w, draw.cost

@@ -4,9 +4,10 @@ Submodules: :mod:`~boltzflow.sampling.weights` (log weights, Kish and forward ES
 :mod:`~boltzflow.sampling.results` (``WeightedSamples``, ``Estimate``),
 :mod:`~boltzflow.sampling.resampling`, :mod:`~boltzflow.sampling.estimators` (SNIS, log Z, ΔF,
 profiles; delta method and bootstrap), :mod:`~boltzflow.sampling.proposals`,
-:mod:`~boltzflow.sampling.kernels` (MALA/HMC), :mod:`~boltzflow.sampling.smc` (AIS/SMC) and
-:mod:`~boltzflow.sampling.features` (not imported here). The ``reweight`` and ``estimate``
-analyses built on these live in :mod:`boltzflow.analysis`.
+:mod:`~boltzflow.sampling.kernels` (MALA/HMC), :mod:`~boltzflow.sampling.smc` (AIS/SMC),
+:mod:`~boltzflow.sampling.latent` (SMC in a few-step sampler's latent space) and
+:mod:`~boltzflow.sampling.features` (the last two not imported here). The ``reweight`` and
+``estimate`` analyses built on these live in :mod:`boltzflow.analysis`.
 """
 
 from boltzflow.sampling.estimators import (

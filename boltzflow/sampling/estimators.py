@@ -131,11 +131,42 @@ def _percentile_ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarr
 
 
 def _delta_estimate(
-    value: float, se: float, level: float, lw: np.ndarray, n: int, red: Reduction = LOCAL
+    value: float,
+    se: float,
+    level: float,
+    lw: np.ndarray,
+    n: int,
+    red: Reduction = LOCAL,
+    label: str = "delta",
 ) -> Estimate:
     z = _z(level)
     ess = red.kish_ess(lw)
-    return Estimate(value, value - z * se, value + z * se, se, n, ess, "delta", level)
+    return Estimate(value, value - z * se, value + z * se, se, n, ess, label, level)
+
+
+def _clusters(clusters: Any, n: int, method: str) -> np.ndarray | None:
+    """Validated ``(n,)`` non-negative int cluster labels (None stays None)."""
+    if clusters is None:
+        return None
+    if method != "delta":
+        raise ValueError("clusters are supported by the delta method only")
+    c = _as_numpy(clusters, "clusters")
+    if c.shape != (n,) or not np.issubdtype(c.dtype, np.integer) or (c.size and c.min() < 0):
+        raise ValueError(f"clusters must be ({n},) non-negative integer labels")
+    return c.astype(np.int64)
+
+
+def _sum_of_squares(
+    terms: np.ndarray, clusters: np.ndarray | None, red: Reduction = LOCAL
+) -> float:
+    """sum_i t_i^2, or with clusters sum_c (sum_{i in c} t_i)^2 (correlated samples of one
+    cluster contribute their summed influence; Chan & Lai 2013, Lee & Whiteley 2018). Clusters
+    are one process's (the callers gather the union first); without them the sum is over all
+    ranks."""
+    if clusters is not None:
+        terms = np.bincount(clusters, weights=terms)
+        return float(np.sum(terms**2))
+    return float(red.sum(terms**2))
 
 
 def _bootstrap_estimate(value: float, reps: np.ndarray, level: float, lw: np.ndarray) -> Estimate:
@@ -160,6 +191,7 @@ def snis_expectation(
     n_bootstrap: int = 1000,
     seed: int = 0,
     reduction: Reduction | None = None,
+    clusters: Any | None = None,
 ) -> Estimate:
     """Self-normalised estimate of E_p[f] = sum_i W_i f_i with a confidence interval.
 
@@ -173,6 +205,12 @@ def snis_expectation(
         seed: bootstrap seed.
         reduction: how to combine samples held by several processes (module docstring);
             None: this process holds them all.
+        clusters: ``(N,)`` integer labels of correlated groups, e.g. the SMC Eves
+            (:attr:`~boltzflow.sampling.smc.SMCResult.eves`): the delta-method variance sums
+            each group's influence before squaring (method label ``"delta-clustered"``); with
+            one sample per group it is the plain delta method. Under a distributed reduction
+            each rank passes the labels of its own samples (global labels: a group may span
+            ranks), and the union is gathered.
 
     Raises:
         ValueError: on mismatched shapes, all-zero weights, or a non-finite value with nonzero
@@ -180,12 +218,22 @@ def snis_expectation(
     """
     _check_method(method, level, n_bootstrap)
     red = reduction or LOCAL
-    if method == "bootstrap" and red.distributed:
-        f_all, lw_all = _gathered(red, values, log_w)
+    if red.distributed and (method == "bootstrap" or clusters is not None):
+        # the bootstrap resamples the union; clusters may span ranks: both need all the rows
+        f_all, lw_all, *c_all = _gathered(
+            red, values, log_w, *([] if clusters is None else [clusters])
+        )
         return snis_expectation(
-            f_all, lw_all, method=method, level=level, n_bootstrap=n_bootstrap, seed=seed
+            f_all,
+            lw_all,
+            method=method,
+            level=level,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            clusters=c_all[0] if c_all else None,
         )
     lw, n = _log_weights(log_w, red)
+    groups = _clusters(clusters, lw.size, method)
     f = _as_numpy(values, "values").astype(np.float64)
     red.check(
         None
@@ -199,8 +247,9 @@ def snis_expectation(
     w = _normalized(lw, red)
     mu = float(red.sum(w * f))
     if method == "delta":
-        se = math.sqrt(float(red.sum(w**2 * (f - mu) ** 2)))
-        return _delta_estimate(mu, se, level, lw, n, red)
+        se = math.sqrt(_sum_of_squares(w * (f - mu), groups, red))
+        label = "delta" if groups is None else "delta-clustered"
+        return _delta_estimate(mu, se, level, lw, n, red, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]
@@ -284,6 +333,7 @@ def free_energy_difference(
     n_bootstrap: int = 1000,
     seed: int = 0,
     reduction: Reduction | None = None,
+    clusters: Any | None = None,
 ) -> Estimate:
     """ΔF = F_A - F_B = -log(P(A) / P(B)) in kT, from weighted indicator sums.
 
@@ -301,18 +351,30 @@ def free_energy_difference(
         seed: bootstrap seed.
         reduction: how to combine samples held by several processes (module docstring);
             None: this process holds them all.
+        clusters: ``(N,)`` integer labels of correlated groups (delta method only; see
+            :func:`snis_expectation`).
 
     Raises:
         ValueError: if either state carries zero weight (ΔF would be infinite).
     """
     _check_method(method, level, n_bootstrap)
     red = reduction or LOCAL
-    if method == "bootstrap" and red.distributed:
-        a_all, b_all, lw_all = _gathered(red, in_a, in_b, log_w)
+    if red.distributed and (method == "bootstrap" or clusters is not None):
+        a_all, b_all, lw_all, *c_all = _gathered(
+            red, in_a, in_b, log_w, *([] if clusters is None else [clusters])
+        )
         return free_energy_difference(
-            a_all, b_all, lw_all, method=method, level=level, n_bootstrap=n_bootstrap, seed=seed
+            a_all,
+            b_all,
+            lw_all,
+            method=method,
+            level=level,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            clusters=c_all[0] if c_all else None,
         )
     lw, n = _log_weights(log_w, red)
+    groups = _clusters(clusters, lw.size, method)
     a = red.run(lambda: _membership(in_a, lw.shape, "in_a"))
     b = red.run(lambda: _membership(in_b, lw.shape, "in_b"))
     w = _normalized(lw, red)
@@ -327,8 +389,9 @@ def free_energy_difference(
     if method == "delta":
         # (w psi)^2, not w^2 psi^2: with P(A) ~ 1e-160 the factors under- and overflow apart
         # (0 * inf = NaN) while each product w_i a_i / P(A) <= 1
-        se = math.sqrt(float(red.sum((w * a / pa - w * b / pb) ** 2)))
-        return _delta_estimate(value, se, level, lw, n, red)
+        se = math.sqrt(_sum_of_squares(w * a / pa - w * b / pb, groups, red))
+        label = "delta" if groups is None else "delta-clustered"
+        return _delta_estimate(value, se, level, lw, n, red, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]

@@ -9,6 +9,18 @@ the particles are resampled (weights reset to the running log Z estimate); then 
 takes ``n_kernel_steps`` MALA or HMC steps invariant for pi_{b_k}. With no MCMC moves and no
 resampling this reduces exactly to plain importance sampling with weights -u - log q.
 
+The schedule is given (``betas``, or ``n_steps`` even steps) or adaptive (``adaptive_ess``):
+each next b is then the largest one whose increment keeps the conditional ESS of the current
+weighted particles at ``adaptive_ess * N`` (bisection; Zhou, Johansen & Aston 2016, J. Comput.
+Graph. Stat. 25:701). An adaptive schedule depends on the particles, which adds a small bias to
+log Z (negligible against its standard error for N in the hundreds and up; Beskos, Jasra,
+Kantas & Thiery 2016, Ann. Appl. Probab. 26:1111).
+
+Cost is counted exactly: every row the target's ``energy`` is called on is one energy
+evaluation, and one force evaluation when a gradient is taken through it (the initial pass and
+every MALA step or HMC leapfrog step evaluate both); :class:`SMCResult` reports the totals and
+per final sample, with the wall time.
+
 The result has the same interface as importance sampling: :class:`WeightedSamples` whose
 ``log_w`` satisfy log Z = LSE(log w) - log N, and an :class:`Estimate` of log Z. Its standard
 error uses the "Eve" (initial ancestor) variance estimator of Chan & Lai (2013, Ann. Stat.
@@ -22,7 +34,8 @@ survive: ``n_eves`` is reported.)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +57,7 @@ from boltzflow.sampling.results import Estimate, WeightedSamples
 from boltzflow.sampling.weights import ess_fraction, kish_ess, log_weights
 from boltzflow.systems.base import System
 
-__all__ = ["KERNELS", "SMCResult", "ais", "smc"]
+__all__ = ["KERNELS", "SMCResult", "ais", "next_beta", "smc"]
 
 #: Kernel names and the acceptance rate their step sizes are adapted to (MALA: Roberts &
 #: Rosenthal 1998, JRSS B 60:255; HMC: Beskos et al. 2013, Bernoulli 19:1501).
@@ -69,6 +82,12 @@ class SMCResult:
         acceptance: ``(K,)`` mean kernel acceptance rate at each step.
         initial_ess_fraction: ESS/N of the plain importance weights -u - log q of the proposal.
         n_eves: distinct initial particles with surviving descendants.
+        eves: ``(N,)`` the initial particle ("Eve") each final particle descends from (cluster
+            labels for interval estimates of correlated particles).
+        step_sizes: ``(K,)`` mean kernel step size used at each temperature.
+        n_energy_evaluations: rows on which the target energy was evaluated, in all.
+        n_force_evaluations: of those, rows whose gradient (force) was also taken.
+        seconds: wall time of the run.
     """
 
     samples: WeightedSamples
@@ -79,11 +98,41 @@ class SMCResult:
     acceptance: np.ndarray
     initial_ess_fraction: float
     n_eves: int
+    eves: Tensor
+    step_sizes: np.ndarray
+    n_energy_evaluations: int
+    n_force_evaluations: int
+    seconds: float
 
     @property
     def ess_fraction(self) -> float:
         """ESS/N of the final weights (N = ``len(samples)``)."""
         return self.samples.ess_fraction
+
+    @property
+    def energy_evaluations_per_sample(self) -> float:
+        """Target energy evaluations per final sample (N = ``len(samples)``)."""
+        return self.n_energy_evaluations / len(self.samples)
+
+    @property
+    def force_evaluations_per_sample(self) -> float:
+        """Target force (gradient) evaluations per final sample."""
+        return self.n_force_evaluations / len(self.samples)
+
+
+class _CountingEnergy:
+    """``energy(x)`` that counts its rows, and the rows whose gradient can be taken (forces)."""
+
+    def __init__(self, energy: Callable[[Tensor], Tensor]) -> None:
+        self.energy = energy
+        self.energies = 0
+        self.forces = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.energies += x.shape[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.forces += x.shape[0]
+        return self.energy(x)
 
 
 def _schedule(betas: Sequence[float] | None, n_steps: int) -> np.ndarray:
@@ -95,6 +144,47 @@ def _schedule(betas: Sequence[float] | None, n_steps: int) -> np.ndarray:
     if b.ndim != 1 or b.size < 2 or b[0] != 0.0 or b[-1] != 1.0 or np.any(np.diff(b) <= 0):
         raise ValueError("betas must increase strictly from 0 to 1 (first 0, last 1)")
     return b
+
+
+def next_beta(log_w: Tensor, increment: Tensor, beta: float, target: float) -> float:
+    """Adaptive tempering: the largest b' in (b, 1] whose reweighting keeps the conditional ESS.
+
+    The conditional ESS of an increment ``(b' - b) * increment`` on particles with weights
+    ``log_w`` is CESS/N = (sum_i W_i v_i)^2 / sum_i W_i v_i^2, v_i = exp((b' - b) l_i), W the
+    normalised weights (Zhou, Johansen & Aston 2016). b' solves CESS/N = ``target`` times its
+    limit as b' -> b (particles with l_i = -inf, weight zero after any step, are thus not asked
+    to vanish gradually), by bisection to 1e-12 in b.
+
+    Args:
+        log_w: ``(N,)`` current log weights.
+        increment: ``(N,)`` l_i = d log pi_b / d b (``-u - log q``; ``-inf`` allowed).
+        beta: current b in [0, 1).
+        target: CESS/N to keep, in (0, 1).
+
+    Returns:
+        the next b (1.0 when the whole remaining step keeps the target).
+    """
+    lw = log_w.to(torch.float64) - torch.logsumexp(log_w.to(torch.float64), 0)
+    inc = increment.to(torch.float64)
+    ok = torch.isfinite(inc) & torch.isfinite(lw)
+    if not bool(ok.any()):
+        return 1.0
+    lw, inc = lw[ok], inc[ok]
+    limit = float(torch.exp(torch.logsumexp(lw, 0)))  # CESS/N as b' -> b from above
+
+    def cess(delta: float) -> float:
+        a = torch.logsumexp(lw + delta * inc, 0)
+        b2 = torch.logsumexp(lw + 2 * delta * inc, 0)
+        return float(torch.exp(2 * a - b2))
+
+    lo, hi = 0.0, 1.0 - beta
+    goal = target * limit
+    if cess(hi) >= goal:
+        return 1.0
+    while hi - lo > 1e-12:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cess(mid) >= goal else (lo, mid)
+    return beta + max(lo, 1e-12)
 
 
 def _at_beta(ev: Evaluation, beta: float) -> Evaluation:
@@ -122,6 +212,8 @@ def smc(
     *,
     betas: Sequence[float] | None = None,
     n_steps: int = 20,
+    adaptive_ess: float | None = None,
+    max_steps: int = 1000,
     kernel: str = "mala",
     n_kernel_steps: int = 2,
     step_size: float = 0.01,
@@ -130,6 +222,7 @@ def smc(
     resample_threshold: float = 0.5,
     resampling: str = "systematic",
     initial: tuple[Tensor, Tensor] | None = None,
+    wrap: Callable[[Tensor], Tensor] | None = None,
     level: float = 0.95,
     seed: int = 0,
     progress: bool | None = None,
@@ -142,7 +235,10 @@ def smc(
         proposal: ``sample(n, seed) -> (x, log_q)`` and differentiable ``log_prob(x)``.
         n: number of particles N.
         betas: explicit schedule (0, ..., 1); default ``n_steps + 1`` evenly spaced values.
-        n_steps: K, used when ``betas`` is None.
+        n_steps: K, used when ``betas`` and ``adaptive_ess`` are None.
+        adaptive_ess: choose the schedule adaptively, keeping the conditional ESS/N of each
+            reweighting at this value in (0, 1) (:func:`next_beta`); excludes ``betas``.
+        max_steps: most temperatures an adaptive schedule may take (then ValueError).
         kernel: ``"mala"`` or ``"hmc"``.
         n_kernel_steps: kernel applications per temperature (0 gives pure reweighting).
         step_size: initial step size (coordinate units).
@@ -154,6 +250,9 @@ def smc(
         initial: start from these ``(x, log_q)`` instead of drawing ``n`` from the proposal
             (e.g. a few-step student's samples); ``log_q`` is recomputed with
             ``proposal.log_prob`` (its gradient is needed anyway).
+        wrap: reduce periodic coordinates into their box after each move (see
+            :mod:`~boltzflow.sampling.kernels`: exact for any step size); the proposal's
+            samples must lie inside it.
         level: confidence level of the log Z interval.
         seed: seed for the proposal draw, kernel noise and resampling.
         progress: show progress (a bar on a terminal, periodic lines otherwise; None: as True).
@@ -169,7 +268,18 @@ def smc(
         raise ValueError(f"n_kernel_steps must be a non-negative int, got {n_kernel_steps!r}")
     if not step_size > 0:
         raise ValueError(f"step_size must be positive, got {step_size!r}")
-    schedule = _schedule(betas, n_steps)
+    if adaptive_ess is not None:
+        if betas is not None:
+            raise ValueError("give either betas or adaptive_ess, not both")
+        if not 0.0 < adaptive_ess < 1.0:
+            raise ValueError(f"adaptive_ess must be in (0, 1), got {adaptive_ess!r}")
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+        schedule = None
+    else:
+        schedule = _schedule(betas, n_steps)
+    t_start = time.perf_counter()
+    energy = _CountingEnergy(system.energy)
     gen = torch.Generator().manual_seed(seed)
     if initial is None:
         x, _ = proposal.sample(n, seed=seed)
@@ -181,7 +291,7 @@ def smc(
     if project is not None:
         x = project(x)
 
-    ev = tempered_evaluator(proposal.log_prob, system.energy, 0.0)(x)
+    ev = tempered_evaluator(proposal.log_prob, energy, 0.0)(x)
     lq, u = ev.extras[0].to(torch.float64), ev.extras[1].to(torch.float64)
     initial_ess = ess_fraction(log_weights(u, lq))
     dev = x.device
@@ -189,12 +299,34 @@ def smc(
     eves = torch.arange(n, device=dev)
     h = torch.full((n,), float(step_size), dtype=torch.float64, device=dev)
     target_acc = KERNELS[kernel]
-    ess_hist, did_resample, acc_hist = [], [], []
+    ess_hist, did_resample, acc_hist, h_hist = [], [], [], []
     any_resampled = False
+    visited = [0.0]
 
-    steps = range(1, len(schedule))
-    for k in track(steps, desc="SMC", unit="step", enabled=progress is not False):
-        b_prev, b = float(schedule[k - 1]), float(schedule[k])
+    def temperatures() -> Iterator[tuple[int, float, float]]:
+        if schedule is not None:
+            for k in range(1, len(schedule)):
+                yield k, float(schedule[k - 1]), float(schedule[k])
+            return
+        k, b = 0, 0.0
+        while b < 1.0:
+            if k == max_steps:
+                raise ValueError(
+                    f"the adaptive schedule needs more than max_steps={max_steps} temperatures "
+                    f"(reached b = {b:.3g}); lower adaptive_ess or raise max_steps"
+                )
+            k += 1
+            inc = log_weights(ev.extras[1].to(torch.float64), ev.extras[0].to(torch.float64))
+            b_next = next_beta(log_w, inc, b, adaptive_ess)
+            yield k, b, b_next
+            b = b_next
+
+    total = None if schedule is None else len(schedule) - 1
+    steps = temperatures()
+    for k, b_prev, b in track(
+        steps, total=total, desc="SMC", unit="step", enabled=progress is not False
+    ):
+        visited.append(b)
         lq, u = ev.extras[0].to(torch.float64), ev.extras[1].to(torch.float64)
         log_w = log_w + (b - b_prev) * log_weights(u, lq)
         ess = ess_fraction(log_w)
@@ -208,15 +340,23 @@ def smc(
             x, h, eves = x[idx], h[idx], eves[idx]
             ev = Evaluation(ev.log_prob[idx], ev.grad[idx], tuple(e[idx] for e in ev.extras))
             log_w = torch.full((n,), log_z_run, dtype=torch.float64, device=dev)
-        evaluate = tempered_evaluator(proposal.log_prob, system.energy, b)
+        evaluate = tempered_evaluator(proposal.log_prob, energy, b)
         ev = _at_beta(ev, b)
         acc = torch.zeros(n, dtype=torch.float64, device=dev)
+        h_hist.append(float(h.mean()))
         for _ in range(n_kernel_steps):
             if kernel == "mala":
-                step = mala_step(x, ev, evaluate, h, generator=gen, project=project)
+                step = mala_step(x, ev, evaluate, h, generator=gen, project=project, wrap=wrap)
             else:
                 step = hmc_step(
-                    x, ev, evaluate, h, n_leapfrog=n_leapfrog, generator=gen, project=project
+                    x,
+                    ev,
+                    evaluate,
+                    h,
+                    n_leapfrog=n_leapfrog,
+                    generator=gen,
+                    project=project,
+                    wrap=wrap,
                 )
             x, ev = step.x, step.evaluation
             acc += step.accepted.to(torch.float64)
@@ -234,12 +374,17 @@ def smc(
     return SMCResult(
         samples=samples,
         log_z=_eve_log_z(samples.log_w, eves, level, any_resampled),
-        betas=schedule,
+        betas=np.asarray(visited, dtype=np.float64),
         ess_history=np.asarray(ess_hist),
         resampled=np.asarray(did_resample, dtype=bool),
         acceptance=np.asarray(acc_hist),
         initial_ess_fraction=initial_ess,
         n_eves=int(torch.unique(eves).numel()),
+        eves=eves,
+        step_sizes=np.asarray(h_hist),
+        n_energy_evaluations=energy.energies,
+        n_force_evaluations=energy.forces,
+        seconds=time.perf_counter() - t_start,
     )
 
 

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from boltzflow.systems.particles import remove_mean
 
-__all__ = ["System", "SystemInfo", "check_coordinates", "compute_energies"]
+__all__ = [
+    "System",
+    "SystemInfo",
+    "check_coordinates",
+    "compute_energies",
+    "describe_energy_provenance",
+    "energy_provenance_of",
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,20 @@ class System(abc.ABC):
             (grad,) = torch.autograd.grad(u.sum(), xg)
         return -grad
 
+    def energy_provenance(self) -> dict[str, Any]:
+        """What computes u(x), JSON-friendly: recorded beside stored energies (sample files).
+
+        ``{"system", "temperature", "parameters", "backend"}``; the backend is ``"analytic"``
+        for closed-form potentials (molecular systems name theirs, see
+        :mod:`boltzflow.systems.molecular`).
+        """
+        return {
+            "system": self.name,
+            "temperature": self.temperature,
+            "parameters": dict(self.info.parameters),
+            "backend": "analytic",
+        }
+
     # -- helpers ---------------------------------------------------------------------------------
     def remove_mean(self, x: Tensor) -> Tensor:
         """Centre particle coordinates (identity for non-particle systems)."""
@@ -194,3 +215,26 @@ def compute_energies(system: System, x: Tensor, batch_size: int = 4096) -> Tenso
     with torch.no_grad():
         parts = [system.energy(chunk).to(torch.float64) for chunk in x.split(batch_size)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def energy_provenance_of(system: Any) -> dict[str, Any] | None:
+    """``system.energy_provenance()``, or None for a target without one (any object with an
+    ``energy`` method can serve as a target) or no target."""
+    method = getattr(system, "energy_provenance", None)
+    return method() if callable(method) else None
+
+
+def describe_energy_provenance(provenance: Any) -> str:
+    """One line for reports from :meth:`System.energy_provenance`'s dict, e.g.
+    ``"aldp, torch backend (float64, device input)"``; ``"not recorded"`` for None."""
+    if not isinstance(provenance, dict):
+        return "not recorded" if provenance is None else str(provenance)
+    details = [
+        f"{key} {provenance[key]}"
+        for key in ("dtype", "device", "platform")
+        if provenance.get(key) is not None
+    ]
+    if provenance.get("energy_cap") is not None:
+        details.append(f"energy_cap {provenance['energy_cap']} kT")
+    text = f"{provenance.get('system', '?')}, {provenance.get('backend', '?')} backend"
+    return f"{text} ({', '.join(details)})" if details else text

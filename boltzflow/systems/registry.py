@@ -36,6 +36,7 @@ __all__ = [
     "load_system",
     "search_path",
     "system_info",
+    "valid_overrides",
 ]
 
 #: Environment variable naming more folders of system definitions (``os.pathsep``-separated).
@@ -52,6 +53,22 @@ _BUILDERS: dict[str, str] = {
     "many_well": "boltzflow.systems.many_well:build",
     "gmm": "boltzflow.systems.gmm:build",
     "openmm": "boltzflow.systems.molecular:build",
+}
+
+# Parameters that a kind's builder defaults (documented in its module): load_system and a
+# workflow's system_options accept them as overrides even where a definition does not list them,
+# so that e.g. backend="openmm" is one option away for every molecule.
+_DEFAULTED_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "openmm": (
+        "backend",
+        "dtype",
+        "device",
+        "chunk_size",
+        "platform",
+        "n_workers",
+        "threads",
+        "energy_cap",
+    ),
 }
 
 _TOP_LEVEL_KEYS = {
@@ -168,6 +185,20 @@ def system_info(name: str) -> SystemInfo:
     return SystemInfo.from_spec(spec, spec["parameters"])
 
 
+def valid_overrides(name: str) -> list[str]:
+    """Keys :func:`load_system` accepts as overrides for system ``name``, sorted: the
+    definition's ``[parameters]``, those its kind defaults (molecules: ``backend``, ``dtype``,
+    ``device``, ...) and ``temperature``.
+
+    Raises:
+        KeyError, ValueError: as :func:`definition`.
+    """
+    spec = definition(name)
+    return sorted(
+        {*spec["parameters"], *_DEFAULTED_PARAMETERS.get(spec["kind"], ()), "temperature"}
+    )
+
+
 def _builder(kind: str) -> Callable[[dict[str, Any], dict[str, Any], Path], System]:
     module, func = _BUILDERS[kind].split(":")
     return getattr(importlib.import_module(module), func)
@@ -178,7 +209,8 @@ def load_system(name: str, **overrides: Any) -> System:
 
     Args:
         name: one of :func:`available`.
-        **overrides: replace entries of the definition's ``[parameters]`` table, or the top-level
+        **overrides: replace entries of the definition's ``[parameters]`` table (or set a
+            parameter its kind defaults, see :func:`valid_overrides`), or the top-level
             ``temperature``. Unknown keys raise ``TypeError`` listing the valid ones.
 
     Example:
@@ -191,12 +223,14 @@ def load_system(name: str, **overrides: Any) -> System:
         raise TypeError(f"system name must be a string, got {type(name).__name__}")
     spec = definition(name)
     params = dict(spec["parameters"])
+    valid = {*params, *_DEFAULTED_PARAMETERS.get(spec["kind"], ()), "temperature"}
     for key, value in overrides.items():
+        if key not in valid:
+            raise TypeError(
+                f"system {name!r} has no parameter {key!r}; valid overrides: {sorted(valid)}"
+            )
         if key == "temperature":
             spec["temperature"] = value
-        elif key in params:
-            params[key] = value
         else:
-            valid = sorted([*params, "temperature"])
-            raise TypeError(f"system {name!r} has no parameter {key!r}; valid overrides: {valid}")
+            params[key] = value
     return _builder(spec["kind"])(spec, params, definition_file(name).parent)

@@ -137,8 +137,17 @@ class _Angles(nn.Module):
         vertex = _gather(pos, self.atoms[1])
         u, v = _gather(pos, self.atoms[0]) - vertex, _gather(pos, self.atoms[2]) - vertex
         # atan2(|u × v|, u · v) stays accurate (and differentiable) near 0 and π, unlike acos.
-        sin = _norm(torch.linalg.cross(u, v, dim=0))
-        dtheta = torch.atan2(sin, (u * v).sum(0)) - self.angle
+        cross = torch.linalg.cross(u, v, dim=0)
+        sin2 = (cross * cross).sum(0)
+        # Exactly at θ = 0 or π OpenMM's angle forces are zero, while the derivative of sqrt at 0
+        # would make ours NaN: the inner where keeps sqrt's value and gives a zero derivative.
+        straight = sin2 == 0
+        sin = torch.where(straight, 0.0, torch.sqrt(torch.where(straight, 1.0, sin2)))
+        theta = torch.atan2(sin, (u * v).sum(0))
+        # An arm of zero length (coincident bonded atoms) leaves θ undefined; OpenMM's energy is
+        # NaN there, and so is ours, so the configuration fails alike on both.
+        theta = torch.where((u * u).sum(0) * (v * v).sum(0) == 0, math.nan, theta)
+        dtheta = theta - self.angle
         return (self.half_k * dtheta * dtheta).sum(0)
 
 
@@ -159,6 +168,12 @@ class _Torsions(nn.Module):
         n2 = torch.linalg.cross(b2, b3, dim=0)
         # IUPAC sign convention: φ = atan2(|b2| b1·(b2×b3), (b1×b2)·(b2×b3)), as OpenMM uses.
         phi = torch.atan2(_norm(b2) * (b1 * n2).sum(0), (n1 * n2).sum(0))
+        # With three atoms on a line (or two coincident) φ is undefined: OpenMM then takes
+        # φ = π/2 and returns NaN forces (it divides by |n1|²|n2|²). We take the same value, and
+        # sqrt's infinite derivative at 0 gives the same NaN derivative, so such a configuration
+        # is treated alike by both (finite energy; a failed row when forces are needed).
+        n1n2 = (n1 * n1).sum(0) * (n2 * n2).sum(0)
+        phi = torch.where(n1n2 == 0, 0.5 * math.pi + 0.0 * torch.sqrt(n1n2), phi)
         return (self.k * (1.0 + torch.cos(self.periodicity * phi - self.phase))).sum(0)
 
 

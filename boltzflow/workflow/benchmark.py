@@ -15,6 +15,15 @@ and reports per row: NFE per sample, samples (with log q) per second, ESS/N with
 ``n_val`` reference points under the model's own ``log_prob`` at the same steps (a backward Euler
 estimate for the baselines), |log q - log q_teacher| (median, mean) at ``n_check`` of the model's
 samples with the teacher's exact log q, and FALCON's inversion error |z - X^-1(X(z))|.
+
+For a molecule with backbone dihedrals (as the report decides:
+:func:`~boltzflow.analysis.free_energy.has_backbone_dihedrals`) every row also gets, from the
+report's molecular section (:func:`~boltzflow.workflow.report_molecular.phi_metrics`): the
+torus W2 on (φ, ψ) of the reweighted samples against the held-out frames, ΔF(φ state vs rest)
+with its delta-method interval, and, with ``[report] reference_profile``, ΔF − reference with
+the combined standard error; and F(φ) of the teacher and of every row at :data:`PROFILE_STEPS`
+steps (and one-pass students) is drawn against the reference profile
+(``benchmark_profile_phi.png``).
 Writes ``benchmark.md`` and ``benchmark.json`` in the output folder.
 """
 
@@ -27,9 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzflow.analysis.free_energy import (
+    ReferenceProfile,
+    backbone_angles,
+    has_backbone_dihedrals,
+)
 from boltzflow.analysis.report import jsonable
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.progress import track
+from boltzflow.sampling.estimators import FreeEnergyProfile
 from boltzflow.sampling.results import WeightedSamples
 from boltzflow.workflow.layout import (
     REFERENCE_FILE,
@@ -37,20 +52,40 @@ from boltzflow.workflow.layout import (
     stage_device,
     teacher_sampling,
 )
+from boltzflow.workflow.report_molecular import (
+    OT_POINTS,
+    PhiReference,
+    format_comparison,
+    format_estimate,
+    phi_metrics,
+    plot_phi_profiles,
+)
 from boltzflow.workflow.spec import Workflow
 from boltzflow.workflow.stage import StageContext
 
 __all__ = [
+    "PROFILE_FIGURE",
+    "PROFILE_STEPS",
     "benchmark_table",
     "ess_seed_summary",
     "logq_abs_errors",
     "logq_errors",
+    "molecular_columns",
+    "molecular_reference",
+    "molecular_summary",
+    "profile_label",
     "reference_nll",
     "run_benchmark_stage",
     "sample_log_weights",
     "weighted_metrics",
     "weighted_sample_metrics",
+    "weighted_samples",
 ]
+
+#: the F(φ) figure shows the teacher and the rows at this many steps (else the most benchmarked)
+PROFILE_STEPS = 4
+#: file name of the F(φ) figure in the output folder
+PROFILE_FIGURE = "benchmark_profile_phi.png"
 
 
 def weighted_sample_metrics(
@@ -71,7 +106,9 @@ def weighted_sample_metrics(
     return ess_fraction(log_w), w2, int((~finite).sum())
 
 
-def _weighted(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> WeightedSamples:
+def weighted_samples(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> WeightedSamples:
+    """Samples ``x (N, dim)`` with log densities ``log_q (N,)``, weighted against ``system``
+    (energies computed once; CPU)."""
     from boltzflow.systems.base import compute_energies
 
     x = x.detach().cpu()
@@ -83,12 +120,129 @@ def weighted_metrics(
 ) -> tuple[float, float | None, int]:
     """:func:`weighted_sample_metrics` of samples ``x (N, dim)`` with log densities
     ``log_q (N,)`` weighted against ``system``."""
-    return weighted_sample_metrics(_weighted(system, x, log_q), u_ref)
+    return weighted_sample_metrics(weighted_samples(system, x, log_q), u_ref)
 
 
 def sample_log_weights(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Log weights ``-u(x) - log q (N,)`` (float64, CPU) of samples ``x (N, dim)``."""
-    return _weighted(system, x, log_q).log_w
+    return weighted_samples(system, x, log_q).log_w
+
+
+def molecular_reference(
+    system: Any, ref_x: Any, profile: ReferenceProfile | None
+) -> PhiReference | None:
+    """What the molecular columns compare with: the (φ, ψ) of held-out frames ``ref_x
+    (M, dim)`` (Cartesian; None: no torus W2) and a reference profile; None for a system
+    without backbone dihedrals (no molecular columns).
+
+    Raises:
+        ValueError: a reference profile for a system without backbone dihedrals.
+    """
+    if not has_backbone_dihedrals(system):
+        if profile is not None:
+            raise ValueError(
+                f"a reference profile along φ ({profile.source}) needs a molecule with backbone "
+                "dihedrals"
+            )
+        return None
+    angles = None
+    if ref_x is not None and len(ref_x):
+        angles = np.stack(backbone_angles(system, ref_x), 1)
+    return PhiReference(angles, profile)
+
+
+def molecular_columns(
+    system: Any,
+    samples: WeightedSamples,
+    ref: PhiReference,
+    *,
+    level: float = 0.95,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    profile: bool = False,
+) -> tuple[dict[str, Any], FreeEnergyProfile | None]:
+    """The molecular columns of one benchmark row (the report's
+    :func:`~boltzflow.workflow.report_molecular.phi_metrics` of the weighted samples).
+
+    Args:
+        system: a molecule with backbone dihedrals.
+        samples: the row's weighted samples, Cartesian ``x (N, dim)``.
+        ref: the held-out frames' angles and the reference profile.
+        level, n_bootstrap, seed: confidence level, bootstrap replicates of F(φ), seed.
+        profile: also return the row's F(φ).
+
+    Returns:
+        ``{"torus_w2": reweighted torus W2 (rad; None without frames or weight), "delta_f":
+        {"delta": Estimate} or {"undefined": reason} (kT), "delta_f_vs_reference": difference
+        from the reference ΔF with the combined standard error (None without one)}`` and F(φ)
+        (None unless ``profile`` and some weight is finite).
+    """
+    phi, psi = backbone_angles(system, samples.x)
+    m = phi_metrics(
+        phi,
+        psi,
+        samples.log_w.double().numpy(),
+        ref,
+        methods=("delta",),
+        level=level,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        proposal_w2=False,
+        profile=profile,
+    )
+    entry = m["φ"]
+    cols = {
+        "torus_w2": m.get("torus W2 (φ, ψ) reweighted (rad)"),
+        "delta_f": entry["ΔF"],
+        "delta_f_vs_reference": entry.get("ΔF - reference"),
+    }
+    return cols, entry.get("profile")
+
+
+def molecular_summary(
+    ref: PhiReference, level: float, frames_boltzmann: bool, *, frames: str = "held-out frames"
+) -> dict[str, Any]:
+    """What the molecular columns were computed against, with a one-paragraph ``note`` for the
+    markdown: the φ state, the interval level, the reference frames (called ``frames``; are
+    they Boltzmann across the φ basins?) and the reference ΔF."""
+    lo, hi = ref.region
+    note = (
+        f"Molecular columns: torus W2 on (φ, ψ) of the reweighted samples against the "
+        f"{frames if ref.angles is not None else f'(no {frames})'} (exact OT, "
+        f"wrapped distance, at most {OT_POINTS:,} points a side, W2 with the root); "
+        f"ΔF = F({lo:g} < φ < {hi:g}) − F(rest) in kT with its {100 * level:g}% delta-method "
+        "interval"
+    )
+    if ref.profile is not None and ref.profile.delta_f is not None:
+        d = ref.profile.delta_f
+        note += (
+            f"; ΔF − reference against the {ref.profile.label} (ΔF = {d.value:.3f} ± "
+            f"{d.stderr:.3f} kT), ± the combined standard error, with z"
+        )
+    note += "."
+    if ref.angles is not None and not frames_boltzmann:
+        note += (
+            f" The {frames} are seeded MD, not Boltzmann across the φ basins: torus W2 "
+            "against them measures fit to those frames, not distance to the target."
+        )
+    return {
+        "region": [lo, hi],
+        "level": level,
+        "held-out frames": None if ref.angles is None else len(ref.angles),
+        "held-out frames Boltzmann across basins": frames_boltzmann,
+        "reference": ref.profile,
+        "note": note,
+    }
+
+
+def profile_label(row: dict[str, Any], profile_steps: int) -> str | None:
+    """The legend entry of ``row`` in the F(φ) figure, or None if the row is not drawn: the
+    teacher (its steps are a solver name), one-pass models (steps ``"-"``) and rows at
+    ``profile_steps`` steps."""
+    steps = row["steps"]
+    if steps == "-" or isinstance(steps, str):
+        return str(row["model"])
+    return f"{row['model']} K={steps}" if steps == profile_steps else None
 
 
 def logq_abs_errors(
@@ -157,13 +311,18 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
 
     ``dlogq`` columns compare log q with the teacher's exact log q at the model's own samples:
     as the sampler gives it, and (optional ``logq_err_score_median``) as the model's
-    ``log_prob`` scores the same points (data -> noise); "-" where a row lacks it.
+    ``log_prob`` scores the same points (data -> noise); "-" where a row lacks it. When rows
+    carry the molecular columns (:func:`molecular_columns`: ``delta_f``), three more follow:
+    reweighted torus W2, ΔF with its interval and ΔF − reference ± its standard error.
     """
+    molecular = any("delta_f" in r for r in rows)
     head = (
         "| model | steps | log q | NFE/sample | samples/s | speed-up | ESS/N | E-W2 | NLL "
         "| median abs dlogq | mean abs dlogq | median abs dlogq, scored | inv. err (median/max) |"
     )
-    lines = [head, "|" + "---|" * 13]
+    if molecular:
+        head += " torus W2 rw (rad) | ΔF (kT) [CI] | ΔF − ref (kT) |"
+    lines = [head, "|" + "---|" * (16 if molecular else 13)]
     base = rows[0]["samples_per_s"] if rows else 1.0
 
     def f(v: Any, spec: str) -> str:
@@ -185,7 +344,23 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
             f"| {f(r['logq_err_median'], '.3f')} | {f(r['logq_err_mean'], '.3f')} "
             f"| {f(r.get('logq_err_score_median'), '.3f')} | {inv} |"
         )
+        if molecular:
+            cells = (
+                f(r.get("torus_w2"), ".3f"),
+                _delta_f_cell(r.get("delta_f")),
+                format_comparison(r.get("delta_f_vs_reference")),
+            )
+            lines[-1] += "".join(f" {c.replace('|', '/')} |" for c in cells)
     return "\n".join(lines)
+
+
+def _delta_f_cell(entry: dict[str, Any] | None) -> str:
+    """ΔF with its interval, "undefined" when a state has no weight, "-" for none."""
+    if not entry:
+        return "-"
+    if "undefined" in entry:
+        return "undefined"
+    return format_estimate(next(iter(entry.values())))
 
 
 def ess_seed_summary(rows: list[dict[str, Any]]) -> str:
@@ -221,6 +396,7 @@ def ess_seed_summary(rows: list[dict[str, Any]]) -> str:
 
 def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     """The ``benchmark`` stage (see the module docstring)."""
+    from boltzflow.analysis.free_energy import load_reference_profile
     from boltzflow.data import read_dataset
     from boltzflow.distill import EulerBaseline, load_student
     from boltzflow.flows.cnf import TeacherCNF
@@ -235,13 +411,24 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     teacher.sampling = teacher.settings_with(t_settings)
     ref_path = ctx.path(REFERENCE_FILE)
     rows: list[dict[str, Any]] = []
+    profiles: dict[str, FreeEnergyProfile] = {}
+    profile_steps = PROFILE_STEPS if PROFILE_STEPS in bm.steps else max(bm.steps)
+    rp = wf.report
+    reference = None
+    if rp.reference_profile is not None:
+        reference = load_reference_profile(rp.reference_profile)
     with wf.open_system() as system:
-        u_ref = val = None
+        u_ref = val = ref = None
+        ref_boltzmann = True
         if ref_path.is_file():
-            ref = torch.as_tensor(read_dataset(ref_path).positions)
+            ref_ds = read_dataset(ref_path)
+            provenance = ref_ds.attrs.get("provenance") or {}
+            ref_boltzmann = provenance.get("boltzmann_across_basins", True) is not False
+            ref = torch.as_tensor(ref_ds.positions)
             u_ref = compute_energies(system, ref).numpy()
             u_ref = u_ref[np.isfinite(u_ref)]
             val = ref[: bm.n_val].to(device=device, dtype=torch.float32)
+        mol = molecular_reference(system, ref, reference)
 
         models: list[tuple[str, Any, str]] = [("teacher", teacher, "teacher")]
         for name, st in wf.students.items():
@@ -283,6 +470,20 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
             }
             if val is not None:
                 row["nll"], row["nll_unscored"] = reference_nll(model, val, k, batch_size=batch)
+            if mol is not None:
+                drawn = profile_label(row, profile_steps)
+                cols, prof = molecular_columns(
+                    system,
+                    samples,
+                    mol,
+                    level=rp.level,
+                    n_bootstrap=rp.n_bootstrap,
+                    seed=wf.seed,
+                    profile=drawn is not None,
+                )
+                row.update(cols)
+                if drawn is not None and prof is not None:
+                    profiles[drawn] = prof
             if kind == "teacher":  # the reference log q itself
                 row.update(logq_err_median=0.0, logq_err_mean=0.0, logq_err_score_median=0.0)
                 rows.append(row)
@@ -317,6 +518,14 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         f"{0 if val is None else len(val)} reference points, log q check on {bm.n_check} "
         f"samples, device {device}"
     )
+    molecular = None
+    if mol is not None:
+        molecular = molecular_summary(mol, rp.level, ref_boltzmann)
+        molecular["profiles"] = profiles
+        if profiles or reference is not None:
+            plot_phi_profiles(ctx.path(PROFILE_FIGURE), profiles, reference)
+            ctx.add_output(PROFILE_FIGURE)
+            molecular["plot"] = PROFILE_FIGURE
     payload = {
         "workflow": wf.name,
         "system": wf.system,
@@ -332,6 +541,8 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         "rows": rows,
         "table_markdown": table,
     }
+    if molecular is not None:
+        payload["molecular"] = molecular
     atomic_write_text(ctx.path("benchmark.json"), json.dumps(jsonable(payload), indent=2) + "\n")
     md = [
         f"# Benchmark: {wf.name} ({wf.system})",
@@ -342,9 +553,12 @@ def run_benchmark_stage(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
         "-mean log q of reference points (nats, density on the mean-free subspace for particle "
         "systems); dlogq: |log q - log q_teacher| at the model's own samples.",
         "",
-        table,
-        "",
     ]
+    if molecular is not None:
+        md += [molecular["note"], ""]
+    md += [table, ""]
+    if molecular is not None and "plot" in molecular:
+        md += [f"![F(φ): teacher and K={profile_steps} rows vs reference]({PROFILE_FIGURE})", ""]
     atomic_write_text(ctx.path("benchmark.md"), "\n".join(md))
     best = max(rows[1:] or rows, key=lambda r: r["ess_fraction"])
     return {

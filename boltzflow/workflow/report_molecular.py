@@ -15,6 +15,7 @@ reference for ΔF and F(φ) is then the reference profile alone (``[report] refe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,22 @@ from boltzflow.analysis.free_energy import (
     phi_profile,
     region_free_energy,
 )
+from boltzflow.sampling.estimators import FreeEnergyProfile
 from boltzflow.workflow.spec import Workflow
 
-__all__ = ["molecular_section", "molecular_table"]
+__all__ = [
+    "OT_POINTS",
+    "PhiReference",
+    "format_comparison",
+    "format_estimate",
+    "molecular_section",
+    "molecular_table",
+    "phi_metrics",
+    "plot_phi_profiles",
+]
 
 #: torus W2: points per side (exact OT on a max_points x max_points cost matrix)
-_OT_POINTS = 2000
+OT_POINTS = 2000
 #: contiguous blocks for the held-out frames' ΔF interval
 _MD_BLOCKS = 10
 #: F axis cap of the profile plot (kT)
@@ -57,6 +68,97 @@ def _primary(entry: dict[str, Any]) -> Any:
         if key in entry:
             return entry[key]
     return None
+
+
+@dataclass(frozen=True)
+class PhiReference:
+    """What a molecule's weighted samples are compared with.
+
+    Attributes:
+        angles: ``(M, 2)`` (φ, ψ) in radians of the held-out frames, or None.
+        profile: the reference F(φ) with its ΔF, or None.
+    """
+
+    angles: np.ndarray | None = None
+    profile: ReferenceProfile | None = None
+
+    @property
+    def region(self) -> tuple[float, float]:
+        """(lo, hi) of the φ state of ΔF (radians): the reference profile's, else
+        :data:`~boltzflow.analysis.free_energy.ALDP_STATE_A`."""
+        return ALDP_STATE_A if self.profile is None else self.profile.region
+
+
+def phi_metrics(
+    phi: np.ndarray,
+    psi: np.ndarray,
+    log_w: np.ndarray,
+    ref: PhiReference,
+    *,
+    methods: tuple[str, ...] = ("delta",),
+    level: float = 0.95,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    proposal_w2: bool = True,
+    profile: bool = True,
+) -> dict[str, Any]:
+    """Torus W2 against the held-out frames, ΔF with its interval and its difference from the
+    reference, and F(φ), of one set of weighted samples.
+
+    Args:
+        phi, psi: ``(N,)`` the samples' backbone dihedrals (radians).
+        log_w: ``(N,)`` their log importance weights (non-finite: no weight).
+        ref: the held-out frames' angles and the reference profile.
+        methods: ΔF interval methods (``"delta"``, ``"bootstrap"``).
+        level, n_bootstrap, seed: confidence level, bootstrap replicates (also of F(φ)), seed.
+        proposal_w2: also the torus W2 of the unweighted samples.
+        profile: also F(φ) (on the reference's bins).
+
+    Returns:
+        ``torus W2 (φ, ψ) proposal (rad)`` / ``reweighted (rad)`` (with held-out frames and, for
+        the latter, a finite weight) and ``φ``: ``{"region", "ΔF": {method: Estimate} |
+        {"undefined": reason}, "ΔF - reference"`` (with a reference ΔF), ``"profile"`` (with
+        ``profile`` and a finite weight)``}``.
+    """
+    from boltzflow.metrics import torus_w2
+
+    kw = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    w = _normalised(log_w)
+    out: dict[str, Any] = {}
+    if ref.angles is not None:
+        angles = np.stack([phi, psi], 1)
+        ot = {"max_points": OT_POINTS, "seed": seed}
+        if proposal_w2:
+            out["torus W2 (φ, ψ) proposal (rad)"] = torus_w2(ref.angles, angles, **ot)
+        if w is not None:
+            out["torus W2 (φ, ψ) reweighted (rad)"] = torus_w2(ref.angles, angles, weights=w, **ot)
+    region = ref.region
+    delta_f = region_free_energy(phi, log_w, region=region, methods=methods, **kw)
+    entry: dict[str, Any] = {"region": list(region), "ΔF": delta_f}
+    if ref.profile is not None and ref.profile.delta_f is not None:
+        entry["ΔF - reference"] = compare_free_energy(_primary(delta_f), ref.profile.delta_f)
+    if profile and w is not None:
+        reference = None if ref.profile is None else ref.profile.profile
+        entry["profile"] = phi_profile(phi, log_w, reference=reference, **kw)
+    out["φ"] = entry
+    return out
+
+
+def plot_phi_profiles(
+    path: Path, profiles: dict[str, FreeEnergyProfile], reference: ReferenceProfile | None
+) -> Path:
+    """F(φ) (kT, axis capped at 14 kT) of several sample sets in one panel against the
+    reference profile (dashed); writes and returns ``path`` (PNG)."""
+    from boltzflow.plots import plot_free_energy_profiles
+
+    return plot_free_energy_profiles(
+        path,
+        profiles,
+        reference=None if reference is None else reference.profile,
+        reference_label="none" if reference is None else reference.label,
+        label="φ [rad]",
+        f_max=_F_MAX,
+    )
 
 
 def molecular_section(
@@ -92,15 +194,16 @@ def molecular_section(
         "plots": {name: path}}``.
     """
     from boltzflow.io.samples import read_samples
-    from boltzflow.metrics import chirality_rate, torus_w2
-    from boltzflow.plots import plot_free_energy_profiles, plot_ramachandran
+    from boltzflow.metrics import chirality_rate
+    from boltzflow.plots import plot_ramachandran
 
     if not has_backbone_dihedrals(system):
         return None
     rp, seed = wf.report, wf.seed
-    region = ALDP_STATE_A if reference is None else reference.region
-    kw = {"level": rp.level, "n_bootstrap": rp.n_bootstrap, "seed": seed}
     ref_angles = None if ref_x is None else backbone_angles(system, ref_x)
+    ref = PhiReference(None if ref_angles is None else np.stack(ref_angles, 1), reference)
+    region = ref.region
+    kw = {"level": rp.level, "n_bootstrap": rp.n_bootstrap, "seed": seed}
     atoms = getattr(system, "chirality_atoms", None)
     l_sign = getattr(system, "l_form_sign", 1)
     analysis = out / "analysis"
@@ -114,23 +217,9 @@ def molecular_section(
         row["D-form fraction (proposal)"] = chirality_rate(s.x, atoms, l_sign)
         if w is not None:
             row["D-form fraction (reweighted)"] = chirality_rate(s.x, atoms, l_sign, w)
-        if ref_angles is not None:
-            angles, ref_a = np.stack([phi, psi], 1), np.stack(ref_angles, 1)
-            ot = {"max_points": _OT_POINTS, "seed": seed}
-            row["torus W2 (φ, ψ) proposal (rad)"] = torus_w2(ref_a, angles, **ot)
-            if w is not None:
-                row["torus W2 (φ, ψ) reweighted (rad)"] = torus_w2(ref_a, angles, weights=w, **ot)
-        delta_f = region_free_energy(phi, log_w, region=region, methods=methods, **kw)
-        entry: dict[str, Any] = {"region": list(region), "ΔF": delta_f}
-        if reference is not None and reference.delta_f is not None:
-            entry["ΔF - reference"] = compare_free_energy(_primary(delta_f), reference.delta_f)
-        if w is not None:
-            profile = phi_profile(
-                phi, log_w, reference=None if reference is None else reference.profile, **kw
-            )
-            entry["profile"] = profile
-            profiles[f"{row['label']} reweighted"] = profile
-        row["φ"] = entry
+        row.update(phi_metrics(phi, psi, log_w, ref, methods=methods, **kw))
+        if "profile" in row["φ"]:
+            profiles[f"{row['label']} reweighted"] = row["φ"]["profile"]
         panels: dict[str, tuple[Any, Any, Any]] = {}
         if ref_angles is not None:
             panels["held-out MD"] = (*ref_angles, None)
@@ -165,13 +254,8 @@ def molecular_section(
             profiles["held-out MD"] = md_profile
             held_out["profile"] = md_profile
     if profiles or reference is not None:
-        plots["F(φ): reweighted models vs reference"] = plot_free_energy_profiles(
-            analysis / "profile_phi_models.png",
-            profiles,
-            reference=None if reference is None else reference.profile,
-            reference_label="none" if reference is None else reference.label,
-            label="φ [rad]",
-            f_max=_F_MAX,
+        plots["F(φ): reweighted models vs reference"] = plot_phi_profiles(
+            analysis / "profile_phi_models.png", profiles, reference
         )
     return {
         "region": list(region),
@@ -189,7 +273,9 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return str(v)
 
 
-def _fmt_estimate(e: Any) -> str:
+def format_estimate(e: Any) -> str:
+    """``value [low, high]`` (3 decimals) of an :class:`Estimate` or a
+    :func:`~boltzflow.analysis.free_energy.block_free_energy` result; "-" for none."""
     if e is None:
         return "-"
     if isinstance(e, dict):  # block_free_energy's result
@@ -201,7 +287,9 @@ def _fmt_estimate(e: Any) -> str:
     return f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]"
 
 
-def _fmt_compare(c: dict[str, Any] | None) -> str:
+def format_comparison(c: dict[str, Any] | None) -> str:
+    """A :func:`~boltzflow.analysis.free_energy.compare_free_energy` result as
+    ``difference ± se (z; within 2 se)``; "-" for none."""
     if not c:
         return "-"
     if c.get("difference") is None:
@@ -228,7 +316,7 @@ def molecular_table(rows: list[dict[str, Any]], section: dict[str, Any], level: 
     ]
     intro = (
         "Against the held-out frames (torus W2 on (φ, ψ): exact OT with the wrapped distance, at "
-        f"most {_OT_POINTS:,} points a side, W2 with the root) and the reference profile; "
+        f"most {OT_POINTS:,} points a side, W2 with the root) and the reference profile; "
         "rw = reweighted; ΔF − reference with the combined standard error."
     )
     lines = [intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -244,8 +332,10 @@ def molecular_table(rows: list[dict[str, Any]], section: dict[str, Any], level: 
             _fmt(r.get("torus W2 (φ, ψ) proposal (rad)")),
             _fmt(r.get("torus W2 (φ, ψ) reweighted (rad)")),
             _fmt(r.get("D-form fraction (proposal)"), ".4f"),
-            _fmt_estimate(shown) if shown is not None else f"undefined ({delta.get('undefined')})",
-            _fmt_compare(phi.get("ΔF - reference")),
+            format_estimate(shown)
+            if shown is not None
+            else f"undefined ({delta.get('undefined')})",
+            format_comparison(phi.get("ΔF - reference")),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     held = section.get("held-out frames")
@@ -259,7 +349,7 @@ def molecular_table(rows: list[dict[str, Any]], section: dict[str, Any], level: 
             "-",
             "-",
             "-",
-            _fmt_estimate(held.get("ΔF (block CI)")) + " (block CI)",
+            format_estimate(held.get("ΔF (block CI)")) + " (block CI)",
             "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -269,7 +359,7 @@ def molecular_table(rows: list[dict[str, Any]], section: dict[str, Any], level: 
             ref.label,
             str(ref.delta_f.n) if ref.delta_f is not None else "-",
             *["-"] * 5,
-            _fmt_estimate(ref.delta_f) if ref.delta_f is not None else "-",
+            format_estimate(ref.delta_f) if ref.delta_f is not None else "-",
             "0",
         ]
         lines.append("| " + " | ".join(cells) + " |")

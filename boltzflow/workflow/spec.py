@@ -32,6 +32,9 @@ A workflow names one system and everything the pipeline does with it::
     steps = 500                    # method's config dataclass, over the config file's
     [students.small]               # an nf student: inline model, train, loss tables,
     method = "nf"                  # n_pairs, pair_settings (boltzflow.distill.nf_run.NFConfig)
+    [students.old]                 # an already trained student, imported instead of trained:
+    method = "falcon"              # `run` = its run folder (student.pt, else the EMA weights of
+    run = "../runs/dw4_falcon"     # checkpoint.pt) or checkpoint file (see "Imported runs")
 
     [sample]
     n = 2000                       # samples per model and step count
@@ -61,6 +64,20 @@ A workflow names one system and everything the pipeline does with it::
 
     [profiles.gpu]                 # --profile gpu: tables merged over the base ones
     device = "cuda"
+
+Imported runs: ``run = PATH`` in ``[teacher]`` or ``[students.<name>]`` (relative to the workflow
+file, or absolute; also ``--set teacher.run=/abs/path``) names a trained run folder or checkpoint
+file (a model file or a training checkpoint; in a folder ``teacher.pt``/``student.pt`` before
+``checkpoint.pt``). That stage then copies the model into the output folder instead of training
+it (a training checkpoint contributes its EMA weights), and its cache key is the file's content
+fingerprint (:func:`boltzflow.workflow.cache.file_fingerprint`), not the training settings: a
+changed file re-runs the import and, when the model changed, everything downstream; a model
+copied bit for bit gives the downstream stages the keys they had in the run it came from.
+:func:`load_workflow` checks that the path exists, holds a teacher (``teacher.run``) or a student
+of the table's ``method`` (``students.X.run``), trained for the workflow's system. The config of
+an imported model is still read: ``[teacher.sample]`` sets how the teacher is sampled and a
+student's ``default_steps`` the report's default; its training settings are not used (an imported
+student needs no teacher trajectories and does not wait for the teacher stage).
 
 Every table is read into its dataclass below by the one validator
 (:func:`boltzflow.io.tomlfile.dataclass_from_dict`): defaults are the dataclasses' field defaults,
@@ -114,6 +131,7 @@ __all__ = [
     "TeacherSpec",
     "Workflow",
     "check_data",
+    "imported_run",
     "load_workflow",
     "parse_assignment",
     "sample_label",
@@ -123,7 +141,7 @@ _TEACHER_SECTIONS = ("model", "flow_matching", "train", "sample")
 #: ways to hold out generated reference data (:class:`DataSpec`)
 HOLDOUTS = ("tail", "segments")
 #: keys of a teacher or student table besides its config's fields
-_SOURCE_KEYS = ("config", "profile")
+_SOURCE_KEYS = ("config", "profile", "run")
 #: steps a student samples with when its config does not say (the Student default)
 _DEFAULT_STEPS = 4
 
@@ -205,11 +223,13 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """The teacher CNF run: a validated :class:`boltzflow.train.config.TeacherConfig`."""
+    """The teacher CNF run: a validated :class:`boltzflow.train.config.TeacherConfig`; ``run``
+    the checkpoint file of an imported teacher (trained elsewhere, not trained here)."""
 
     config: TeacherConfig
     source: Path | None = None
     profile: str | None = None
+    run: Path | None = None
 
 
 class MethodConfig(Protocol):
@@ -223,12 +243,14 @@ class MethodConfig(Protocol):
 class StudentSpec:
     """One student: a method of :data:`boltzflow.registry.METHODS` and an instance of that
     method's config dataclass (``StudentConfig`` for f2d2/falcon, ``NFConfig`` for nf,
-    ``EulerConfig`` for the Euler baselines, ...)."""
+    ``EulerConfig`` for the Euler baselines, ...); ``run`` the checkpoint file of an imported
+    student (trained elsewhere, not trained here)."""
 
     name: str
     method: str
     config: MethodConfig
     source: Path | None = None
+    run: Path | None = None
 
     def __post_init__(self) -> None:
         from boltzflow.registry.methods import get_method
@@ -519,7 +541,10 @@ def _parse_teacher(
         t, data, source, where, what="teacher", cls=TeacherConfig, system=system, device=device
     )
     cfg = located(label, TeacherConfig.from_dict, merged, where=label)
-    return TeacherSpec(config=cfg, source=source, profile=t.get("profile"))
+    run = None
+    if "run" in t:
+        run = imported_run(base, t["run"], f"{where}.run", system=system)
+    return TeacherSpec(config=cfg, source=source, profile=t.get("profile"), run=run)
 
 
 def _parse_student(
@@ -551,7 +576,70 @@ def _parse_student(
     if "method" in {f.name for f in dataclasses.fields(entry.config)}:
         merged["method"] = method
     cfg = located(label, dataclass_from_dict, entry.config, merged, label)
-    return StudentSpec(name=name, method=method, config=cfg, source=source)
+    run = None
+    if "run" in t:
+        run = imported_run(base, t["run"], f"{where}.run", system=system, method=method)
+    return StudentSpec(name=name, method=method, config=cfg, source=source, run=run)
+
+
+def imported_run(
+    base: Path, value: str, where: str, *, system: str, method: str | None = None
+) -> Path:
+    """The checkpoint file of an imported run (module docstring, "Imported runs"), checked.
+
+    Args:
+        base: the workflow file's folder (``value`` relative to it unless absolute).
+        value: a run folder or checkpoint file.
+        where: the key, for errors (``"wf.toml: teacher.run"``).
+        system: the workflow's system; the run must have been trained for it.
+        method: a student's method (its model kind must match); None for the teacher.
+
+    Returns:
+        the model file or training checkpoint that the stage will import.
+
+    Raises:
+        FileNotFoundError: no such path, or a folder without a model or training checkpoint.
+        ValueError: not a checkpoint, a checkpoint of another model or method, or a model
+            trained for another system.
+    """
+    from boltzflow.io.checkpoint import load_model_checkpoint
+
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such run folder or checkpoint: {path}")
+    from boltzflow.train.trainer import CHECKPOINT_FILE
+
+    if method is None:
+        from boltzflow.flows.cnf import MODEL_FILE
+
+        kind, files, label = "teacher_cnf", (MODEL_FILE, CHECKPOINT_FILE), "teacher"
+    else:
+        from boltzflow.distill.base import STUDENT_FILE
+
+        kind, files, label = "student", (STUDENT_FILE, CHECKPOINT_FILE), f"{method} student"
+    try:
+        file, payload, _ = load_model_checkpoint(path, kind=kind, files=files, label=label)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if method is not None:
+        from boltzflow.registry.methods import get_method
+
+        wanted, found = get_method(method).model.student_kind, payload.get("student_kind")
+        if found != wanted:
+            raise ValueError(
+                f"{where}: {file} holds a {found!r} student, but the table's method {method!r} "
+                f"needs a {wanted!r} one"
+            )
+    run = payload.get("run_config") or payload.get("extra", {}).get("run") or {}
+    trained_for = payload.get("system") or run.get("system")
+    if trained_for is not None and trained_for != system:
+        raise ValueError(
+            f"{where}: {file} was trained for system {trained_for!r}, not the workflow's {system!r}"
+        )
+    return file
 
 
 def _parse_estimates(raw: Any, wf: str, info: Any, kind: str) -> EstimatesSpec:
@@ -617,6 +705,8 @@ def load_workflow(
             and the key, e.g. ``quickstart.toml: teacher.train: unknown key 'stepz'``).
         KeyError: an unknown system (the message lists the known ones).
     """
+    from boltzflow.systems.registry import valid_overrides
+
     path = Path(path)
     wf = path.name
     raw = apply_profile(read_toml_file(path, "workflow"), profile, wf)
@@ -624,7 +714,7 @@ def load_workflow(
     top = _read_top(raw, wf)
     info, kind = _system_info(top["system"], f"{wf}: system")
     system = top["system"]
-    valid = {*info.parameters, "temperature"}
+    valid = set(valid_overrides(system))
     for key in top.get("system_options", {}):
         if key not in valid:
             raise ValueError(

@@ -1,6 +1,11 @@
 """The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples ->
 report (and, for ``boltzflow benchmark``, the benchmark table).
 
+A teacher or student with ``run = PATH`` (:func:`boltzflow.workflow.spec.imported_run`) is
+imported instead of trained: its stage copies the model file into the output folder (a training
+checkpoint is saved as a model file with its EMA weights), keyed by the file's content
+fingerprint, so downstream stages see the same inputs as in the run the file came from.
+
 The output folder layout is in :mod:`boltzflow.workflow.layout`. Every file is written
 atomically (temporary file + rename), so a killed run never leaves a half-written output behind
 that a later run would trust.
@@ -14,17 +19,19 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from boltzflow.workflow.benchmark import run_benchmark_stage
-from boltzflow.workflow.cache import canonical_json
+from boltzflow.workflow.cache import canonical_json, file_fingerprint
 from boltzflow.workflow.layout import (
     REFERENCE_FILE,
     TEACHER_FILE,
     TRAIN_FILE,
+    copy_atomic,
     sample_plan,
     stage_device,
     teacher_sampling,
@@ -191,6 +198,55 @@ def _run_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     }
 
 
+# -- imported runs ---------------------------------------------------------------------------------
+def _import_model(src: Path, dst: Path, load: Callable[[Path], Any]) -> tuple[Any, dict[str, Any]]:
+    """Put the model of checkpoint ``src`` at ``dst``: a model file is copied bit for bit, a
+    training checkpoint saved through ``load(path)`` (its EMA weights). Returns the model loaded
+    from ``dst`` and what the summary records of its training (steps, time, final loss)."""
+    from boltzflow.io.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(src)
+    info: dict[str, Any] = {"imported": str(src), "imported_kind": payload["kind"]}
+    if payload["kind"] == "training":
+        load(src).save(dst, extra={"imported_from": str(src), "training_step": payload["step"]})
+        total = payload.get("train_config", {}).get("steps")
+        info.update(steps=payload["step"], train_seconds=payload.get("elapsed_s"))
+        if total is not None and payload["step"] < total:
+            info["unfinished"] = f"training checkpoint at step {payload['step']} of {total}"
+    else:
+        copy_atomic(src, dst)
+    last = _last_metrics(src.parent)  # the run folder's training log, when there is one
+    if last:
+        info.setdefault("steps", last.get("step"))
+        info.setdefault("train_seconds", last.get("elapsed_s"))
+        info["final_loss"] = last.get("loss")
+    return load(dst), info
+
+
+def _run_import(
+    ctx: StageContext, wf: Workflow, src: Path, dst: str, what: str, method: str | None = None
+) -> dict[str, Any]:
+    """An import stage: ``src`` (a checked :attr:`TeacherSpec.run`/:attr:`StudentSpec.run`)
+    becomes ``dst`` (relative to the output folder), a teacher (``method`` None) or a student."""
+    if method is None:
+        from boltzflow.flows.cnf import TeacherCNF
+
+        def load(path: Path) -> Any:
+            return TeacherCNF.load(path, system=wf.system)
+    else:
+        from boltzflow.distill import load_student
+
+        def load(path: Path) -> Any:
+            return load_student(path, system=wf.system)
+
+    model, info = _import_model(src, ctx.path(dst), load)
+    note = f"{what} imported from {src}"
+    if "unfinished" in info:
+        note += f" ({info['unfinished']})"
+    out = {"parameters": _n_params(model), **info, "note": note}
+    return out if method is None else {"method": method, **out}
+
+
 # -- students --------------------------------------------------------------------------------------
 def _trajectory_config(st: StudentSpec) -> dict[str, Any] | None:
     if getattr(getattr(st.config, "loss", None), "target", None) != "teacher":
@@ -260,6 +316,7 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
 def _sample_model(
     ctx: StageContext,
     wf: Workflow,
+    system: Any,
     model: Any,
     label: str,
     steps: int | None,
@@ -268,27 +325,30 @@ def _sample_model(
     batch_size: int | None = None,
 ) -> tuple[float, Any]:
     """Draw ``wf.sample.n`` samples of ``model`` in ``steps`` (``batch_size`` rows at a time;
-    None: the model's own) and write ``samples/<label>.h5``; returns ESS/N and the
-    :class:`~boltzflow.sampling.draw.SampleCost`. ``sampling`` is recorded as provenance.
-    Under torchrun every rank draws its share (:func:`_sample_sharded`)."""
+    None: the model's own), weighted against the open ``system``, and write
+    ``samples/<label>.h5``; returns ESS/N and the :class:`~boltzflow.sampling.draw.SampleCost`.
+    ``sampling`` is recorded as provenance. Under torchrun every rank draws its share
+    (:func:`_sample_sharded`)."""
     from boltzflow import distributed
     from boltzflow.sampling.draw import Draw, iter_draws, write_draws
+    from boltzflow.systems.base import energy_provenance_of
 
     if distributed.info().distributed:
-        return _sample_sharded(ctx, wf, model, label, steps, provenance, sampling, batch_size)
-    n, seed = wf.sample.n, wf.seed + 1
-    with wf.open_system() as system:
-        batches = list(
-            iter_draws(
-                model,
-                n,
-                system=system,
-                steps=steps,
-                seed=seed,
-                batch_size=batch_size,
-                progress=ctx.progress,
-            )
+        return _sample_sharded(
+            ctx, wf, system, model, label, steps, provenance, sampling, batch_size
         )
+    n, seed = wf.sample.n, wf.seed + 1
+    batches = list(
+        iter_draws(
+            model,
+            n,
+            system=system,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=ctx.progress,
+        )
+    )
     draw = Draw.from_batches(batches)
     prov = {
         **provenance,
@@ -299,6 +359,7 @@ def _sample_model(
         "nfe_per_sample": draw.cost.nfe_per_sample,
         "sample_seconds": draw.cost.seconds,
         "log_q_kind": model.log_q_kind,
+        "energy": energy_provenance_of(system),  # what computed the u column
         "sampling": sampling,
         "log_q": "density on the mean-free subspace" if model.mean_free else "density",
     }
@@ -309,6 +370,7 @@ def _sample_model(
 def _sample_sharded(
     ctx: StageContext,
     wf: Workflow,
+    system: Any,
     model: Any,
     label: str,
     steps: int | None,
@@ -324,6 +386,7 @@ def _sample_sharded(
     from boltzflow.io.shards import merge_stores, shard_path
     from boltzflow.sampling.draw import SampleCost, cost_of
     from boltzflow.sampling.sharded import write_sharded_draws
+    from boltzflow.systems.base import energy_provenance_of
 
     me = distributed.info()
     n, seed = wf.sample.n, wf.seed + 1
@@ -335,21 +398,21 @@ def _sample_sharded(
         "n": n,
         "steps": steps,
         "log_q_kind": model.log_q_kind,
+        "energy": energy_provenance_of(system),  # what computed the u column
         "sampling": sampling,
         "log_q": "density on the mean-free subspace" if model.mean_free else "density",
     }
-    with wf.open_system() as system:
-        result = write_sharded_draws(
-            model,
-            n,
-            shards / f"{label}.h5",
-            system=system,
-            steps=steps,
-            seed=seed,
-            batch_size=batch_size,
-            provenance=prov,
-            progress=ctx.progress,
-        )
+    result = write_sharded_draws(
+        model,
+        n,
+        shards / f"{label}.h5",
+        system=system,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        provenance=prov,
+        progress=ctx.progress,
+    )
     costs = distributed.all_gather_objects(cost_of(result.batches))
     cost = SampleCost(
         n=result.n,
@@ -381,7 +444,10 @@ def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
     teacher = TeacherCNF.load(ctx.path(TEACHER_FILE), map_location=stage_device(wf))
     teacher.sampling = teacher.settings_with(teacher_sampling(wf))
     provenance = {"model": "teacher", "checkpoint": TEACHER_FILE}
-    ess, cost = _sample_model(ctx, wf, teacher, "teacher", None, provenance, teacher.sampling)
+    with wf.open_system() as system:
+        ess, cost = _sample_model(
+            ctx, wf, system, teacher, "teacher", None, provenance, teacher.sampling
+        )
     return {
         "ess_fraction": ess,
         "nfe_per_sample": cost.nfe_per_sample,
@@ -399,12 +465,15 @@ def _run_sample_student(ctx: StageContext, wf: Workflow, st: StudentSpec) -> dic
     out: dict[str, Any] = {}
     checkpoint = f"students/{st.name}/student.pt"
     provenance = {"model": st.name, "method": st.method, "checkpoint": checkpoint}
-    for label, steps in sample_plan(wf)[st.name]:
-        batch = wf.sample.batch_size
-        sampling = {"batch_size": batch}
-        ess, cost = _sample_model(ctx, wf, student, label, steps, provenance, sampling, batch)
-        out[label] = {"ess_fraction": ess, "sample_seconds": cost.seconds}
-        notes.append(f"K={steps or 1}: {ess:.3f}")
+    batch = wf.sample.batch_size
+    sampling = {"batch_size": batch}
+    with wf.open_system() as system:  # one system (and OpenMM pool) for every step count
+        for label, steps in sample_plan(wf)[st.name]:
+            ess, cost = _sample_model(
+                ctx, wf, system, student, label, steps, provenance, sampling, batch
+            )
+            out[label] = {"ess_fraction": ess, "sample_seconds": cost.seconds}
+            notes.append(f"K={steps or 1}: {ess:.3f}")
     return {"runs": out, "note": "ESS/N " + ", ".join(notes)}
 
 
@@ -432,20 +501,30 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             workdir="data/md_seeded" if wf.data.method == "md_seeded" else None,
             description="reference configurations",
         ),
-        Stage(
-            "teacher",
-            functools.partial(_run_teacher, wf=wf),
-            config={"system": system, "teacher": _training_key(wf.teacher.config.to_dict())},
-            deps=("data",),
-            outputs=(TEACHER_FILE,),
-            workdir="teacher",
-            description="flow-matching teacher CNF",
-            distributed=True,
-        ),
+        _teacher_stage(wf, system),
     ]
     trajectories: dict[str, str] = {}
     student_stages: list[str] = []
     for name, st in wf.students.items():
+        if st.run is not None:
+            stages.append(
+                Stage(
+                    f"student-{name}",
+                    functools.partial(
+                        _run_import,
+                        wf=wf,
+                        src=st.run,
+                        dst=f"students/{name}/student.pt",
+                        what=f"{st.method} student",
+                        method=st.method,
+                    ),
+                    config={"system": system, "method": st.method, "import": _imported_key(st.run)},
+                    outputs=(f"students/{name}/student.pt",),
+                    description=f"{st.method} student imported from {st.run}",
+                )
+            )
+            student_stages.append(f"student-{name}")
+            continue
         method = get_method(st.method)
         tc = _trajectory_config(st)
         traj_file = None
@@ -486,20 +565,29 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
         stages.append(stage)
         student_stages.append(stage.name)
     if benchmark:
+        config = {
+            "system": system,
+            "benchmark": dataclasses.asdict(wf.benchmark),
+            "students": sorted(wf.students),
+            "seed": wf.seed,
+            "device": device,
+            "batch_size": wf.sample.batch_size,
+            "teacher_sampling": teacher_sampling(wf),
+        }
+        if _molecular(wf):  # the (φ, ψ) columns' settings (other systems keep their keys)
+            rp = wf.report
+            config["molecular"] = {
+                "level": rp.level,
+                "n_bootstrap": rp.n_bootstrap,
+                "reference_profile": rp.reference_profile is not None,  # its contents: inputs
+            }
         stages.append(
             Stage(
                 "benchmark",
                 functools.partial(run_benchmark_stage, wf=wf),
-                config={
-                    "system": system,
-                    "benchmark": dataclasses.asdict(wf.benchmark),
-                    "students": sorted(wf.students),
-                    "seed": wf.seed,
-                    "device": device,
-                    "batch_size": wf.sample.batch_size,
-                    "teacher_sampling": teacher_sampling(wf),
-                },
+                config=config,
                 deps=("data", "teacher", *student_stages),
+                inputs=tuple(p for p in (wf.report.reference_profile,) if p is not None),
                 outputs=("benchmark.md", "benchmark.json"),
                 description="teacher vs students vs Euler baselines",
             )
@@ -558,6 +646,44 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
         )
     )
     return stages
+
+
+def _molecular(wf: Workflow) -> bool:
+    """Whether the system may be a molecule with backbone dihedrals (an OpenMM system; the
+    stages decide by the built system itself)."""
+    from boltzflow.systems.registry import definition
+
+    return definition(wf.system)["kind"] == "openmm"
+
+
+def _imported_key(path: Path) -> str:
+    """What identifies an imported model in a stage key: its file's content fingerprint (not
+    its path: a moved run folder with the same file keeps the key)."""
+    return file_fingerprint(path)
+
+
+def _teacher_stage(wf: Workflow, system: dict[str, Any]) -> Stage:
+    """The ``teacher`` stage: training on the data, or importing ``teacher.run``."""
+    if wf.teacher.run is not None:
+        return Stage(
+            "teacher",
+            functools.partial(
+                _run_import, wf=wf, src=wf.teacher.run, dst=TEACHER_FILE, what="teacher"
+            ),
+            config={"system": system, "import": _imported_key(wf.teacher.run)},
+            outputs=(TEACHER_FILE,),
+            description=f"teacher CNF imported from {wf.teacher.run}",
+        )
+    return Stage(
+        "teacher",
+        functools.partial(_run_teacher, wf=wf),
+        config={"system": system, "teacher": _training_key(wf.teacher.config.to_dict())},
+        deps=("data",),
+        outputs=(TEACHER_FILE,),
+        workdir="teacher",
+        description="flow-matching teacher CNF",
+        distributed=True,
+    )
 
 
 def _report_key(wf: Workflow) -> dict[str, Any]:

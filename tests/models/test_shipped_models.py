@@ -26,6 +26,7 @@ TEACHER_ESS = 0.1107
 #: 10,000 samples takes ~15 CPU-minutes, so its card check is a slow test
 CARDS = [
     pytest.param("aldp-nf-internal", 0, 10_000, 0.4392, id="aldp-nf-internal"),
+    pytest.param("aldp-f2d2-internal", 0, 10_000, 0.0961, id="aldp-f2d2-internal"),
     pytest.param(
         "aldp-teacher-internal",
         0,
@@ -43,7 +44,14 @@ def _model_file(folder: Path) -> Path:
     return folder / files[0]
 
 
-@pytest.mark.parametrize("name", ["aldp-nf-internal", "aldp-teacher-internal"])
+SHIPPED = sorted(p.name for p in MODELS.iterdir() if p.is_dir())
+
+
+def test_every_shipped_model_is_checked_against_its_card():
+    assert SHIPPED == sorted(c.values[0] for c in CARDS)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_has_card_and_fits(name):
     folder = MODELS / name
     assert (folder / "card.md").is_file()

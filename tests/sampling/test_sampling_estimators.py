@@ -145,3 +145,32 @@ def test_profile_2d_shapes():
     import json
 
     json.dumps(p.to_dict(), allow_nan=False)  # empty bins become null, not NaN
+
+
+def test_clustered_delta_counts_duplicates_once():
+    """Every sample duplicated (weights halved), the duplicates labelled as one cluster: the
+    clustered delta-method errors equal those of the original samples, the unclustered ones
+    are too small by sqrt(2); singleton clusters give the plain delta method."""
+    rng = np.random.default_rng(0)
+    n = 300
+    lw = rng.normal(size=n)
+    f = rng.normal(size=n)
+    lw2, f2 = np.repeat(lw, 2), np.repeat(f, 2)
+    pairs = np.repeat(np.arange(n), 2)
+    for est in (
+        lambda v, w, **k: snis_expectation(v, w, **k),
+        lambda v, w, **k: free_energy_difference(v > 0.3, v <= 0.3, w, **k),
+    ):
+        base = est(f, lw)
+        dup = est(f2, lw2)
+        clustered = est(f2, lw2, clusters=pairs)
+        assert clustered.value == pytest.approx(base.value, rel=1e-12)
+        assert clustered.stderr == pytest.approx(base.stderr, rel=1e-9)
+        assert dup.stderr == pytest.approx(base.stderr / np.sqrt(2), rel=1e-9)
+        assert clustered.method == "delta-clustered" and base.method == "delta"
+        single = est(f, lw, clusters=np.arange(n))
+        assert single.stderr == pytest.approx(base.stderr, rel=1e-12)
+    with pytest.raises(ValueError, match="delta method only"):
+        snis_expectation(f, lw, method="bootstrap", clusters=np.arange(n))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        snis_expectation(f, lw, clusters=np.arange(n) - 1.5)

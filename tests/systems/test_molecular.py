@@ -1,5 +1,7 @@
-"""Molecular systems through OpenMM: energies against an independent OpenMM build, forces against
-finite differences, dtype/device handling, regularisation, the three ALDP definitions."""
+"""Molecular systems on both energy backends (torch force field, OpenMM pool): energies against
+an independent OpenMM build, forces against finite differences, dtype/device handling,
+regularisation, the three ALDP definitions. The agreement of the two backends with each other is
+in test_energy_backends.py."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from boltzflow.systems.registry import BUILTIN_DIR, definition
 
 ALDP = BUILTIN_DIR / "aldp"
 VARIANTS = ["aldp", "aldp_vacuum", "aldp_ff96_obc1"]
+BACKENDS = ["torch", "openmm"]
 KT = MOLAR_GAS_CONSTANT * 300.0  # kJ/mol
 # Reduced energies of the PDB configuration (OpenMM 8.6, Reference platform); see the report.
 REFERENCE_ENERGY = {"aldp": -38.365532, "aldp_vacuum": -22.187345, "aldp_ff96_obc1": -55.723446}
@@ -54,10 +57,12 @@ def _openmm_reduced(
     return np.array(out)
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=[(v, b) for v in VARIANTS for b in BACKENDS], ids="-".join)
 def variant(request: pytest.FixtureRequest):
-    system = load_system(request.param)  # the definition's own settings: 1 worker process
-    yield request.param, system
+    name, backend = request.param
+    # The definition's own settings (OpenMM: 1 worker process) with the backend chosen.
+    system = load_system(name, backend=backend)
+    yield name, system
     system.close()
 
 
@@ -75,7 +80,10 @@ def test_energy_matches_independent_openmm(variant):
     x = _perturbed(system)
     got = system.energy(x)
     assert got.dtype == torch.float64 and got.shape == (8,)
-    assert system.pool.n_workers == 1 and len(system.pool.pids) == 1
+    if system.backend == "openmm":
+        assert system.pool.n_workers == 1 and len(system.pool.pids) == 1
+    else:
+        assert system._pool is None  # the torch backend never starts OpenMM
     expected = _openmm_reduced(_expected_system(name), x.numpy())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=0)
     assert got[0].item() == pytest.approx(REFERENCE_ENERGY[name], rel=1e-6)
@@ -92,11 +100,13 @@ def test_float32_input(variant):
     np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_forces_match_finite_differences(name: str):
-    # Reference platform: double precision throughout, so differences of energies 2e-6 nm apart
-    # are meaningful (the CPU platform's single-precision nonbonded terms are not).
-    system = load_system(name, platform="Reference", n_workers=0)
+def test_forces_match_finite_differences(name: str, backend: str):
+    # Reference platform or torch float64: double precision throughout, so differences of
+    # energies 2e-6 nm apart are meaningful (the CPU platform's single-precision nonbonded terms
+    # are not).
+    system = load_system(name, backend=backend, platform="Reference", n_workers=0)
     x = _perturbed(system, n=3, seed=1)[1:]
     grad = -system.force(x)
     # Central differences, h = 1e-6 nm: the truncation error h^2 u'''/6 measured at about
@@ -169,7 +179,7 @@ def test_reference_structure_and_topology(variant):
 
 
 def test_close_and_restart():
-    system = load_system("aldp_vacuum", n_workers=2, threads=1)
+    system = load_system("aldp_vacuum", backend="openmm", n_workers=2, threads=1)
     x = _perturbed(system, n=5)
     u = system.energy(x)
     pids = system.pool.pids
@@ -186,11 +196,11 @@ def test_close_and_restart():
 def test_in_process_and_cpu_platform():
     x = _perturbed(load_system("aldp_vacuum", n_workers=0), n=4)
     expected = _openmm_reduced(_expected_system("aldp_vacuum"), x.numpy())
-    local = load_system("aldp_vacuum", n_workers=0)
+    local = load_system("aldp_vacuum", backend="openmm", n_workers=0)
     np.testing.assert_allclose(local.energy(x).numpy(), expected, rtol=1e-12)
     assert local.pool.pids == []
     # The CPU platform computes nonbonded terms in single precision: measured 3e-7 relative.
-    cpu = load_system("aldp", platform="CPU", n_workers=0, threads=1)
+    cpu = load_system("aldp", backend="openmm", platform="CPU", n_workers=0, threads=1)
     expected = _openmm_reduced(_expected_system("aldp"), x.numpy())
     np.testing.assert_allclose(cpu.energy(x).numpy(), expected, rtol=1e-5)
     assert cpu.platform_name == "CPU"

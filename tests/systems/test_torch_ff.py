@@ -152,7 +152,7 @@ def _configurations(system: openmm.System, positions: np.ndarray, seed: int) -> 
 
 @pytest.fixture(scope="module", params=ALDP_SYSTEMS)
 def aldp(request: pytest.FixtureRequest):
-    system = load_system(request.param, n_workers=0)
+    system = load_system(request.param, backend="openmm", n_workers=0)
     omm = system.openmm_system
     x = _configurations(omm, system.reference_configuration().numpy().reshape(-1, 3), seed=7)
     yield request.param, system, x
@@ -277,6 +277,46 @@ def test_bonded_terms_with_arbitrary_phases():
         system.addForce(force)
     x = torch.from_numpy(0.3 * rng.standard_normal((16, 18)))
     _assert_matches(compile_openmm_system(system), system, x, "bonded terms")
+
+
+def test_degenerate_bonded_geometry_as_openmm():
+    # Coincident or collinear atoms: OpenMM's angle energy is NaN for an arm of zero length and
+    # its forces are zero at exactly 0 or pi; a torsion with three atoms on a line has
+    # phi = pi/2 and NaN forces. The torch terms reproduce each case, so that a molecular
+    # system fails (or evaluates) such a configuration alike on both energy backends.
+    system = _tiny_system(4)
+    torsions, angles = openmm.PeriodicTorsionForce(), openmm.HarmonicAngleForce()
+    torsions.addTorsion(0, 1, 2, 3, 3, 0.7, 5.0)
+    torsions.addTorsion(0, 1, 2, 3, 1, 0.0, 2.0)
+    angles.addAngle(0, 1, 2, 1.9, 300.0)
+    system.addForce(torsions)
+    system.addForce(angles)
+    reference = _Reference(system)
+    ff = compile_openmm_system(system)
+    cases = {
+        "atoms 0 and 1 coincide": [[0, 0, 0], [0, 0, 0], [0.1, 0, 0], [0.1, 0.1, 0]],
+        "atoms 1 and 2 coincide": [[0, 0.1, 0], [0, 0, 0], [0, 0, 0], [0.1, 0.1, 0.05]],
+        "atoms 2 and 3 coincide": [[0, 0.1, 0], [0, 0, 0], [0.1, 0, 0], [0.1, 0, 0]],
+        "angle 0-1-2 at pi": [[-0.1, 0, 0], [0, 0, 0], [0.1, 0, 0], [0.1, 0.1, 0]],
+        "angle 0-1-2 at 0": [[0.2, 0, 0], [0, 0, 0], [0.1, 0, 0], [0.1, 0.1, 0]],
+        "regular": [[0, 0.1, 0.02], [0, 0, 0], [0.1, 0, 0], [0.1, 0.1, 0.05]],
+    }
+    x = torch.tensor(list(cases.values()), dtype=torch.float64).reshape(len(cases), 12)
+    for label, k in ff.force_index.items():
+        e_ref, f_ref = reference.evaluate(x.numpy(), k)
+        xg = x.clone().requires_grad_(True)
+        e = ff.energy_terms(xg)[label]
+        (grad,) = torch.autograd.grad(e.sum(), xg)
+        for row, case in enumerate(cases):
+            what = f"{label}, {case}"
+            if math.isnan(e_ref[row]):
+                assert math.isnan(e[row].item()), what
+                continue
+            assert e[row].item() == pytest.approx(e_ref[row], rel=1e-12), what
+            finite = np.isfinite(f_ref[row]).all()
+            assert bool(torch.isfinite(grad[row]).all()) == finite, what
+            if finite:
+                np.testing.assert_allclose(-grad[row].numpy(), f_ref[row], atol=1e-9, err_msg=what)
 
 
 def test_nonbonded_exceptions_and_buried_gb_atoms():

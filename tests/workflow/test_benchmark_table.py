@@ -114,3 +114,58 @@ def test_ess_seed_summary_without_teacher_seeds_has_no_ratios():
     ]
     assert ess_seed_summary(rows) == "- a K=4: 0.300 (mean 0.300)"
     assert ess_seed_summary([]) == ""
+
+
+def test_molecular_columns_appear_only_when_rows_carry_them():
+    from boltzflow.sampling.results import Estimate
+    from boltzflow.workflow.benchmark import profile_label
+
+    base = {
+        "log_q": "head",
+        "nfe_per_sample": 4,
+        "samples_per_s": 100.0,
+        "ess_fraction": 0.5,
+        "energy_w2": 0.1,
+        "nll": 7.0,
+        "logq_err_median": 0.2,
+        "logq_err_mean": 0.3,
+    }
+    est = Estimate(value=4.0, ci_low=3.5, ci_high=4.5, stderr=0.25, n=100, ess=80.0, method="delta")
+    rows = [
+        {
+            "model": "teacher",
+            "steps": "dopri5",
+            **base,
+            "torus_w2": 0.4321,
+            "delta_f": {"delta": est},
+            "delta_f_vs_reference": {
+                "difference": 0.054,
+                "stderr": 0.261,
+                "z": 0.207,
+                "consistent_at_2se": True,
+            },
+        },
+        {
+            "model": "euler",
+            "steps": 4,
+            **base,
+            "torus_w2": None,
+            "delta_f": {"undefined": "state A has zero weight"},
+            "delta_f_vs_reference": {"difference": None, "note": "undefined"},
+        },
+    ]
+    lines = benchmark_table(rows).splitlines()
+    assert lines[0].endswith("| torus W2 rw (rad) | ΔF (kT) [CI] | ΔF − ref (kT) |")
+    assert all(line.count("|") == 17 for line in lines)
+    assert lines[2].endswith(
+        "| 0.432 | 4.000 [3.500, 4.500] | +0.054 ± 0.261 (z = 0.21; within 2 se: yes) |"
+    )
+    assert lines[3].endswith("| - | undefined | undefined |")
+    # DW4-style rows (no ΔF) keep the 13 columns
+    plain = [{k: v for k, v in r.items() if not k.startswith(("torus", "delta"))} for r in rows]
+    assert benchmark_table(plain).splitlines()[0].count("|") == 14
+    # the F(φ) figure: the teacher, one-pass models and rows at the chosen steps
+    assert profile_label(rows[0], 4) == "teacher"
+    assert profile_label(rows[1], 4) == "euler K=4"
+    assert profile_label({**rows[1], "steps": 2}, 4) is None
+    assert profile_label({"model": "nf", "steps": "-"}, 4) == "nf"

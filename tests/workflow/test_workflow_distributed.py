@@ -13,8 +13,8 @@ import json
 
 import pytest
 from dist_helpers import torchrun
-from quickstart_tiny import TINY
-from test_workflow_pipeline import QUICKSTART, ROOT, STAGES, _run, _set_args
+from quickstart_tiny import TINY, set_args
+from test_workflow_pipeline import QUICKSTART, ROOT, STAGES, _run
 
 from boltzflow.io.samples import read_samples
 from boltzflow.workflow.cache import MANIFEST_FILE
@@ -25,7 +25,7 @@ from boltzflow.workflow.cache import MANIFEST_FILE
 def test_workflow_on_two_ranks(tmp_path):
     out = tmp_path / "two"
     cli = ROOT / "tests" / "cli" / "torchrun_cli.py"
-    args = ["run", str(QUICKSTART), "-o", str(out), "--no-progress", *_set_args(TINY)]
+    args = ["run", str(QUICKSTART), "-o", str(out), "--no-progress", *set_args(TINY)]
     run = torchrun([str(cli), *args], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| teacher |" in run.stdout  # the report table, printed once by rank 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from quickstart_tiny import TINY
+from quickstart_tiny import TINY, set_args
 
 from boltzflow.cli import main
 from boltzflow.io.samples import read_samples
@@ -33,18 +33,6 @@ STAGES = {
     "sample-falcon",
     "report",
 }
-
-
-def _toml(value):
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def _set_args(overrides):
-    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={_toml(v)}")]
 
 
 def _run(out, **overrides):
@@ -167,7 +155,7 @@ def test_benchmark_command_reuses_the_cached_stages(tiny_run, tmp_path, capsys):
             "-o",
             str(out),
             "--no-progress",
-            *_set_args(TINY),
+            *set_args(TINY),
         ]
     )
     assert code == 0
@@ -193,7 +181,8 @@ def test_benchmark_command_reuses_the_cached_stages(tiny_run, tmp_path, capsys):
 
 def test_demo_prints_where_the_outputs_are(tiny_run, tmp_path, capsys):
     out = _copy(tiny_run, tmp_path)
-    code = main(["demo", "-o", str(out), "--no-systems", "--no-progress", *_set_args(TINY)])
+    argv = ["demo", "-o", str(out), "--no-systems", "--no-models", "--no-progress"]
+    code = main([*argv, *set_args(TINY)])
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("report.md", "report.json", "samples.h5"):
@@ -211,7 +200,7 @@ def test_run_command_prints_stage_table_and_comparison(tiny_run, tmp_path, capsy
             "-o",
             str(out),
             "--no-progress",
-            *_set_args(TINY),
+            *set_args(TINY),
             "--force",
             "report",
         ]
@@ -326,7 +315,7 @@ def test_one_process_run_is_up_to_date_under_torchrun(tiny_run, tmp_path):
     out = _copy(tiny_run, tmp_path)
     before = (out / MANIFEST_FILE).read_text()
     cli = ROOT / "tests" / "cli" / "torchrun_cli.py"
-    args = ["run", str(QUICKSTART), "-o", str(out), "--no-progress", *_set_args(TINY)]
+    args = ["run", str(QUICKSTART), "-o", str(out), "--no-progress", *set_args(TINY)]
     run = torchrun([str(cli), *args])
     assert run.returncode == 0, run.stderr[:8000]
     assert run.stdout.count("up to date, skipped") == len(STAGES) + 1  # + trajectories
