@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from boltzflow import __version__
+from boltzflow import __version__, distributed
 from boltzflow.progress import set_quiet
 
 __all__ = ["build_parser", "main"]
@@ -76,22 +76,57 @@ def _add_quiet_to_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code. Expected user errors print one line, not a traceback."""
+    """Entry point; returns the exit code. Expected user errors print one line, not a traceback.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the commands that support it (``sample``,
+    ``reweight``, ``train teacher``, ``run``) run inside a process group
+    (:func:`boltzflow.distributed.session`); the others refuse to start. Only rank 0 shows
+    progress; errors name the rank.
+    """
     args = build_parser().parse_args(argv)
-    # --quiet holds for this call only (main may run several times in one process, e.g. tests)
-    quiet_before = set_quiet(True) if getattr(args, "quiet", False) else None
     try:
-        return int(args.func(args) or 0)
+        env = distributed.launched()
+    except ValueError as err:
+        print(f"boltzflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    where = f"boltzflow {args.command}" + (f" ({env.tag()})" if env.distributed else "")
+    if env.distributed and not getattr(args, "distributed", False):
+        print(
+            f"{where}: error: this command does not run under torchrun (WORLD_SIZE="
+            f"{env.world_size}); run it as one process",
+            file=sys.stderr,
+        )
+        return 2
+    # --quiet holds for this call only (main may run several times in one process, e.g. tests)
+    quiet = getattr(args, "quiet", False) or not env.is_main
+    quiet_before = set_quiet(True) if quiet else None
+    try:
+        with distributed.session():
+            return int(args.func(args) or 0)
+    except distributed.Terminated:
+        print(f"{where}: terminated by the launcher (another rank failed?)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("boltzflow: interrupted", file=sys.stderr)
         return 130
     except (CLIError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"boltzflow {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{where}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as err:  # the last line of defence: unwritable paths, a full disk
-        print(f"boltzflow {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        print(f"{where}: error: {_os_error(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not (env.distributed and distributed.is_communication_error(err)):
+            raise
+        # a collective that failed or timed out: another rank died or stopped answering
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(
+            f"{where}: error: communication with the other ranks failed (another rank probably "
+            f"failed or was killed; see its message): {type(err).__name__}: {first}",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if quiet_before is not None:
             set_quiet(quiet_before)

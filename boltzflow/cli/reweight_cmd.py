@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -13,12 +14,17 @@ __all__ = ["register"]
 
 
 def _cmd_reweight(args: argparse.Namespace) -> int:
+    from boltzflow import distributed
     from boltzflow.analysis.reweight import reweight_analysis
     from boltzflow.io.outputs import check_output_dir, remove_on_failure
     from boltzflow.systems import load_system
 
-    output = check_output_dir(args.output)
-    with load_system(args.system) as system, remove_on_failure(output):
+    me = distributed.info()
+    output = distributed.run_on_all(lambda: check_output_dir(args.output))
+    system = distributed.run_on_all(lambda: load_system(args.system))
+    # only rank 0 writes into the output folder, and only it removes it on failure
+    cleanup = remove_on_failure(output) if me.is_main else contextlib.nullcontext()
+    with system, cleanup:
         results = reweight_analysis(
             args.samples,
             system,
@@ -33,6 +39,8 @@ def _cmd_reweight(args: argparse.Namespace) -> int:
             n_resample=args.n_resample,
             allow_partial=args.allow_partial,
         )
+    if not me.is_main:
+        return 0
     w = results["weights"]
     if "partial file" in w:
         print(w["partial file"])
@@ -68,7 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Weights log w = -u(x) - log q(x) for a sample store written by boltzflow "
         "(needs x and log_q); writes report.md, report.json and PNG plots to the output folder.",
     )
-    p.add_argument("samples", help="HDF5 sample store (boltzflow.io.samples)")
+    p.add_argument(
+        "samples",
+        nargs="+",
+        help="HDF5 sample store(s) (boltzflow.io.samples), analysed as one union; or the "
+        "OUT.shards.json manifest (or OUT.h5) of a distributed `boltzflow sample`",
+    )
     p.add_argument("--system", required=True, help="system name (see `boltzflow systems`)")
     p.add_argument("-o", "--output", required=True, help="result folder")
     p.add_argument("--reference", default=None, help="reference samples (.npy or .h5)")
@@ -104,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--n-resample", type=arg(positive_int, "--n-resample"), help="frames to resample (<= 1000)"
     )
     _allow_partial_option(p)
-    p.set_defaults(func=_cmd_reweight)
+    p.set_defaults(func=_cmd_reweight, distributed=True)
 
     p = sub.add_parser(
         "estimate",

@@ -68,12 +68,16 @@ def _check(args: argparse.Namespace, wf: Any) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from boltzflow import distributed
     from boltzflow.workflow.pipeline import run_workflow
 
-    wf = load_from_args(args, args.workflow)
+    wf = distributed.run_on_all(lambda: load_from_args(args, args.workflow))
     if args.check:
-        return _check(args, wf)
+        return _check(args, wf) if distributed.is_main() else 0
+    # under torchrun rank 0 owns the folder and the report; every rank trains and samples
     run = run_workflow(wf, progress=not args.no_progress, force=args.force or ())
+    if not distributed.is_main():
+        return 0
     report = run.out_dir / "report.json"
     if report.is_file():
         print()
@@ -123,7 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("workflow", help="workflow TOML file (e.g. workflows/quickstart.toml)")
     _common(p)
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, distributed=True)
 
     p = sub.add_parser(
         "benchmark",

@@ -9,6 +9,10 @@
 Every model kind goes through the one sampling path (:mod:`boltzflow.sampling.draw`): batches
 are drawn, weighted against the system the model was trained for (or ``--system``) and
 streamed into an HDF5 sample store, so an interrupted run keeps its completed batches.
+
+Under ``torchrun --nproc_per_node=K`` each rank draws its share with its own seed into
+``OUT.rank<r>-of-<K>.h5``, and rank 0 writes the manifest ``OUT.shards.json``
+(:mod:`boltzflow.sampling.sharded`); ``boltzflow reweight OUT.h5`` reads the shards.
 """
 
 from __future__ import annotations
@@ -24,20 +28,38 @@ from boltzflow.validate import arg, nonnegative_float, nonnegative_int, positive
 __all__ = ["register"]
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from boltzflow.io.outputs import check_output_file, remove_on_failure
+def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
+    """This rank's plan (its output file checked) and the model."""
+    from boltzflow import distributed
+    from boltzflow.io.outputs import check_output_file
+    from boltzflow.io.shards import manifest_path
     from boltzflow.models.protocol import check_count
     from boltzflow.registry.loading import load_model
-    from boltzflow.sampling.draw import cost_of, iter_draws, write_draws
-    from boltzflow.sampling.weights import ess_fraction
+    from boltzflow.sampling.sharded import shard_plan
+
+    me = distributed.info()
+    check_output_file(args.output)
+    check_count(args.n, "-n")
+    plan = shard_plan(args.output, args.n, args.seed, me)[me.rank]
+    if me.distributed:
+        check_output_file(plan.path)
+        check_output_file(manifest_path(args.output))
+    return plan, load_model(args.model, system=args.system)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from boltzflow import distributed
+    from boltzflow.io.outputs import remove_on_failure
+    from boltzflow.sampling.draw import cost_of
+    from boltzflow.sampling.sharded import write_sharded_draws
     from boltzflow.systems import load_system
     from boltzflow.systems.base import energy_provenance_of
 
-    output = check_output_file(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_count(args.n, "-n")
-    model = load_model(args.model, system=args.system)
+    me = distributed.info()
+    # every rank checks its own output; an error on one rank stops them all
+    plan, model = distributed.run_on_all(lambda: _prepare(args))
     settings = ode_settings(args)
     given = sorted(k for k in settings if k not in ("steps", "batch_size", "threads"))
     if given and not hasattr(model, "sampling"):  # only a teacher has ODE settings
@@ -69,43 +91,44 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "energy": energy_provenance_of(system),  # what computed the u column (None: no u)
     }
     try:
-        batches = iter_draws(
-            model,
-            args.n,
-            system=system,
-            steps=steps,
-            seed=args.seed,
-            batch_size=batch_size,
-            progress=True,
-            **settings,
-        )
         # streamed in place: Ctrl-C keeps the completed batches (marked partial), an error
-        # leaves no file
-        with remove_on_failure(output, replaces=True, keep_on_interrupt=True):
-            output.parent.mkdir(parents=True, exist_ok=True)  # as every other command does
-            done = write_draws(
-                output,
-                batches,
-                dim=model.dim,
+        # leaves no file; a shard of a distributed run keeps them on errors too (the job's
+        # other shards stay, and the manifest says the run is incomplete)
+        keep = (lambda _: True) if me.distributed else None
+        with remove_on_failure(plan.path, replaces=True, keep_on_interrupt=True, keep=keep):
+            result = write_sharded_draws(
+                model,
+                args.n,
+                args.output,
+                system=system,
+                steps=steps,
+                seed=args.seed,
+                batch_size=batch_size,
                 provenance=provenance,
-                atomic=False,
-                n_planned=args.n,
+                progress=True,
+                **settings,
             )
-    except KeyboardInterrupt:
-        _report_interrupted(str(output), args.n)
+    except KeyboardInterrupt as err:
+        _report_interrupted(str(plan.path), plan.n)
+        if isinstance(err, distributed.Terminated):
+            raise  # the command line says which rank the launcher stopped, and why
         return 130
     finally:
         if system is not None:
             system.close()
-    cost = cost_of(done)
-    line = (
-        f"wrote {args.n} samples to {args.output}: {provenance['model']}, "
-        f"{'' if steps is None else f'{steps} steps, '}NFE {cost.nfe_per_sample:.1f} per sample, "
-        f"{cost.seconds_per_1000:.3f} s per 1000 samples"
+    if not me.is_main:
+        return 0
+    cost = cost_of(result.batches)
+    where = (
+        args.output if result.manifest is None else f"{me.world_size} shards ({result.manifest})"
     )
-    if system is not None:
-        log_w: Any = torch.cat([b.log_w for b in done])
-        line += f", ESS/N {ess_fraction(log_w):.4f} (N = {args.n})"
+    line = (
+        f"wrote {result.n} samples to {where}: {provenance['model']}, "
+        f"{'' if steps is None else f'{steps} steps, '}NFE {cost.nfe_per_sample:.1f} per sample, "
+        f"{cost.seconds_per_1000:.3f} s per 1000 samples" + (" on rank 0" if me.distributed else "")
+    )
+    if result.ess is not None:
+        line += f", ESS/N {result.ess / result.n:.4f} (N = {result.n})"
     print(line)
     return 0
 
@@ -150,4 +173,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="F2D2 only: maximum-likelihood self-guidance scale (flow units^2 per nat; "
         "default 0, off); log q stays the exact density of the guided map",
     )
-    p.set_defaults(func=_cmd_sample)
+    p.set_defaults(func=_cmd_sample, distributed=True)

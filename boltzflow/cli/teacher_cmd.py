@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -80,13 +81,15 @@ def _load_teacher(folder: str) -> tuple[Any, dict[str, Any]]:
 
 # -- train teacher ------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
+    from boltzflow import distributed
     from boltzflow.data import load_positions
     from boltzflow.io.outputs import check_output_dir, remove_on_failure
     from boltzflow.train.config import load_teacher_config
     from boltzflow.train.teacher import SystemShape, train_teacher
     from boltzflow.train.trainer import CHECKPOINT_FILE
 
-    output = check_output_dir(args.output)
+    me = distributed.info()
+    output = distributed.run_on_all(lambda: check_output_dir(args.output))
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_teacher_config(args.config, args.profile)
@@ -102,11 +105,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if len(data) == 0:
         raise ValueError(f"{args.data}: no training configurations (0 rows)")
     run_info = {"system": system, "data": str(args.data), "profile": args.profile}
-    # a run folder made here that fails before its first checkpoint is removed again
-    with remove_on_failure(output, keep=lambda d: (d / CHECKPOINT_FILE).is_file()):
+
+    # a run folder made here that fails before its first checkpoint is removed again (by the
+    # rank that writes it: rank 0 under torchrun, which trains with DDP on every rank)
+    def keep(folder: Path) -> bool:
+        return (folder / CHECKPOINT_FILE).is_file()
+
+    cleanup = remove_on_failure(output, keep=keep) if me.is_main else contextlib.nullcontext()
+    with cleanup:
         teacher = train_teacher(
             cfg, data, output, shape, resume=not args.restart, run_info=run_info
         )
+    if not me.is_main:
+        return 0
     print(
         f"trained teacher for {system} ({sum(p.numel() for p in teacher.parameters())} "
         f"parameters, {cfg.train.steps} steps) -> {Path(args.output) / 'teacher.pt'}"
@@ -167,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="TOML run configuration")
     p.add_argument("--profile", default=None, help="config profile, e.g. smoke or gpu")
     run_options(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, distributed=True)
 
     p = sub.add_parser("nll", help="negative log-likelihood of configurations under a teacher")
     p.add_argument("model", help="teacher run folder or checkpoint file")

@@ -14,11 +14,19 @@ methods, chosen by ``method``:
   ch. 13), standard error = standard deviation of the replicates.
 
 Free energies are in kT; log Z in nats.
+
+Samples spread over several processes: pass ``reduction=ProcessGroupReduction()``
+(:mod:`boltzflow.sampling.reduction`) and each rank its own samples. The delta-method estimates
+are then formed from all-gathered sufficient statistics (LSEs and sums, O(K) floats per pass) and
+equal those of one process on the union to float rounding; the bootstrap resamples the union
+(gathered, in rank order), so with the same seed it gives the one-process interval. Every rank
+gets the same :class:`Estimate`, and an invalid input on one rank raises on all of them.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +36,8 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 
+from boltzflow.sampling.reduction import LOCAL, Reduction
 from boltzflow.sampling.results import Estimate
-from boltzflow.sampling.weights import kish_ess
 
 __all__ = [
     "METHODS",
@@ -51,27 +59,28 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
     return np.asarray(value)
 
 
-def _log_weights(log_w: Any) -> np.ndarray:
-    """Validated float64 log weights with NaN mapped to -inf (weight zero)."""
+def _log_weights(log_w: Any, red: Reduction = LOCAL) -> tuple[np.ndarray, int]:
+    """Validated float64 log weights with NaN mapped to -inf (weight zero), and N (all ranks)."""
     lw = _as_numpy(log_w, "log_w").astype(np.float64, copy=True)
-    if lw.ndim != 1:
-        raise ValueError(f"log_w must be (N,), got shape {lw.shape}")
-    if lw.size == 0:
+    red.check(None if lw.ndim == 1 else f"log_w must be (N,), got shape {lw.shape}")
+    n = red.count(lw.size)
+    if n == 0:
         raise ValueError("no samples: log_w is empty")
     lw[np.isnan(lw)] = -np.inf
-    if np.any(lw == np.inf):
-        raise ValueError("log_w contains +inf (a sample with zero proposal density)")
-    if not np.isfinite(lw).any():
+    infinite = bool(np.any(lw == np.inf))
+    red.check("log_w contains +inf (a sample with zero proposal density)" if infinite else None)
+    if red.count(int(np.isfinite(lw).sum())) == 0:
         raise ValueError(
             "all importance weights are zero (every log w is -inf or NaN): every sample has "
             "infinite energy or an invalid log q"
         )
-    return lw
+    return lw, n
 
 
-def _normalized(lw: np.ndarray) -> np.ndarray:
-    """exp(lw - LSE(lw)); lw may contain -inf but must have a finite entry."""
-    return np.exp(lw - logsumexp(lw))
+def _normalized(lw: np.ndarray, red: Reduction = LOCAL) -> np.ndarray:
+    """exp(lw - LSE(lw)) with the LSE over all ranks; lw may contain -inf but some rank must
+    have a finite entry."""
+    return np.exp(lw - red.lse(lw))
 
 
 def _check_method(method: str, level: float, n_bootstrap: int) -> None:
@@ -122,11 +131,17 @@ def _percentile_ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarr
 
 
 def _delta_estimate(
-    value: float, se: float, level: float, lw: np.ndarray, label: str = "delta"
+    value: float,
+    se: float,
+    level: float,
+    lw: np.ndarray,
+    n: int,
+    red: Reduction = LOCAL,
+    label: str = "delta",
 ) -> Estimate:
     z = _z(level)
-    ess = kish_ess(torch.from_numpy(lw))
-    return Estimate(value, value - z * se, value + z * se, se, lw.size, ess, label, level)
+    ess = red.kish_ess(lw)
+    return Estimate(value, value - z * se, value + z * se, se, n, ess, label, level)
 
 
 def _clusters(clusters: Any, n: int, method: str) -> np.ndarray | None:
@@ -141,19 +156,29 @@ def _clusters(clusters: Any, n: int, method: str) -> np.ndarray | None:
     return c.astype(np.int64)
 
 
-def _sum_of_squares(terms: np.ndarray, clusters: np.ndarray | None) -> float:
+def _sum_of_squares(
+    terms: np.ndarray, clusters: np.ndarray | None, red: Reduction = LOCAL
+) -> float:
     """sum_i t_i^2, or with clusters sum_c (sum_{i in c} t_i)^2 (correlated samples of one
-    cluster contribute their summed influence; Chan & Lai 2013, Lee & Whiteley 2018)."""
+    cluster contribute their summed influence; Chan & Lai 2013, Lee & Whiteley 2018). Clusters
+    are one process's (the callers gather the union first); without them the sum is over all
+    ranks."""
     if clusters is not None:
         terms = np.bincount(clusters, weights=terms)
-    return float(np.sum(terms**2))
+        return float(np.sum(terms**2))
+    return float(red.sum(terms**2))
 
 
 def _bootstrap_estimate(value: float, reps: np.ndarray, level: float, lw: np.ndarray) -> Estimate:
     lo, hi, sd = _percentile_ci(reps, level)
-    ess = kish_ess(torch.from_numpy(lw))
+    ess = LOCAL.kish_ess(lw)
     label = f"bootstrap(B={len(reps)})"
     return Estimate(value, float(lo), float(hi), float(sd), lw.size, ess, label, level)
+
+
+def _gathered(red: Reduction, *arrays: Any) -> list[np.ndarray]:
+    """The union of each array over the ranks (for the bootstrap), as numpy arrays."""
+    return [red.gather(_as_numpy(a, "array")) for a in arrays]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +190,7 @@ def snis_expectation(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    reduction: Reduction | None = None,
     clusters: Any | None = None,
 ) -> Estimate:
     """Self-normalised estimate of E_p[f] = sum_i W_i f_i with a confidence interval.
@@ -177,31 +203,53 @@ def snis_expectation(
         level: confidence level.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        reduction: how to combine samples held by several processes (module docstring);
+            None: this process holds them all.
         clusters: ``(N,)`` integer labels of correlated groups, e.g. the SMC Eves
             (:attr:`~boltzflow.sampling.smc.SMCResult.eves`): the delta-method variance sums
             each group's influence before squaring (method label ``"delta-clustered"``); with
-            one sample per group it is the plain delta method.
+            one sample per group it is the plain delta method. Under a distributed reduction
+            each rank passes the labels of its own samples (global labels: a group may span
+            ranks), and the union is gathered.
 
     Raises:
         ValueError: on mismatched shapes, all-zero weights, or a non-finite value with nonzero
             weight.
     """
     _check_method(method, level, n_bootstrap)
-    lw = _log_weights(log_w)
+    red = reduction or LOCAL
+    if red.distributed and (method == "bootstrap" or clusters is not None):
+        # the bootstrap resamples the union; clusters may span ranks: both need all the rows
+        f_all, lw_all, *c_all = _gathered(
+            red, values, log_w, *([] if clusters is None else [clusters])
+        )
+        return snis_expectation(
+            f_all,
+            lw_all,
+            method=method,
+            level=level,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            clusters=c_all[0] if c_all else None,
+        )
+    lw, n = _log_weights(log_w, red)
     groups = _clusters(clusters, lw.size, method)
     f = _as_numpy(values, "values").astype(np.float64)
-    if f.shape != lw.shape:
-        raise ValueError(f"values must have shape {lw.shape} like log_w, got {f.shape}")
+    red.check(
+        None
+        if f.shape == lw.shape
+        else f"values must have shape {lw.shape} like log_w, got {f.shape}"
+    )
     live = np.isfinite(lw)
-    if not np.isfinite(f[live]).all():
-        raise ValueError("observable is NaN or infinite at a sample with nonzero weight")
+    bad = not np.isfinite(f[live]).all()
+    red.check("observable is NaN or infinite at a sample with nonzero weight" if bad else None)
     f = np.where(live, f, 0.0)
-    w = _normalized(lw)
-    mu = float(np.sum(w * f))
+    w = _normalized(lw, red)
+    mu = float(red.sum(w * f))
     if method == "delta":
-        se = math.sqrt(_sum_of_squares(w * (f - mu), groups))
+        se = math.sqrt(_sum_of_squares(w * (f - mu), groups, red))
         label = "delta" if groups is None else "delta-clustered"
-        return _delta_estimate(mu, se, level, lw, label)
+        return _delta_estimate(mu, se, level, lw, n, red, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]
@@ -222,6 +270,7 @@ def log_partition(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    reduction: Reduction | None = None,
 ) -> Estimate:
     """log Z = LSE(log w) - log N, the log of the importance-sampling estimate of Z = E_q[w].
 
@@ -235,15 +284,21 @@ def log_partition(
         level: confidence level.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        reduction: how to combine samples held by several processes (module docstring);
+            None: this process holds them all.
     """
     _check_method(method, level, n_bootstrap)
-    lw = _log_weights(log_w)
-    n = lw.size
-    value = float(logsumexp(lw) - math.log(n))
+    red = reduction or LOCAL
+    if method == "bootstrap" and red.distributed:
+        (lw_all,) = _gathered(red, log_w)
+        return log_partition(lw_all, method=method, level=level, n_bootstrap=n_bootstrap, seed=seed)
+    lw, n = _log_weights(log_w, red)
+    lse = red.lse(lw)
+    value = float(lse - math.log(n))
     if method == "delta":
-        w = _normalized(lw)
-        var = float(np.sum((w - 1.0 / n) ** 2)) * n / max(n - 1, 1)
-        return _delta_estimate(value, math.sqrt(var), level, lw)
+        w = np.exp(lw - lse)
+        var = float(red.sum((w - 1.0 / n) ** 2)) * n / max(n - 1, 1)
+        return _delta_estimate(value, math.sqrt(var), level, lw, n, red)
 
     def stat(idx: np.ndarray) -> float:
         return float(logsumexp(lw[idx]) - math.log(n))
@@ -277,6 +332,7 @@ def free_energy_difference(
     level: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    reduction: Reduction | None = None,
     clusters: Any | None = None,
 ) -> Estimate:
     """ΔF = F_A - F_B = -log(P(A) / P(B)) in kT, from weighted indicator sums.
@@ -293,6 +349,8 @@ def free_energy_difference(
         level: confidence level.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        reduction: how to combine samples held by several processes (module docstring);
+            None: this process holds them all.
         clusters: ``(N,)`` integer labels of correlated groups (delta method only; see
             :func:`snis_expectation`).
 
@@ -300,25 +358,40 @@ def free_energy_difference(
         ValueError: if either state carries zero weight (ΔF would be infinite).
     """
     _check_method(method, level, n_bootstrap)
-    lw = _log_weights(log_w)
+    red = reduction or LOCAL
+    if red.distributed and (method == "bootstrap" or clusters is not None):
+        a_all, b_all, lw_all, *c_all = _gathered(
+            red, in_a, in_b, log_w, *([] if clusters is None else [clusters])
+        )
+        return free_energy_difference(
+            a_all,
+            b_all,
+            lw_all,
+            method=method,
+            level=level,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            clusters=c_all[0] if c_all else None,
+        )
+    lw, n = _log_weights(log_w, red)
     groups = _clusters(clusters, lw.size, method)
-    a = _membership(in_a, lw.shape, "in_a")
-    b = _membership(in_b, lw.shape, "in_b")
-    w = _normalized(lw)
-    pa, pb = float(np.sum(w * a)), float(np.sum(w * b))
+    a = red.run(lambda: _membership(in_a, lw.shape, "in_a"))
+    b = red.run(lambda: _membership(in_b, lw.shape, "in_b"))
+    w = _normalized(lw, red)
+    pa, pb = float(red.sum(w * a)), float(red.sum(w * b))
     for name, p, mask in (("A", pa, a), ("B", pb, b)):
         if p <= 0.0:
             raise ValueError(
-                f"state {name} has zero weight ({int((mask > 0).sum())} of {lw.size} samples in "
-                "it): ΔF is infinite; sample more or check the state definition"
+                f"state {name} has zero weight ({red.count(int((mask > 0).sum()))} of {n} "
+                "samples in it): ΔF is infinite; sample more or check the state definition"
             )
     value = -math.log(pa / pb)
     if method == "delta":
         # (w psi)^2, not w^2 psi^2: with P(A) ~ 1e-160 the factors under- and overflow apart
         # (0 * inf = NaN) while each product w_i a_i / P(A) <= 1
-        se = math.sqrt(_sum_of_squares(w * a / pa - w * b / pb, groups))
+        se = math.sqrt(_sum_of_squares(w * a / pa - w * b / pb, groups, red))
         label = "delta" if groups is None else "delta-clustered"
-        return _delta_estimate(value, se, level, lw, label)
+        return _delta_estimate(value, se, level, lw, n, red, label)
 
     def stat(idx: np.ndarray) -> float:
         lwb = lw[idx]
@@ -485,6 +558,7 @@ def free_energy_profile(
     level: float = 0.95,
     n_bootstrap: int = 200,
     seed: int = 0,
+    reduction: Reduction | None = None,
 ) -> FreeEnergyProfile:
     """1-D or 2-D free-energy profile from a weighted histogram, F = -log(p_bin / bin volume).
 
@@ -503,21 +577,37 @@ def free_energy_profile(
         level: confidence level of the band.
         n_bootstrap: bootstrap replicates B.
         seed: bootstrap seed.
+        reduction: how to combine samples held by several processes (module docstring:
+            the delta band from all-gathered bin sums; the bootstrap on the gathered union);
+            None: this process holds them all.
     """
     _check_method(method, level, n_bootstrap)
-    lw = _log_weights(log_w)
+    red = reduction or LOCAL
+    if method == "bootstrap" and red.distributed:
+        s_all, lw_all = _gathered(red, values, log_w)
+        options = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+        return free_energy_profile(
+            s_all, lw_all, bins=bins, value_range=value_range, method=method, **options
+        )
+    lw, n = _log_weights(log_w, red)
     s = _as_numpy(values, "values").astype(np.float64)
     if s.ndim == 1:
         s = s[:, None]
-    if s.ndim != 2 or s.shape[0] != lw.size or s.shape[1] not in (1, 2):
-        raise ValueError(f"values must be (N,) or (N, 2) with N={lw.size}, got {s.shape}")
+    bad = s.ndim != 2 or s.shape[0] != lw.size or s.shape[1] not in (1, 2)
+    red.check(f"values must be (N,) or (N, 2) with N={lw.size}, got {s.shape}" if bad else None)
     dims = s.shape[1]
     nbins = [bins] * dims if isinstance(bins, int) else list(bins)
     if len(nbins) != dims or any(not isinstance(b, int) or b < 1 for b in nbins):
         raise ValueError(f"bins must be a positive int or {dims} positive ints, got {bins!r}")
     if value_range is None:
         live = s[np.isfinite(lw)]
-        ranges = [(float(np.nanmin(col)), float(np.nanmax(col))) for col in live.T]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN bounds
+            bounds = [[np.nanmin(c), np.nanmax(c)] if c.size else [np.inf, -np.inf] for c in live.T]
+        bounds = red.gather(np.array(bounds, dtype=np.float64)[None])  # (ranks, dims, 2)
+        ranges = [
+            (float(np.min(b[:, 0])), float(np.max(b[:, 1]))) for b in bounds.transpose(1, 0, 2)
+        ]
     elif dims == 1 and len(value_range) == 2 and np.isscalar(value_range[0]):
         ranges = [(float(value_range[0]), float(value_range[1]))]
     else:
@@ -528,17 +618,17 @@ def free_energy_profile(
     n_total = int(np.prod(nbins))
     volume = float(np.prod([(hi - lo) / nb for nb, (lo, hi) in zip(nbins, ranges)]))
     shape = tuple(nbins)
-    w = _normalized(lw)
+    w = _normalized(lw, red)
     inside = flat >= 0
-    p = np.bincount(flat[inside], weights=w[inside], minlength=n_total)
+    p = red.add(np.bincount(flat[inside], weights=w[inside], minlength=n_total))
 
     with np.errstate(divide="ignore", invalid="ignore"):
         f_raw = -np.log(p / volume)
         shift = np.min(f_raw[np.isfinite(f_raw)]) if np.isfinite(f_raw).any() else 0.0
         f = f_raw - shift
         if method == "delta":
-            s2 = np.bincount(flat[inside], weights=w[inside] ** 2, minlength=n_total)
-            s2_all = float(np.sum(w**2))
+            s2 = red.add(np.bincount(flat[inside], weights=w[inside] ** 2, minlength=n_total))
+            s2_all = float(red.sum(w**2))
             var_p = (1 - p) ** 2 * s2 + p**2 * (s2_all - s2)
             se = np.where(p > 0, np.sqrt(var_p) / p, np.inf)
             z = _z(level)
@@ -563,7 +653,7 @@ def free_energy_profile(
             f_reps = -np.log(reps / volume)
             _, _, se = _percentile_ci(f_reps, level)
             label = f"bootstrap(B={n_bootstrap})"
-    ess = kish_ess(torch.from_numpy(lw))
+    ess = red.kish_ess(lw)
     return FreeEnergyProfile(
         edges=edges,
         free_energy=f.reshape(shape),
@@ -571,7 +661,7 @@ def free_energy_profile(
         ci_high=hi.reshape(shape),
         stderr=se.reshape(shape),
         probability=p.reshape(shape),
-        n=lw.size,
+        n=n,
         ess=ess,
         method=label,
         level=level,

@@ -19,6 +19,7 @@ __all__ = [
     "ess_fraction",
     "forward_ess_fraction",
     "kish_ess",
+    "kish_ess_from_lse",
     "log_weights",
     "normalized_weights",
 ]
@@ -60,11 +61,22 @@ def normalized_weights(log_w: Tensor) -> Tensor:
     return torch.exp(log_w - torch.logsumexp(log_w, dim=0))
 
 
+def kish_ess_from_lse(lse_w: float, lse_w2: float) -> float:
+    """Kish ESS from its two sufficient statistics, exp(2 LSE(log w) - LSE(2 log w)).
+
+    Args:
+        lse_w: LSE(log w) over the N samples.
+        lse_w2: LSE(2 log w) over the same samples.
+    """
+    return math.exp(2 * lse_w - lse_w2)
+
+
 def kish_ess(log_w: Tensor) -> float:
     """Kish effective sample size exp(2 LSE(log w) - LSE(2 log w)), in [1, N]."""
     log_w = torch.as_tensor(log_w)
     _check_some_finite(log_w)
-    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+    lse_w, lse_w2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
+    return kish_ess_from_lse(float(lse_w), float(lse_w2))
 
 
 def ess_fraction(log_w: Tensor) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from boltzflow import distributed
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.trainer import BatchedLoss, LossFn, Trainer
 
@@ -71,7 +72,8 @@ def fit_and_export(
     trainer.fit(resume=resume, stop_at=stop_at)
     ema = trainer.ema_model()
     ema.eval()
-    if trainer.step >= train.steps:
+    if trainer.step >= train.steps and distributed.is_main():
         info = {"steps": trainer.step, "elapsed_s": trainer.elapsed, **(file_extra or {})}
         ema.save(Path(out_dir) / filename, extra={**info, "run": run_config})
+    distributed.barrier()  # under torchrun: the model file exists for every rank on return
     return ema

@@ -13,6 +13,16 @@ ahead by ``config.data_workers`` background processes (:mod:`boltzflow.train.pre
 
 Run folder layout: ``checkpoint.pt`` (latest full training state), ``metrics.jsonl`` (one JSON
 object per logged step), ``run.json`` (the run's configuration, written at the start).
+
+Under ``torchrun`` (:mod:`boltzflow.distributed`, K > 1 ranks) the model trains under
+``DistributedDataParallel``: every rank builds the same global minibatch of ``batch_size`` rows
+(it depends on the step alone, so only a :class:`BatchedLoss` can be spread), evaluates the
+loss on its own contiguous ``batch_size / K`` rows, and DDP averages the gradients, which is the
+gradient of the global batch's mean loss; clipping, AdamW and EMA then run identically on every
+rank. The logged loss is the mean over ranks. Rank 0 alone writes ``run.json``, the metrics and
+the checkpoints; every rank resumes from the same checkpoint. Building the whole batch on every
+rank keeps the result that of one process (the OT coupling of the global batch), at the price of
+repeating that work K times.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from boltzflow import distributed
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 from boltzflow.progress import Progress
@@ -54,6 +66,49 @@ class BatchedLoss(Protocol):
     def make_batch(self, step: int) -> Any: ...
 
     def batch_loss(self, model: nn.Module, batch: Any) -> Any: ...
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = batch_loss(model, batch)``: the loss inside the module DDP wraps, so
+    that DDP sees the forward pass that produces the gradients it reduces."""
+
+    def __init__(self, model: nn.Module, batch_loss: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
+
+    def forward(self, batch: Any) -> Any:
+        return self.batch_loss(self.model, batch)
+
+
+def rank_rows(batch: Any, rank: int, world_size: int) -> Any:
+    """Rank ``rank``'s contiguous rows of a minibatch: every tensor (in nested tuples, lists and
+    dicts; None kept) whose first dimension is the batch's is sliced the same way."""
+    sizes = [t.shape[0] for t in _tensors(batch) if t.ndim > 0]
+    if not sizes:
+        return batch
+    start, stop = distributed.shard_range(sizes[0], rank, world_size)
+
+    def cut(obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            return obj[start:stop] if obj.ndim > 0 and obj.shape[0] == sizes[0] else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: cut(v) for k, v in obj.items()}
+        return obj
+
+    return cut(batch)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -150,6 +205,11 @@ class Trainer:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("train.device is 'cuda' but CUDA is not available")
+        self.dist = distributed.info()
+        if self.dist.distributed:
+            _check_distributed(loss_fn, config, self.dist)
+            if self.device.type == "cuda":  # one GPU per rank
+                self.device = torch.device("cuda", self.dist.local_rank)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         if config.compile and not isinstance(loss_fn, BatchedLoss):
@@ -164,7 +224,7 @@ class Trainer:
         self.model_config = model_config
         self.run_config = run_config or {}
         self.extra = extra or {}
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
@@ -208,7 +268,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write ``checkpoint.pt`` atomically (and the metrics so far)."""
+        """Write ``checkpoint.pt`` atomically (and the metrics so far); rank 0 only."""
+        if not self.dist.is_main:
+            return self.checkpoint_path
         path = save_checkpoint(self.checkpoint_path, self.state())
         self._write_metrics()
         return path
@@ -261,6 +323,9 @@ class Trainer:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _write_metrics(self) -> None:
+        if not self.dist.is_main:
+            return
+
         # strict JSON: non-finite numbers (e.g. no gradient norm yet) become null
         def finite(v: Any) -> Any:
             return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -284,7 +349,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and self.checkpoint_path.is_file():
             self.resume()
-        else:
+        elif self.dist.is_main:
             atomic_write_text(
                 self.out_dir / RUN_FILE,
                 json.dumps({"train": _asdict(cfg), "run": self.run_config}, indent=2) + "\n",
@@ -304,10 +369,23 @@ class Trainer:
             batch_loss = self.loss_fn.batch_loss
             if cfg.compile:  # the constructor allows compile only here
                 batch_loss = torch.compile(batch_loss)
+        ddp = None
+        if self.dist.distributed:  # after resume: every rank holds the same weights
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # some backbones hold parameters a loss never reaches (the EGNN's last coordinate
+            # head): DDP must look for them every step, or it waits for their gradients
+            ddp = DistributedDataParallel(
+                _LossModule(self.model, batch_loss), device_ids=ids, find_unused_parameters=True
+            )
+        me = self.dist
         with bar, stream as batches:  # closing the stream stops its workers
             while self.step < end:
                 if batches is None:
                     out = self.loss_fn(self.model, self.generator, self.step)
+                elif ddp is not None:
+                    out = ddp(rank_rows(next(batches), me.rank, me.world_size))
                 else:
                     out = batch_loss(self.model, next(batches))
                 loss, more = out if isinstance(out, tuple) else (out, {})
@@ -334,6 +412,8 @@ class Trainer:
                     now = time.perf_counter()
                     self.elapsed += now - t_window
                     rate = len(window) / max(now - t_window, 1e-9)
+                    if me.distributed:  # the global batch's loss: the mean over the ranks
+                        window, extras = _mean_over_ranks(window, extras)
                     record = {
                         "step": self.step,
                         "loss": sum(window) / len(window),
@@ -355,6 +435,33 @@ class Trainer:
     def ema_model(self) -> nn.Module:
         """A copy of the model with the EMA weights."""
         return self.ema.copy_to(self.model)
+
+
+def _check_distributed(loss_fn: Any, config: TrainConfig, me: distributed.DistInfo) -> None:
+    """What training on several ranks needs (raises ``ValueError`` naming what is missing)."""
+    if not isinstance(loss_fn, BatchedLoss):
+        raise ValueError(
+            f"training on {me.world_size} ranks needs a loss whose minibatch depends on the step "
+            "alone (a BatchedLoss, such as the teacher's); this model's loss draws its own "
+            "batches: train it as one process"
+        )
+    if config.compile:
+        raise ValueError("train.compile is not supported under torchrun; set compile = false")
+    if config.batch_size % me.world_size:
+        raise ValueError(
+            f"train.batch_size {config.batch_size} is not divisible by the {me.world_size} "
+            "ranks: each rank takes an equal share of the global batch"
+        )
+
+
+def _mean_over_ranks(
+    window: list[float], extras: dict[str, list[float]]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Per-step losses (and extra metrics) averaged over the ranks, in a fixed order."""
+    keys = sorted(extras)
+    local = np.array([window, *(extras[k] for k in keys)], dtype=np.float64).T  # (steps, 1+m)
+    mean = np.mean(np.stack(distributed.all_gather_arrays(local)), axis=0)
+    return mean[:, 0].tolist(), {k: mean[:, 1 + i].tolist() for i, k in enumerate(keys)}
 
 
 # train-config keys that change how the work is done, not what is computed

@@ -13,16 +13,26 @@ own progress bars; :func:`format_stage_table` renders the final table.
 
 The engine knows nothing of what a workflow's stages are: :mod:`boltzflow.workflow.pipeline`
 builds them (:mod:`boltzflow.workflow.stages`) and hands them to :func:`run_stages`.
+
+Under ``torchrun`` (several ranks) rank 0 owns the output folder: it holds the lock, decides
+from the manifest which stages are up to date, prepares work folders, records results and
+writes the log. It sends each decision to the other ranks (:func:`~boltzflow.distributed.
+wait_group`, which waits as long as rank 0 works alone); they run the stages marked
+``distributed`` (training, sampling) with it and skip the others, which rank 0 runs as a single
+process (:func:`~boltzflow.distributed.alone`). Keys never depend on the number of processes,
+so a folder made by one process is up to date for K and the other way round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from boltzflow import distributed
 from boltzflow.workflow.cache import (
     Manifest,
     file_fingerprint,
@@ -103,34 +113,48 @@ def run_stages(
         raise ValueError(
             f"cannot force unknown stage(s) {unknown}; stages: {[s.name for s in order]}"
         )
-    say = log or (lambda msg: print(msg, flush=True))
+    me = distributed.info()
+    main = me.is_main
+    say = (log or (lambda msg: print(msg, flush=True))) if main else _silent
     out = Path(out_dir).absolute()  # stage outputs are recorded relative to this folder
     results: list[StageResult] = []
-    with run_lock(out):
-        manifest = Manifest(out, workflow)
+    group = distributed.wait_group() if me.distributed else None
+    with run_lock(out) if main else contextlib.nullcontext():
+        manifest = Manifest(out, workflow) if main else None
         summaries: dict[str, dict[str, Any]] = {}
         for i, stage in enumerate(order, 1):
             tag = f"[{i}/{len(order)}] {stage.name}"
-            key = _key(stage, manifest)
-            current, reason = manifest.current(stage.name, key)
-            if stage.name in force:
-                current, reason = False, "forced"
+            decision: dict[str, Any] | None = None
+            if main:
+                key = _key(stage, manifest)
+                current, reason = manifest.current(stage.name, key)
+                if stage.name in force:
+                    current, reason = False, "forced"
+                resumed = None
+                if not current and stage.workdir is not None:
+                    resumed = prepare_workdir(out / stage.workdir, key)
+                decision = {"key": key, "current": current, "reason": reason, "resumed": resumed}
+                if current:
+                    rec = manifest.get(stage.name) or {}
+                    summaries[stage.name] = dict(rec.get("summary", {}))
+                decision["upstream"] = {d: summaries.get(d, {}) for d in stage.deps}
+            if me.distributed:
+                decision = distributed.broadcast_object(decision, group=group)
+            key, current, reason = decision["key"], decision["current"], decision["reason"]
+            resumed = decision["resumed"]
             if current:
-                rec = manifest.get(stage.name) or {}
-                summaries[stage.name] = dict(rec.get("summary", {}))
+                summary = summaries.get(stage.name, {})
                 say(f"{tag}: up to date, skipped")
-                results.append(
-                    StageResult(stage.name, "cached", 0.0, "up to date", summaries[stage.name])
-                )
+                results.append(StageResult(stage.name, "cached", 0.0, "up to date", summary))
+                continue
+            if not main and not stage.distributed:  # rank 0 runs it alone
+                results.append(StageResult(stage.name, "ran", 0.0, "on rank 0", {}))
                 continue
             say(
                 f"{tag}: running ({reason})"
                 + (f" - {stage.description}" if stage.description else "")
             )
-            workdir = resumed = None
-            if stage.workdir is not None:
-                workdir = out / stage.workdir
-                resumed = prepare_workdir(workdir, key)
+            workdir = None if stage.workdir is None else out / stage.workdir
             ctx = StageContext(
                 out_dir=out,
                 stage=stage,
@@ -138,17 +162,20 @@ def run_stages(
                 workdir=workdir,
                 resumed=bool(resumed),
                 progress=progress,
-                upstream={d: summaries.get(d, {}) for d in stage.deps},
+                upstream=decision["upstream"],
             )
             start, cpu_start = time.perf_counter(), time.process_time()
+            together = stage.distributed or not me.distributed
             try:
-                summary = dict(stage.run(ctx) or {})
+                with contextlib.nullcontext() if together else distributed.alone():
+                    summary = dict(stage.run(ctx) or {})
                 missing = [rel for rel in stage.outputs if not (out / rel).is_file()]
-                if missing:
+                if main and missing:
                     raise ValueError(f"stage {stage.name!r} did not write its output(s) {missing}")
             except BaseException as err:
                 seconds = time.perf_counter() - start
-                manifest.forget(stage.name)
+                if main:
+                    manifest.forget(stage.name)
                 what = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 say(f"{tag}: {what} after {seconds:.1f} s: {type(err).__name__}: {err}")
                 cpu = time.process_time() - cpu_start
@@ -156,13 +183,18 @@ def run_stages(
                 raise
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             outputs = list(dict.fromkeys([*stage.outputs, *ctx.extra_outputs]))
-            manifest.record(
-                stage.name, key, outputs, seconds=seconds, cpu_seconds=cpu, summary=summary
-            )
+            if main:
+                manifest.record(
+                    stage.name, key, outputs, seconds=seconds, cpu_seconds=cpu, summary=summary
+                )
             summaries[stage.name] = summary
             say(f"{tag}: done in {seconds:.1f} s (CPU {cpu:.1f} s)")
             results.append(StageResult(stage.name, "ran", seconds, reason, summary, cpu))
     return results
+
+
+def _silent(msg: str) -> None:
+    """The log of the ranks other than 0 (rank 0 writes it)."""
 
 
 def _short(summary: Mapping[str, Any], limit: int = 70) -> str:

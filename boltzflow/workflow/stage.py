@@ -68,6 +68,8 @@ class Stage:
         outputs: files it writes, relative to the output folder.
         workdir: folder (relative) for resumable partial work, kept while the key is unchanged.
         description: one line for the log.
+        distributed: under torchrun every rank runs this stage together (training with DDP,
+            sampling into shards); otherwise rank 0 runs it alone while the others wait.
     """
 
     name: str
@@ -78,6 +80,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     workdir: str | None = None
     description: str = ""
+    distributed: bool = False
 
 
 @dataclass(frozen=True)

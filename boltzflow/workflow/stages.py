@@ -327,10 +327,16 @@ def _sample_model(
     """Draw ``wf.sample.n`` samples of ``model`` in ``steps`` (``batch_size`` rows at a time;
     None: the model's own), weighted against the open ``system``, and write
     ``samples/<label>.h5``; returns ESS/N and the :class:`~boltzflow.sampling.draw.SampleCost`.
-    ``sampling`` is recorded as provenance."""
+    ``sampling`` is recorded as provenance. Under torchrun every rank draws its share
+    (:func:`_sample_sharded`)."""
+    from boltzflow import distributed
     from boltzflow.sampling.draw import Draw, iter_draws, write_draws
     from boltzflow.systems.base import energy_provenance_of
 
+    if distributed.info().distributed:
+        return _sample_sharded(
+            ctx, wf, system, model, label, steps, provenance, sampling, batch_size
+        )
     n, seed = wf.sample.n, wf.seed + 1
     batches = list(
         iter_draws(
@@ -359,6 +365,77 @@ def _sample_model(
     }
     write_draws(ctx.path(f"samples/{label}.h5"), batches, dim=model.dim, provenance=prov)
     return draw.samples.ess_fraction, draw.cost
+
+
+def _sample_sharded(
+    ctx: StageContext,
+    wf: Workflow,
+    system: Any,
+    model: Any,
+    label: str,
+    steps: int | None,
+    provenance: dict[str, Any],
+    sampling: dict[str, Any],
+    batch_size: int | None,
+) -> tuple[float, Any]:
+    """:func:`_sample_model` on every rank: each draws its share with its rank seed into a shard
+    (:func:`~boltzflow.sampling.sharded.write_sharded_draws`), then rank 0 merges the shards into
+    ``samples/<label>.h5`` (the stage's output, as one process writes it) and removes them.
+    Cost: wall time of the slowest rank, NFE per sample of the union."""
+    from boltzflow import distributed
+    from boltzflow.io.shards import merge_stores, shard_path
+    from boltzflow.sampling.draw import SampleCost, cost_of
+    from boltzflow.sampling.sharded import write_sharded_draws
+    from boltzflow.systems.base import energy_provenance_of
+
+    me = distributed.info()
+    n, seed = wf.sample.n, wf.seed + 1
+    shards = ctx.path(f"samples/.{label}.shards")
+    prov = {
+        **provenance,
+        "system": wf.system,
+        "seed": seed,
+        "n": n,
+        "steps": steps,
+        "log_q_kind": model.log_q_kind,
+        "energy": energy_provenance_of(system),  # what computed the u column
+        "sampling": sampling,
+        "log_q": "density on the mean-free subspace" if model.mean_free else "density",
+    }
+    result = write_sharded_draws(
+        model,
+        n,
+        shards / f"{label}.h5",
+        system=system,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        provenance=prov,
+        progress=ctx.progress,
+    )
+    costs = distributed.all_gather_objects(cost_of(result.batches))
+    cost = SampleCost(
+        n=result.n,
+        nfe_per_sample=sum(c.nfe_per_sample * c.n for c in costs) / max(result.n, 1),
+        seconds=max(c.seconds for c in costs),
+        cpu_seconds=sum(c.cpu_seconds for c in costs),
+        trace_evals=sum(c.trace_evals for c in costs),
+    )
+    if me.is_main:
+        files = [shard_path(shards / f"{label}.h5", r, me.world_size) for r in range(me.world_size)]
+        merged = {
+            **prov,
+            "world_size": me.world_size,
+            "rank_seeds": [
+                distributed.rank_seed(seed, r, me.world_size) for r in range(me.world_size)
+            ],
+            "nfe_per_sample": cost.nfe_per_sample,
+            "sample_seconds": cost.seconds,
+        }
+        merge_stores(files, ctx.path(f"samples/{label}.h5"), provenance=merged)
+        shutil.rmtree(shards, ignore_errors=True)
+    distributed.barrier()  # the merged file exists on every rank's return
+    return result.ess / result.n, cost
 
 
 def _run_sample_teacher(ctx: StageContext, wf: Workflow) -> dict[str, Any]:
@@ -533,6 +610,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                 deps=("teacher",),
                 outputs=("samples/teacher.h5",),
                 description="teacher samples with exact log q",
+                distributed=True,
             )
         )
         sample_stages.append("sample-teacher")
@@ -546,6 +624,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
                 deps=(f"student-{name}",),
                 outputs=tuple(f"samples/{label}.h5" for label, _ in plan[name]),
                 description=f"{name} samples",
+                distributed=True,
             )
         )
         sample_stages.append(f"sample-{name}")
@@ -603,6 +682,7 @@ def _teacher_stage(wf: Workflow, system: dict[str, Any]) -> Stage:
         outputs=(TEACHER_FILE,),
         workdir="teacher",
         description="flow-matching teacher CNF",
+        distributed=True,
     )
 
 

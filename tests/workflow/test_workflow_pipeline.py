@@ -304,3 +304,20 @@ def test_full_quickstart_within_its_cpu_budget(tmp_path):
     assert all(r["ESS/N"] > 0 for r in report["models"])
     for name in ("report.md", "samples.h5", "analysis/energy_histograms.png"):
         assert (tmp_path / "qs" / name).is_file()
+
+
+@pytest.mark.timeout(200)
+def test_one_process_run_is_up_to_date_under_torchrun(tiny_run, tmp_path):
+    """The cache keys do not depend on the number of processes: the 1-process run, run again
+    by `boltzflow run` on 2 ranks (torchrun, gloo), is up to date stage by stage."""
+    from dist_helpers import torchrun
+
+    out = _copy(tiny_run, tmp_path)
+    before = (out / MANIFEST_FILE).read_text()
+    cli = ROOT / "tests" / "cli" / "torchrun_cli.py"
+    args = ["run", str(QUICKSTART), "-o", str(out), "--no-progress", *set_args(TINY)]
+    run = torchrun([str(cli), *args])
+    assert run.returncode == 0, run.stderr[:8000]
+    assert run.stdout.count("up to date, skipped") == len(STAGES) + 1  # + trajectories
+    assert "running" not in run.stdout
+    assert (out / MANIFEST_FILE).read_text() == before
