@@ -236,12 +236,20 @@ def session(*, timeout: float | None = None, device: str | None = None) -> Itera
     previous = None
     if me.distributed and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    clean = False
     try:
         yield me
+        clean = True
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if own:
+            if clean and me.distributed:
+                # every rank reaches this point before any tears the group down: a rank that
+                # destroys gloo while a peer still talks to it aborts ("terminate called
+                # without an active exception"); after a failure the peers are not waited for
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             shutdown()
 
 
