@@ -136,7 +136,9 @@ class StudentOptions:
 @dataclass
 class TrajectoryConfig:
     """Teacher trajectory cache: ``n`` trajectories on ``grid`` uniform intervals (a power of 2
-    so that 1, 2, 4, ... step jumps lie on the grid). The fields are keywords of
+    so that 1, 2, 4, ... step jumps lie on the grid), plus ``tail_fraction · n`` more started
+    from the prior widened by ``tail_scale`` (the prior's tails, where a student's log q is
+    otherwise never supervised). The fields are keywords of
     :func:`boltzflow.distill.trajectories.teacher_trajectories`."""
 
     n: int = 16384
@@ -145,12 +147,29 @@ class TrajectoryConfig:
     rtol: float = 1e-5
     batch_size: int = 1000
     seed: int = 12345
+    tail_fraction: float = 0.0
+    tail_scale: float = 1.5
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("trajectories.n and trajectories.batch_size must be >= 1")
         if self.grid < 1 or self.grid & (self.grid - 1):
             raise ValueError(f"trajectories.grid must be a power of 2, got {self.grid}")
+        if not 0.0 <= self.tail_fraction <= 1.0:
+            raise ValueError(
+                f"trajectories.tail_fraction must be in [0, 1], got {self.tail_fraction}"
+            )
+        if not self.tail_scale >= 1.0:
+            raise ValueError(f"trajectories.tail_scale must be >= 1, got {self.tail_scale}")
+
+    def options(self) -> dict[str, Any]:
+        """Keywords of :func:`~boltzflow.distill.trajectories.teacher_trajectories`; the tail
+        settings only when tail trajectories are asked for (so that caches made before they
+        existed stay valid)."""
+        out = dataclasses.asdict(self)
+        if self.tail_fraction == 0.0:
+            del out["tail_fraction"], out["tail_scale"]
+        return out
 
 
 @dataclass
@@ -373,7 +392,7 @@ def _trajectories(
     cfg: StudentConfig, teacher: TeacherCNF, out: Path, progress: bool
 ) -> Trajectories:
     """Load ``OUT/trajectories.pt`` if it was made with these settings, else generate it."""
-    tc = dataclasses.asdict(cfg.trajectories)
+    tc = cfg.trajectories.options()
     path = out / TRAJECTORY_FILE
     if path.is_file():
         traj, info = Trajectories.load(path)

@@ -47,6 +47,9 @@ class Trajectories:
         seconds: wall time of the generation.
         periodic: boolean ``(dim,)`` mask of the periodic columns (internal coordinates; their
             positions are the continuous path, not wrapped: module docstring), or None.
+        n_prior: the first ``n_prior`` trajectories start from prior samples; any after them
+            from a widened prior (tail supervision), so their ends are not teacher samples.
+            None: all of them.
     """
 
     times: Tensor
@@ -56,6 +59,7 @@ class Trajectories:
     div: Tensor
     seconds: float = 0.0
     periodic: Tensor | None = None
+    n_prior: int | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -78,8 +82,25 @@ class Trajectories:
         return x_s, x_s + (end - start)
 
     def ends(self) -> Tensor:
-        """``(N, dim)`` the teacher's samples (the trajectories' last points), wrapped."""
-        return self._wrap(self.x[:, -1])
+        """``(n_prior, dim)`` the teacher's samples (the last points of the trajectories that
+        start from the prior), wrapped."""
+        return self._wrap(self.x[: self.n_prior, -1])
+
+    @classmethod
+    def cat(cls, first: Trajectories, second: Trajectories) -> Trajectories:
+        """``first`` (from the prior) followed by ``second`` (from a widened prior)."""
+        if not torch.equal(first.times, second.times):
+            raise ValueError("trajectories on different grids cannot be joined")
+        return cls(
+            first.times,
+            torch.cat([first.x, second.x]),
+            torch.cat([first.logp, second.logp]),
+            torch.cat([first.v, second.v]),
+            torch.cat([first.div, second.div]),
+            first.seconds + second.seconds,
+            first.periodic,
+            len(first) if first.n_prior is None else first.n_prior,
+        )
 
     def save(self, path: str | os.PathLike[str], *, info: dict | None = None) -> Path:
         """Write a checksummed checkpoint file (kind ``"teacher_trajectories"``)."""
@@ -92,6 +113,7 @@ class Trajectories:
             "div": self.div,
             "seconds": self.seconds,
             "periodic": self.periodic,
+            "n_prior": self.n_prior,
             "info": dict(info or {}),
         }
         return save_checkpoint(path, payload)
@@ -108,6 +130,7 @@ class Trajectories:
             p["div"],
             float(p["seconds"]),
             p.get("periodic"),  # files written before internal coordinates: None
+            p.get("n_prior"),  # files written before tail trajectories: None (all)
         )
         return traj, dict(p.get("info", {}))
 
@@ -123,6 +146,9 @@ def teacher_trajectories(
     rtol: float = 1e-5,
     method: str = "dopri5",
     progress: bool = False,
+    tail_fraction: float = 0.0,
+    tail_scale: float = 1.5,
+    prior_scale: float = 1.0,
 ) -> Trajectories:
     """Integrate ``n`` prior samples through the teacher and record a uniform grid.
 
@@ -133,6 +159,12 @@ def teacher_trajectories(
         seed: seeds the prior draw.
         batch_size: trajectories per solve.
         atol, rtol, method: solver settings (adaptive torchdiffeq method).
+        tail_fraction, tail_scale: append ``round(tail_fraction · n)`` trajectories started
+            from prior samples multiplied by ``tail_scale`` (seed ``seed + 1``). The teacher's
+            map and divergence are exact from any start, so these are exact supervision where
+            the prior puts little mass but importance weights are most sensitive: a student's
+            log q error on a rare far-out draw becomes one dominant weight.
+        prior_scale: the factor of this call's own starts (used for the tail part).
 
     Returns:
         :class:`Trajectories` in float32 on CPU (for an internal-coordinate teacher: on its z,
@@ -140,6 +172,22 @@ def teacher_trajectories(
     """
     if n < 1 or grid < 1:
         raise ValueError(f"need n >= 1 and grid >= 1, got {n}, {grid}")
+    n_tail = round(tail_fraction * n)
+    if n_tail > 0:
+        settings = {"grid": grid, "batch_size": batch_size, "atol": atol, "rtol": rtol}
+        main = teacher_trajectories(
+            teacher, n, seed=seed, method=method, progress=progress, **settings
+        )
+        tail = teacher_trajectories(
+            teacher,
+            n_tail,
+            seed=seed + 1,
+            method=method,
+            progress=progress,
+            prior_scale=tail_scale,
+            **settings,
+        )
+        return Trajectories.cat(main, tail)
     start = time.perf_counter()
     p = next(teacher.parameters())
     times = torch.linspace(0.0, 1.0, grid + 1, dtype=p.dtype, device=p.device)
@@ -156,6 +204,7 @@ def teacher_trajectories(
         divergence="exact",
         trace_mode="vjp",
         batch_size=batch_size,
+        prior_scale=prior_scale,
     )
     net = teacher.net
     was_training = teacher.training

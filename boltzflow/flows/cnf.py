@@ -418,6 +418,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         times: Tensor | None = None,
         progress: bool = False,
         desc: str = "push-forward",
+        prior_scale: float = 1.0,
         **settings: Any,
     ) -> Iterator[tuple[Tensor, ODEResult]]:
         """Draw ``n`` prior points and integrate them from t = 0 to 1, batch by batch.
@@ -433,6 +434,10 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             times: ``(T,)`` output times from 0 to 1 (best in the model's dtype); each result
                 then carries ``path (T, b, dim)`` (:func:`~boltzflow.flows.ode.integrate`).
             progress, desc: show a progress bar with this label.
+            prior_scale: multiply the prior draws by this factor (> 0): starting points
+                from a widened prior, for supervision in its tails. The start points are then
+                not prior samples, so the ends are not the model's samples; models with
+                periodic columns refuse any factor but 1.
             **settings: override :attr:`sampling` (keys of :data:`DEFAULT_SAMPLING`).
 
         Yields:
@@ -440,11 +445,17 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             solve, both in flow units (``res.x`` not re-projected onto the mean-free subspace).
         """
         check_count(n)
+        if not prior_scale > 0:
+            raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
+        if prior_scale != 1.0 and self.periodic is not None:
+            raise ValueError("prior_scale != 1 would move periodic columns off the circle")
         opts = self.settings_with(settings, steps, batch_size)
         batch_size = self._batch_size(opts)
         p = self._param()
         gen = torch.Generator().manual_seed(seed)
         x0 = self.prior.sample(n, generator=gen, dtype=p.dtype, device=p.device)
+        if prior_scale != 1.0:
+            x0 = x0 * prior_scale
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
         with Progress(n, enabled=progress, desc=desc, unit="sample") as bar:
             for start in range(0, n, batch_size):

@@ -251,7 +251,7 @@ def _run_import(
 def _trajectory_config(st: StudentSpec) -> dict[str, Any] | None:
     if getattr(getattr(st.config, "loss", None), "target", None) != "teacher":
         return None  # trained without teacher trajectories (from data, or an nf student)
-    return dataclasses.asdict(st.config.trajectories)
+    return st.config.trajectories.options()
 
 
 def _trajectory_id(tc: dict[str, Any]) -> str:
