@@ -142,10 +142,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    reference = load_reference_profile(args.reference)
-    ref, region = reference.delta_f, reference.region
-    model = load_student(args.run, system=args.system).eval()
     try:
         options = LatentSMCOptions(
             kernel=args.kernel,
@@ -159,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as err:
         parser.error(str(err))
     smc_options = asdict(options)
+
+    reference = load_reference_profile(args.reference)
+    ref, region = reference.delta_f, reference.region
+    model = load_student(args.run, system=args.system).eval()
     rows = []
     with load_system(args.system, n_workers=args.n_workers) as system:
         system.energy(system.reference_configuration())  # start the OpenMM pool before timing
