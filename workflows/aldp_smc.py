@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ from boltzflow.analysis.report import jsonable
 from boltzflow.distill import load_student
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.sampling import free_energy_difference
-from boltzflow.sampling.latent import refine_latent
+from boltzflow.sampling.latent import LatentSMCOptions, refine_latent
+from boltzflow.sampling.smc import KERNELS
 from boltzflow.sampling.weights import ess_fraction, log_weights
 from boltzflow.systems import load_system
 from boltzflow.systems.base import System, compute_energies
@@ -99,17 +101,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("-n", type=int, default=1000, help="samples / particles N")
     parser.add_argument("--steps", type=int, default=4, help="student steps K")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kernel", choices=["mala", "hmc"], default="mala")
+    defaults = LatentSMCOptions()
+    parser.add_argument("--kernel", choices=sorted(KERNELS), default=defaults.kernel)
     parser.add_argument(
         "--adaptive-ess",
         type=float,
-        default=0.9,
+        default=defaults.adaptive_ess,
         help="conditional ESS/N kept by each tempering step",
     )
-    parser.add_argument("--n-kernel-steps", type=int, default=5, help="moves per temperature")
-    parser.add_argument("--step-size", type=float, default=0.05, help="initial step size")
-    parser.add_argument("--n-leapfrog", type=int, default=5)
-    parser.add_argument("--resample-threshold", type=float, default=0.8)
+    parser.add_argument(
+        "--n-temperatures",
+        type=int,
+        default=defaults.n_temperatures,
+        help="K > 0: K evenly spaced temperatures instead of the adaptive schedule",
+    )
+    parser.add_argument(
+        "--n-kernel-steps", type=int, default=defaults.n_kernel_steps, help="moves per temperature"
+    )
+    parser.add_argument(
+        "--step-size", type=float, default=defaults.step_size, help="initial step size"
+    )
+    parser.add_argument("--n-leapfrog", type=int, default=defaults.n_leapfrog)
+    parser.add_argument("--resample-threshold", type=float, default=defaults.resample_threshold)
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -129,18 +142,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        options = LatentSMCOptions(
+            kernel=args.kernel,
+            adaptive_ess=args.adaptive_ess,
+            n_temperatures=args.n_temperatures,
+            n_kernel_steps=args.n_kernel_steps,
+            step_size=args.step_size,
+            n_leapfrog=args.n_leapfrog,
+            resample_threshold=args.resample_threshold,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    smc_options = asdict(options)
 
     reference = load_reference_profile(args.reference)
     ref, region = reference.delta_f, reference.region
     model = load_student(args.run, system=args.system).eval()
-    smc_options = {
-        "adaptive_ess": args.adaptive_ess,
-        "kernel": args.kernel,
-        "n_kernel_steps": args.n_kernel_steps,
-        "step_size": args.step_size,
-        "n_leapfrog": args.n_leapfrog,
-        "resample_threshold": args.resample_threshold,
-    }
     rows = []
     with load_system(args.system, n_workers=args.n_workers) as system:
         system.energy(system.reference_configuration())  # start the OpenMM pool before timing
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps=args.steps,
             seed=args.seed,
             batch_size=args.batch_size,
-            **smc_options,
+            **options.smc_kwargs(),
         )
         cpu = time.process_time() - c0
         s = r.samples
@@ -255,8 +273,8 @@ def _markdown(results: dict[str, Any]) -> str:
     load = results["load average (1 min) before / after"]
     lines += [
         "",
-        f"SMC: {smc['temperatures']} temperatures (adaptive, conditional ESS/N "
-        f"{results['smc']['adaptive_ess']}), {results['smc']['n_kernel_steps']} "
+        f"SMC: {smc['temperatures']} temperatures ({_schedule(results['smc'])}), "
+        f"{results['smc']['n_kernel_steps']} "
         f"{results['smc']['kernel'].upper()} moves each, mean acceptance {smc['acceptance']:.2f}, "
         f"resampled {int(np.sum(smc['resampled']))}x (last step: {smc['last_step_resampled']}), "
         f"ESS/N before any resampling at the last step {smc['last_ess_before_resampling']:.3f}, "
@@ -266,6 +284,12 @@ def _markdown(results: dict[str, Any]) -> str:
         f"(1 min, before / after) on {results['machine cores']} cores.",
     ]
     return "\n".join(lines)
+
+
+def _schedule(options: dict[str, Any]) -> str:
+    if options["n_temperatures"]:
+        return "evenly spaced"
+    return f"adaptive, conditional ESS/N {options['adaptive_ess']}"
 
 
 if __name__ == "__main__":

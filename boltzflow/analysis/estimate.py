@@ -63,6 +63,7 @@ def observable_estimates(
     n_bootstrap: int,
     seed: int,
     undefined_ok: bool = False,
+    clusters: Any | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Self-normalized importance-sampling estimates of observables.
 
@@ -75,11 +76,15 @@ def observable_estimates(
         level, n_bootstrap, seed: confidence level, bootstrap replicates and seed.
         undefined_ok: an estimate that cannot be formed (e.g. zero total weight) becomes
             ``{"undefined": reason}`` instead of raising ValueError.
+        clusters: ``(N,)`` integer labels of correlated groups (SMC particles: their initial
+            ancestors), or None; with clusters the interval is the clustered delta method
+            alone, whatever ``methods`` says (a bootstrap of single rows would ignore the
+            correlation).
 
     Returns:
         ``{name: {method: Estimate}}``.
     """
-    kw = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    kw, methods = _interval_options(methods, level, n_bootstrap, seed, clusters)
     out: dict[str, dict[str, Any]] = {}
     for i, obs in enumerate(observables):
         name = obs.get("name", f"observable {i}")
@@ -105,6 +110,7 @@ def free_energy_estimates(
     n_bootstrap: int,
     seed: int,
     undefined_ok: bool = False,
+    clusters: Any | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Free-energy differences ΔF = -log P(a) / P(b) (kT) between states.
 
@@ -116,7 +122,7 @@ def free_energy_estimates(
     Returns:
         ``{name: {method: Estimate}}``.
     """
-    kw = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    kw, methods = _interval_options(methods, level, n_bootstrap, seed, clusters)
     out: dict[str, dict[str, Any]] = {}
     for i, fe in enumerate(free_energies):
         name = fe.get("name", f"free energy {i}")
@@ -133,6 +139,16 @@ def free_energy_estimates(
                 raise
             out[name] = {"undefined": str(err)}
     return out
+
+
+def _interval_options(
+    methods: tuple[str, ...], level: float, n_bootstrap: int, seed: int, clusters: Any | None
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The estimators' keywords and methods: with ``clusters``, the clustered delta method."""
+    kw: dict[str, Any] = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    if clusters is None:
+        return kw, methods
+    return {**kw, "clusters": clusters}, ("delta",)
 
 
 def _resolve(base: Path, value: str) -> Path:

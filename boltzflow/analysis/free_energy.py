@@ -88,6 +88,7 @@ def region_free_energy(
     level: float = 0.95,
     n_bootstrap: int = 200,
     seed: int = 0,
+    clusters: Any | None = None,
 ) -> dict[str, Any]:
     """ΔF = −log P(lo < φ < hi) / P(otherwise) in kT from weighted samples.
 
@@ -97,12 +98,18 @@ def region_free_energy(
         region: (lo, hi) of state A.
         methods: interval methods, ``"delta"`` and/or ``"bootstrap"``.
         level, n_bootstrap, seed: confidence level, bootstrap replicates and seed.
+        clusters: ``(N,)`` integer labels of correlated groups (SMC particles: their initial
+            ancestors), or None. With clusters the interval is the clustered delta method
+            alone, whatever ``methods`` says: a bootstrap of single rows would ignore the
+            correlation.
 
     Returns:
         ``{method: Estimate}``, or ``{"undefined": reason}`` when a state carries no weight.
     """
     a = in_region(phi, region)
-    kw = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    kw: dict[str, Any] = {"level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    if clusters is not None:
+        methods, kw["clusters"] = ("delta",), clusters
     try:
         return {m: free_energy_difference(a, ~a, log_w, method=m, **kw) for m in methods}
     except ValueError as err:

@@ -35,8 +35,10 @@ References:
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,17 +46,21 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from boltzflow.sampling.results import Estimate, WeightedSamples
-from boltzflow.sampling.smc import SMCResult, smc
+from boltzflow.sampling.smc import KERNELS, SMCResult, smc
 from boltzflow.systems.base import System, SystemInfo, check_coordinates
 from boltzflow.systems.internal_coords import wrap_angle
+from boltzflow.validate import nonnegative_int, positive_float, positive_int
 
 __all__ = [
     "LatentPrior",
+    "LatentSMCOptions",
     "LatentSMCResult",
     "LatentSampler",
     "LatentTarget",
     "PriorProposal",
+    "check_latent_smc_options",
     "refine_latent",
+    "write_latent_samples",
 ]
 
 
@@ -298,6 +304,76 @@ class LatentSMCResult:
         return self.smc.seconds
 
 
+@dataclass(frozen=True)
+class LatentSMCOptions:
+    """The SMC settings of :func:`refine_latent` as one record: what ``workflows/aldp_smc.py``
+    exposes and a workflow's ``[smc]`` table holds. The defaults are the ones tuned on the ALDP
+    F2D2 student (docs/benchmarks.md, "SMC refinement of the ALDP 4-step student": ESS/N above
+    0.8 at 36 energy and force evaluations per sample).
+
+    Attributes:
+        kernel: ``"mala"`` or ``"hmc"``.
+        adaptive_ess: the conditional ESS/N each adaptive tempering step keeps, in (0, 1).
+        n_temperatures: 0 for the adaptive schedule; K > 0 for K evenly spaced temperatures
+            instead (``adaptive_ess`` is then not used; a fixed cost, e.g. for smoke tests).
+        n_kernel_steps: moves per temperature (0: reweighting only).
+        step_size: initial step size in latent units (then adapted towards the kernel's target
+            acceptance).
+        n_leapfrog: leapfrog steps per HMC proposal.
+        resample_threshold: resample when ESS/N falls below this, in [0, 1] (0: never).
+
+    Raises:
+        ValueError: a value out of range or an unknown kernel (the message names the field).
+    """
+
+    kernel: str = "mala"
+    adaptive_ess: float = 0.9
+    n_temperatures: int = 0
+    n_kernel_steps: int = 5
+    step_size: float = 0.05
+    n_leapfrog: int = 5
+    resample_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        check_latent_smc_options(asdict(self))
+
+    def smc_kwargs(self) -> dict[str, Any]:
+        """Keywords of :func:`~boltzflow.sampling.smc` (through :func:`refine_latent`)."""
+        out = asdict(self)
+        k = out.pop("n_temperatures")
+        adaptive = out.pop("adaptive_ess")
+        return {**out, **({"n_steps": k} if k else {"adaptive_ess": adaptive})}
+
+
+def check_latent_smc_options(values: Mapping[str, Any], prefix: str = "") -> None:
+    """Check the :class:`LatentSMCOptions` fields present in ``values``; error messages name
+    each as ``prefix + field`` (e.g. ``"smc.step_size"``).
+
+    Raises:
+        ValueError: a value out of range or an unknown kernel.
+    """
+    if "kernel" in values and values["kernel"] not in KERNELS:
+        raise ValueError(f"{prefix}kernel: {values['kernel']!r} is not one of {sorted(KERNELS)}")
+    if "adaptive_ess" in values:
+        v = values["adaptive_ess"]
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1
+        if not ok:
+            raise ValueError(f"{prefix}adaptive_ess must be a number in (0, 1), got {v!r}")
+    for key, check in (
+        ("n_temperatures", nonnegative_int),
+        ("n_kernel_steps", nonnegative_int),
+        ("n_leapfrog", positive_int),
+        ("step_size", positive_float),
+    ):
+        if key in values:
+            check(values[key], f"{prefix}{key}")
+    if "resample_threshold" in values:
+        v = values["resample_threshold"]
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+        if not ok:
+            raise ValueError(f"{prefix}resample_threshold must be a number in [0, 1], got {v!r}")
+
+
 def refine_latent(
     model: LatentSampler,
     system: System,
@@ -360,6 +436,37 @@ def refine_latent(
     samples = WeightedSamples(x.detach(), -u - log_w, u, log_w)
     result = replace(result, seconds=time.perf_counter() - t_start)
     return LatentSMCResult(samples=samples, z=z, smc=result, steps=steps)
+
+
+def write_latent_samples(
+    path: str | os.PathLike[str],
+    result: LatentSMCResult,
+    *,
+    provenance: Mapping[str, Any],
+) -> None:
+    """Write the final particles of :func:`refine_latent` as a sample store
+    (:class:`~boltzflow.io.samples.SampleWriter`, atomically: temporary file + rename).
+
+    The store holds what a plain sampler's store holds, in the same convention: ``x`` the
+    samples T(z), ``u`` their reduced energies, ``log_w`` the final SMC importance weights
+    (log Z = LSE(log w) − log N) and ``log_q`` the effective −u − log w, so every estimator
+    reads it as it reads a student's samples; plus ``columns/eve``, the initial particle each
+    final one descends from (int64 cluster labels: resampled particles are correlated, so
+    delta-method intervals should group by them, e.g. ``free_energy_difference(clusters=)``).
+
+    Args:
+        path: the ``.h5`` file (replaced if present).
+        result: the refinement.
+        provenance: JSON-able description (model, system, settings, seed, costs).
+    """
+    from boltzflow.io.atomic import atomic_path
+    from boltzflow.io.samples import SampleWriter
+
+    s = result.samples
+    eves = torch.as_tensor(result.smc.eves, dtype=torch.int64)
+    with atomic_path(path, suffix=".h5") as tmp:
+        with SampleWriter(tmp, dim=s.x.shape[1], provenance=provenance) as writer:
+            writer.append(s.x, log_q=s.log_q, u=s.u, log_w=s.log_w, eve=eves)
 
 
 def _model_tensor(model: Any) -> Tensor:

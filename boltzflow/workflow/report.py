@@ -7,12 +7,16 @@ Per model and step count (one sample store each), with N samples and log w = -u 
   evaluations per batch; students: their steps); wall time of drawing the samples with log q
   (energies excluded), also per 1,000 samples;
 - ESS/N (Kish) with N;
+- with an ``[smc]`` stage, energy and force evaluations per sample (a plain row: one energy, no
+  force; the SMC row: its counts, and its wall time includes energies and forces);
 - energy W2 (with the square root, kT) between the held-out reference energies and the
   importance-weighted sample energies;
 - log Z = LSE(log w) - log N and the estimates of the ``[estimates]`` table, each with its
   confidence interval (delta method and/or seeded bootstrap); the reference row evaluates the
   same ΔF and observables on the held-out reference data with uniform weights (an interval that
-  treats them as independent, which MCMC/MD frames are not quite).
+  treats them as independent, which MCMC/MD frames are not quite). SMC particles are
+  correlated through resampling: their ΔF and observables have the delta interval with the
+  particles grouped by initial ancestor (``columns/eve``), their log Z the SMC's own estimate.
 
 The report never hides a failure: a state with zero weight gives "undefined" with the reason, and
 an ESS below 30 is flagged as unreliable.
@@ -42,9 +46,16 @@ _MIN_RELIABLE_ESS = 30
 
 
 def _estimates(
-    wf: Workflow, x: torch.Tensor, u: torch.Tensor, log_w: np.ndarray, system: Any
+    wf: Workflow,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    log_w: np.ndarray,
+    system: Any,
+    clusters: np.ndarray | None = None,
+    log_z: Estimate | None = None,
 ) -> dict[str, Any]:
-    """log Z, ΔF and observables of ``wf.estimates`` for one weighted sample set."""
+    """log Z, ΔF and observables of ``wf.estimates`` for one weighted sample set; correlated
+    samples (SMC) give their ``clusters`` and their own ``log_z``."""
     from boltzflow.analysis.estimate import (
         estimate_methods,
         free_energy_estimates,
@@ -57,16 +68,14 @@ def _estimates(
     kw = {"level": rp.level, "n_bootstrap": rp.n_bootstrap, "seed": wf.seed}
     out: dict[str, Any] = {}
     if es.log_z:
-        out["log Z"] = {m: log_partition(log_w, method=m, **kw) for m in methods}
-    free = free_energy_estimates(
-        es.free_energies, x, u, log_w, system, methods=methods, undefined_ok=True, **kw
-    )
+        if log_z is not None:
+            out["log Z"] = {"smc": log_z}
+        else:
+            out["log Z"] = {m: log_partition(log_w, method=m, **kw) for m in methods}
+    common = {"methods": methods, "undefined_ok": True, "clusters": clusters, **kw}
+    free = free_energy_estimates(es.free_energies, x, u, log_w, system, **common)
     out.update({f"ΔF {name}": est for name, est in free.items()})
-    out.update(
-        observable_estimates(
-            es.observables, x, u, log_w, system, methods=methods, undefined_ok=True, **kw
-        )
-    )
+    out.update(observable_estimates(es.observables, x, u, log_w, system, **common))
     return out
 
 
@@ -100,6 +109,8 @@ def comparison_rows(
                 "ESS": ess,
                 "ESS/N": ess / s.n,
                 "non-finite weights": int((~np.isfinite(log_w)).sum()),
+                "energy evaluations per sample": prov.get("energy_evaluations_per_sample", 1.0),
+                "force evaluations per sample": prov.get("force_evaluations_per_sample", 0.0),
             }
             finite = np.isfinite(u) & np.isfinite(log_w)
             if u_ref is not None and finite.any():
@@ -107,13 +118,26 @@ def comparison_rows(
                 row["energy W2 proposal (kT)"] = energy_w2(u_ref, u[finite])
                 row["energy W2 reweighted (kT)"] = energy_w2(u_ref, u[finite], w / w.sum())
             x = torch.as_tensor(s.x, dtype=torch.float64)
-            row["estimates"] = _estimates(wf, x, torch.as_tensor(u), log_w, system)
+            clusters = s.columns.get("eve")  # SMC particles: grouped by initial ancestor
+            row["estimates"] = _estimates(
+                wf, x, torch.as_tensor(u), log_w, system, clusters, _smc_log_z(prov)
+            )
+            if "smc" in prov:
+                row["smc"] = prov["smc"]
             if system.log_z is not None and "log Z" in row["estimates"]:
                 row["exact log Z inside CI"] = {
                     m: e.contains(system.log_z) for m, e in row["estimates"]["log Z"].items()
                 }
             rows.append(row)
     return rows
+
+
+def _smc_log_z(provenance: dict[str, Any]) -> Estimate | None:
+    """The SMC's own log Z of a ``[smc]`` store (None for other stores)."""
+    d = provenance.get("smc", {}).get("log Z")
+    if not d:
+        return None
+    return Estimate(**{k: math.nan if v is None else v for k, v in d.items()})
 
 
 def _reference_row(
@@ -145,8 +169,9 @@ def _fmt_estimate(e: Estimate) -> str:
 
 
 def _primary(entry: dict[str, Any]) -> Any:
-    """The estimate shown in tables: delta if present, else bootstrap, else the failure."""
-    for key in ("delta", "bootstrap"):
+    """The estimate shown in tables: delta if present, else bootstrap, else an SMC's own,
+    else the failure."""
+    for key in ("delta", "bootstrap", "smc"):
         if key in entry:
             return entry[key]
     return "undefined"
@@ -155,12 +180,15 @@ def _primary(entry: dict[str, Any]) -> Any:
 def markdown_table(rows: list[dict[str, Any]], exact_log_z: float | None = None) -> str:
     """Markdown table of :func:`comparison_rows` (plus the reference row, if present)."""
     est_names = list(dict.fromkeys(k for r in rows for k in r.get("estimates", {})))
+    # energy and force evaluations per sample: shown when a row used forces (an SMC row)
+    costs = any((r.get("force evaluations per sample") or 0) > 0 for r in rows)
     head = [
         "model",
         "steps",
         "log q",
         "NFE/sample",
         "s / 1000 samples",
+        *(["energy evals/sample", "force evals/sample"] if costs else []),
         "N",
         "ESS/N",
         "E-W2 reweighted (kT)",
@@ -174,6 +202,14 @@ def markdown_table(rows: list[dict[str, Any]], exact_log_z: float | None = None)
             _fmt(r.get("log q")),
             _fmt(r.get("NFE/sample"), ".1f"),
             _fmt(r.get("s per 1000 samples"), ".3g"),
+            *(
+                [
+                    _fmt(r.get("energy evaluations per sample"), ".0f"),
+                    _fmt(r.get("force evaluations per sample"), ".0f"),
+                ]
+                if costs
+                else []
+            ),
             _fmt(r.get("N")),
             _fmt(r.get("ESS/N"), ".4f"),
             _fmt(r.get("energy W2 reweighted (kT)"), ".3f"),
@@ -337,6 +373,17 @@ def _notes(
         "NFE/sample counts sequential network evaluations; s / 1000 samples is the wall time of "
         "drawing x with log q (energy evaluation excluded)",
     ]
+    for r in rows:
+        if "smc" in r:
+            d = r["smc"]
+            notes.append(
+                f"{r['label']}: latent SMC of {r['model'].removesuffix('+smc')} "
+                f"({d['temperatures']} temperatures, {d['eves']} surviving initial ancestors of "
+                f"{r['N']}, ESS/N {d['initial ESS/N']:.3f} -> {r['ESS/N']:.3f}); its wall time "
+                "includes the energies and forces of every move, its NFE/sample counts K network "
+                "steps per evaluation, its ΔF and observables have delta intervals with the "
+                "particles grouped by initial ancestor, its log Z is the SMC's own"
+            )
     if has_ref:
         notes.append(
             "reference data: the held-out data frames with uniform weights (their interval "

@@ -7,6 +7,9 @@ The numbers come from :mod:`boltzflow.analysis.free_energy` (ΔF, profiles, the 
 and :mod:`boltzflow.metrics` (torus W2, chirality); this module only assembles them per sample
 store of the workflow (:func:`~boltzflow.workflow.layout.sample_plan`).
 
+The samples of the ``[smc]`` stage carry their initial ancestors (``columns/eve``): their ΔF
+interval is the delta method with the particles grouped by ancestor.
+
 Held-out frames from seeded MD (``md_seeded``) are not Boltzmann across the φ basins (their
 provenance says so): their ΔF is shown with that caveat and their profile is not drawn, and the
 reference for ΔF and F(φ) is then the reference profile alone (``[report] reference_profile``).
@@ -101,6 +104,7 @@ def phi_metrics(
     seed: int = 0,
     proposal_w2: bool = True,
     profile: bool = True,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Torus W2 against the held-out frames, ΔF with its interval and its difference from the
     reference, and F(φ), of one set of weighted samples.
@@ -113,6 +117,8 @@ def phi_metrics(
         level, n_bootstrap, seed: confidence level, bootstrap replicates (also of F(φ)), seed.
         proposal_w2: also the torus W2 of the unweighted samples.
         profile: also F(φ) (on the reference's bins).
+        clusters: ``(N,)`` labels of correlated samples (SMC: initial ancestors); ΔF then
+            has the clustered delta interval alone (the F(φ) band ignores them).
 
     Returns:
         ``torus W2 (φ, ψ) proposal (rad)`` / ``reweighted (rad)`` (with held-out frames and, for
@@ -133,7 +139,9 @@ def phi_metrics(
         if w is not None:
             out["torus W2 (φ, ψ) reweighted (rad)"] = torus_w2(ref.angles, angles, weights=w, **ot)
     region = ref.region
-    delta_f = region_free_energy(phi, log_w, region=region, methods=methods, **kw)
+    delta_f = region_free_energy(
+        phi, log_w, region=region, methods=methods, clusters=clusters, **kw
+    )
     entry: dict[str, Any] = {"region": list(region), "ΔF": delta_f}
     if ref.profile is not None and ref.profile.delta_f is not None:
         entry["ΔF - reference"] = compare_free_energy(_primary(delta_f), ref.profile.delta_f)
@@ -217,7 +225,8 @@ def molecular_section(
         row["D-form fraction (proposal)"] = chirality_rate(s.x, atoms, l_sign)
         if w is not None:
             row["D-form fraction (reweighted)"] = chirality_rate(s.x, atoms, l_sign, w)
-        row.update(phi_metrics(phi, psi, log_w, ref, methods=methods, **kw))
+        clusters = s.columns.get("eve")  # SMC particles: grouped by initial ancestor
+        row.update(phi_metrics(phi, psi, log_w, ref, methods=methods, clusters=clusters, **kw))
         if "profile" in row["φ"]:
             profiles[f"{row['label']} reweighted"] = row["φ"]["profile"]
         panels: dict[str, tuple[Any, Any, Any]] = {}

@@ -62,6 +62,16 @@ A workflow names one system and everything the pipeline does with it::
     [benchmark]                    # boltzflow benchmark (+ n, n_val, n_check, baselines)
     steps = [1, 2, 4, 8]
 
+    [smc]                          # latent SMC refinement of one student (optional stage)
+    student = "f2d2"               # a student of [students]
+    steps = 4                      # its steps K (default: its default_steps; not for one-pass)
+    n = 10000                      # particles (default: sample.n)
+    seed = 1                       # default: seed + 1, the sampling seed (same first draws)
+    batch_size = 1024              # rows per differentiable pass through the student
+    kernel = "mala"                # and adaptive_ess, n_temperatures, n_kernel_steps,
+    adaptive_ess = 0.9             # step_size, n_leapfrog, resample_threshold
+                                   # (boltzflow.sampling.latent.LatentSMCOptions)
+
     [profiles.gpu]                 # --profile gpu: tables merged over the base ones
     device = "cuda"
 
@@ -126,6 +136,7 @@ __all__ = [
     "EstimatesSpec",
     "MethodConfig",
     "ReportSpec",
+    "SMCSpec",
     "SampleSpec",
     "StudentSpec",
     "TeacherSpec",
@@ -135,6 +146,7 @@ __all__ = [
     "load_workflow",
     "parse_assignment",
     "sample_label",
+    "smc_label",
 ]
 
 _TEACHER_SECTIONS = ("model", "flow_matching", "train", "sample")
@@ -363,6 +375,51 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True)
+class SMCSpec:
+    """``[smc]``: SMC refinement of one student's samples in its latent space
+    (:func:`boltzflow.sampling.latent.refine_latent`), stored as
+    ``samples/<student>-K<steps>-smc.h5`` (:func:`smc_label`) and shown as a row of the report
+    beside the plain samples.
+
+    ``steps``, ``n`` and ``seed`` None are resolved by :func:`load_workflow` (the student's
+    default steps, ``sample.n``, the sampling seed ``seed + 1``: with the same ``n`` the first
+    particles are then the student's own samples of that step count). The other fields are
+    those of :class:`~boltzflow.sampling.latent.LatentSMCOptions`, with its defaults.
+    """
+
+    student: str
+    steps: int | None = None
+    n: int | None = None
+    seed: int | None = None
+    batch_size: int = 1024
+    kernel: str = "mala"
+    adaptive_ess: float = 0.9
+    n_temperatures: int = 0
+    n_kernel_steps: int = 5
+    step_size: float = 0.05
+    n_leapfrog: int = 5
+    resample_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        from boltzflow.sampling.latent import check_latent_smc_options
+
+        for key in ("steps", "n"):
+            if getattr(self, key) is not None:
+                positive_int(getattr(self, key), f"smc.{key}")
+        if self.seed is not None:
+            nonnegative_int(self.seed, "smc.seed")
+        positive_int(self.batch_size, "smc.batch_size")
+        check_latent_smc_options(self.options_dict(), "smc.")
+
+    def options_dict(self) -> dict[str, Any]:
+        """The :class:`~boltzflow.sampling.latent.LatentSMCOptions` fields."""
+        from boltzflow.sampling.latent import LatentSMCOptions
+
+        names = [f.name for f in dataclasses.fields(LatentSMCOptions)]
+        return {k: getattr(self, k) for k in names}
+
+
+@dataclass(frozen=True)
 class Workflow:
     """A validated workflow (see the module docstring). ``output`` None: ``runs/<name>``."""
 
@@ -381,6 +438,7 @@ class Workflow:
     estimates: EstimatesSpec = field(default_factory=EstimatesSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    smc: SMCSpec | None = None
     path: Path | None = None
     profile: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -412,13 +470,18 @@ def sample_label(model: str, steps: int | None) -> str:
     return model if steps is None else f"{model}-K{steps}"
 
 
+def smc_label(smc: SMCSpec) -> str:
+    """File stem of the SMC samples: the student's :func:`sample_label` + ``-smc``."""
+    return f"{sample_label(smc.student, smc.steps)}-smc"
+
+
 # -- parsing --------------------------------------------------------------------------------------
 #: keys of the workflow file itself: the TOML-facing fields of :class:`Workflow`
 _TOP_KEYS = tuple(
     f.name for f in dataclasses.fields(Workflow) if f.name not in ("path", "profile", "raw")
 )
 #: top-level keys read as tables by their own parsers
-_TABLES = ("data", "teacher", "students", "sample", "estimates", "report", "benchmark")
+_TABLES = ("data", "teacher", "students", "sample", "estimates", "report", "benchmark", "smc")
 
 
 def _read_top(raw: dict[str, Any], wf: str) -> dict[str, Any]:
@@ -741,6 +804,10 @@ def load_workflow(
     )
     if benchmark.n is None:
         benchmark = dataclasses.replace(benchmark, n=sample.n)
+    smc = None
+    if "smc" in top:
+        smc = located(wf, dataclass_from_dict, SMCSpec, top["smc"], f"{wf}: smc")
+        smc = _resolve_smc(smc, f"{wf}: smc", students, sample, top.get("seed", 0))
     return located(
         wf,
         Workflow,
@@ -751,6 +818,7 @@ def load_workflow(
         estimates=estimates,
         report=report,
         benchmark=benchmark,
+        smc=smc,
         path=path,
         profile=profile,
         raw=raw,
@@ -810,6 +878,39 @@ def _resolve_report(
                     f"{list(sample.steps)}"
                 )
     return dataclasses.replace(rp, proposal=proposal, proposal_steps=steps)
+
+
+def _resolve_smc(
+    smc: SMCSpec, where: str, students: dict[str, StudentSpec], sample: SampleSpec, seed: int
+) -> SMCSpec:
+    """``smc`` with its steps, N and seed resolved (:class:`SMCSpec`) and its student and
+    label checked against the students and their sample files."""
+    if smc.student not in students:
+        raise ValueError(
+            f"{where}.student: {smc.student!r} is not a student of the workflow "
+            f"({sorted(students) or 'none defined'})"
+        )
+    st = students[smc.student]
+    if not st.uses_steps:
+        if smc.steps is not None:
+            raise ValueError(f"{where}.steps: not used for a one-pass {st.method!r} student")
+        steps = None
+    else:
+        steps = smc.steps or st.default_steps
+    smc = dataclasses.replace(
+        smc,
+        steps=steps,
+        n=smc.n or sample.n,
+        seed=seed + 1 if smc.seed is None else smc.seed,
+    )
+    label = smc_label(smc)
+    for name, other in students.items():
+        ks: list[int | None] = list(sample.steps) if other.uses_steps else [None]
+        if label in {sample_label(name, k) for k in ks}:
+            raise ValueError(
+                f"{where}: its samples' name {label!r} is that of student {name!r}'s samples"
+            )
+    return smc
 
 
 def check_data(wf: Workflow) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples ->
-report (and, for ``boltzflow benchmark``, the benchmark table).
+"""The stage graph of a workflow: data -> teacher -> (trajectories ->) students -> samples
+(-> ``[smc]`` refinement of one student, :mod:`~boltzflow.workflow.smc_stage`) -> report (and,
+for ``boltzflow benchmark``, the benchmark table).
 
 A teacher or student with ``run = PATH`` (:func:`boltzflow.workflow.spec.imported_run`) is
 imported instead of trained: its stage copies the model file into the output folder (a training
@@ -37,6 +38,7 @@ from boltzflow.workflow.layout import (
     teacher_sampling,
 )
 from boltzflow.workflow.report import run_report_stage
+from boltzflow.workflow.smc_stage import smc_stage
 from boltzflow.workflow.spec import StudentSpec, Workflow
 from boltzflow.workflow.stage import Stage, StageContext
 
@@ -628,6 +630,9 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             )
         )
         sample_stages.append(f"sample-{name}")
+    if wf.smc is not None:
+        stages.append(smc_stage(wf, system, device))
+        sample_stages.append("smc")
     stages.append(
         Stage(
             "report",

@@ -26,6 +26,23 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "workflows" / "reference" / "aldp_umbrella_profile.json"
 
 
+def test_region_free_energy_groups_correlated_samples():
+    """With clusters (SMC particles' initial ancestors) the interval is the clustered delta
+    method alone, the same value; duplicated particles widen it as copies should."""
+    phi = np.array([0.5, 1.5, -1.0, -2.0, 2.5, 0.7, -0.3, -2.9])
+    lw = np.linspace(-0.5, 0.5, 8)
+    plain = region_free_energy(phi, lw, methods=("delta", "bootstrap"), n_bootstrap=20)
+    copies = np.repeat(phi, 3), np.repeat(lw, 3)
+    grouped = region_free_energy(
+        *copies, methods=("delta", "bootstrap"), clusters=np.repeat(np.arange(8), 3)
+    )
+    assert set(grouped) == {"delta"} and grouped["delta"].method == "delta-clustered"
+    assert grouped["delta"].value == pytest.approx(plain["delta"].value, abs=1e-12)
+    # three copies of each sample, grouped: the interval of the 8 originals, not of 24
+    assert grouped["delta"].stderr == pytest.approx(plain["delta"].stderr, rel=1e-9)
+    assert region_free_energy(*copies)["delta"].stderr < 0.6 * plain["delta"].stderr
+
+
 def test_region_free_energy_exact_and_undefined():
     phi = np.array([0.5, 1.5, -1.0, -2.0, 2.5])  # 2 of 5 in (0, 2); φ = 2.5 counts as rest
     assert in_region(phi).tolist() == [True, True, False, False, False]

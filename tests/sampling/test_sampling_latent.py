@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import special
 
 from boltzflow.distill.falcon import FALCON
 from boltzflow.flows.priors import StandardGaussian, TorusGaussian
+from boltzflow.io.samples import read_samples
 from boltzflow.sampling import log_partition, log_weights, smc, snis_expectation
-from boltzflow.sampling.latent import LatentTarget, PriorProposal, refine_latent
+from boltzflow.sampling.latent import (
+    LatentSMCOptions,
+    LatentTarget,
+    PriorProposal,
+    check_latent_smc_options,
+    refine_latent,
+    write_latent_samples,
+)
 from boltzflow.systems import load_system
 from boltzflow.systems.base import System, SystemInfo
 from boltzflow.systems.internal_coords import wrap_angle
@@ -239,3 +248,53 @@ def test_chunked_energy_and_gradient_equal_one_pass(toy):
     torch.testing.assert_close(a.samples.log_w, b.samples.log_w, atol=1e-10, rtol=0)
     with pytest.raises(ValueError, match="batch_size"):
         LatentTarget(model, system, batch_size=0)
+
+
+def test_options_record_gives_the_smc_keywords():
+    """LatentSMCOptions: the defaults of workflows/aldp_smc.py, an adaptive or an evenly spaced
+    schedule, and errors that name the field."""
+    assert LatentSMCOptions().smc_kwargs() == {
+        "kernel": "mala",
+        "adaptive_ess": 0.9,
+        "n_kernel_steps": 5,
+        "step_size": 0.05,
+        "n_leapfrog": 5,
+        "resample_threshold": 0.8,
+    }
+    fixed = LatentSMCOptions(n_temperatures=3, kernel="hmc").smc_kwargs()
+    assert fixed["n_steps"] == 3 and "adaptive_ess" not in fixed and fixed["kernel"] == "hmc"
+    for bad, match in (
+        ({"kernel": "gibbs"}, r"kernel: 'gibbs' is not one of \['hmc', 'mala'\]"),
+        ({"adaptive_ess": 1.0}, r"adaptive_ess must be a number in \(0, 1\), got 1.0"),
+        ({"n_temperatures": -1}, "n_temperatures must be an integer >= 0"),
+        ({"n_kernel_steps": 1.5}, "n_kernel_steps must be an integer >= 0"),
+        ({"step_size": 0.0}, "step_size must be a positive number"),
+        ({"n_leapfrog": 0}, "n_leapfrog must be a positive integer"),
+        ({"resample_threshold": 1.5}, r"resample_threshold must be a number in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LatentSMCOptions(**bad)
+    with pytest.raises(ValueError, match=r"^smc\.step_size must be"):
+        check_latent_smc_options({"step_size": -1}, "smc.")
+
+
+def test_written_store_carries_the_final_weights_and_ancestors(toy, tmp_path):
+    """write_latent_samples: x, u, the final SMC weights, the effective log q = -u - log w and
+    the initial ancestors, read back as any sample store; log Z from the stored weights is the
+    SMC's own point estimate."""
+    system, model = toy
+    opts = LatentSMCOptions(n_temperatures=3, n_kernel_steps=2, step_size=0.3)
+    r = refine_latent(model, system, 200, seed=2, progress=False, **opts.smc_kwargs())
+    assert r.smc.resampled.any()  # so that the ancestors are not the identity
+    path = tmp_path / "smc.h5"
+    write_latent_samples(path, r, provenance={"model": "toy+smc"})
+    s = read_samples(path)
+    assert s.provenance == {"model": "toy+smc"} and s.n == 200
+    np.testing.assert_array_equal(s.x, r.samples.x.numpy())
+    np.testing.assert_array_equal(s.log_w, r.samples.log_w.numpy())
+    np.testing.assert_array_equal(s.u, r.samples.u.numpy())
+    np.testing.assert_allclose(s.log_q, -s.u - s.log_w, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(s.columns["eve"], r.smc.eves.numpy())
+    assert s.columns["eve"].dtype == np.int64
+    assert len(np.unique(s.columns["eve"])) == r.smc.n_eves < 200
+    assert log_partition(s.log_w).value == pytest.approx(r.log_z.value, abs=1e-10)

@@ -6,6 +6,7 @@ samples -> report with the molecular section) followed by workflows/aldp_free_en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -18,7 +19,10 @@ import pytest
 from boltzflow.cli import main
 from boltzflow.data import read_dataset
 from boltzflow.distill.nf_internal_train import ICNFRunConfig
+from boltzflow.io.samples import read_samples
+from boltzflow.sampling.latent import LatentSMCOptions
 from boltzflow.workflow import load_workflow
+from boltzflow.workflow.layout import sample_plan
 from boltzflow.workflow.stages import build_stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +78,88 @@ def test_settings_reference_the_shared_configs(profile):
         assert wf.students["falcon"].config.train.steps == 12_000
 
 
+@pytest.mark.parametrize("profile", [None, "smoke"])
+def test_smc_table_resolves_and_keys_its_stage(profile):
+    """[smc]: the F2D2 student at 4 steps with the sampling's N and seed (the same first draws
+    as its f2d2-K4 samples), the settings of workflows/aldp_smc.py; a stage after the student
+    keyed by the resolved table, and a row of the report."""
+    wf = load_workflow(WORKFLOW, profile=profile)
+    smc = wf.smc
+    assert (smc.student, smc.steps, smc.n, smc.seed) == ("f2d2", 4, wf.sample.n, wf.seed + 1)
+    assert smc.options_dict() == {
+        **dataclasses.asdict(LatentSMCOptions()),
+        **({"n_temperatures": 3, "n_kernel_steps": 1} if profile else {}),
+    }
+    stages = {s.name: s for s in build_stages(wf)}
+    stage = stages["smc"]
+    assert stage.deps == ("student-f2d2",) and stage.outputs == ("samples/f2d2-K4-smc.h5",)
+    assert stage.config["smc"] == dataclasses.asdict(smc) and stage.config["device"] == "cpu"
+    assert "smc" in stages["report"].deps
+    assert sample_plan(wf)["f2d2+smc"] == [("f2d2-K4-smc", 4)]
+    changed = load_workflow(WORKFLOW, profile=profile, overrides={"smc.step_size": 0.1})
+    assert {s.name: s for s in build_stages(changed)}["smc"].config != stage.config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"smc.student": "teacher"}, ValueError, r"smc\.student: 'teacher' is not a student"),
+        ({"smc.kernel": "gibbs"}, ValueError, r"smc\.kernel: 'gibbs' is not one of"),
+        ({"smc.adaptive_ess": 1.0}, ValueError, r"smc\.adaptive_ess must be a number in \(0, 1\)"),
+        ({"smc.n": 0}, ValueError, r"smc\.n must be a positive integer"),
+        ({"smc.steps": -4}, ValueError, r"smc\.steps must be a positive integer"),
+        ({"smc.n_kernel_steps": -1}, ValueError, r"smc\.n_kernel_steps must be an integer >= 0"),
+        ({"smc.step_size": 0.0}, ValueError, r"smc\.step_size must be a positive number"),
+        ({"smc.resample_threshold": 2.0}, ValueError, r"smc\.resample_threshold must be"),
+        ({"smc.batch_size": 0}, ValueError, r"smc\.batch_size must be a positive integer"),
+        ({"smc.seed": -1}, ValueError, r"smc\.seed must be an integer >= 0"),
+        ({"smc.n_temperatures": 2.5}, TypeError, r"smc\.n_temperatures"),
+        ({"smc.kernel": 1}, TypeError, r"smc\.kernel"),
+        ({"smc.stepsize": 0.1}, ValueError, r"smc: unknown key 'stepsize'"),
+        ({"smc.student": "nf", "smc.steps": 4}, ValueError, r"smc\.steps: not used for a one-pass"),
+    ],
+)
+def test_smc_table_rejects_bad_values(overrides, error, match):
+    with pytest.raises(error, match=rf"aldp_internal\.toml: .*{match}"):
+        load_workflow(WORKFLOW, profile="smoke", overrides=overrides)
+
+
+def _edited_copy(tmp_path: Path, edits: list[tuple[str, str]]) -> Path:
+    """workflows/aldp_internal.toml with ``(old, new)`` text edits, written to ``tmp_path`` (its
+    config and reference paths made absolute)."""
+    text = WORKFLOW.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    text = text.replace('"configs/', f'"{ROOT}/workflows/configs/')
+    text = text.replace('"reference/', f'"{ROOT}/workflows/reference/')
+    path = tmp_path / "aldp_internal.toml"
+    path.write_text(text)
+    return path
+
+
+def test_smc_table_needs_its_student(tmp_path):
+    path = _edited_copy(tmp_path, [('student = "f2d2"\n', "")])
+    with pytest.raises(
+        ValueError, match=r"aldp_internal\.toml: smc: missing required key 'student'"
+    ):
+        load_workflow(path, profile="smoke")
+
+
+def test_smc_samples_may_not_take_a_students_file(tmp_path):
+    """A one-pass student named like the SMC samples of another would share their file."""
+    path = _edited_copy(
+        tmp_path,
+        [
+            ("[students.nf]", '[students."f2d2-K4-smc"]'),
+            ("[profiles.smoke.students.nf]", '[profiles.smoke.students."f2d2-K4-smc"]'),
+            ('proposal = "nf"', 'proposal = "f2d2"'),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"smc: its samples' name 'f2d2-K4-smc' is that of"):
+        load_workflow(path, profile="smoke")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The `smoke` profile run by workflows/aldp_free_energy.py (which runs the workflow first):
@@ -101,9 +187,18 @@ def test_smoke_profile_end_to_end_and_free_energy_script(smoke):
 
     report = json.loads((out / "report.json").read_text())
     rows = {r["label"]: r for r in report["models"]}
-    assert list(rows) == ["teacher", "f2d2-K1", "f2d2-K4", "falcon-K1", "falcon-K4", "nf"]
+    assert list(rows) == [
+        "teacher",
+        "f2d2-K1",
+        "f2d2-K4",
+        "falcon-K1",
+        "falcon-K4",
+        "nf",
+        "f2d2-K4-smc",
+    ]
     for label, row in rows.items():
-        assert row["N"] == 64 and 0 < row["ESS/N"] <= 1, label
+        # (SMC resampled at its last step: equal weights, ESS/N 1 up to rounding)
+        assert row["N"] == 64 and 0 < row["ESS/N"] <= 1 + 1e-12, label
         for key in (
             "energy W2 reweighted (kT)",
             "torus W2 (φ, ψ) proposal (rad)",
@@ -157,6 +252,51 @@ def test_smoke_profile_end_to_end_and_free_energy_script(smoke):
     )
     assert "ALDP free energies: nf" in text and "not mirrored" in text
     assert (out / "free_energy/profile_phi.png").is_file()
+
+
+def test_smoke_profile_smc_stage_is_a_row_beside_the_plain_student(smoke):
+    """The [smc] stage (3 temperatures of one MALA move): a sample store in the convention of
+    the plain ones, started from the f2d2-K4 samples' own draws, and a report row with its
+    evaluations per sample, clustered ΔF interval and the SMC's log Z, in the F(φ) figure."""
+    out, _, _ = smoke
+    s = read_samples(out / "samples/f2d2-K4-smc.h5")
+    plain = read_samples(out / "samples/f2d2-K4.h5")
+    prov = s.provenance
+    assert s.n == 64 and s.dim == plain.dim == 66
+    assert (prov["model"], prov["student"], prov["steps"]) == ("f2d2+smc", "f2d2", 4)
+    assert prov["seed"] == plain.provenance["seed"] and prov["energy"]["backend"] == "torch"
+    np.testing.assert_allclose(s.log_q, -s.u - s.log_w, rtol=0, atol=1e-9)
+    assert np.isfinite(s.u).all() and np.isfinite(s.log_w).all()
+    eve = s.columns["eve"]
+    assert eve.dtype == np.int64 and 0 <= eve.min() and eve.max() < 64
+    assert len(np.unique(eve)) == prov["smc"]["eves"]
+    # 1 + 3 temperatures x 1 move; each runs the student's 4 steps, plus the final decode
+    assert prov["energy_evaluations_per_sample"] == prov["force_evaluations_per_sample"] == 4
+    assert prov["nfe_per_sample"] == 4 * 5 and prov["smc"]["temperatures"] == 3
+    # the first particles are the plain student's samples: their ESS/N is the plain row's
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["label"]: r for r in report["models"]}
+    row, plain_row = rows["f2d2-K4-smc"], rows["f2d2-K4"]
+    assert prov["smc"]["initial ESS/N"] == pytest.approx(plain_row["ESS/N"], rel=1e-4)
+    assert row["model"] == "f2d2+smc" and row["steps"] == 4 and row["log q"] == "SMC weights"
+    assert row["energy evaluations per sample"] == row["force evaluations per sample"] == 4
+    assert (
+        plain_row["energy evaluations per sample"],
+        plain_row["force evaluations per sample"],
+    ) == (1, 0)
+    assert set(row["estimates"]["log Z"]) == {"smc"}
+    assert row["estimates"]["log Z"]["smc"]["value"] == pytest.approx(prov["smc"]["log Z"]["value"])
+    for entry in (row["φ"]["ΔF"], row["estimates"]["ΔF 0 < φ < 2 vs rest"]):
+        if "undefined" not in entry:  # grouped by initial ancestor: the delta method alone
+            assert set(entry) == {"delta"} and entry["delta"]["method"] == "delta-clustered"
+    md = (out / "report.md").read_text()
+    assert "| energy evals/sample | force evals/sample |" in md
+    assert "| f2d2-K4-smc | 4 | SMC weights | 20.0 |" in md
+    assert "f2d2-K4-smc: latent SMC of f2d2 (3 temperatures" in md
+    assert "| f2d2-K4-smc | 64 |" in md  # the molecular table
+    assert "Ramachandran: held-out MD, f2d2-K4-smc, reweighted" in report["plots"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "smc" in manifest["stages"]
 
 
 @pytest.fixture(scope="module")
