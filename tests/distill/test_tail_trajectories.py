@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_teacher import dw4_like_teacher
 
 from boltzflow.distill.train_students import TrajectoryConfig
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
@@ -15,16 +16,9 @@ from boltzflow.flows.ode import integrate
 
 
 @pytest.fixture(scope="module")
-def teacher() -> TeacherCNF:
-    torch.manual_seed(0)
-    return TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-    ).double()
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherCNF:
+    folder = dw4_like_teacher(tmp_path_factory.mktemp("tail") / "teacher")
+    return TeacherCNF.load(folder / "teacher.pt").double()
 
 
 def _make(teacher: TeacherCNF, **kw) -> Trajectories:
