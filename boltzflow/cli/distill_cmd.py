@@ -23,10 +23,7 @@ import torch
 
 from boltzflow.validate import arg, nonnegative_int, positive_int
 
-__all__ = ["DISTRIBUTED_METHODS", "register"]
-
-#: the methods whose training runs under torchrun (DistributedDataParallel)
-DISTRIBUTED_METHODS = ("f2d2", "falcon")
+__all__ = ["register"]
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -34,14 +31,16 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from boltzflow import distributed
     from boltzflow.io.outputs import check_output_dir, remove_on_failure
+    from boltzflow.registry.methods import METHODS
 
     me = distributed.info()
-    if me.distributed and args.method not in DISTRIBUTED_METHODS:
+    if me.distributed and not METHODS[args.method].distributed:
+        spread = [name for name, m in METHODS.items() if m.distributed]
         raise ValueError(
             f"--method {args.method} does not run under torchrun ({me.world_size} ranks): only "
-            f"{' and '.join(DISTRIBUTED_METHODS)} students train with DistributedDataParallel "
-            "(the nf students' losses draw their own minibatches, the baselines train nothing); "
-            "run it as one process (without torchrun)"
+            f"{' and '.join(spread)} students train with DistributedDataParallel (the nf "
+            "students' losses draw their own minibatches, the baselines train nothing); run it "
+            "as one process (without torchrun)"
         )
     output = distributed.run_on_all(lambda: check_output_dir(args.output))
     # a run folder made here that fails before its first checkpoint (or before the teacher's

@@ -612,6 +612,7 @@ def _entry(name: str, model: type, description: str) -> Method:
         description=description,
         defaults={"method": name},
         reads_data=_loss_on_data,
+        distributed=True,
     )
 
 
