@@ -1,13 +1,13 @@
 """What the flow-map students' losses share (F2D2 in :mod:`boltzflow.distill.f2d2`, FALCON in
 :mod:`boltzflow.distill.falcon`): the loss options common to both, the minibatch they read and
-the run context a step's loss may draw on.
+the run context a step's loss may use.
 
 Each method defines a subclass of :class:`FlowMapLossConfig` with its own weights (the
 ``[loss]`` section of its config file) and a per-step loss
 ``loss(model, batch, config, context) -> (loss, {name: float})`` (:data:`FlowMapLoss`);
 :mod:`boltzflow.distill.train_students` draws the batch and runs the shared training loop.
 
-A batch (built by :func:`boltzflow.distill.train_students.student_loss`) holds, for ``B`` rows
+A batch (built by :class:`boltzflow.distill.train_students.StudentBatches`) holds, for ``B`` rows
 in flow units: ``x_s (B, dim)`` at times ``s (B,)`` with the teacher's (or conditional)
 velocity ``v_s``; for exact teacher jumps ``x_t`` at ``t (B,)`` and ``dlogp (B,)``
 (``log p_t - log p_s``); diagonal points ``x_k`` at ``t_k`` with velocity ``v_k`` and exact

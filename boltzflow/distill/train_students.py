@@ -392,8 +392,8 @@ class StudentLoss:
         model: the student being trained (its scale, prior and periodic columns are read).
         cfg: the run configuration (method, loss options, batch size and seed).
         trajectories: teacher trajectories (``loss.target = "teacher"``).
-        data: ``(N, dim)`` flow-unit points (z for an internal-coordinate student), in the
-            student's units times its scale (divided by ``model.scale`` here).
+        data: ``(N, dim)`` training points (z for an internal-coordinate student), divided
+            by ``model.scale`` here.
         target: the system whose energy ``loss.energy`` uses (the caller closes it).
 
     Raises:
