@@ -539,11 +539,14 @@ def train_student(
         the student with EMA weights, in eval mode.
 
     Raises:
-        ValueError: ``cfg.system`` differs from ``system``, or the config does not fit the data.
+        ValueError: ``cfg.system`` differs from ``system``, the config does not fit the data, or
+            ``train.compile`` is set (only the teacher's loss is compiled).
     """
     if cfg.system is not None and system is not None and cfg.system != system:
         raise ValueError(f"config is for system {cfg.system!r} but the teacher is for {system!r}")
     system = system or cfg.system
+    if cfg.train.compile:  # the losses' JVPs, Jacobians and Newton solves are not compiled
+        raise ValueError("train.compile is for the teacher's loss; set it to false for students")
     if cfg.loss.uses_energy and system is None:
         raise ValueError("loss.energy needs the student's system for its energy; none is set")
     out = Path(out_dir)

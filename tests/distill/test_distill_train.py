@@ -299,3 +299,6 @@ def test_student_batches_depend_on_the_step_alone(toy_teacher: TeacherCNF) -> No
     assert not torch.equal(loss.make_batch(4)["x_ml"], batch["x_ml"])
     value, parts = loss.batch_loss(student, batch)
     assert torch.isfinite(value) and {"fm", "nll"} <= set(parts)
+    cfg.train.compile = True  # the students' losses are not compiled
+    with pytest.raises(ValueError, match=r"train\.compile is for the teacher's loss"):
+        train_student(cfg, toy_teacher, "unused", data=_toy_data())
