@@ -60,7 +60,9 @@ __all__ = [
     "session",
     "shard_range",
     "shutdown",
+    "single_process_only",
     "split_sizes",
+    "sum_over_ranks",
     "timeout_s",
     "wait_group",
 ]
@@ -163,6 +165,17 @@ def alone() -> Iterator[None]:
         yield
     finally:
         _ALONE.depth -= 1
+
+
+def single_process_only(what: str, why: str) -> None:
+    """Raise ``ValueError`` when several processes run: ``what`` (e.g. "training the nf
+    student") does not run under torchrun, for the reason ``why``."""
+    me = info()
+    if me.distributed:
+        raise ValueError(
+            f"{what} does not run under torchrun ({me.world_size} ranks): {why}; "
+            "run it as one process (without torchrun)"
+        )
 
 
 def is_main() -> bool:
@@ -274,6 +287,16 @@ def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
     if info().distributed:
         dist.barrier()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over the ranks, on its own device (``tensor`` itself
+    for a single process). No gradient: for counts and other detached values."""
+    if not info().distributed:
+        return tensor
+    buf = tensor.detach().to(_device(), copy=True)
+    dist.all_reduce(buf)
+    return buf.to(tensor.device)
 
 
 def all_gather_objects(obj: T) -> list[T]:

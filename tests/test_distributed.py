@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 from dist_helpers import spawn_ranks
 
@@ -32,6 +33,9 @@ def test_single_process_is_a_no_op(no_launcher: None) -> None:
         assert distributed.broadcast_object(5) == 5
         assert distributed.run_on_all(lambda: 7) == 7
         distributed.barrier()
+        count = torch.tensor(3)
+        assert distributed.sum_over_ranks(count) is count
+        distributed.single_process_only("this", "no reason")  # one process: no error
         with pytest.raises(ValueError, match=r"^bad$"):
             distributed.collective_check("bad")
 
@@ -84,6 +88,11 @@ def _collectives(rank: int, out_dir: str) -> None:
     found: dict[str, object] = {}
     parts = distributed.all_gather_arrays(np.arange(rank * 3) > 1)  # uneven rows, bool
     found["parts"] = [p.tolist() for p in parts]
+    found["sum"] = int(distributed.sum_over_ranks(torch.tensor(rank + 1)))
+    try:
+        distributed.single_process_only("this step", "it cannot be split")
+    except ValueError as err:
+        found["single"] = str(err)
 
     def read() -> int:
         if rank == 1:
@@ -115,6 +124,9 @@ def test_collectives_errors_and_timeout_on_two_ranks(tmp_path: Path) -> None:
     spawn_ranks(_collectives, str(tmp_path), dist_timeout="2")
     zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert zero["parts"] == one["parts"] == [[], [False, False, True]]
+    assert zero["sum"] == one["sum"] == 3
+    refusal = "this step does not run under torchrun (2 ranks): it cannot be split; run it as "
+    assert zero["single"] == one["single"] == refusal + "one process (without torchrun)"
     assert one["error"] == "FileNotFoundError: no such shard: s.rank1-of-2.h5"
     assert zero["error"] == "ValueError: rank 1 of 2: no such shard: s.rank1-of-2.h5"
     seconds, recognised = zero["timeout"]

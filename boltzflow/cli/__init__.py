@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Expected user errors print one line, not a traceback.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the commands that support it (``sample``,
-    ``reweight``, ``train teacher``, ``run``) run inside a process group
-    (:func:`boltzflow.distributed.session`); the others refuse to start. Only rank 0 shows
-    progress; errors name the rank.
+    ``reweight``, ``train teacher``, ``distill`` of F2D2 and FALCON students, ``run``) run
+    inside a process group (:func:`boltzflow.distributed.session`); the others refuse to start.
+    Only rank 0 shows progress; errors name the rank.
     """
     args = build_parser().parse_args(argv)
     try:

@@ -7,6 +7,9 @@
     boltzflow sample runs/dw4_f2d2 --steps 4 -n 10000 -o samples.h5
 
 ``boltzflow sample`` (:mod:`boltzflow.cli.sample_cmd`) samples any of them.
+
+Under ``torchrun`` F2D2 and FALCON students train with DistributedDataParallel (rank 0 makes the
+teacher trajectories and writes the run folder); the other methods refuse to start.
 """
 
 from __future__ import annotations
@@ -24,12 +27,26 @@ __all__ = ["register"]
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from boltzflow.io.outputs import check_output_dir, remove_on_failure
+    import contextlib
 
-    output = check_output_dir(args.output)
+    from boltzflow import distributed
+    from boltzflow.io.outputs import check_output_dir, remove_on_failure
+    from boltzflow.registry.methods import METHODS
+
+    me = distributed.info()
+    if me.distributed and not METHODS[args.method].distributed:
+        spread = [name for name, m in METHODS.items() if m.distributed]
+        raise ValueError(
+            f"--method {args.method} does not run under torchrun ({me.world_size} ranks): only "
+            f"{' and '.join(spread)} students train with DistributedDataParallel (the nf "
+            "students' losses draw their own minibatches, the baselines train nothing); run it "
+            "as one process (without torchrun)"
+        )
+    output = distributed.run_on_all(lambda: check_output_dir(args.output))
     # a run folder made here that fails before its first checkpoint (or before the teacher's
-    # trajectories, which a rerun reuses, are saved) is removed again
-    with remove_on_failure(output, keep=_resumable):
+    # trajectories, which a rerun reuses, are saved) is removed again, by rank 0 under torchrun
+    cleanup = remove_on_failure(output, keep=_resumable) if me.is_main else contextlib.nullcontext()
+    with cleanup:
         return _distill(args)
 
 
@@ -39,6 +56,7 @@ def _resumable(folder: Path) -> bool:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from boltzflow import distributed
     from boltzflow.distill.train_students import (
         StudentConfig,
         load_student_config,
@@ -94,6 +112,8 @@ def _distill(args: argparse.Namespace) -> int:
         resume=not args.restart,
         run_info=info,
     )
+    if not distributed.is_main():
+        return 0
     n_par = sum(p.numel() for p in student.parameters())
     print(
         f"distilled {args.method} student for {system} ({n_par} parameters, {cfg.train.steps} "
@@ -154,4 +174,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="override train.device")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--threads", type=arg(positive_int, "--threads"), help="torch CPU threads")
-    p.set_defaults(func=_cmd_distill)
+    p.set_defaults(func=_cmd_distill, distributed=True)

@@ -341,24 +341,44 @@ def falcon_logdet_pair_loss(
     return (ladj + delta_logp).pow(2).mean()
 
 
-def falcon_energy_loss(
+def _energy_kl(
     model: FALCON, z: Tensor, steps: int, energy: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Per sample ``log q(x) + u(x) (B,)`` of the ``steps``-step samples ``x`` of noise ``z``,
+    and the summed log-determinants (a finite tensor on the graph)."""
+    x, ladj = model._run(z, time_grid(steps, like=z))
+    x = model._project(x)
+    return model.prior.log_prob(z) - ladj + energy(x).to(x.dtype), ladj
+
+
+def falcon_energy_loss(
+    model: FALCON,
+    z: Tensor,
+    steps: int,
+    energy: Callable[[Tensor], Tensor],
+    *,
+    context: LossContext | None = None,
 ) -> Tensor:
     """Reverse KL to exp(-u) up to its log Z: ``mean(log q(x) + u(x))`` in nats over the
     ``steps``-step samples ``x`` of noise ``z (B, dim)`` (flow units), with gradients through
     every step and its exact log-determinant. ``energy`` maps flow-unit ``(B, dim)`` points to
     reduced energies ``(B,)`` (the caller applies the model's scale). Samples with a non-finite
     energy are left out (a sampler far from the target must not stop training); if all are
-    non-finite the loss is zero."""
-    x, ladj = model._run(z, time_grid(steps, like=z))
-    x = model._project(x)
-    kl = model.prior.log_prob(z) - ladj + energy(x).to(x.dtype)
-    kl = kl[torch.isfinite(kl)]
-    return kl.mean() if len(kl) else ladj.sum() * 0.0
+    non-finite the loss is zero. ``context``: the mean is over the samples kept in the global
+    batch (:meth:`~boltzflow.distill.flowmap_loss.LossContext.kept_mean`; default: ``z`` is
+    the whole batch)."""
+    kl, ladj = _energy_kl(model, z, steps, energy)
+    return (context or LossContext()).kept_mean(kl, torch.isfinite(kl), ladj.sum() * 0.0)
 
 
 def falcon_likelihood_loss(
-    model: FALCON, x: Tensor, steps: int, *, iters: int = 20, tol: float = NEWTON_TOL
+    model: FALCON,
+    x: Tensor,
+    steps: int,
+    *,
+    iters: int = 20,
+    tol: float = NEWTON_TOL,
+    context: LossContext | None = None,
 ) -> tuple[Tensor, float]:
     """Maximum likelihood of points ``x (B, dim)`` (flow units) under the density of the
     ``steps``-step sampler: ``-mean log q(x)`` in nats, with log q by exact change of variables
@@ -371,10 +391,10 @@ def falcon_likelihood_loss(
     taken the short way round on the periodic columns and the point wrapped, both piecewise
     translations). Points whose preimage did not converge
     (residual above ``tol``: off the map's image, or a fold the iterations did not escape) are
-    left out.
+    left out; ``context`` as for :func:`falcon_energy_loss`.
 
     Returns:
-        the loss and the fraction of points left out.
+        the loss and the fraction of these points left out.
     """
     y = model._project(x.detach())
     ladj = x.new_zeros(len(x))
@@ -390,7 +410,7 @@ def falcon_likelihood_loss(
     nll = ladj - model.prior.log_prob(y)
     ok = ok & torch.isfinite(nll)
     dropped = 1.0 - float(ok.float().mean())
-    return (nll[ok].mean() if ok.any() else ladj.sum() * 0.0), dropped
+    return (context or LossContext()).kept_mean(nll, ok, ladj.sum() * 0.0), dropped
 
 
 @dataclass
@@ -440,6 +460,10 @@ class FALCONLossConfig(FlowMapLossConfig):
         return self.energy > 0
 
     @property
+    def uses_ml_points(self) -> bool:
+        return self.likelihood > 0
+
+    @property
     def uses_data(self) -> bool:
         return self.target == "data" or self.likelihood > 0
 
@@ -449,19 +473,19 @@ def falcon_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """FALCON's loss of one step: the weighted sum of the terms above on a teacher or data
     batch (keys in :mod:`boltzflow.distill.flowmap_loss`); a zero weight leaves its term out.
-    ``energy`` draws prior samples and then ``likelihood`` draws points of
-    ``context.ml_points`` from ``context.generator``, in that order, after the batch.
+    ``energy`` pushes the batch's prior samples ``z`` and ``likelihood`` scores its points
+    ``x_ml``; FALCON draws nothing itself, so on a share of the rows (one rank under DDP,
+    ``context.shards`` of them) this is that share's part of the global batch's loss.
 
     Returns:
         the scalar loss and its parts (``fm``, ``pair``, ``meanflow``, ``inverse``, ...).
 
     Raises:
-        ValueError: ``energy`` without ``context.energy`` or ``likelihood`` without
-            ``context.ml_points``.
+        ValueError: ``energy`` without ``context.energy`` or without the batch's ``z``, or
+            ``likelihood`` without the batch's ``x_ml``.
     """
     bt = batch
     p = next(model.parameters())
-    b, gen = len(bt["x_s"]), context.generator
     total = p.new_zeros(())
     parts: dict[str, float] = {}
     if cfg.diagonal:
@@ -489,16 +513,17 @@ def falcon_loss(
     if cfg.energy:
         if context.energy is None:
             raise ValueError("loss.energy needs the target's energy (context.energy)")
-        z = model.prior.sample(b, generator=gen, dtype=p.dtype, device=p.device)
+        if "z" not in bt:
+            raise ValueError("loss.energy needs prior samples in the batch (key 'z')")
         steps = cfg.energy_steps or model.default_steps
-        val = falcon_energy_loss(model, z, steps, context.energy)
+        val = falcon_energy_loss(model, bt["z"], steps, context.energy, context=context)
         total, parts["energy"] = total + cfg.energy * val, float(val.detach())
     if cfg.likelihood:
-        pts = context.ml_points
-        if pts is None:
-            raise ValueError("loss.likelihood needs points (context.ml_points)")
-        pts = pts[torch.randint(len(pts), (b,), generator=gen)].to(dtype=p.dtype, device=p.device)
+        if "x_ml" not in bt:
+            raise ValueError("loss.likelihood needs points in the batch (key 'x_ml')")
         steps = cfg.likelihood_steps or model.default_steps
-        val, parts["nll_dropped"] = falcon_likelihood_loss(model, pts, steps)
+        val, parts["nll_dropped"] = falcon_likelihood_loss(
+            model, bt["x_ml"], steps, context=context
+        )
         total, parts["nll"] = total + cfg.likelihood * val, float(val.detach())
     return total, parts

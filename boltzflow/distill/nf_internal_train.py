@@ -40,8 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from boltzflow import distributed
 from boltzflow.distill.base import STUDENT_FILE
 from boltzflow.distill.nf_internal import ICNFModelConfig, InternalNFStudent
+from boltzflow.distill.nf_train import NF_WHY
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 from boltzflow.models.method import Method
@@ -243,6 +245,7 @@ def train_nf_internal(
     Raises:
         ValueError: data of the wrong shape, non-finite or too few frames; a non-molecular system.
     """
+    distributed.single_process_only("training the nf_internal student", NF_WHY)
     cfg = config or ICNFRunConfig()
     name, ic, x, train, val = _prepare(cfg, data, system)
     with torch.no_grad():

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from boltzflow import distributed
 from boltzflow.distill.base import STUDENT_FILE
 from boltzflow.distill.nf import NFModelConfig, NFStudent
 from boltzflow.distill.nf_losses import NFLossConfig
 from boltzflow.distill.nf_train import (
+    NF_WHY,
     check_cartesian_teacher,
     default_train_config,
     distill_nf_from_cnf,
@@ -116,6 +118,7 @@ def distill_nf(
         ValueError: an unsupported teacher, a system that differs from the teacher's, or an NF
             teacher without ``data``.
     """
+    distributed.single_process_only("training the nf student", NF_WHY)
     path = Path(teacher_dir)
     kind, teacher = _load_teacher(path)
     run = _teacher_run(path if path.is_dir() else path.parent)
@@ -208,6 +211,7 @@ def train_nf(
 ) -> NFStudent:
     """The registry's training function: pair regression on ``teacher`` (a CNF), writing
     ``output/student.pt``. ``data`` must be None (the pairs come from the teacher)."""
+    distributed.single_process_only("training the nf student", NF_WHY)
     if data is not None:
         raise ValueError("the nf method regresses on the teacher's ODE pairs: drop --data")
     return distill_nf_from_cnf(

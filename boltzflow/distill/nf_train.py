@@ -40,7 +40,14 @@ from boltzflow.train.config import TrainConfig
 from boltzflow.train.fit import fit_and_export
 from boltzflow.train.trainer import LossFn
 
+#: why the NF students refuse torchrun (:func:`boltzflow.distributed.single_process_only`)
+NF_WHY = (
+    "its loss draws its own minibatches from the trainer's generator, so it cannot be split "
+    "over ranks (the teacher, F2D2 and FALCON can)"
+)
+
 __all__ = [
+    "NF_WHY",
     "PAIRS_FILE",
     "check_cartesian_teacher",
     "cnf_pairs",

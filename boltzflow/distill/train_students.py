@@ -10,7 +10,12 @@ OT couplings, MeanFlow and invertibility, without a teacher.
 
 Each method brings its loss (its options and the weighting of its terms, next to the model:
 :func:`boltzflow.distill.f2d2.f2d2_loss`, :func:`boltzflow.distill.falcon.falcon_loss`); this
-module draws the minibatches and runs the shared training loop.
+module draws the minibatches and runs the shared training loop. A step's minibatch, every random
+draw of its loss included, depends on ``(train.seed, step)`` alone (:class:`StudentLoss`), so it
+can be built ahead (``train.data_workers``) and, under ``torchrun``, the student trains with
+``DistributedDataParallel`` like the teacher (:mod:`boltzflow.train.trainer`): rank r evaluates
+its share of the global batch, rank 0 makes the teacher trajectories and writes checkpoints and
+the model.
 
 The student uses the teacher's backbone type and, by default, its size and (``init_from_teacher``)
 starts from its weights, i.e. as the Euler step of the teacher
@@ -55,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from boltzflow import distributed
 from boltzflow.distill.base import STUDENT_FILE, Student, load_student
 from boltzflow.distill.f2d2 import F2D2, F2D2LossConfig, f2d2_loss
 from boltzflow.distill.falcon import FALCON, FALCONLossConfig, falcon_loss
@@ -70,6 +76,7 @@ from boltzflow.systems import System, load_system
 from boltzflow.systems.particles import remove_mean
 from boltzflow.train.config import TrainConfig, read_toml
 from boltzflow.train.fit import fit_and_export
+from boltzflow.train.prefetch import step_generator
 
 __all__ = [
     "LOSSES",
@@ -77,7 +84,9 @@ __all__ = [
     "F2D2LossConfig",
     "FALCONLossConfig",
     "MethodLoss",
+    "StudentBatches",
     "StudentConfig",
+    "StudentLoss",
     "StudentOptions",
     "TrajectoryConfig",
     "build_student",
@@ -307,6 +316,165 @@ def flow_energy(model: Student, target: Any) -> Callable[[Tensor], Tensor]:
     return energy
 
 
+class StudentBatches:
+    """The minibatch of one training step, a pure function of ``(seed, step)``
+    (:func:`~boltzflow.train.prefetch.step_generator`): the ``make_batch`` of
+    :class:`StudentLoss`, kept apart so that background workers receive only tensors and the
+    prior (not the energy function, which may hold an OpenMM worker pool).
+
+    Every random draw of the step is a row of the batch (CPU float32; keys in
+    :mod:`boltzflow.distill.flowmap_loss`), in this order: a teacher batch (trajectory indices,
+    pair times, diagonal grid times, intermediate fractions, end times) or a data batch (data
+    indices, prior samples, their (equivariant) OT coupling to the data, interpolant and end
+    times), then ``z`` prior samples if the loss uses the energy and ``x_ml`` maximum-likelihood
+    points if it uses them.
+    """
+
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        prior: Any,
+        *,
+        trajectories: Trajectories | None,
+        data: Tensor | None,
+        ml_points: Tensor | None,
+        periodic: Tensor | None,
+    ) -> None:
+        self.lc, self.b, self.seed = cfg.loss, cfg.train.batch_size, cfg.train.seed
+        self.prior, self.periodic = prior, periodic
+        self.trajectories, self.data, self.ml_points = trajectories, data, ml_points
+        self.n_particles = getattr(prior, "n_particles", None)
+        self.spatial_dim = getattr(prior, "spatial_dim", None)
+
+    def make_batch(self, step: int) -> dict[str, Tensor]:
+        """The batch of ``step``: ``batch_size`` rows of every key."""
+        gen = step_generator(self.seed, step)
+        bt = self._teacher(gen) if self.lc.target == "teacher" else self._data(gen)
+        if self.lc.uses_energy:
+            bt["z"] = self._prior(gen)
+        if self.lc.uses_ml_points:
+            pts = self.ml_points
+            bt["x_ml"] = pts[torch.randint(len(pts), (self.b,), generator=gen)].float()
+        return bt
+
+    def _prior(self, gen: torch.Generator) -> Tensor:
+        return self.prior.sample(self.b, generator=gen, dtype=torch.float32, device="cpu")
+
+    def _teacher(self, gen: torch.Generator) -> dict[str, Tensor]:
+        tr, b, lc = self.trajectories, self.b, self.lc
+        grid = len(tr.times) - 1
+        idx = torch.randint(len(tr), (b,), generator=gen)
+        i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction, lc.aligned_steps)
+        k = torch.randint(0, grid + 1, (b,), generator=gen)
+        x_s, x_t = tr.pairs(idx, i0, i1)
+        return {
+            "x_s": x_s,
+            "x_t": x_t,
+            "s": tr.times[i0],
+            "t": tr.times[i1],
+            "dlogp": tr.logp[idx, i1] - tr.logp[idx, i0],
+            "v_s": tr.v[idx, i0],
+            "x_k": tr.points(idx, k),
+            "t_k": tr.times[k],
+            "v_k": tr.v[idx, k],
+            "div_k": tr.div[idx, k],
+            "m": torch.rand(b, generator=gen),
+            "t_any": torch.rand(b, generator=gen),
+        }
+
+    def _data(self, gen: torch.Generator) -> dict[str, Tensor]:
+        b, n_p, s_d, periodic = self.b, self.n_particles, self.spatial_dim, self.periodic
+        x1 = self.data[torch.randint(len(self.data), (b,), generator=gen)]
+        x0 = self._prior(gen)
+        mode = "equivariant_ot" if n_p is not None else "ot"
+        x0 = couple(x0, x1, mode, n_particles=n_p, spatial_dim=s_d, periodic=periodic)
+        s = torch.rand(b, generator=gen)
+        xs, v = interpolate(x0, x1, s, periodic=periodic)
+        t = torch.rand(b, generator=gen)
+        return {"x_k": xs, "t_k": s, "v_k": v, "x_s": xs, "s": s, "v_s": v, "t": t, "t_any": t}
+
+
+class StudentLoss:
+    """A flow-map student's loss as a :class:`~boltzflow.train.trainer.BatchedLoss`: a
+    minibatch of teacher trajectory points (or, with ``loss.target = "data"``, of the linear
+    interpolant of coupled data and prior samples) built from the step alone
+    (:class:`StudentBatches`), weighted by the method's loss (:data:`LOSSES`).
+
+    The method losses draw nothing themselves and are means over rows of per-row terms, so the
+    batch can be built ahead by background workers (``train.data_workers``) and, under
+    ``torchrun``, each rank evaluates its contiguous share of the global batch: the mean over
+    the ranks (DDP's gradient average) is the one-process loss of the global batch. Terms that
+    leave rows out (FALCON's non-finite energies and unconverged preimages) take their mean
+    over the rows kept on all ranks (:meth:`~boltzflow.distill.flowmap_loss.LossContext.kept_mean`).
+
+    Args:
+        model: the student being trained (its scale, prior and periodic columns are read).
+        cfg: the run configuration (method, loss options, batch size and seed).
+        trajectories: teacher trajectories (``loss.target = "teacher"``).
+        data: ``(N, dim)`` training points (z for an internal-coordinate student), divided
+            by ``model.scale`` here.
+        target: the system whose energy ``loss.energy`` uses (the caller closes it).
+
+    Raises:
+        ValueError: what the loss needs is missing (trajectories, data or target), or a
+            teacher term is on with ``loss.target = "data"``.
+    """
+
+    def __init__(
+        self,
+        model: Student,
+        cfg: StudentConfig,
+        *,
+        trajectories: Trajectories | None = None,
+        data: Tensor | None = None,
+        target: System | None = None,
+    ) -> None:
+        lc = cfg.loss
+        if lc.target == "teacher":
+            if trajectories is None:
+                raise ValueError("loss.target = 'teacher' needs teacher trajectories")
+        else:
+            if data is None:
+                raise ValueError("loss.target = 'data' needs training data")
+            for name in lc.teacher_terms:
+                if getattr(lc, name) > 0:
+                    raise ValueError(
+                        f"loss.{name} needs teacher trajectories; set it to 0 with target='data'"
+                    )
+        if data is not None:
+            data = (data / model.scale).float()
+        if lc.uses_energy and target is None:
+            raise ValueError("loss.energy needs target, the system whose energy it uses")
+        # maximum-likelihood points: the data if given, else the teacher's samples
+        ml_points = data
+        if ml_points is None and trajectories is not None:
+            ml_points = trajectories.ends()
+        self.lc = lc
+        self.method_loss = LOSSES[cfg.method].loss
+        self.energy = flow_energy(model, target) if target is not None else None
+        self.batches = StudentBatches(
+            cfg,
+            model.prior,
+            trajectories=trajectories,
+            data=data,
+            ml_points=ml_points,
+            periodic=model.periodic,
+        )
+        # the trainer (and its workers) take make_batch from here: only the batches object
+        # travels to a worker process
+        self.make_batch = self.batches.make_batch
+
+    def batch_loss(
+        self, model: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The method's loss of ``model`` on ``batch`` (a whole batch, or under DDP this
+        rank's rows of it), with its parts."""
+        p = next(model.parameters())
+        bt = {k: v.to(device=p.device, dtype=p.dtype) for k, v in batch.items()}
+        context = LossContext(self.energy, shards=distributed.info().world_size)
+        return self.method_loss(model, bt, self.lc, context)
+
+
 def student_loss(
     model: Student,
     cfg: StudentConfig,
@@ -314,78 +482,10 @@ def student_loss(
     trajectories: Trajectories | None = None,
     data: Tensor | None = None,
     target: System | None = None,
-) -> Any:
-    """The per-step loss closure ``loss(model, generator, step)`` for :class:`Trainer`: a
-    minibatch of teacher trajectory points (or, with ``loss.target = "data"``, of the linear
-    interpolant of coupled data and prior samples), weighted by the method's loss
-    (:data:`LOSSES`). ``target`` is the system whose energy ``loss.energy`` uses (the caller
-    closes it). ``data``: flow-unit points (z for an internal-coordinate student)."""
-    lc = cfg.loss
-    method_loss = LOSSES[cfg.method].loss
-    b = cfg.train.batch_size
-    if lc.target == "teacher":
-        if trajectories is None:
-            raise ValueError("loss.target = 'teacher' needs teacher trajectories")
-        tr = trajectories
-        grid = len(tr.times) - 1
-    else:
-        if data is None:
-            raise ValueError("loss.target = 'data' needs training data")
-        for name in lc.teacher_terms:
-            if getattr(lc, name) > 0:
-                raise ValueError(
-                    f"loss.{name} needs teacher trajectories; set it to 0 with target='data'"
-                )
-    if data is not None:
-        data = data / model.scale
-    prior = model.prior
-    n_p, s_d = getattr(prior, "n_particles", None), getattr(prior, "spatial_dim", None)
-    periodic = model.periodic
-    if lc.uses_energy and target is None:
-        raise ValueError("loss.energy needs target, the system whose energy it uses")
-    # maximum-likelihood points: the data if given, else the teacher's samples
-    ml_points = data if data is not None else (tr.ends() if trajectories is not None else None)
-
-    energy = flow_energy(model, target) if target is not None else None
-
-    def teacher_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
-        idx = torch.randint(len(tr), (b,), generator=gen)
-        i0, i1 = _draw_pairs(gen, b, grid, lc.dyadic_fraction, lc.aligned_steps)
-        k = torch.randint(0, grid + 1, (b,), generator=gen)
-        cast = {"dtype": p.dtype, "device": p.device}
-        x_s, x_t = tr.pairs(idx, i0, i1)
-        return {
-            "x_s": x_s.to(**cast),
-            "x_t": x_t.to(**cast),
-            "s": tr.times[i0].to(**cast),
-            "t": tr.times[i1].to(**cast),
-            "dlogp": (tr.logp[idx, i1] - tr.logp[idx, i0]).to(**cast),
-            "v_s": tr.v[idx, i0].to(**cast),
-            "x_k": tr.points(idx, k).to(**cast),
-            "t_k": tr.times[k].to(**cast),
-            "v_k": tr.v[idx, k].to(**cast),
-            "div_k": tr.div[idx, k].to(**cast),
-            "m": torch.rand(b, generator=gen).to(**cast),
-            "t_any": torch.rand(b, generator=gen).to(**cast),
-        }
-
-    def data_batch(gen: torch.Generator, p: Tensor) -> dict[str, Tensor]:
-        cast = {"dtype": p.dtype, "device": p.device}
-        x1 = data[torch.randint(len(data), (b,), generator=gen)].to(**cast)
-        x0 = prior.sample(b, generator=gen, **cast)
-        mode = "equivariant_ot" if n_p is not None else "ot"
-        x0 = couple(x0, x1, mode, n_particles=n_p, spatial_dim=s_d, periodic=periodic)
-        s = torch.rand(b, generator=gen).to(**cast)
-        xs, v = interpolate(x0, x1, s, periodic=periodic)
-        t = torch.rand(b, generator=gen).to(**cast)
-        return {"x_k": xs, "t_k": s, "v_k": v, "x_s": xs, "s": s, "v_s": v, "t": t, "t_any": t}
-
-    def loss(net: nn.Module, gen: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]:
-        p = next(net.parameters())
-        bt = teacher_batch(gen, p) if lc.target == "teacher" else data_batch(gen, p)
-        return method_loss(net, bt, lc, LossContext(gen, energy, ml_points))
-
-    return loss
+) -> StudentLoss:
+    """The loss of a distillation run for the :class:`~boltzflow.train.trainer.Trainer`
+    (:class:`StudentLoss`; same arguments)."""
+    return StudentLoss(model, cfg, trajectories=trajectories, data=data, target=target)
 
 
 def _trajectories(
@@ -402,6 +502,30 @@ def _trajectories(
     out.mkdir(parents=True, exist_ok=True)
     traj.save(path, info={"config": tc})
     return traj
+
+
+def _shared_trajectories(
+    cfg: StudentConfig, teacher: TeacherCNF, out: Path, progress: bool
+) -> Trajectories:
+    """:func:`_trajectories`; under torchrun rank 0 loads or generates them alone (one solve,
+    one writer) while the other ranks wait, then they read its file."""
+    me = distributed.info()
+    if not me.distributed:
+        return _trajectories(cfg, teacher, out, progress)
+    group = distributed.wait_group()  # rank 0 may integrate for a long time
+    if me.is_main:
+        try:
+            with distributed.alone():
+                traj = _trajectories(cfg, teacher, out, progress)
+        except Exception as err:
+            distributed.broadcast_object(f"{type(err).__name__}: {err}", group=group)
+            raise
+        distributed.broadcast_object(None, group=group)
+        return traj
+    error = distributed.broadcast_object(None, group=group)
+    if error is not None:
+        raise ValueError(f"rank 0 could not make the teacher trajectories: {error}")
+    return Trajectories.load(out / TRAJECTORY_FILE)[0]
 
 
 def train_student(
@@ -434,11 +558,14 @@ def train_student(
         the student with EMA weights, in eval mode.
 
     Raises:
-        ValueError: ``cfg.system`` differs from ``system``, or the config does not fit the data.
+        ValueError: ``cfg.system`` differs from ``system``, the config does not fit the data, or
+            ``train.compile`` is set (only the teacher's loss is compiled).
     """
     if cfg.system is not None and system is not None and cfg.system != system:
         raise ValueError(f"config is for system {cfg.system!r} but the teacher is for {system!r}")
     system = system or cfg.system
+    if cfg.train.compile:  # the losses' JVPs, Jacobians and Newton solves are not compiled
+        raise ValueError("train.compile is for the teacher's loss; set it to false for students")
     if cfg.loss.uses_energy and system is None:
         raise ValueError("loss.energy needs the student's system for its energy; none is set")
     out = Path(out_dir)
@@ -449,7 +576,7 @@ def train_student(
     student = build_student(cfg, teacher, system=system)
     trajectories = None
     if cfg.loss.target == "teacher":
-        trajectories = _trajectories(cfg, teacher, out, progress)
+        trajectories = _shared_trajectories(cfg, teacher, out, progress)
         if isinstance(student, F2D2) and cfg.student.init_from is None:
             div = trajectories.div.double()
             student.set_divergence_scale(float(div.mean()), float(div.std().clamp_min(1e-3)))
@@ -507,6 +634,7 @@ def _entry(name: str, model: type, description: str) -> Method:
         description=description,
         defaults={"method": name},
         reads_data=_loss_on_data,
+        distributed=True,
     )
 
 

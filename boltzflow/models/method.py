@@ -38,6 +38,9 @@ class Method:
         reads_data: ``reads_data(config) -> bool``: whether ``train`` needs the training frames
             (``data``) with this config (F2D2/FALCON with ``loss.target = "data"``, always for
             ``nf_internal``); the workflow then hands them over.
+        distributed: whether ``train`` runs under torchrun, every rank calling it together
+            (DistributedDataParallel over shares of each global batch: F2D2 and FALCON); the
+            others train as one process, and ``boltzflow distill`` refuses them under torchrun.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Method:
     defaults: dict[str, Any] = field(default_factory=dict)
     uses_teacher: bool = True
     reads_data: Callable[[Any], bool] = never_reads_data
+    distributed: bool = False
 
     def new_config(self, **fields: Any) -> Any:
         """A config of this method: :attr:`defaults` updated by ``fields``."""

@@ -16,8 +16,9 @@ object per logged step), ``run.json`` (the run's configuration, written at the s
 
 Under ``torchrun`` (:mod:`boltzflow.distributed`, K > 1 ranks) the model trains under
 ``DistributedDataParallel``: every rank builds the same global minibatch of ``batch_size`` rows
-(it depends on the step alone, so only a :class:`BatchedLoss` can be spread), evaluates the
-loss on its own contiguous ``batch_size / K`` rows, and DDP averages the gradients, which is the
+(it depends on the step alone, so only a :class:`BatchedLoss` can be spread: the teacher's,
+F2D2's and FALCON's, not the NF students'), evaluates the loss on its own contiguous
+``batch_size / K`` rows, and DDP averages the gradients, which is the
 gradient of the global batch's mean loss; clipping, AdamW and EMA then run identically on every
 rank. The logged loss is the mean over ranks. Rank 0 alone writes ``run.json``, the metrics and
 the checkpoints; every rank resumes from the same checkpoint. Building the whole batch on every
@@ -207,7 +208,7 @@ class Trainer:
             raise ValueError("train.device is 'cuda' but CUDA is not available")
         self.dist = distributed.info()
         if self.dist.distributed:
-            _check_distributed(loss_fn, config, self.dist)
+            _check_distributed(loss_fn, config, self.dist, (extra or {}).get("student_kind"))
             if self.device.type == "cuda":  # one GPU per rank
                 self.device = torch.device("cuda", self.dist.local_rank)
         self.model = model.to(self.device)
@@ -437,13 +438,16 @@ class Trainer:
         return self.ema.copy_to(self.model)
 
 
-def _check_distributed(loss_fn: Any, config: TrainConfig, me: distributed.DistInfo) -> None:
+def _check_distributed(
+    loss_fn: Any, config: TrainConfig, me: distributed.DistInfo, kind: str | None = None
+) -> None:
     """What training on several ranks needs (raises ``ValueError`` naming what is missing)."""
     if not isinstance(loss_fn, BatchedLoss):
+        model = f"the {kind} student's" if kind else "this model's"
         raise ValueError(
             f"training on {me.world_size} ranks needs a loss whose minibatch depends on the step "
-            "alone (a BatchedLoss, such as the teacher's); this model's loss draws its own "
-            "batches: train it as one process"
+            "alone (a BatchedLoss: the teacher's, F2D2's and FALCON's); "
+            f"{model} loss draws its own batches: train it as one process (without torchrun)"
         )
     if config.compile:
         raise ValueError("train.compile is not supported under torchrun; set compile = false")

@@ -288,8 +288,13 @@ def _run_student(ctx: StageContext, wf: Workflow, st: StudentSpec, traj: str | N
 
         data = torch.as_tensor(read_dataset(ctx.path(TRAIN_FILE)).positions)
         info["data"] = TRAIN_FILE
-    if traj is not None and not (ctx.workdir / TRAJECTORY_FILE).is_file():
+    from boltzflow import distributed
+
+    # under torchrun (a DDP student) rank 0 alone puts the trajectories in place
+    copy = traj is not None and distributed.is_main()
+    if copy and not (ctx.workdir / TRAJECTORY_FILE).is_file():
         shutil.copyfile(ctx.path(traj), ctx.workdir / TRAJECTORY_FILE)
+    distributed.barrier()
     student = method.train(
         st.config,
         teacher,
@@ -563,6 +568,7 @@ def build_stages(wf: Workflow, *, benchmark: bool = False) -> list[Stage]:
             workdir=f"students/{name}",
             description=f"{st.method} student"
             + ("" if method.uses_teacher else " (from the data alone)"),
+            distributed=method.distributed,
         )
         stages.append(stage)
         student_stages.append(stage.name)

@@ -104,3 +104,29 @@ def test_a_failing_rank_ends_the_job(teacher: Path, tmp_path: Path, how: str) ->
     first, second = (read_samples(s["file"], allow_partial=True) for s in manifest["shards"])
     assert second.n == 2 * 25 and not second.complete
     assert first.n >= 25 and first.n % 25 == 0 and np.isfinite(first.log_w).all()
+
+
+STUDENT_CONFIG = Path(__file__).resolve().parents[2] / "workflows/configs/student_f2d2_dw4.toml"
+
+
+@pytest.mark.timeout(200)
+def test_distill_on_two_ranks(teacher: Path, tmp_path: Path) -> None:
+    """``boltzflow distill --method f2d2`` trains with DDP (rank 0 prints and writes; the loss
+    curve is the one-process one, see tests/distill/test_distributed_students.py for the
+    tolerance); ``--method nf`` refuses torchrun and says why."""
+    common = ["--config", str(STUDENT_CONFIG), "--profile", "smoke"]
+    f2d2 = ["distill", str(teacher), "--method", "f2d2", "-o", str(tmp_path / "two"), *common]
+    nf = ["distill", str(teacher), "--method", "nf", "-o", str(tmp_path / "nf")]
+    run = torchrun([str(CLI), *f2d2, ":::", *nf])
+    assert run.returncode != 0
+    assert run.stdout.count("distilled f2d2 student") == 1, run.stderr[-3000:]
+    assert "--method nf does not run under torchrun (2 ranks)" in run.stderr
+    assert not (tmp_path / "nf").exists()
+    one = tmp_path / "one"
+    assert main(["distill", str(teacher), "--method", "f2d2", "-o", str(one), *common]) == 0
+    curves = []
+    for folder in (tmp_path / "two", one):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        curves.append([json.loads(line)["loss"] for line in lines])
+    assert len(curves[0]) == len(curves[1]) == 3
+    assert max(abs(a - b) / abs(b) for a, b in zip(*curves)) < 1e-5, curves

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.samples import read_samples
 from boltzflow.train.config import FlowMatchingConfig, ModelConfig, TeacherConfig, TrainConfig
 from boltzflow.train.teacher import SystemShape, train_teacher
+from boltzflow.train.trainer import BatchedLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "workflows" / "configs").glob("student_*.toml"))
@@ -279,3 +281,24 @@ def test_falcon_logdet_loss_and_aligned_steps(toy_teacher: TeacherCNF, tmp_path:
         bad = _config("falcon", steps=1)
         bad.loss = FALCONLossConfig(pairs=0.0, logdet=1.0, target="data")
         train_student(bad, toy_teacher, tmp_path / "bad", data=_toy_data(), progress=False)
+
+
+def test_student_batches_depend_on_the_step_alone(toy_teacher: TeacherCNF) -> None:
+    """A student's loss is a BatchedLoss: the batch of a step, its likelihood points included,
+    is the same whenever (and in whichever process) it is built, and every key has a row per
+    sample (what the trainer's background workers and DDP's row shares rely on)."""
+    loss_cfg = FALCONLossConfig(pairs=0.0, target="data", likelihood=1.0)
+    cfg = StudentConfig(method="falcon", loss=loss_cfg, train=TrainConfig(batch_size=12, seed=4))
+    student = build_student(cfg, toy_teacher, system=None)
+    loss = student_loss(student, cfg, data=_toy_data())
+    assert isinstance(loss, BatchedLoss)
+    batch = loss.make_batch(3)
+    assert {"x_s", "x_ml"} <= set(batch) and {len(v) for v in batch.values()} == {12}
+    again = pickle.loads(pickle.dumps(loss.batches)).make_batch(3)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
+    assert not torch.equal(loss.make_batch(4)["x_ml"], batch["x_ml"])
+    value, parts = loss.batch_loss(student, batch)
+    assert torch.isfinite(value) and {"fm", "nll"} <= set(parts)
+    cfg.train.compile = True  # the students' losses are not compiled
+    with pytest.raises(ValueError, match=r"train\.compile is for the teacher's loss"):
+        train_student(cfg, toy_teacher, "unused", data=_toy_data())

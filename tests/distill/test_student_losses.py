@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from boltzflow import distributed
 from boltzflow.distill.f2d2 import (
     F2D2,
     F2D2LossConfig,
@@ -70,7 +71,7 @@ def _batch(b: int = 32, dim: int = 2) -> dict[str, Tensor]:
 
 
 def _context() -> LossContext:
-    return LossContext(torch.Generator().manual_seed(1))
+    return LossContext()
 
 
 def test_each_loss_config_holds_only_its_methods_options() -> None:
@@ -124,11 +125,11 @@ def test_f2d2_loss_is_the_weighted_sum_and_zero_weights_remove_terms() -> None:
 
     cfg = F2D2LossConfig(diagonal=2.0, pairs=3.0, semigroup=0.25, div_weight=w)
     ctx = _context()
-    state = ctx.generator.get_state()
+    state = torch.get_rng_state()
     total, parts = f2d2_loss(model, bt, cfg, ctx)
     torch.testing.assert_close(total, 2.0 * diag + 3.0 * pair + 0.25 * semi)
     assert set(parts) == {"diag_u", "diag_div", "pair_u", "pair_div", "semi_u", "semi_div"}
-    assert torch.equal(ctx.generator.get_state(), state), "F2D2 draws nothing beyond the batch"
+    assert torch.equal(torch.get_rng_state(), state), "F2D2 draws nothing beyond the batch"
 
     total, parts = f2d2_loss(model, bt, dataclasses.replace(cfg, semigroup=0.0), ctx)
     torch.testing.assert_close(total, 2.0 * diag + 3.0 * pair)
@@ -167,19 +168,44 @@ def test_falcon_loss_is_the_weighted_sum_and_zero_weights_remove_terms() -> None
     assert float(total) == 0.0 and parts == {}
 
 
-def test_falcon_loss_needs_its_context_for_energy_and_likelihood() -> None:
+def test_falcon_loss_reads_its_draws_from_the_batch() -> None:
+    """``energy`` needs the target's energy and the batch's prior samples ``z``, ``likelihood``
+    the batch's points ``x_ml``; the loss draws nothing itself (the same batch, the same loss)."""
     model = FALCON.build("mlp", prior=StandardGaussian(2), backbone_options=OPTS)
     only = {"diagonal": 0, "pairs": 0, "meanflow": 0, "inverse": 0}
     with pytest.raises(ValueError, match=r"context\.energy"):
         falcon_loss(model, _batch(), FALCONLossConfig(energy=1.0, **only), _context())
-    with pytest.raises(ValueError, match=r"context\.ml_points"):
-        falcon_loss(model, _batch(), FALCONLossConfig(likelihood=1.0, **only), _context())
 
     def energy(x: Tensor) -> Tensor:
         return 0.5 * x.pow(2).sum(-1)
 
-    ctx = LossContext(torch.Generator().manual_seed(1), energy=energy)
-    state = ctx.generator.get_state()
-    total, parts = falcon_loss(model, _batch(), FALCONLossConfig(energy=1.0, **only), ctx)
-    assert set(parts) == {"energy"} and torch.isfinite(total)
-    assert not torch.equal(ctx.generator.get_state(), state), "energy draws its prior samples"
+    ctx = LossContext(energy=energy)
+    with pytest.raises(ValueError, match=r"key 'z'"):
+        falcon_loss(model, _batch(), FALCONLossConfig(energy=1.0, **only), ctx)
+    with pytest.raises(ValueError, match=r"key 'x_ml'"):
+        falcon_loss(model, _batch(), FALCONLossConfig(likelihood=1.0, **only), ctx)
+    g = torch.Generator().manual_seed(2)
+    bt = {**_batch(), "z": torch.randn(32, 2, generator=g), "x_ml": torch.randn(32, 2, generator=g)}
+    cfg = FALCONLossConfig(energy=1.0, likelihood=1.0, likelihood_steps=1, **only)
+    total, parts = falcon_loss(model, bt, cfg, ctx)
+    assert set(parts) == {"energy", "nll", "nll_dropped"} and torch.isfinite(total)
+    again, _ = falcon_loss(model, bt, cfg, ctx)
+    assert torch.equal(total, again)
+    # the mean over two halves of the rows is the loss of the whole batch
+    halves = [{k: v[i * 16 : (i + 1) * 16] for k, v in bt.items()} for i in (0, 1)]
+    mean = sum(falcon_loss(model, h, cfg, ctx)[0] for h in halves) / 2
+    torch.testing.assert_close(mean, total, rtol=1e-5, atol=1e-6)
+
+
+def test_kept_mean_over_shares_is_the_global_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows left out (non-finite) are counted over all shares: the mean of the shares' parts
+    (DDP's gradient average) is the mean over the kept rows of the global batch, also when the
+    shares keep different numbers of rows."""
+    values = torch.arange(8.0)
+    keep = torch.tensor([True, False, False, True, True, True, True, True])
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda n: keep.sum())
+    ctx = LossContext(shards=2)
+    zero = torch.zeros(())
+    parts = [ctx.kept_mean(values[i : i + 4], keep[i : i + 4], zero) for i in (0, 4)]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, values[keep].mean())
+    assert LossContext().kept_mean(values, torch.zeros(8, dtype=torch.bool), zero) is zero

@@ -1,10 +1,10 @@
 """``boltzflow run`` of the tiny quickstart on 2 ranks (torchrun, gloo), from scratch.
 
-Rank 0 owns the folder, the manifest and the report; both ranks train the teacher (DDP) and
-draw the samples (one shard each, merged by rank 0 into the stage's file); the students train
-on rank 0 alone. The keys of the stages whose inputs are the same as those of a 1-process run
-(the data and, reading the same data, the teacher) equal that run's, and a 1-process run in
-the 2-rank folder is up to date throughout.
+Rank 0 owns the folder, the manifest and the report; both ranks train the teacher and the
+F2D2 and FALCON students (DDP; rank 0 makes the teacher trajectories) and draw the samples (one
+shard each, merged by rank 0 into the stage's file). The keys of the stages whose inputs are the
+same as those of a 1-process run (the data and, reading the same data, the teacher) equal that
+run's, and a 1-process run in the 2-rank folder is up to date throughout.
 """
 
 from __future__ import annotations
