@@ -7,12 +7,13 @@ Usage (one thread; each run folder resumes; data from ``boltzflow data generate`
 
     boltzflow data generate aldp --method md_seeded -n 48000 --seed 101 --set workers=1 \
         -o runs/nf_seed_aldp/aldp-train-s101.h5
-    boltzflow data generate aldp --method md_seeded -n 12000 --seed 202 --set workers=1 \
+    boltzflow data generate aldp --method md_seeded -n 4000 --seed 202 --set workers=1 \
+        --set n_seeds=20 --set hot_frames=300 --set burn_in=10000 \
         -o runs/nf_seed_aldp/aldp-heldout-s202.h5
     OMP_NUM_THREADS=1 .venv/bin/python workflows/nf_distillation_aldp.py \
         --data runs/nf_seed_aldp/aldp-train-s101.h5 \
         --heldout runs/nf_seed_aldp/aldp-heldout-s202.h5 -o runs/nf_seed_aldp/run \
-        [--seeds 0 1 2] [--steps 1000] [--lr 1e-3] [--n-samples 10000]
+        [--seeds 0 1 2] [--steps 500] [--lr 1e-3] [--n-samples 10000]
 
 Both arms (:func:`boltzflow.distill.nf_internal_distill.train_icnf_student`) share the
 architecture, the teacher's fitted internal coordinates (latents can only be matched on the
@@ -142,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of both arms")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "nll_diff_se_frames": float(d.std() / math.sqrt(len(d))),
             "ess_diff": rows["distilled"]["ess_fraction"] - rows["scratch"]["ess_fraction"],
         }
+        seed_file = out / f"seed{seed}" / "result.json"  # this seed's figures, before the rest
+        atomic_write_text(seed_file, json.dumps(per_seed[seed], indent=2) + "\n")
 
     summary = {
         "nll_distilled_minus_scratch": mean_se([per_seed[s]["nll_diff"] for s in seeds]),
