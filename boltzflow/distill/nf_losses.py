@@ -12,7 +12,9 @@
   "intermediate latent" distillation, matched at every ``K_T / K_S``-th teacher block as in the
   authors' code, which matches every 4th Glow step), the final latent ("latent" distillation)
   and samples decoded by both flows from the *same* noise ("synthesized" distillation). MSE is
-  the elementwise mean, as in the authors' code (``nn.MSELoss``).
+  the elementwise mean, as in the authors' code (``nn.MSELoss``); on a flow with periodic
+  columns (the dihedrals of an internal-coordinate NF) those differences are taken on the
+  circle and the NLL uses the flow's normal x uniform-angle base.
 - CNF -> NF, :func:`pair_regression_terms`: regression onto the teacher CNF's ODE pairs
   ``(z0, x1 = phi(z0))``,
 
