@@ -12,7 +12,9 @@
   "intermediate latent" distillation, matched at every ``K_T / K_S``-th teacher block as in the
   authors' code, which matches every 4th Glow step), the final latent ("latent" distillation)
   and samples decoded by both flows from the *same* noise ("synthesized" distillation). MSE is
-  the elementwise mean, as in the authors' code (``nn.MSELoss``).
+  the elementwise mean, as in the authors' code (``nn.MSELoss``); on a flow with periodic
+  columns (the dihedrals of an internal-coordinate NF) those differences are taken on the
+  circle and the NLL uses the flow's normal x uniform-angle base.
 - CNF -> NF, :func:`pair_regression_terms`: regression onto the teacher CNF's ODE pairs
   ``(z0, x1 = phi(z0))``,
 
@@ -29,13 +31,19 @@ E(n)-equivariant, so rotated/permuted pairs are pairs of the same teacher.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from boltzflow.distill.nf import NFStudent
+from boltzflow.flows.coupling import wrap_to_circle
 from boltzflow.flows.priors import standard_normal_log_prob
+
+if TYPE_CHECKING:
+    from boltzflow.distill.nf_internal import InternalNFStudent
 
 __all__ = [
     "NFLossConfig",
@@ -139,48 +147,74 @@ def augment_batch(
     return out
 
 
-def _mse(a: Tensor, b: Tensor) -> Tensor:
-    return (a - b).square().mean()
+def _mse(a: Tensor, b: Tensor, periodic: Tensor | None = None) -> Tensor:
+    """Elementwise mean of ``(a - b)^2``; on the ``periodic`` columns (bool mask, angles) the
+    difference is taken on the circle, wrapped to ``[-pi, pi)``, so that -pi + e and pi - e
+    are 2 e apart, not 2 pi - 2 e."""
+    d = a - b
+    if periodic is not None and bool(periodic.any()):
+        mask = periodic.to(d.device)
+        d = torch.where(mask, wrap_to_circle(d), d)
+    return d.square().mean()
+
+
+def _periodic_mask(flow: Any) -> Tensor | None:
+    """Bool mask of a coupling flow's periodic columns (None: a flow on R^D)."""
+    base = getattr(flow, "base", None)
+    return base.mask if base is not None else None
 
 
 def nf_distillation_terms(
-    student: NFStudent,
-    teacher: NFStudent,
+    student: NFStudent | InternalNFStudent,
+    teacher: NFStudent | InternalNFStudent,
     u: Tensor,
     eps: Tensor | None,
     *,
     latents: bool = True,
+    teacher_latents: Mapping[int, Tensor] | Sequence[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The four terms of the NF -> NF objective on one minibatch (flow coordinates).
 
     Args:
-        student, teacher: flows sharing ``scale`` and dimension.
+        student, teacher: models with a :class:`~boltzflow.flows.coupling.CouplingFlow`
+            ``flow`` on the same coordinates (Cartesian NFs sharing ``scale``, or
+            internal-coordinate NFs sharing one fitted transform).
         u: ``(B, event_dim)`` data (or teacher samples) in flow coordinates.
-        eps: ``(B', event_dim)`` noise for the decoded-sample term (None skips it).
+        eps: ``(B', event_dim)`` noise for the decoded-sample term, drawn from the flow's base
+            (uniform on the periodic columns; None skips it).
+
+    The NLL uses the flow's own base density (standard normal, or normal x uniform angles for a
+    flow with periodic columns); every MSE takes periodic columns' differences on the circle.
         latents: compute the latent-matching terms (False: ``latent`` and ``final`` are 0 and
             the teacher's encode pass is skipped).
+        teacher_latents: the teacher's block outputs for ``u``, indexed by teacher block (at
+            least the blocks of :func:`latent_pairs`), e.g. cached once for a fixed training
+            set; None: the teacher encodes ``u`` here.
 
     Returns:
         ``nll``, ``latent`` (intermediate blocks; 0 when the student has one block), ``final``
         and ``sample`` (0 without ``eps``), each a scalar tensor.
     """
     z_s, ladj_s, lat_s = student.flow.encode(u, return_latents=True)
-    nll = -(standard_normal_log_prob(z_s, student.flow.dim) + ladj_s).mean()
+    nll = -(student.flow.base_log_prob(z_s) + ladj_s).mean()
+    per = _periodic_mask(student.flow)
     latent = final = u.new_zeros(())
     if latents:
-        with torch.no_grad():
-            _, _, lat_t = teacher.flow.encode(u, return_latents=True)
-        pairs = latent_pairs(student.n_blocks, teacher.n_blocks)
-        inter = [_mse(lat_s[j], lat_t[k]) for j, k in pairs[:-1]]
+        lat_t = teacher_latents
+        if lat_t is None:
+            with torch.no_grad():
+                _, _, lat_t = teacher.flow.encode(u, return_latents=True)
+        pairs = latent_pairs(student.flow.n_blocks, teacher.flow.n_blocks)
+        inter = [_mse(lat_s[j], lat_t[k], per) for j, k in pairs[:-1]]
         latent = torch.stack(inter).mean() if inter else u.new_zeros(())
         j, k = pairs[-1]
-        final = _mse(lat_s[j], lat_t[k])
+        final = _mse(lat_s[j], lat_t[k], per)
     sample = u.new_zeros(())
     if eps is not None:
         with torch.no_grad():
             x_t, _ = teacher.flow.decode(eps)
         x_s, _ = student.flow.decode(eps)
-        sample = _mse(x_s, x_t)
+        sample = _mse(x_s, x_t, per)
     return {"nll": nll, "latent": latent, "final": final, "sample": sample}
 
 
