@@ -22,13 +22,14 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 #: the shipped teacher's ESS/N on its card (sampling seed 0, N = 10,000)
 TEACHER_ESS = 0.1107
 
-#: (folder, sampling seed, N, ESS/N from the card); the teacher's exact-likelihood sampling of
-#: 10,000 samples takes ~15 CPU-minutes, so its card check is a slow test
+#: (folder, sampling seed, N, ESS/N from the card); the teachers' exact-likelihood sampling of
+#: 10,000 samples takes ~15 CPU-minutes, so their card checks are slow tests
 CARDS = [
     pytest.param("aldp-nf-internal", 0, 10_000, 0.4392, id="aldp-nf-internal"),
     pytest.param("aldp-f2d2-internal", 0, 10_000, 0.0961, id="aldp-f2d2-internal"),
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
+    pytest.param("lj13-teacher", 3, 10_000, 0.3381, id="lj13-teacher", marks=pytest.mark.slow),
     pytest.param(
         "aldp-teacher-internal",
         0,
