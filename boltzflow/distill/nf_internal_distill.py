@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from boltzflow.distill.nf_internal import ICNFModelConfig, InternalNFStudent
 from boltzflow.distill.nf_losses import NFLossConfig, latent_pairs, nf_distillation_terms
-from boltzflow.distill.nf_train import _anneal_factor, _fit_student
+from boltzflow.distill.nf_train import _fit_student, _weighted_total
 from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.train.config import TrainConfig
 
@@ -159,12 +159,7 @@ def train_icnf_student(
         terms = nf_distillation_terms(
             m, teacher, u, eps, latents=latents, teacher_latents=lat_t or None
         )
-        kd = _anneal_factor(step, steps) if w.anneal else 1.0
-        total = w.nll_weight * terms["nll"] + kd * (
-            w.latent_weight * terms["latent"]
-            + w.final_weight * terms["final"]
-            + w.sample_weight * terms["sample"]
-        )
+        total = _weighted_total(terms, w, step, steps)
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     run_config: dict[str, Any] = {

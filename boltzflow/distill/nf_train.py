@@ -247,6 +247,17 @@ def _anneal_factor(step: int, steps: int) -> float:
     return max(0.0, 1.0 - step / max(steps, 1))
 
 
+def _weighted_total(terms: dict[str, Tensor], w: NFLossConfig, step: int, steps: int) -> Tensor:
+    """The distillation loss of :func:`nf_distillation_terms`' terms: NLL plus the latent,
+    final and sample terms, the latter three annealed (``w.anneal``) by :func:`_anneal_factor`."""
+    kd = _anneal_factor(step, steps) if w.anneal else 1.0
+    return w.nll_weight * terms["nll"] + kd * (
+        w.latent_weight * terms["latent"]
+        + w.final_weight * terms["final"]
+        + w.sample_weight * terms["sample"]
+    )
+
+
 @torch.no_grad()
 def _teacher_draws(teacher: NFStudent, k: int, gen: torch.Generator, like: Tensor) -> Tensor:
     """``(k, event_dim)`` fresh teacher samples in flow coordinates (noise drawn from ``gen``)."""
@@ -317,12 +328,7 @@ def distill_nf_from_nf(
         terms = nf_distillation_terms(
             m, teacher, u, eps, latents=w.latent_weight > 0 or w.final_weight > 0
         )
-        kd = _anneal_factor(step, steps) if w.anneal else 1.0
-        total = w.nll_weight * terms["nll"] + kd * (
-            w.latent_weight * terms["latent"]
-            + w.final_weight * terms["final"]
-            + w.sample_weight * terms["sample"]
-        )
+        total = _weighted_total(terms, w, step, steps)
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     run_config = {
