@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from dist_helpers import torchrun
+from tiny_teacher import dw4_like_teacher
 
 from boltzflow.cli import main
-from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.samples import read_samples
 from boltzflow.io.shards import read_manifest, resolve_sample_files
 
@@ -26,20 +25,9 @@ from boltzflow.io.shards import read_manifest, resolve_sample_files
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained DW4-shaped teacher (EGNN 1 x 8, RK4 with 2 steps)."""
-    folder = tmp_path_factory.mktemp("dist") / "teacher"
-    torch.manual_seed(0)
-    model = TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-        sampling={"method": "rk4", "steps": 2},
+    return dw4_like_teacher(
+        tmp_path_factory.mktemp("dist") / "teacher", {"method": "rk4", "steps": 2}
     )
-    folder.mkdir()
-    model.save(folder / "teacher.pt", extra={"run": {"system": "dw4"}})
-    return folder
 
 
 CLI = Path(__file__).with_name("torchrun_cli.py")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_teacher import dw4_like_teacher
 
 from boltzflow.analysis.reweight import sample_energies
 from boltzflow.cli import main
-from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.samples import SampleWriter, read_samples
 from boltzflow.systems import load_system
 
@@ -20,19 +20,7 @@ from boltzflow.systems import load_system
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained DW4 teacher (2 RK4 steps)."""
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    model = TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-        sampling={"method": "rk4", "steps": 2},
-    )
-    model.save(folder / "teacher.pt", extra={"run": {"system": "dw4"}})
-    return folder
+    return dw4_like_teacher(tmp_path_factory.mktemp("teacher") / "t", {"method": "rk4", "steps": 2})
 
 
 def _weights(out: Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from tiny_teacher import dw4_like_teacher
 
 from boltzflow.cli import main
 from boltzflow.flows.cnf import TeacherCNF
@@ -23,18 +23,7 @@ TEACHER_CONFIG = ROOT / "workflows" / "configs" / "teacher_dw4.toml"
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny DW4-shaped teacher, DW4 configurations, an empty array and a sample store."""
     tmp = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    teacher = TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-        sampling={"method": "rk4", "steps": 2},
-    )
-    (tmp / "teacher").mkdir()
-    teacher.save(tmp / "teacher" / "teacher.pt", extra={"run": {"system": "dw4"}})
+    dw4_like_teacher(tmp / "teacher", {"method": "rk4", "steps": 2})
     x = np.random.default_rng(0).normal(size=(6, 8))
     np.save(tmp / "x.npy", x)
     np.save(tmp / "empty.npy", np.zeros((0, 8)))
