@@ -36,7 +36,8 @@ Settings (keyword arguments) by method, with their defaults:
   set the basin populations); fine for training flows that are reweighted. Settings:
   ``n_seeds=60, basin_fraction=0.3, hot_temperature=800.0, hot_burn_in=10000, hot_frames=1000,
   hot_stride=1000, burn_in=20000, stride=100, timestep_fs=1.0, friction_per_ps=1.0,
-  platform=None`` (the system's), ``workers=2`` (0: in this process), ``segments_dir=None``
+  platform=None`` (the system's), ``engine="openmm"`` (``"torch"``: the segments as one batch
+  through the torch force field), ``workers=2`` (0: in this process), ``segments_dir=None``
   (a temporary folder: not resumable), ``keep_segments=False`` (the CLI deletes the segment
   folder once the dataset is written).
 * ``exact``: none.

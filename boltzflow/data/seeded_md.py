@@ -12,7 +12,11 @@ Plain 300 K MD of alanine dipeptide stays in φ < 0: 12 ns on this machine never
 3. from each seed runs one *segment* at the system temperature: Maxwell–Boltzmann velocities,
    ``burn_in`` steps of re-equilibration (not recorded), then one frame every ``stride`` steps.
    Segments run in ``workers`` spawned processes (``concurrent.futures.ProcessPoolExecutor``),
-   each building its own OpenMM ``Context`` (OpenMM issue 2602) with one CPU thread.
+   each building its own OpenMM ``Context`` (OpenMM issue 2602) with one CPU thread; or, with
+   ``engine = "torch"``, all at once as one batch of replicas through the system's torch force
+   field (:mod:`boltzflow.data.torch_md`: OpenMM's ``LangevinMiddleIntegrator`` scheme, float64),
+   for molecules whose OpenMM forces are slow on the CPU (``aldp_ff96_obc1``). The hot run is
+   always OpenMM.
 
 **The frames are not a Boltzmann sample across basins**: the seeds fix how many frames start in
 each basin, and the populations only relax where transitions happen within a segment. Within a
@@ -28,6 +32,8 @@ is there. Other settings with a folder that holds finished segments raise ``Valu
 Reproducible: each segment's random stream depends only on ``(seed, segment index)``, so on the
 Reference platform (or CPU, which runs with one thread and deterministic forces here) the same
 seed gives the same frames whatever the number of workers and however often a run was resumed.
+The torch engine draws one stream for the batch from the seeds of the segments in it: the same
+command gives the same frames, a resume after an interruption other ones (equally valid).
 
 Progress: one line per finished segment on stderr (no terminal needed). Ctrl-C or an error stops
 the workers at once (terminate, then kill) and keeps the finished segments for a resume.
@@ -59,6 +65,7 @@ from boltzflow.io.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "DEFAULTS",
+    "ENGINES",
     "POSITIVE_PHI_BASIN",
     "default_segments_dir",
     "held_out_segments",
@@ -82,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "timestep_fs": 1.0,
     "friction_per_ps": 1.0,
     "platform": None,
+    "engine": "openmm",
     "workers": 2,
     "segments_dir": None,
     "keep_segments": False,
@@ -90,6 +98,8 @@ DEFAULTS: dict[str, Any] = {
 _RUNTIME_SETTINGS = ("workers", "segments_dir", "keep_segments")
 #: The metastable φ basin plain 300 K MD of ALDP does not visit, in radians (open interval).
 POSITIVE_PHI_BASIN: tuple[float, float] = (0.0, 2.0)
+#: Where the segments run: OpenMM worker processes, or one batch through the torch force field.
+ENGINES = ("openmm", "torch")
 # Integrator.step is called in chunks of this many steps; a worker checks its parent between them.
 _CHUNK = 1000
 _PLAN_VERSION = 1
@@ -434,6 +444,80 @@ class _Workers:
             executor.shutdown(wait=True)
 
 
+class _TorchSegments:
+    """Runs segment tasks (same temperature and step settings) as one batch of replicas through
+    the system's torch force field (:func:`boltzflow.data.torch_md.run_langevin`), with the
+    interface of :class:`_Workers`. Progress: a line about every 5 % of the steps."""
+
+    def __init__(self, system: Any, progress: bool) -> None:
+        self.system = system
+        self.progress = progress
+
+    def run(
+        self,
+        tasks: Iterable[tuple[int, dict[str, Any]]],
+        on_done: Callable[[int, dict[str, Any]], None],
+    ) -> None:
+        """Integrate every task's seed at once, then call ``on_done(key, result)`` per task."""
+        from boltzflow.data.torch_md import particle_masses, run_langevin
+        from boltzflow.systems.torch_ff import compile_openmm_system
+
+        tasks = list(tasks)
+        if not tasks:
+            return
+        first = tasks[0][1]
+        shared = ("temperature", "burn_in", "stride", "timestep_fs", "friction_per_ps")
+        if any(task[k] != first[k] for _, task in tasks for k in shared) or any(
+            task["minimize"] for _, task in tasks
+        ):
+            raise ValueError("torch engine: segments of one batch must share their MD settings")
+        omm = self.system.openmm_system
+        masses = particle_masses(omm)
+        # compiled: fuses the elementwise work of a step, several times faster for large batches
+        # on the CPU; not worth its start-up time for a handful of segments
+        ff = compile_openmm_system(omm, dtype=torch.float64, compiled=len(tasks) >= 16)
+        x0 = torch.from_numpy(np.stack([np.asarray(t["positions"]).reshape(-1) for _, t in tasks]))
+        frames = [int(t["n_frames"]) for _, t in tasks]
+        seed = int(np.random.SeedSequence([t["seed"] for _, t in tasks]).generate_state(1)[0])
+        every = max(1, (first["burn_in"] + max(frames) * first["stride"]) // 20)
+
+        def report(step: int, total: int, seconds: float) -> None:
+            rate = step / max(seconds, 1e-9)
+            eta = _eta((total - step) / rate)
+            _say(
+                self.progress,
+                f"torch MD: step {step:,}/{total:,} of {len(tasks)} segments at "
+                f"{first['temperature']:g} K ({rate:,.0f} steps/s); ETA {eta}",
+            )
+
+        run = run_langevin(
+            ff.energy_and_forces,
+            masses,
+            x0,
+            temperature=float(first["temperature"]),
+            n_frames=max(frames),
+            stride=int(first["stride"]),
+            burn_in=int(first["burn_in"]),
+            timestep_fs=float(first["timestep_fs"]),
+            friction_per_ps=float(first["friction_per_ps"]),
+            seed=seed,
+            progress=report,
+            progress_every=every,
+        )
+        for r, (key, _) in enumerate(tasks):
+            on_done(
+                key,
+                {
+                    "positions": run.positions[r, : frames[r]],
+                    "energies_kj": run.energies_kj[r, : frames[r]],
+                    "seconds": run.seconds / len(tasks),
+                },
+            )
+
+    def close(self, abort: bool = False) -> None:
+        """Nothing to stop (the batch runs in this process)."""
+
+
 def _check_settings(s: dict[str, Any], n: int) -> None:
     for name in ("n_seeds", "hot_frames", "hot_stride", "stride"):
         value = s[name]
@@ -454,6 +538,8 @@ def _check_settings(s: dict[str, Any], n: int) -> None:
         raise ValueError(f"basin_fraction must lie in [0, 1], got {fraction!r}")
     if s["n_seeds"] > n:
         raise ValueError(f"n_seeds ({s['n_seeds']}) must not exceed the number of frames ({n})")
+    if s["engine"] not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {s['engine']!r}")
     if not isinstance(s["keep_segments"], bool):
         raise ValueError(f"keep_segments must be true or false, got {s['keep_segments']!r}")
 
@@ -548,7 +634,9 @@ def run_seeded_md(
             ``hot_burn_in`` (steps after minimisation), ``hot_frames`` (candidates),
             ``hot_stride`` (steps between candidates), ``burn_in`` (re-equilibration steps per
             segment), ``stride`` (steps between frames), ``timestep_fs``, ``friction_per_ps``,
-            ``platform`` (OpenMM name; None: the system's), ``workers`` (processes; 0 runs in
+            ``platform`` (OpenMM name; None: the system's; the hot run's, and the segments' with
+            ``engine = "openmm"``), ``engine`` (segments: ``"openmm"`` worker processes or
+            ``"torch"``, one batch; module docstring), ``workers`` (processes; 0 runs in
             this process), ``segments_dir`` (resumable sidecar folder; None: a temporary one),
             ``keep_segments`` (only used by the CLI, which removes the folder after writing).
         progress: one line per finished segment (and for the hot run) on stderr.
@@ -702,8 +790,9 @@ def run_seeded_md(
                     f"ETA {_eta((todo_frames - done_frames) / rate)}",
                 )
 
+        runner = _TorchSegments(system, progress) if s["engine"] == "torch" else pool
         try:
-            pool.run(tasks, finished)
+            runner.run(tasks, finished)
         except KeyboardInterrupt:
             where = "(temporary folder, not resumable)" if temporary else f"in {folder}"
             _say(
@@ -760,7 +849,10 @@ def run_seeded_md(
         "frame_spacing_fs": float(s["stride"] * s["timestep_fs"]),
         "timestep_fs": float(s["timestep_fs"]),
         "platform": s["platform"],
-        "integrator": "LangevinMiddleIntegrator",
+        "integrator": "LangevinMiddleIntegrator"
+        if s["engine"] == "openmm"
+        else "boltzflow.data.torch_md (LangevinMiddleIntegrator scheme)",
+        "engine": s["engine"],
         "openmm_version": openmm.__version__,
         "segment_seconds": [round(t, 2) for t in seg_seconds],
         "segment_seconds_total": round(sum(seg_seconds), 2),
