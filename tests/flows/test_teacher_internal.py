@@ -294,7 +294,10 @@ def test_cli_train_sample_nll(aldp_frames: torch.Tensor, tmp_path, capsys):
     np.save(tmp_path / "aldp.npy", aldp_frames.numpy())
     run = tmp_path / "run"
     args = ["train", "teacher", "--data", str(tmp_path / "aldp.npy"), "--config", str(CONFIG)]
-    assert cli([*args, "--profile", "smoke", "-o", str(run)]) == 0
+    # the config names no system (it fits either ALDP force field): without one, a clear error
+    assert cli([*args, "--profile", "smoke", "-o", str(run)]) == 2
+    assert "name the system with --system" in capsys.readouterr().err
+    assert cli([*args, "--system", "aldp", "--profile", "smoke", "-o", str(run)]) == 0
     assert cli(["sample", str(run), "-n", "4", "-o", str(tmp_path / "s.h5")]) == 0
     samples = read_samples(tmp_path / "s.h5")
     assert samples.x.shape == (4, 66) and np.isfinite(samples.log_q).all()
