@@ -760,6 +760,7 @@ def run_seeded_md(
             if i not in segments
         ]
         todo_frames = int(sum(counts[i] for i, _ in tasks))
+        batched = _TorchSegments(system, progress) if s["engine"] == "torch" else None
         run_start = time.perf_counter()
         done_frames = 0
         positive: dict[int, int] = {}  # frames in 0 < φ < 2 per finished segment (progress)
@@ -780,19 +781,19 @@ def run_seeded_md(
                     positive[j] = int(in_positive_basin(phi_j[0]).sum())
                 frames = sum(len(v["energies"]) for v in segments.values())
                 rate = done_frames / max(time.perf_counter() - run_start, 1e-9)
+                # the torch engine finishes every segment at once: no time left to estimate
+                eta = "" if batched else f"; ETA {_eta((todo_frames - done_frames) / rate)}"
                 _say(
                     progress,
                     f"segment {len(segments)}/{n_seeds} done (seed {i}, start phi "
                     f"{phi_hot[seed_frames[i]]:+.2f}, {counts[i]} frames, "
                     f"{positive[i] / counts[i]:.0%} in 0<phi<2, {result['seconds']:.1f} s); "
                     f"frames {frames:,}/{n:,}, 0<phi<2 so far "
-                    f"{sum(positive.values()) / frames:.3f}; "
-                    f"ETA {_eta((todo_frames - done_frames) / rate)}",
+                    f"{sum(positive.values()) / frames:.3f}{eta}",
                 )
 
-        runner = _TorchSegments(system, progress) if s["engine"] == "torch" else pool
         try:
-            runner.run(tasks, finished)
+            (batched or pool).run(tasks, finished)
         except KeyboardInterrupt:
             where = "(temporary folder, not resumable)" if temporary else f"in {folder}"
             _say(
