@@ -295,14 +295,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
-    out = teacher.sample_with_stats(args.n, seed=args.seed, batch_size=args.teacher_batch)
+    # progress lines (also in a log file): the teacher's exact likelihood is the slow part
+    out = teacher.sample_with_stats(
+        args.n, seed=args.seed, batch_size=args.teacher_batch, progress=True
+    )
     samples = weighted_samples(system, out.x, out.log_q)
     ess, w2, n_bad = weighted_sample_metrics(samples, u_ref)
     lp = teacher.log_prob_with_stats(val, batch_size=args.teacher_batch)
     teacher_extra: dict[str, Any] = {}
     if args.ess_seeds and args.teacher_ess_seeds:
         teacher_extra = _ess_over_seeds(
-            lambda seed: teacher.sample(args.n, seed=seed, batch_size=args.teacher_batch),
+            lambda seed: teacher.sample(
+                args.n, seed=seed, batch_size=args.teacher_batch, progress=True
+            ),
             out.x,
             out.log_q,
             ess,
