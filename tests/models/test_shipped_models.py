@@ -26,6 +26,7 @@ TEACHER_ESS = 0.1107
 #: 10,000 samples takes ~15 CPU-minutes, so their card checks are slow tests
 CARDS = [
     pytest.param("aldp-nf-internal", 0, 10_000, 0.4392, id="aldp-nf-internal"),
+    pytest.param("aldp-ff96-nf-internal", 0, 10_000, 0.5822, id="aldp-ff96-nf-internal"),
     pytest.param("aldp-f2d2-internal", 0, 10_000, 0.0961, id="aldp-f2d2-internal"),
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
