@@ -28,6 +28,7 @@ CARDS = [
     pytest.param("aldp-nf-internal", 0, 10_000, 0.4392, id="aldp-nf-internal"),
     pytest.param("aldp-ff96-nf-internal", 0, 10_000, 0.5822, id="aldp-ff96-nf-internal"),
     pytest.param("aldp-f2d2-internal", 0, 10_000, 0.0961, id="aldp-f2d2-internal"),
+    pytest.param("aldp-falcon-internal", 0, 10_000, 0.0604, id="aldp-falcon-internal"),
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
     pytest.param("lj13-teacher", 3, 10_000, 0.3381, id="lj13-teacher", marks=pytest.mark.slow),
