@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from boltzflow.distill.base import STUDENT_FILE, Student, register_student
 from boltzflow.distill.flowmap import map_and_logdet, subspace_basis, time_grid
-from boltzflow.flows.cnf import TeacherCNF
+from boltzflow.flows.cnf import TeacherCNF, refuse_base_flow
 from boltzflow.flows.ode import exact_divergence
 from boltzflow.models.method import Method
 from boltzflow.models.protocol import LOG_Q_KINDS
@@ -57,6 +57,7 @@ class EulerBaseline(Student):
     def __init__(self, teacher: TeacherCNF, *, logdet: str = "exact", system: str | None = None):
         if logdet not in LOGDETS:
             raise ValueError(f"unknown logdet {logdet!r}; valid: {list(LOGDETS)}")
+        refuse_base_flow(teacher, "an Euler baseline")
         config = {
             "teacher": teacher.model_config,
             "logdet": logdet,

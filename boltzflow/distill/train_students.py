@@ -67,7 +67,7 @@ from boltzflow.distill.falcon import FALCON, FALCONLossConfig, falcon_loss
 from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.flowmap_loss import FlowMapLoss, FlowMapLossConfig, LossContext
 from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
-from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF
+from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF, refuse_base_flow
 from boltzflow.flows.flow_matching import couple, interpolate
 from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file
 from boltzflow.io.tomlfile import dataclass_from_dict
@@ -246,7 +246,13 @@ def teacher_system(path: str | os.PathLike[str]) -> str | None:
 
 def build_student(cfg: StudentConfig, teacher: TeacherCNF, *, system: str | None) -> Student:
     """An untrained student with the teacher's backbone type and options (those in
-    ``cfg.student.backbone`` replaced), on the teacher's internal coordinates if it has them."""
+    ``cfg.student.backbone`` replaced), on the teacher's internal coordinates if it has them.
+
+    Raises:
+        ValueError: a teacher with an NF base (not distillable yet: the student would learn
+            the map to the NF latent, not to z).
+    """
+    refuse_base_flow(teacher, f"a {cfg.method} student")
     tc = teacher.model_config
     common = {
         "prior": teacher.prior,

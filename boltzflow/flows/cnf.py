@@ -28,6 +28,13 @@ integrated out), so log w = -u(x) - log q(x) is correct; samples carry the colum
 rotations). The transform is computed in
 float64 and stored in the checkpoint (``model_config["internal_coordinates"]``).
 
+NF base (``base_flow``, internal coordinates only): the CNF may live on the latent e of a trained
+coupling flow on z (the flow of an ``nf_internal`` model, frozen, its weights stored with the
+teacher), so z = base_flow.decode(e) and log q(z) = log q_CNF(e) - log|det dz/de|. The CNF then
+only corrects what the NF got wrong (its data, the NF latents of the training frames, are close to
+the prior); the composite is still one exact-likelihood flow, and the rest of this docstring
+holds with z replaced by e on the CNF's side.
+
 Example:
     >>> from boltzflow.flows.cnf import TeacherCNF
     >>> teacher = TeacherCNF.build("egnn", dim=8, n_particles=4, spatial_dim=2, mean_free=True,
@@ -47,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from boltzflow.flows.coupling import CouplingFlow
 from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import ADAPTIVE_METHODS, ODEResult, integrate
 from boltzflow.flows.priors import (
@@ -77,7 +85,7 @@ from boltzflow.systems.internal_coords import (
 )
 from boltzflow.systems.particles import remove_mean
 
-__all__ = ["DEFAULT_SAMPLING", "REPRESENTATIONS", "FlowOutput", "TeacherCNF"]
+__all__ = ["DEFAULT_SAMPLING", "REPRESENTATIONS", "FlowOutput", "TeacherCNF", "refuse_base_flow"]
 
 #: sampling settings used when neither the model's config nor the call gives one
 DEFAULT_SAMPLING: dict[str, Any] = {
@@ -112,6 +120,9 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         system: name of the system the teacher was trained for (checked on load).
         transform: internal-coordinate transform (periodic dihedrals); the flow then lives on
             its z (``prior.dim = 3n - 6``) and ``dim`` is the Cartesian 3n (module docstring).
+        base_flow: a trained coupling flow on the transform's z (the flow of an ``nf_internal``
+            model), frozen: the CNF then lives on its latent e and z = base_flow.decode(e)
+            (module docstring, "NF base").
 
     The model protocol (:mod:`boltzflow.models.protocol`): ``steps`` of ``sample``/``log_prob``
     are the steps of a fixed-step ODE method (None: the model's own ODE settings, which an
@@ -131,6 +142,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         scale: float = 1.0,
         system: str | None = None,
         transform: InternalCoordinates | None = None,
+        base_flow: CouplingFlow | None = None,
     ) -> None:
         super().__init__()
         if not scale > 0:
@@ -149,6 +161,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         # Kept out of the module tree: the transform is fixed by model_config (not trained, not
         # in the state_dict), and its float64 buffers must not follow .float() or the EMA.
         object.__setattr__(self, "transform", transform)
+        self.base_flow = _frozen_base_flow(base_flow, transform)
         self.scale = float(scale)
         self.model_config = dict(model_config or {})
         self.system = system
@@ -171,6 +184,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         sampling: dict[str, Any] | None = None,
         scale: float = 1.0,
         transform: InternalCoordinates | None = None,
+        base_flow: CouplingFlow | None = None,
     ) -> TeacherCNF:
         """Build backbone and prior from a plain description (what checkpoints store).
 
@@ -185,6 +199,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             transform: a periodic :class:`InternalCoordinates` (fitted to the training data):
                 the flow then lives on its z with a :class:`TorusGaussian` prior and a
                 :class:`TorusMLP` backbone (``backbone`` must be ``"mlp"``, ``scale`` 1).
+            base_flow: with ``transform``: a trained coupling flow on its z whose latent the
+                CNF lives on (class docstring); its weights are kept, frozen.
 
         Raises:
             ValueError: a transform with another backbone, a non-periodic transform, a
@@ -193,8 +209,16 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         options = dict(backbone_options or {})
         if transform is not None:
             return cls._build_internal(
-                backbone, dim, options, transform, sampling=sampling, scale=scale
+                backbone,
+                dim,
+                options,
+                transform,
+                sampling=sampling,
+                scale=scale,
+                base_flow=base_flow,
             )
+        if base_flow is not None:
+            raise ValueError("a base flow needs internal coordinates (a transform)")
         net = build_backbone(
             backbone, dim=dim, n_particles=n_particles, spatial_dim=spatial_dim, **options
         )
@@ -223,6 +247,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         *,
         sampling: dict[str, Any] | None,
         scale: float,
+        base_flow: CouplingFlow | None,
     ) -> TeacherCNF:
         """The internal-coordinate teacher of :meth:`build`."""
         if not isinstance(transform, InternalCoordinates):
@@ -250,8 +275,16 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             "representation": "internal",
             "internal_coordinates": transform.to_dict(),
         }
+        if base_flow is not None:
+            config["base_flow"] = base_flow.config()
         return cls(
-            net, prior, model_config=config, sampling=sampling, scale=scale, transform=transform
+            net,
+            prior,
+            model_config=config,
+            sampling=sampling,
+            scale=scale,
+            transform=transform,
+            base_flow=base_flow,
         )
 
     @classmethod
@@ -262,9 +295,11 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         representation = config.get("representation", "cartesian")
         if representation not in REPRESENTATIONS:
             raise ValueError(f"unknown representation {representation!r}; valid: {REPRESENTATIONS}")
-        transform = None
+        transform = base_flow = None
         if representation == "internal":
             transform = InternalCoordinates.from_dict(config["internal_coordinates"])
+        if "base_flow" in config:  # its weights come with the state_dict
+            base_flow = CouplingFlow(**config["base_flow"])
         model = cls.build(
             config["backbone"],
             dim=config["dim"],
@@ -275,6 +310,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             sampling=sampling,
             scale=config.get("scale", 1.0),
             transform=transform,
+            base_flow=base_flow,
         )
         if "prior" in config and build_prior(config["prior"]).config() != model.prior.config():
             raise ValueError(f"prior {config['prior']} does not match the model description")
@@ -309,10 +345,10 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         return None if self.transform is None else self.transform.periodic_mask()
 
     def to_cartesian(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Flow coordinates z ``(B, 3n - 6)`` -> Cartesian x ``(B, 3n)`` nm in the standard frame
-        and ``log_det (B,)`` = log J(z) + sum log sigma (so log q(x) = log q(z) - log_det);
-        x in z's dtype, ``log_det`` float64 (computed in float64). Periodic columns are wrapped
-        first.
+        """The CNF's coordinates ``(B, 3n - 6)`` (z, or the base flow's latent) -> Cartesian x
+        ``(B, 3n)`` nm in the standard frame and ``log_det (B,)`` = log J(z) + sum log sigma
+        (+ the base flow's log|det dz/de|), so log q(x) = log q_CNF - log_det; x in the input's
+        dtype, ``log_det`` float64. Periodic columns are wrapped first.
 
         Raises:
             ValueError: a Cartesian teacher (no transform).
@@ -320,8 +356,9 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         if self.transform is None:
             raise ValueError("to_cartesian needs an internal-coordinate teacher")
         dtype = z.dtype
-        x, log_det = self.transform.inverse(wrap_columns(z.double(), self.periodic))
-        return x.to(dtype), log_det
+        z, minus_ladj = self._from_flow(z, z.new_zeros(len(z)))
+        x, log_det = self.transform.inverse(z.double())
+        return x.to(dtype), log_det - minus_ladj.double()
 
     def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian x ``(B, 3n)`` nm (any rigid placement) -> z ``(B, 3n - 6)`` float64 and
@@ -333,6 +370,31 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         if self.transform is None:
             raise ValueError("to_internal needs an internal-coordinate teacher")
         return self.transform(x.double())
+
+    def to_flow(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian x ``(B, 3n)`` -> the CNF's coordinates ``(B, 3n - 6)`` float64 (z, or the
+        base flow's latent e of z) and ``log_det (B,)`` float64 with log q(x) = log q_CNF + log_det.
+
+        Raises:
+            ValueError: a Cartesian teacher (no transform).
+        """
+        z, log_det = self.to_internal(x)
+        if self.base_flow is None:
+            return z, log_det
+        p = self._param()
+        with torch.no_grad():
+            e, ladj = self.base_flow.encode(z.to(p.dtype))
+        return e.double(), log_det + ladj.double()
+
+    def _from_flow(self, e: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        """CNF coordinates ``(B, 3n - 6)`` (wrapped here) and their log density -> z and
+        log q(z) (unchanged without a base flow)."""
+        e = wrap_columns(e, self.periodic)
+        if self.base_flow is None:
+            return e, log_q
+        with torch.no_grad():
+            z, ladj = self.base_flow.decode(e)
+        return wrap_columns(z, self.periodic), log_q - ladj
 
     # -- sampling and likelihood -------------------------------------------------------------
     def settings_with(
@@ -509,7 +571,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             log_q = self.prior.log_prob(xb) + res.delta_logp - self._log_scale()
             columns = {}
             if self.transform is not None:  # z -> x (nm), log q(x) = log q(z) - log_det
-                out = self.transform.cartesian_density(wrap_columns(x1, self.periodic), log_q)
+                z, log_q = self._from_flow(x1, log_q)
+                out = self.transform.cartesian_density(z, log_q)
                 dtype = x1.dtype
                 x1, log_q = out.x.to(dtype), out.log_q.to(dtype)
                 columns = {LOG_Q_INTERNAL: out.log_q_internal.to(dtype)}
@@ -537,7 +600,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             res = self._solve(xb / self.scale, 1.0, 0.0, opts, probe_gen)
             # log q(x1) = log p0(x0) - [log p_0(x0) - log p_1(x1)] along the backward solve
             return res, self.prior.log_prob(res.x) - res.delta_logp - self._log_scale()
-        z, log_det = self.to_internal(xb)
+        z, log_det = self.to_flow(xb)
         res = self._solve(z.to(xb.dtype), 1.0, 0.0, opts, probe_gen)
         z0 = wrap_columns(res.x, self.periodic)  # back onto [-pi, pi)
         log_q_z = self.prior.log_prob(z0) - res.delta_logp
@@ -671,3 +734,34 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         model.load_state_dict(state)
         model.source = {"checkpoint": str(path), "kind": payload["kind"], "run": run}
         return model.to(map_location) if map_location is not None else model
+
+
+def _frozen_base_flow(
+    flow: CouplingFlow | None, transform: InternalCoordinates | None
+) -> CouplingFlow | None:
+    """Check that ``flow`` fits ``transform`` (dim and periodic columns) and freeze it."""
+    if flow is None:
+        return None
+    if transform is None:
+        raise ValueError("a base flow needs internal coordinates (a transform)")
+    periodic = transform.periodic_mask().nonzero().flatten().tolist()
+    if flow.dim != transform.dim or list(flow.periodic) != periodic:
+        raise ValueError(
+            f"base flow (dim {flow.dim}, periodic {list(flow.periodic)}) does not match the "
+            f"internal coordinates (dim {transform.dim}, periodic {periodic})"
+        )
+    return flow.requires_grad_(False)
+
+
+def refuse_base_flow(teacher: TeacherCNF, what: str) -> None:
+    """Raise if ``teacher`` has an NF base: ``what`` (a student, a baseline) would live on the
+    base flow's latent but decode it as internal coordinates.
+
+    Raises:
+        ValueError: the teacher has a base flow.
+    """
+    if getattr(teacher, "base_flow", None) is not None:
+        raise ValueError(
+            f"{what} cannot be built from a teacher with an NF base (model.base_nf): "
+            "distilling such a teacher is not supported; use a teacher without base_nf"
+        )

@@ -125,7 +125,11 @@ class ModelConfig:
     training data, a normal x uniform-angle prior and a periodic MLP (``backbone = "mlp"``,
     ``scale = 1``); samples and log q are still Cartesian (DESIGN.md density convention).
     ``standardize_dihedrals`` (internal only, rad): dihedrals whose circular spread in the data
-    is below it are standardised and leave the torus (``InternalCoordinates.fit``); 0: none."""
+    is below it are standardised and leave the torus (``InternalCoordinates.fit``); 0: none.
+    ``base_nf`` (internal only): path of a trained ``nf_internal`` model (file or run folder)
+    whose flow becomes the teacher's frozen base: the CNF is trained on the NF latents of the
+    data and the NF's transform is used (so ``standardize_dihedrals`` is the NF's); None: no
+    base (:class:`~boltzflow.flows.cnf.TeacherCNF`, "NF base")."""
 
     backbone: str = "egnn"
     scale: float = 1.0
@@ -137,6 +141,7 @@ class ModelConfig:
     distinct_particles: bool = False
     attention: bool = True
     coords_range: float = 15.0
+    base_nf: str | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -157,6 +162,10 @@ class ModelConfig:
         nonnegative_float(self.standardize_dihedrals, "model.standardize_dihedrals")
         if self.standardize_dihedrals and self.representation != "internal":
             raise ValueError("model.standardize_dihedrals needs representation = 'internal'")
+        if self.base_nf is not None and self.representation != "internal":
+            raise ValueError("model.base_nf needs representation = 'internal'")
+        if self.base_nf is not None and not isinstance(self.base_nf, str):
+            raise ValueError(f"model.base_nf must be a path (string), got {self.base_nf!r}")
 
     def backbone_options(self) -> dict[str, Any]:
         """The constructor keywords this backbone takes."""

@@ -19,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from boltzflow.flows.cnf import MODEL_FILE, TeacherCNF
+from boltzflow.flows.coupling import CouplingFlow
 from boltzflow.flows.flow_matching import (
     couple,
     flow_matching_loss,
@@ -39,7 +41,17 @@ from boltzflow.train.config import SampleConfig, TeacherConfig
 from boltzflow.train.fit import fit_and_export
 from boltzflow.train.prefetch import step_generator
 
-__all__ = ["SystemShape", "TeacherLoss", "build_teacher", "system_zmatrix", "train_teacher"]
+__all__ = [
+    "SystemShape",
+    "TeacherLoss",
+    "build_teacher",
+    "load_base_nf",
+    "system_zmatrix",
+    "train_teacher",
+]
+
+#: training frames mapped to the flow's coordinates at a time (base-flow memory)
+_ENCODE_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -88,13 +100,38 @@ def system_zmatrix(name: str) -> ZMatrix:
     return zmatrix_from_topology(pdb.topology)
 
 
+def load_base_nf(
+    path: str | os.PathLike[str], system: str | None
+) -> tuple[InternalCoordinates, CouplingFlow]:
+    """The transform and flow of a trained ``nf_internal`` model (file or run folder) for a
+    teacher's NF base (``model.base_nf``).
+
+    Raises:
+        FileNotFoundError: nothing loadable at ``path``.
+        ValueError: another kind of model, or one trained for another system.
+    """
+    from boltzflow.distill.base import load_student
+    from boltzflow.distill.nf_internal import InternalNFStudent
+
+    nf = load_student(path, system=system)
+    if not isinstance(nf, InternalNFStudent):
+        raise ValueError(
+            f"model.base_nf {path}: a {nf.student_kind!r} model, not an 'nf_internal' one"
+        )
+    return InternalCoordinates.from_dict(nf.ic.to_dict()), nf.flow
+
+
 def build_teacher(
-    cfg: TeacherConfig, shape: SystemShape, transform: InternalCoordinates | None = None
+    cfg: TeacherConfig,
+    shape: SystemShape,
+    transform: InternalCoordinates | None = None,
+    base_flow: CouplingFlow | None = None,
 ) -> TeacherCNF:
     """A fresh (untrained) teacher for ``shape`` as described by ``cfg.model``/``cfg.sample``.
 
     ``transform``: the fitted internal-coordinate transform, required iff
-    ``cfg.model.representation == "internal"``.
+    ``cfg.model.representation == "internal"``; ``base_flow``: the trained flow on its z that
+    the CNF lives on (``cfg.model.base_nf``, :func:`load_base_nf`), frozen.
     """
     if (transform is not None) != (cfg.model.representation == "internal"):
         raise ValueError(
@@ -110,7 +147,10 @@ def build_teacher(
             sampling=_sampling(cfg.sample),
             scale=cfg.model.scale,
             transform=transform,
+            base_flow=base_flow,
         )
+    if base_flow is not None:
+        raise ValueError("a base flow needs model.representation = 'internal'")
     particles = shape.n_particles is not None and shape.spatial_dim is not None
     if cfg.model.backbone != "mlp" and not particles:
         raise ValueError(
@@ -159,8 +199,9 @@ class TeacherLoss:
             if fm.augment_rotations:
                 raise ValueError("internal coordinates are rotation invariant: no augmentation")
             self.n_particles, self.spatial_dim, self.augment = None, None, False
-            with torch.no_grad():
-                self.data = teacher.to_internal(data)[0].float()
+            with torch.no_grad():  # in chunks: the base flow's splines are memory-hungry
+                chunks = [teacher.to_flow(c)[0].float() for c in data.split(_ENCODE_CHUNK)]
+            self.data = torch.cat(chunks)
             return
         n, d = shape.n_particles, shape.spatial_dim
         particles = n is not None and d is not None
@@ -246,7 +287,8 @@ def train_teacher(
             :func:`system_zmatrix` of ``cfg.system`` or ``run_info["system"]``). The transform
             (periodic dihedrals, standardised bonds and angles, cuts at the least populated
             angles, narrow dihedrals standardised if ``model.standardize_dihedrals``) is
-            fitted to ``data`` and stored in the model.
+            fitted to ``data`` and stored in the model. With ``model.base_nf`` the NF's
+            transform is used instead (not refitted) and ``zmatrix`` is ignored.
 
     Returns:
         the teacher with EMA weights, in eval mode, on the training device.
@@ -261,8 +303,12 @@ def train_teacher(
     data = data.float()
     if shape.mean_free:
         data = remove_mean(data, shape.n_particles, shape.spatial_dim)
-    transform = None
-    if cfg.model.representation == "internal":
+    transform = base_flow = None
+    if cfg.model.base_nf is not None:  # the NF's transform, and its flow as the base
+        name = cfg.system or (run_info or {}).get("system")
+        transform, base_flow = load_base_nf(cfg.model.base_nf, name)
+        run_info = {**(run_info or {}), "base_nf": str(Path(cfg.model.base_nf).resolve())}
+    elif cfg.model.representation == "internal":
         if zmatrix is None:
             name = cfg.system or (run_info or {}).get("system")
             if name is None:
@@ -275,7 +321,7 @@ def train_teacher(
             standardize_dihedrals=cfg.model.standardize_dihedrals,
         )
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
-    teacher = build_teacher(cfg, shape, transform)
+    teacher = build_teacher(cfg, shape, transform, base_flow)
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
     teacher.system = run_config.get("system")
     return fit_and_export(

@@ -138,8 +138,13 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.updates = 0
-        # averaged in one foreach call per operation; integer buffers (counters) are copied
-        self._floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        # averaged in one foreach call per operation; integer buffers (counters) and frozen
+        # parameters (requires_grad False: e.g. a teacher's base flow) are copied, so that
+        # round-off never moves what is not trained
+        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+        self._floats = [
+            k for k, v in self.shadow.items() if v.is_floating_point() and k not in frozen
+        ]
         self._others = [k for k in self.shadow if k not in self._floats]
 
     @torch.no_grad()
