@@ -15,6 +15,15 @@ x_t = wrap(x0 + t wrap(x1 - x0)), with the constant target velocity wrap(x1 - x0
 way round the circle (Riemannian flow matching, Chen & Lipman 2023, arXiv:2302.03660, Sec. 3.2
 and their torus experiments); ``wrap`` maps to [-pi, pi). Minibatch OT then uses the wrapped
 (geodesic) squared distance.
+
+Path ``"trig"``: on the flat columns the trigonometric interpolant x_t = cos(pi t / 2) x0 +
+sin(pi t / 2) x1 with u = (pi / 2)(cos(pi t / 2) x1 - sin(pi t / 2) x0) (Albergo &
+Vanden-Eijnden 2023, arXiv:2209.15571, the variance-preserving choice). For independent x0, x1
+with the same standard normal law, x_t is standard normal at every t and E[u | x_t] = 0: a flow
+whose data are already close to the prior (the latent of a trained NF, the teacher's NF base)
+only has to learn the correction, where the linear path's marginal velocity is
+x (2t - 1) / ((1 - t)^2 + t^2) even for identical laws. Periodic columns keep the geodesic; for
+uniform x0, x1 on the circle its marginal velocity is zero as well.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from boltzflow.systems.internal_coords import wrap_angle
 
 __all__ = [
     "COUPLINGS",
+    "PATHS",
     "couple",
     "equivariant_align",
     "flow_matching_loss",
@@ -46,6 +56,8 @@ __all__ = [
 
 #: coupling names accepted by :func:`couple`
 COUPLINGS = ("independent", "ot", "equivariant_ot")
+#: interpolant paths accepted by :func:`interpolate` (module docstring)
+PATHS = ("linear", "trig")
 
 # Up to this many particles the permutation is found by trying all of them jointly with the
 # rotation (exact); beyond it Hungarian + Kabsch alternate (a local optimum).
@@ -67,6 +79,7 @@ def interpolate(
     sigma: float = 0.0,
     noise: Tensor | None = None,
     periodic: Tensor | None = None,
+    path: str = "linear",
 ) -> tuple[Tensor, Tensor]:
     """Linear (or, on periodic columns, geodesic) interpolant and its conditional velocity.
 
@@ -76,26 +89,36 @@ def interpolate(
         sigma: constant noise level added to x_t (needs ``noise``).
         noise: ``(B, dim)`` standard noise (mean-free for particle systems).
         periodic: boolean ``(dim,)`` mask of angle columns (rad) on the circle, or None.
+        path: ``"linear"`` or ``"trig"`` (the flat columns' interpolant, module docstring).
 
     Returns:
-        ``x_t = (1 - t) x0 + t x1 + sigma * noise`` and ``u = x1 - x0``, both ``(B, dim)``. On
-        periodic columns (module docstring): ``u = wrap(x1 - x0)`` and
+        ``x_t = (1 - t) x0 + t x1 + sigma * noise`` and ``u = x1 - x0``, both ``(B, dim)``
+        (``"trig"``: ``x_t = cos(pi t/2) x0 + sin(pi t/2) x1 + sigma * noise``, u its time
+        derivative). On periodic columns (module docstring): ``u = wrap(x1 - x0)`` and
         ``x_t = wrap(x0 + t u + sigma * noise)``, the shortest arc (Chen & Lipman 2023).
     """
+    if path not in PATHS:
+        raise ValueError(f"unknown interpolant path {path!r}; valid: {list(PATHS)}")
     tt = t[:, None]
+    if path == "trig":
+        a = 0.5 * torch.pi * tt
+        flat_x = torch.cos(a) * x0 + torch.sin(a) * x1
+        flat_u = 0.5 * torch.pi * (torch.cos(a) * x1 - torch.sin(a) * x0)
+    else:
+        flat_x, flat_u = (1 - tt) * x0 + tt * x1, x1 - x0
     if periodic is not None:
         mask = periodic.to(x0.device)
-        ut = torch.where(mask, wrap_angle(x1 - x0, periodic=True), x1 - x0)
-        xt = x0 + tt * ut
+        ut = torch.where(mask, wrap_angle(x1 - x0, periodic=True), flat_u)
+        xt = torch.where(mask, x0 + tt * ut, flat_x)
     else:
-        xt = (1 - tt) * x0 + tt * x1
+        xt = flat_x
     if sigma:
         if noise is None:
             raise ValueError("sigma > 0 needs a noise tensor")
         xt = xt + sigma * noise
     if periodic is not None:
         return wrap_columns(xt, mask), ut
-    return xt, x1 - x0
+    return xt, flat_u
 
 
 def ot_pairing(x0: Tensor, x1: Tensor, *, periodic: Tensor | None = None) -> Tensor:
@@ -396,6 +419,7 @@ def flow_matching_loss(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     periodic: Tensor | None = None,
+    path: str = "linear",
 ) -> Tensor:
     """Mean squared error between ``net(t, x_t)`` and ``x1 - x0`` at t ~ U(0, 1).
 
@@ -408,6 +432,7 @@ def flow_matching_loss(
             (:func:`interpolant_draws`); ``generator`` is then not used.
         periodic: boolean ``(dim,)`` mask of angle columns: geodesic interpolant and target
             ``wrap(x1 - x0)`` there (:func:`interpolate`).
+        path: ``"linear"`` or ``"trig"`` (:func:`interpolate`).
 
     Returns:
         scalar loss, averaged over batch and coordinates.
@@ -425,8 +450,5 @@ def flow_matching_loss(
     t = t.to(device=x0.device, dtype=x0.dtype)
     if noise is not None:
         noise = noise.to(device=x0.device, dtype=x0.dtype)
-    if periodic is not None:
-        xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise, periodic=periodic)
-    else:
-        xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise)
+    xt, ut = interpolate(x0, x1, t, sigma=sigma, noise=noise, periodic=periodic, path=path)
     return (net(t, xt) - ut).pow(2).mean()

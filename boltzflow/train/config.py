@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from boltzflow.flows.cnf import REPRESENTATIONS
-from boltzflow.flows.flow_matching import COUPLINGS
+from boltzflow.flows.flow_matching import COUPLINGS, PATHS
 from boltzflow.flows.ode import ADAPTIVE_METHODS, DIVERGENCES, FIXED_METHODS, TRACE_MODES
 from boltzflow.io.tomlfile import apply_profile, dataclass_from_dict, read_toml_file
 from boltzflow.nn import BACKBONES
@@ -176,18 +176,24 @@ class ModelConfig:
 class FlowMatchingConfig:
     """Flow-matching objective: coupling (``independent``, ``ot``, ``equivariant_ot``), noise
     ``sigma``, whether alignment uses particle ``permutations`` (False for molecules) and
-    ``reflections``, and random-rotation augmentation (None: on iff the backbone is not
-    equivariant and the system has particles)."""
+    ``reflections``, random-rotation augmentation (None: on iff the backbone is not
+    equivariant and the system has particles), and the interpolant ``path`` of the flat
+    columns: ``linear`` (default) or ``trig``, the variance-preserving path whose marginal
+    velocity vanishes when data and prior agree (the teacher's NF base;
+    :mod:`boltzflow.flows.flow_matching`)."""
 
     coupling: str = "equivariant_ot"
     sigma: float = 0.0
     permutations: bool = True
     reflections: bool = False
     augment_rotations: bool | None = None
+    path: str = "linear"
 
     def __post_init__(self) -> None:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"flow_matching.coupling {self.coupling!r} is not one of {COUPLINGS}")
+        if self.path not in PATHS:
+            raise ValueError(f"flow_matching.path {self.path!r} is not one of {PATHS}")
         nonnegative_float(self.sigma, "flow_matching.sigma")
 
 

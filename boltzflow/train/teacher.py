@@ -257,6 +257,7 @@ class TeacherLoss:
             n_particles=self.n_particles,
             spatial_dim=self.spatial_dim,
             periodic=self.periodic,
+            path=self.fm.path,
         )
 
 

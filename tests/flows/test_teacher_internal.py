@@ -305,3 +305,46 @@ def test_cli_train_sample_nll(aldp_frames: torch.Tensor, tmp_path, capsys):
     capsys.readouterr()
     assert cli(["nll", str(run), "--data", str(tmp_path / "aldp.npy"), "-n", "8"]) == 0
     assert "rigid motions integrated out, 60 internal coordinates" in capsys.readouterr().out
+
+
+# --- the trigonometric (variance-preserving) path --------------------------------------------
+def test_trig_path_velocity_is_the_time_derivative_and_keeps_the_geodesic():
+    periodic = torch.tensor([False, True, False])
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 3, generator=gen, dtype=F64)
+    x1 = torch.randn(5, 3, generator=gen, dtype=F64)
+    x1[:, 1] = torch.tensor([3.0, -3.0, 0.5, 2.0, -1.0], dtype=F64)
+    t = torch.rand(5, generator=gen, dtype=F64) * 0.9 + 0.05
+    _, ut = interpolate(x0, x1, t, periodic=periodic, path="trig")
+    h = 1e-6
+    xp, _ = interpolate(x0, x1, t + h, periodic=periodic, path="trig")
+    xm, _ = interpolate(x0, x1, t - h, periodic=periodic, path="trig")
+    fd = (xp - xm) / (2 * h)
+    torch.testing.assert_close(ut[:, [0, 2]], fd[:, [0, 2]], atol=1e-8, rtol=0)
+    _, u_lin = interpolate(x0, x1, t, periodic=periodic)  # the angle column is unchanged
+    torch.testing.assert_close(ut[:, 1], u_lin[:, 1], atol=0, rtol=0)
+    for t_end, x_end in ((0.0, x0), (1.0, x1)):
+        xe, _ = interpolate(x0, x1, torch.full((5,), t_end, dtype=F64), path="trig")
+        torch.testing.assert_close(xe, x_end, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="unknown interpolant path"):
+        interpolate(x0, x1, t, path="cosine")
+
+
+def test_trig_path_has_no_marginal_velocity_between_equal_gaussians():
+    """x0, x1 iid N(0, 1): x_t stays N(0, 1) and the regression target is uncorrelated with x_t,
+    so the best field is 0; the linear path's target correlates with x_t (its marginal velocity
+    is x (2t - 1) / ((1 - t)^2 + t^2)). Tolerances: 5 standard errors of the sample moments."""
+    n = 200_000
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(n, 1, generator=gen, dtype=F64)
+    x1 = torch.randn(n, 1, generator=gen, dtype=F64)
+    t = torch.full((n,), 0.8, dtype=F64)
+    se = 5 / math.sqrt(n)
+    xt, ut = interpolate(x0, x1, t, path="trig")
+    assert abs(xt.var().item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((xt * ut).mean().item()) < 2 * se  # E[x_t u] = 0 (|u| ~ pi/2)
+    xt, ut = interpolate(x0, x1, t)
+    slope = (2 * 0.8 - 1) / (0.2**2 + 0.8**2)
+    expected = slope * (xt**2).mean().item()
+    assert abs((xt * ut).mean().item() - expected) < 2 * se
+    assert expected > 0.5
