@@ -256,6 +256,8 @@ class TeacherConfig:
         used = _BACKBONE_KEYS[self.model.backbone] | {"backbone", "scale"}
         if self.model.representation != "cartesian":  # Cartesian runs record what they did
             used = used | {"representation", "standardize_dihedrals"}
+        if self.model.base_nf is not None:
+            used = used | {"base_nf"}
         out["model"] = {k: v for k, v in out["model"].items() if k in used}
         return out
 
@@ -264,7 +266,7 @@ class TeacherConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         cfg = dataclass_from_dict(cls, data, where)
         model_raw = data.get("model", {})
-        common = {"backbone", "scale", "representation", "standardize_dihedrals"}
+        common = {"backbone", "scale", "representation", "standardize_dihedrals", "base_nf"}
         unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - common
         if unused:
             raise ValueError(

@@ -157,3 +157,21 @@ def test_training_on_the_nf_latent(nf: InternalNFStudent, tmp_path):
     with pytest.raises(ValueError, match="checkpoint kind 'teacher_cnf'"):
         cfg.model.base_nf = str(tmp_path / "run" / "teacher.pt")
         train_teacher(cfg, x, tmp_path / "run2", shape, progress=False, run_info={"system": SYSTEM})
+
+
+def test_shipped_config_trains_on_the_shipped_nf(tmp_path):
+    """``teacher_aldp_internal_nfbase.toml`` (smoke profile) names the shipped NF as its base and
+    the trig path; the recorded run config keeps both, and a few steps run end to end."""
+    from boltzflow.train.config import TeacherConfig
+
+    cfg = load_teacher_config(CONFIGS / "teacher_aldp_internal_nfbase.toml", "smoke")
+    assert cfg.model.base_nf == "models/aldp-nf-internal" and cfg.flow_matching.path == "trig"
+    again = TeacherConfig.from_dict(cfg.to_dict())
+    assert again.model.base_nf == cfg.model.base_nf and again.flow_matching.path == "trig"
+    cfg.model.base_nf = str(CONFIGS.parents[1] / cfg.model.base_nf)  # independent of the cwd
+    x = aldp_frames(64, seed=6).float()
+    shape = SystemShape.from_name(SYSTEM)
+    teacher = train_teacher(cfg, x, tmp_path, shape, progress=False, run_info={"system": SYSTEM})
+    assert teacher.base_flow is not None and teacher.periodic.sum() == 5  # ALDP's broad dihedrals
+    out = teacher.sample_with_stats(4, seed=0)
+    assert out.x.shape == (4, 66) and bool(torch.isfinite(out.log_q).all())
