@@ -13,6 +13,7 @@ A config file has sections that map onto dataclasses (``[model]``, ``[flow_match
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,8 +232,25 @@ class SampleConfig:
 
 
 @dataclass
+class DataConfig:
+    """How training frames are drawn. ``basin_free_energy`` (kT, None: uniformly): ΔF of the
+    positive-φ basin (0 < φ < 2 rad, :data:`~boltzflow.data.seeded_md.POSITIVE_PHI_BASIN`)
+    against the rest of a molecule with backbone dihedrals; frames are then drawn so that the
+    basin carries the Boltzmann share 1 / (1 + e^ΔF) of each minibatch, uniformly within each
+    side. Seeded MD data are Boltzmann within the basins but not across them (their basin share
+    is set by the seeding), so a model fitted to them gets the cross-basin weight wrong; ΔF comes
+    from an importance-sampling estimate of a model trained without it (no reference needed)."""
+
+    basin_free_energy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.basin_free_energy is not None and not math.isfinite(self.basin_free_energy):
+            raise ValueError(f"data.basin_free_energy must be finite, got {self.basin_free_energy}")
+
+
+@dataclass
 class TeacherConfig:
-    """A teacher run: system name, model, objective, training loop and sampler."""
+    """A teacher run: system name, model, objective, training loop, sampler, data weighting."""
 
     system: str | None = None
     description: str = ""
@@ -240,6 +258,7 @@ class TeacherConfig:
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         if self.model.representation == "internal" and (

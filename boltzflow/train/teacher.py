@@ -17,6 +17,7 @@ arXiv:2302.03660; :func:`boltzflow.flows.flow_matching.interpolate`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from boltzflow.train.prefetch import step_generator
 __all__ = [
     "SystemShape",
     "TeacherLoss",
+    "basin_weights",
     "build_teacher",
     "load_base_nf",
     "system_zmatrix",
@@ -121,6 +123,53 @@ def load_base_nf(
     return InternalCoordinates.from_dict(nf.ic.to_dict()), nf.flow
 
 
+def basin_weights(system: str, data: Tensor, delta_f: float) -> tuple[Tensor, dict[str, Any]]:
+    """Frame-drawing probabilities that give the positive-φ basin the Boltzmann share
+    ``1 / (1 + e^delta_f)`` (``data.basin_free_energy``, :class:`~boltzflow.train.config.
+    DataConfig`), uniform within each side.
+
+    Args:
+        system: a registered molecule with backbone dihedrals (φ from its atoms).
+        data: ``(N, 3n)`` Cartesian frames (nm).
+        delta_f: ΔF(0 < φ < 2 vs the rest) in kT.
+
+    Returns:
+        ``(N,)`` float64 probabilities summing to 1, and a JSON-able summary for the run record.
+
+    Raises:
+        ValueError: a system without backbone dihedrals, or a side of the basin with no frame.
+    """
+    from boltzflow.analysis.free_energy import backbone_angles
+    from boltzflow.data.seeded_md import POSITIVE_PHI_BASIN, in_positive_basin
+    from boltzflow.systems.registry import load_system
+
+    angles = backbone_angles(load_system(system), data.double())
+    if angles is None:
+        raise ValueError(f"data.basin_free_energy needs a molecule with φ; {system!r} has none")
+    inside = torch.as_tensor(in_positive_basin(angles[0]))
+    n_in = int(inside.sum())
+    if n_in in (0, len(data)):
+        raise ValueError(
+            f"data.basin_free_energy: {n_in} of {len(data)} frames lie in {POSITIVE_PHI_BASIN}; "
+            "both sides need frames"
+        )
+    share = 1.0 / (1.0 + math.exp(delta_f))
+    f64 = torch.float64
+    weights = torch.where(
+        inside,
+        torch.tensor(share / n_in, dtype=f64),
+        torch.tensor((1.0 - share) / (len(data) - n_in), dtype=f64),
+    )
+    summary = {
+        "basin": list(POSITIVE_PHI_BASIN),
+        "delta_f": float(delta_f),
+        "frames_in_basin": n_in,
+        "share_in_data": n_in / len(data),
+        "share_drawn": share,
+    }
+    return weights, summary
+
+
 def build_teacher(
     cfg: TeacherConfig,
     shape: SystemShape,
@@ -181,13 +230,23 @@ class TeacherLoss:
         data: ``(N, dim)`` training configurations in physical units.
         cfg: run configuration (flow-matching options, batch size, seed).
         shape: the system's dimension and particle structure.
+        weights: ``(N,)`` non-negative probabilities of drawing each frame (:func:`basin_weights`);
+            None: uniformly.
     """
 
     def __init__(
-        self, teacher: TeacherCNF, data: Tensor, cfg: TeacherConfig, shape: SystemShape
+        self,
+        teacher: TeacherCNF,
+        data: Tensor,
+        cfg: TeacherConfig,
+        shape: SystemShape,
+        weights: Tensor | None = None,
     ) -> None:
         fm = cfg.flow_matching
         self.fm, self.batch, self.seed = fm, cfg.train.batch_size, cfg.train.seed
+        if weights is not None and (weights.shape != (len(data),) or not weights.sum() > 0):
+            raise ValueError(f"weights must be ({len(data)},) with a positive sum")
+        self.weights = None if weights is None else weights.double()
         self.prior = teacher.prior
         self.periodic: Tensor | None = teacher.periodic
         if teacher.transform is not None:  # internal coordinates: the flow's z, float32
@@ -220,7 +279,11 @@ class TeacherLoss:
         ``(B, dim)`` interpolant noise (None when sigma is 0)."""
         gen = step_generator(self.seed, step)
         n, d, b, fm = self.n_particles, self.spatial_dim, self.batch, self.fm
-        x1 = self.data[torch.randint(len(self.data), (b,), generator=gen)]
+        if self.weights is None:
+            idx = torch.randint(len(self.data), (b,), generator=gen)
+        else:
+            idx = torch.multinomial(self.weights, b, replacement=True, generator=gen)
+        x1 = self.data[idx]
         if self.augment:
             x1 = rotate(x1, random_rotations(b, d, generator=gen), n, d)
         x0 = self.prior.sample(b, generator=gen, dtype=torch.float32, device="cpu")
@@ -321,13 +384,20 @@ def train_teacher(
             periodic=True,
             standardize_dihedrals=cfg.model.standardize_dihedrals,
         )
+    weights = None
+    if cfg.data.basin_free_energy is not None:
+        name = cfg.system or (run_info or {}).get("system")
+        if name is None:
+            raise ValueError("data.basin_free_energy needs a system name")
+        weights, summary = basin_weights(name, data, cfg.data.basin_free_energy)
+        run_info = {**(run_info or {}), "basin_weighting": summary}
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
     teacher = build_teacher(cfg, shape, transform, base_flow)
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
     teacher.system = run_config.get("system")
     return fit_and_export(
         teacher,
-        TeacherLoss(teacher, data, cfg, shape),
+        TeacherLoss(teacher, data, cfg, shape, weights),
         cfg.train,
         out_dir,
         filename=MODEL_FILE,

@@ -175,3 +175,62 @@ def test_shipped_config_trains_on_the_shipped_nf(tmp_path):
     assert teacher.base_flow is not None and teacher.periodic.sum() == 5  # ALDP's broad dihedrals
     out = teacher.sample_with_stats(4, seed=0)
     assert out.x.shape == (4, 66) and bool(torch.isfinite(out.log_q).all())
+
+
+# --- drawing frames with the Boltzmann share of the positive-phi basin ------------------------
+def test_basin_weights_give_the_basin_its_boltzmann_share():
+    import math
+
+    from boltzflow.analysis.free_energy import backbone_angles
+    from boltzflow.data.seeded_md import in_positive_basin
+    from boltzflow.systems.registry import load_system
+    from boltzflow.train.teacher import basin_weights
+
+    x = aldp_frames(256, seed=7)
+    inside = torch.as_tensor(in_positive_basin(backbone_angles(load_system(SYSTEM), x)[0]))
+    assert 0 < int(inside.sum()) < len(x)  # the tiny frames draw phi uniformly
+    weights, summary = basin_weights(SYSTEM, x, 3.0)
+    share = 1 / (1 + math.exp(3.0))
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert weights[inside].sum().item() == pytest.approx(share, abs=1e-12)
+    assert weights[inside].unique().numel() == 1 and weights[~inside].unique().numel() == 1
+    assert summary["frames_in_basin"] == int(inside.sum())
+    assert summary["share_drawn"] == pytest.approx(share)
+    # the loss draws minibatches with that share: 40 batches of 512 (binomial, 5 se)
+    cfg = load_teacher_config(TEACHER_CONFIG, "smoke")
+    cfg.train.batch_size = 512
+    teacher = TeacherCNF.build("mlp", dim=66, transform=aldp_transform())
+    loss = TeacherLoss(teacher, x.float(), cfg, SystemShape.from_name(SYSTEM), weights)
+    z_in = loss.data[inside]
+    hits = 0
+    for step in range(40):
+        x1 = loss.make_batch(step)[1]
+        hits += int((x1[:, None, :] == z_in[None]).all(-1).any(-1).sum())
+    n = 40 * 512
+    assert abs(hits / n - share) < 5 * math.sqrt(share * (1 - share) / n), hits / n
+    with pytest.raises(ValueError, match="both sides need frames"):
+        basin_weights(SYSTEM, x[~inside], 3.0)
+    with pytest.raises(ValueError, match="needs a molecule with"):
+        basin_weights("dw4", torch.zeros(4, 8), 3.0)
+    with pytest.raises(ValueError, match="weights must be"):
+        TeacherLoss(teacher, x.float(), cfg, SystemShape.from_name(SYSTEM), weights[:5])
+
+
+def test_basin_free_energy_in_the_config_reaches_the_run_record(tmp_path):
+    import json
+
+    from boltzflow.train.config import TeacherConfig
+
+    cfg = load_teacher_config(CONFIGS / "teacher_aldp_internal_nfbase.toml", "smoke")
+    assert cfg.data.basin_free_energy == pytest.approx(3.84)
+    assert TeacherConfig.from_dict(cfg.to_dict()).data.basin_free_energy == pytest.approx(3.84)
+    with pytest.raises(ValueError, match=r"data\.basin_free_energy must be finite"):
+        TeacherConfig.from_dict({"data": {"basin_free_energy": float("inf")}})
+    cfg = load_teacher_config(TEACHER_CONFIG, "smoke")
+    cfg.data.basin_free_energy = 2.0
+    x = aldp_frames(64, seed=8).float()
+    shape = SystemShape.from_name(SYSTEM)
+    train_teacher(cfg, x, tmp_path, shape, progress=False, run_info={"system": SYSTEM})
+    record = json.loads((tmp_path / "run.json").read_text())
+    text = json.dumps(record)
+    assert '"basin_weighting"' in text and '"share_drawn"' in text
