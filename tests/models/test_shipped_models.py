@@ -21,6 +21,8 @@ from boltzflow.sampling.weights import ess_fraction
 MODELS = Path(__file__).resolve().parents[2] / "models"
 #: the shipped teacher's ESS/N on its card (sampling seed 0, N = 10,000)
 TEACHER_ESS = 0.1107
+#: the teacher on the NF's latent (sampling seed 0, N = 10,000)
+NFBASE_ESS = 0.5812
 
 #: (folder, sampling seed, N, ESS/N from the card); the teachers' exact-likelihood sampling of
 #: 10,000 samples takes ~15 CPU-minutes, so their card checks are slow tests
@@ -38,6 +40,14 @@ CARDS = [
         10_000,
         TEACHER_ESS,
         id="aldp-teacher-internal",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "aldp-teacher-nfbase",
+        0,
+        10_000,
+        NFBASE_ESS,
+        id="aldp-teacher-nfbase",
         marks=pytest.mark.slow,
     ),
 ]
@@ -63,16 +73,29 @@ def test_shipped_model_has_card_and_fits(name):
     assert _model_file(folder).stat().st_size <= 5 * 1024 * 1024
 
 
-def test_shipped_teacher_samples_cartesian_x_and_log_q(tmp_path):
-    """A short exact-likelihood run of the shipped teacher (the card's N = 10,000 is slow)."""
+@pytest.mark.parametrize("name", ["aldp-teacher-internal", "aldp-teacher-nfbase"])
+def test_shipped_teacher_samples_cartesian_x_and_log_q(tmp_path, name):
+    """A short exact-likelihood run of a shipped teacher (the card's N = 10,000 is slow)."""
     out = tmp_path / "t.h5"
-    folder = MODELS / "aldp-teacher-internal"
+    folder = MODELS / name
     argv = ["--quiet", "sample", str(folder), "-n", "32", "-o", str(out), "--seed", "0"]
     assert main(argv) == 0
     s = read_samples(out)
     assert s.x.shape == (32, 66)
     assert np.isfinite(s.log_q).all() and np.isfinite(s.columns["log_q_internal"]).all()
     assert load_model(folder).representation == "internal"
+
+
+def test_shipped_nfbase_teacher_holds_the_shipped_nf():
+    """The NF-base teacher's frozen base is exactly the shipped NF (weights and transform)."""
+    teacher, nf = (
+        load_model(MODELS / "aldp-teacher-nfbase"),
+        load_model(MODELS / "aldp-nf-internal"),
+    )
+    assert teacher.transform.to_dict() == nf.ic.to_dict()
+    base = teacher.base_flow.state_dict()
+    for key, value in nf.flow.state_dict().items():
+        assert torch.equal(base[key], value), key
 
 
 @pytest.mark.parametrize(("name", "seed", "n", "ess"), CARDS)
