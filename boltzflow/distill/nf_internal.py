@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from boltzflow.distill.base import Student, register_student
-from boltzflow.flows.coupling import CouplingFlow
+from boltzflow.flows.coupling import CouplingFlow, check_fits_internal
 from boltzflow.flows.priors import TorusGaussian
 from boltzflow.models.protocol import LOG_Q_KINDS
 from boltzflow.systems.internal_coords import InternalCoordinates
@@ -133,12 +133,8 @@ class InternalNFStudent(Student):
     ) -> None:
         if not ic.periodic:
             raise ValueError("the internal coordinates must be periodic (dihedrals in [-pi, pi))")
+        check_fits_internal(flow, ic)
         periodic = ic.periodic_mask().nonzero().flatten().tolist()
-        if flow.dim != ic.dim or list(flow.periodic) != periodic:
-            raise ValueError(
-                f"flow (dim {flow.dim}, periodic {list(flow.periodic)}) does not match the "
-                f"internal coordinates (dim {ic.dim}, dihedral columns {periodic})"
-            )
         super().__init__(
             TorusGaussian(ic.dim, periodic),
             model_config=model_config,

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from boltzflow.flows.coupling import CouplingFlow
+from boltzflow.flows.coupling import CouplingFlow, check_fits_internal
 from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import ADAPTIVE_METHODS, ODEResult, integrate
 from boltzflow.flows.priors import (
@@ -744,12 +744,7 @@ def _frozen_base_flow(
         return None
     if transform is None:
         raise ValueError("a base flow needs internal coordinates (a transform)")
-    periodic = transform.periodic_mask().nonzero().flatten().tolist()
-    if flow.dim != transform.dim or list(flow.periodic) != periodic:
-        raise ValueError(
-            f"base flow (dim {flow.dim}, periodic {list(flow.periodic)}) does not match the "
-            f"internal coordinates (dim {transform.dim}, periodic {periodic})"
-        )
+    check_fits_internal(flow, transform, "base flow")
     return flow.requires_grad_(False)
 
 

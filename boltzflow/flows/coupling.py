@@ -55,7 +55,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +63,15 @@ from torch import Tensor, nn
 
 from boltzflow.flows.priors import TorusGaussian, standard_normal_log_prob
 
+if TYPE_CHECKING:
+    from boltzflow.systems.internal_coords import InternalCoordinates
+
 __all__ = [
     "TRANSFORMS",
     "CouplingFlow",
     "CouplingLayer",
     "MeanFreeBasis",
+    "check_fits_internal",
     "circular_spline",
     "helmert_basis",
     "rational_quadratic_spline",
@@ -544,3 +548,18 @@ class CouplingFlow(nn.Module):
             z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
         x, ladj = self.decode(z)
         return x, self.base_log_prob(z) - ladj
+
+
+def check_fits_internal(flow: CouplingFlow, ic: InternalCoordinates, label: str = "flow") -> None:
+    """Raise unless ``flow`` lives on the coordinates of ``ic``: the same dimension, and circular
+    splines exactly on its periodic (dihedral) columns.
+
+    Raises:
+        ValueError: a mismatch (the message names both sides, starting with ``label``).
+    """
+    periodic = ic.periodic_mask().nonzero().flatten().tolist()
+    if flow.dim != ic.dim or list(flow.periodic) != periodic:
+        raise ValueError(
+            f"{label} (dim {flow.dim}, periodic {list(flow.periodic)}) does not match the "
+            f"internal coordinates (dim {ic.dim}, dihedral columns {periodic})"
+        )
