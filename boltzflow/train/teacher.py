@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from boltzflow.flows.cnf import MODEL_FILE, TeacherCNF
-from boltzflow.flows.coupling import CouplingFlow
+from boltzflow.flows.coupling import CouplingFlow, check_fits_internal
 from boltzflow.flows.flow_matching import (
     couple,
     flow_matching_loss,
@@ -35,6 +35,8 @@ from boltzflow.flows.flow_matching import (
     random_rotations,
     rotate,
 )
+from boltzflow.io.checkpoint import load_model_checkpoint
+from boltzflow.models.protocol import check_trained_for
 from boltzflow.systems.internal_coords import InternalCoordinates
 from boltzflow.systems.particles import remove_mean
 from boltzflow.systems.zmatrix import ZMatrix
@@ -52,6 +54,8 @@ __all__ = [
     "train_teacher",
 ]
 
+#: files of an NF run folder, in the order :func:`load_base_nf` tries them
+_NF_FILES = ("student.pt", "checkpoint.pt")
 #: training frames mapped to the flow's coordinates at a time (base-flow memory)
 _ENCODE_CHUNK = 10_000
 
@@ -106,21 +110,26 @@ def load_base_nf(
     path: str | os.PathLike[str], system: str | None
 ) -> tuple[InternalCoordinates, CouplingFlow]:
     """The transform and flow of a trained ``nf_internal`` model (file or run folder) for a
-    teacher's NF base (``model.base_nf``).
+    teacher's NF base (``model.base_nf``). Read from the checkpoint directly (the model class
+    lives in :mod:`boltzflow.distill`, which builds on this package).
 
     Raises:
         FileNotFoundError: nothing loadable at ``path``.
         ValueError: another kind of model, or one trained for another system.
     """
-    from boltzflow.distill.base import load_student
-    from boltzflow.distill.nf_internal import InternalNFStudent
-
-    nf = load_student(path, system=system)
-    if not isinstance(nf, InternalNFStudent):
-        raise ValueError(
-            f"model.base_nf {path}: a {nf.student_kind!r} model, not an 'nf_internal' one"
-        )
-    return InternalCoordinates.from_dict(nf.ic.to_dict()), nf.flow
+    path, payload, state = load_model_checkpoint(
+        path, kind="student", files=_NF_FILES, label="base NF", weights="ema", map_location="cpu"
+    )
+    kind = payload.get("student_kind")
+    if kind != "nf_internal":
+        raise ValueError(f"model.base_nf {path}: a {kind!r} model, not an 'nf_internal' one")
+    config = payload["model_config"]
+    ic = InternalCoordinates.from_dict(config["internal_coordinates"])
+    check_trained_for(path, "base NF", payload.get("system"), system, 3 * ic.n_atoms)
+    flow = CouplingFlow(**config["flow"])
+    check_fits_internal(flow, ic, "base NF")
+    flow.load_state_dict({k[len("flow.") :]: v for k, v in state.items() if k.startswith("flow.")})
+    return ic, flow
 
 
 def basin_weights(system: str, data: Tensor, delta_f: float) -> tuple[Tensor, dict[str, Any]]:
