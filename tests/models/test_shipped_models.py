@@ -24,6 +24,13 @@ TEACHER_ESS = 0.1107
 #: the teacher on the NF's latent (sampling seed 0, N = 10,000)
 NFBASE_ESS = 0.5812
 
+
+def _exact_teacher_card(name: str, ess: float) -> object:
+    """A card check of an exact-likelihood ALDP teacher: seed 0, N = 10,000, slow."""
+    marks = [pytest.mark.slow, pytest.mark.timeout(3600)]
+    return pytest.param(name, 0, 10_000, ess, id=name, marks=marks)
+
+
 #: (folder, sampling seed, N, ESS/N from the card); the teachers' exact-likelihood sampling of
 #: 10,000 samples takes 12-15 CPU-minutes, so their card checks are slow tests (with their own
 #: timeout: the suite's 600 s is shorter)
@@ -35,22 +42,8 @@ CARDS = [
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
     pytest.param("lj13-teacher", 3, 10_000, 0.3381, id="lj13-teacher", marks=pytest.mark.slow),
-    pytest.param(
-        "aldp-teacher-internal",
-        0,
-        10_000,
-        TEACHER_ESS,
-        id="aldp-teacher-internal",
-        marks=[pytest.mark.slow, pytest.mark.timeout(3600)],
-    ),
-    pytest.param(
-        "aldp-teacher-nfbase",
-        0,
-        10_000,
-        NFBASE_ESS,
-        id="aldp-teacher-nfbase",
-        marks=[pytest.mark.slow, pytest.mark.timeout(3600)],
-    ),
+    _exact_teacher_card("aldp-teacher-internal", TEACHER_ESS),
+    _exact_teacher_card("aldp-teacher-nfbase", NFBASE_ESS),
 ]
 
 
