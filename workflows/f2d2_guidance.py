@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,9 @@ from boltzflow.sampling.results import WeightedSamples
 from boltzflow.sampling.weights import ess_fraction
 from boltzflow.systems import load_system
 from boltzflow.systems.base import compute_energies
+
+#: percentiles of the per-draw invertibility limit of the scale that the report prints
+LIMIT_QUANTILES = (0.1, 1, 10, 50)
 
 
 def cell_metrics(system: Any, x: torch.Tensor, log_q: torch.Tensor) -> dict[str, float]:
@@ -79,13 +81,13 @@ def guidance_grid(
     }
     seconds = {key: 0.0 for key in parts}
     folded: dict[float, str] = {}
-    largest, field_seconds = math.inf, 0.0
+    field_seconds, limits = 0.0, []
     model.eval()
     for start in range(0, n, batch_size):
         t0 = time.perf_counter()
         field = likelihood_guidance(model, z_all[start : start + batch_size])
         field_seconds += time.perf_counter() - t0
-        largest = min(largest, field.largest_scale())
+        limits.append(field.scale_limits())
         for lam in scales:
             if lam in folded:
                 continue
@@ -112,7 +114,14 @@ def guidance_grid(
             log_q = torch.cat([g[1] for g in got])
             cell.update(cell_metrics(system, x, log_q), push_seconds=seconds[k, lam])
         cells.append(cell)
-    return {"cells": cells, "largest_scale": largest, "field_seconds": field_seconds}
+    limit = torch.cat(limits)
+    quantiles = {f"q{q:g}": float(limit.quantile(q / 100)) for q in LIMIT_QUANTILES}
+    return {
+        "cells": cells,
+        "largest_scale": float(limit.min()),
+        "scale_limit_quantiles": quantiles,
+        "field_seconds": field_seconds,
+    }
 
 
 def _table(result: dict[str, Any], steps: list[int], scales: list[float], key: str) -> str:
@@ -177,6 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{model.system}: F2D2 {args.student}, N = {args.n}, seed {args.seed}; "
         f"guidance field {result['field_seconds']:.1f} s; largest invertible scale over the "
         f"draws {result['largest_scale']:.4g}"
+    )
+    q = result["scale_limit_quantiles"]
+    print(
+        "per-draw limits (percentiles "
+        + ", ".join(f"{k[1:]}: {v:.3g}" for k, v in q.items())
+        + "): a fold at any drawn point rules the scale out for all"
     )
     print("\nESS/N (Kish)\n" + _table(result, args.steps, scales, "ess_fraction"))
     print(

@@ -90,11 +90,16 @@ class LikelihoodGuidance:
     grad: Tensor
     hessian: Tensor
 
+    def scale_limits(self) -> Tensor:
+        """``(B,)`` per point: the largest guidance scale for which ``I + lam B^T H B`` is
+        positive definite there (``inf`` where the objective is concave along no direction)."""
+        low = torch.linalg.eigvalsh(self.hessian.double())[:, 0]
+        return torch.where(low < 0, -1.0 / low, torch.full_like(low, math.inf))
+
     def largest_scale(self) -> float:
         """The largest guidance scale for which ``I + lam B^T H B`` is positive definite at
-        every one of these points (``inf`` where the objective is convex along no direction)."""
-        low = torch.linalg.eigvalsh(self.hessian.double()).min()
-        return math.inf if float(low) >= 0 else float(-1.0 / low)
+        every one of these points (the smallest of :meth:`scale_limits`)."""
+        return float(self.scale_limits().min())
 
     def step(self, guidance: float) -> tuple[Tensor, Tensor]:
         """Guided noise ``z' = z + guidance * grad (B, dim)`` and ``log det dz'/dz (B,)`` on

@@ -152,6 +152,7 @@ def test_guided_linear_map_gives_the_closed_form_gaussian() -> None:
     torch.testing.assert_close(log_q, own.log_prob(x), rtol=0, atol=1e-10)
     field = likelihood_guidance(model, _noise(model, 50, 7))
     assert field.largest_scale() == pytest.approx(1.0)  # the Hessian is -I
+    torch.testing.assert_close(field.scale_limits(), torch.ones(50, dtype=torch.float64))
 
 
 def test_guidance_term_matches_brute_force_on_an_egnn_student() -> None:
@@ -278,5 +279,7 @@ def test_guidance_script_on_a_smoke_trained_student(
         for lam in (0.01, 0.02):
             assert cells[k, lam]["invertible"] and 0 < cells[k, lam]["ess_fraction"] <= 1
     assert out["largest_scale"] > 0.02 and "| K | lam = 0 |" in capsys.readouterr().out
+    q = out["scale_limit_quantiles"]
+    assert out["largest_scale"] <= q["q0.1"] <= q["q1"] <= q["q10"] <= q["q50"]
     with pytest.raises(SystemExit):
         module.main([*args, "--guidance", "-0.1"])
