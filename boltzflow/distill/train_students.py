@@ -66,7 +66,11 @@ from boltzflow.distill.f2d2 import F2D2, F2D2LossConfig, f2d2_loss
 from boltzflow.distill.falcon import FALCON, FALCONLossConfig, falcon_loss
 from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.flowmap_loss import FlowMapLoss, FlowMapLossConfig, LossContext
-from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
+from boltzflow.distill.trajectories import (
+    Trajectories,
+    tail_partial_file,
+    teacher_trajectories,
+)
 from boltzflow.flows.cnf import MODEL_FILE, TRAINING_FILE, TeacherCNF, refuse_base_flow
 from boltzflow.flows.flow_matching import couple, interpolate
 from boltzflow.io.checkpoint import load_checkpoint, resolve_checkpoint_file
@@ -98,6 +102,8 @@ __all__ = [
 ]
 
 TRAJECTORY_FILE = "trajectories.pt"
+#: the trajectories made so far, rewritten after every batch: an interrupted run resumes there
+PARTIAL_TRAJECTORY_FILE = "trajectories.partial.pt"
 
 
 @dataclass(frozen=True)
@@ -497,16 +503,20 @@ def student_loss(
 def _trajectories(
     cfg: StudentConfig, teacher: TeacherCNF, out: Path, progress: bool
 ) -> Trajectories:
-    """Load ``OUT/trajectories.pt`` if it was made with these settings, else generate it."""
+    """Load ``OUT/trajectories.pt`` if it was made with these settings, else generate it
+    (resuming from ``OUT/trajectories.partial.pt`` where an interrupted run left one)."""
     tc = cfg.trajectories.options()
     path = out / TRAJECTORY_FILE
     if path.is_file():
         traj, info = Trajectories.load(path)
         if info.get("config") == tc:
             return traj
-    traj = teacher_trajectories(teacher, **tc, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL_TRAJECTORY_FILE
+    traj = teacher_trajectories(teacher, **tc, progress=progress, partial=partial)
     traj.save(path, info={"config": tc})
+    for done in (partial, tail_partial_file(partial)):
+        done.unlink(missing_ok=True)
     return traj
 
 

@@ -31,7 +31,7 @@ from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import exact_divergence
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Trajectories", "teacher_trajectories"]
+__all__ = ["Trajectories", "tail_partial_file", "teacher_trajectories"]
 
 
 @dataclass
@@ -149,6 +149,7 @@ def teacher_trajectories(
     tail_fraction: float = 0.0,
     tail_scale: float = 1.5,
     prior_scale: float = 1.0,
+    partial: str | os.PathLike[str] | None = None,
 ) -> Trajectories:
     """Integrate ``n`` prior samples through the teacher and record a uniform grid.
 
@@ -165,6 +166,11 @@ def teacher_trajectories(
             the prior puts little mass but importance weights are most sensitive: a student's
             log q error on a rare far-out draw becomes one dominant weight.
         prior_scale: the factor of this call's own starts (used for the tail part).
+        partial: a file that holds the trajectories made so far, rewritten (atomically) after
+            every batch. If it exists and was made with the same settings, generation resumes
+            after its last batch, with the same result as an uninterrupted run (the same
+            prior draws in the same batches); a file made with other settings is replaced.
+            The tail part keeps its own file (``partial`` with ``.tail`` before the suffix).
 
     Returns:
         :class:`Trajectories` in float32 on CPU (for an internal-coordinate teacher: on its z,
@@ -176,7 +182,7 @@ def teacher_trajectories(
     if n_tail > 0:
         settings = {"grid": grid, "batch_size": batch_size, "atol": atol, "rtol": rtol}
         main = teacher_trajectories(
-            teacher, n, seed=seed, method=method, progress=progress, **settings
+            teacher, n, seed=seed, method=method, progress=progress, partial=partial, **settings
         )
         tail = teacher_trajectories(
             teacher,
@@ -185,14 +191,28 @@ def teacher_trajectories(
             method=method,
             progress=progress,
             prior_scale=tail_scale,
+            partial=None if partial is None else tail_partial_file(Path(partial)),
             **settings,
         )
         return Trajectories.cat(main, tail)
     start = time.perf_counter()
     p = next(teacher.parameters())
     times = torch.linspace(0.0, 1.0, grid + 1, dtype=p.dtype, device=p.device)
+    key = {
+        "n": n,
+        "grid": grid,
+        "seed": seed,
+        "batch_size": batch_size,
+        "atol": atol,
+        "rtol": rtol,
+        "method": method,
+        "prior_scale": prior_scale,
+    }
+    parts = _resumable(partial, key)
+    done = sum(len(part) for part in parts)
     batches = teacher.push_prior(
         n,
+        skip=done,
         seed=seed,
         times=times,
         progress=progress,
@@ -209,7 +229,6 @@ def teacher_trajectories(
     net = teacher.net
     was_training = teacher.training
     teacher.eval()
-    xs, lps, vs, ds = [], [], [], []
     try:
         with torch.no_grad():
             for _, res in batches:
@@ -219,18 +238,45 @@ def teacher_trajectories(
                     v, div = exact_divergence(net, times[k], path[k])
                     vk.append(v)
                     dk.append(div)
-                xs.append(path.transpose(0, 1).float().cpu())
-                lps.append(logp.transpose(0, 1).float().cpu())
-                vs.append(torch.stack(vk, 1).float().cpu())
-                ds.append(torch.stack(dk, 1).float().cpu())
+                parts.append(
+                    Trajectories(
+                        times.float().cpu(),
+                        path.transpose(0, 1).float().cpu(),
+                        logp.transpose(0, 1).float().cpu(),
+                        torch.stack(vk, 1).float().cpu(),
+                        torch.stack(dk, 1).float().cpu(),
+                        time.perf_counter() - start,
+                        teacher.periodic,
+                    )
+                )
+                start = time.perf_counter()
+                if partial is not None:
+                    _joined(parts).save(partial, info={"resume": key})
     finally:
         teacher.train(was_training)
+    return _joined(parts)  # seconds: those of the earlier runs (in the file) and this one
+
+
+def tail_partial_file(path: Path) -> Path:
+    """The partial file of the tail part beside ``path``: ``name.tail.suffix``."""
+    return path.with_name(f"{path.stem}.tail{path.suffix}")
+
+
+def _resumable(partial: str | os.PathLike[str] | None, key: dict) -> list[Trajectories]:
+    """The trajectories already in ``partial`` if it was written with settings ``key``, as a
+    one-element list; else an empty list."""
+    if partial is None or not Path(partial).is_file():
+        return []
+    got, info = Trajectories.load(partial)
+    return [got] if info.get("resume") == key else []
+
+
+def _joined(parts: list[Trajectories]) -> Trajectories:
+    """Batches of trajectories (all from the prior) in order, as one; seconds summed."""
+    first = parts[0]
     return Trajectories(
-        times.float().cpu(),
-        torch.cat(xs),
-        torch.cat(lps),
-        torch.cat(vs),
-        torch.cat(ds),
-        time.perf_counter() - start,
-        teacher.periodic,
+        first.times,
+        *(torch.cat([getattr(p, name) for p in parts]) for name in ("x", "logp", "v", "div")),
+        sum(p.seconds for p in parts),
+        first.periodic,
     )

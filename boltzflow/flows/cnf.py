@@ -481,6 +481,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         progress: bool = False,
         desc: str = "push-forward",
         prior_scale: float = 1.0,
+        skip: int = 0,
         **settings: Any,
     ) -> Iterator[tuple[Tensor, ODEResult]]:
         """Draw ``n`` prior points and integrate them from t = 0 to 1, batch by batch.
@@ -500,6 +501,9 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
                 from a widened prior, for supervision in its tails. The start points are then
                 not prior samples, so the ends are not the model's samples; models with
                 periodic columns refuse any factor but 1.
+            skip: draw all ``n`` points but integrate only those from index ``skip`` on (to
+                resume an interrupted run batch by batch: the same points as without it;
+                Hutchinson probes then differ).
             **settings: override :attr:`sampling` (keys of :data:`DEFAULT_SAMPLING`).
 
         Yields:
@@ -507,6 +511,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             solve, both in flow units (``res.x`` not re-projected onto the mean-free subspace).
         """
         check_count(n)
+        if not 0 <= skip <= n:
+            raise ValueError(f"skip must be in [0, n = {n}], got {skip}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
         if prior_scale != 1.0 and self.periodic is not None:
@@ -519,8 +525,8 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         if prior_scale != 1.0:
             x0 = x0 * prior_scale
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        with Progress(n, enabled=progress, desc=desc, unit="sample") as bar:
-            for start in range(0, n, batch_size):
+        with Progress(n - skip, enabled=progress, desc=desc, unit="sample") as bar:
+            for start in range(skip, n, batch_size):
                 xb = x0[start : start + batch_size]
                 res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)
                 bar.update(len(xb))

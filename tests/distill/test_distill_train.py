@@ -131,6 +131,7 @@ def test_falcon_trains_from_data_alone(toy_teacher: TeacherCNF, tmp_path: Path) 
 def test_distill_and_sample_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     teacher, out = smoke_f2d2(tmp_path)
     assert (out / "student.pt").is_file() and (out / "trajectories.pt").is_file()
+    assert not (out / "trajectories.partial.pt").exists()  # removed once the cache is written
     samples = tmp_path / "s.h5"
     assert main(["sample", str(out), "--steps", "2", "-n", "50", "-o", str(samples)]) == 0
     data = read_samples(samples)

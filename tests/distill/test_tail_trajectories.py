@@ -10,7 +10,7 @@ import torch
 from tiny_teacher import dw4_like_teacher
 
 from boltzflow.distill.train_students import TrajectoryConfig
-from boltzflow.distill.trajectories import Trajectories, teacher_trajectories
+from boltzflow.distill.trajectories import Trajectories, tail_partial_file, teacher_trajectories
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.ode import integrate
 
@@ -69,3 +69,62 @@ def test_trajectory_config_tail_options() -> None:
 def test_prior_scale_must_be_positive(teacher: TeacherCNF) -> None:
     with pytest.raises(ValueError, match="prior_scale"):
         next(teacher.push_prior(4, prior_scale=0.0))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, solves: int) -> list[int]:
+    """Make the teacher's batch solve raise after ``solves`` calls; returns the call log."""
+    calls: list[int] = []
+    real = TeacherCNF._solve
+
+    def solve(self, xb, *args, **kwargs):
+        if len(calls) == solves:
+            raise _Interrupt
+        calls.append(len(xb))
+        return real(self, xb, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherCNF, "_solve", solve)
+    return calls
+
+
+def test_interrupted_trajectories_resume_to_the_same_cache(
+    teacher: TeacherCNF, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after two of four batches (tail part included), a rerun integrates only the
+    remaining batches and returns exactly what an uninterrupted run does."""
+    whole = _make(teacher, batch_size=10, tail_fraction=0.25)
+    partial = tmp_path / "t.partial.pt"
+    calls = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(_Interrupt):
+        _make(teacher, batch_size=10, tail_fraction=0.25, partial=partial)
+    assert len(Trajectories.load(partial)[0]) == 20
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 100)
+    resumed = _make(teacher, batch_size=10, tail_fraction=0.25, partial=partial)
+    assert calls == [10, 10, 10]  # batches 3 and 4, then the 10 tail trajectories
+    assert len(resumed) == 50 and resumed.n_prior == 40
+    for name in ("x", "logp", "v", "div"):
+        assert torch.equal(getattr(resumed, name), getattr(whole, name))
+    assert len(Trajectories.load(tail_partial_file(partial))[0]) == 10
+
+
+def test_a_partial_file_of_other_settings_is_not_resumed(
+    teacher: TeacherCNF, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partial = tmp_path / "t.partial.pt"
+    _make(teacher, batch_size=20, partial=partial)  # complete, but for batch size 20
+    calls = _interrupt_after(monkeypatch, 100)
+    again = _make(teacher, batch_size=10, partial=partial)
+    assert calls == [10, 10, 10, 10]
+    assert len(again) == 40 and len(Trajectories.load(partial)[0]) == 40
+
+
+def test_push_prior_skip_integrates_the_same_later_points(teacher: TeacherCNF) -> None:
+    full = [x0 for x0, _ in teacher.push_prior(6, seed=2, batch_size=2, divergence="none")]
+    later = [x0 for x0, _ in teacher.push_prior(6, seed=2, batch_size=2, skip=2, divergence="none")]
+    assert len(later) == 2 and all(torch.equal(a, b) for a, b in zip(full[1:], later, strict=True))
+    with pytest.raises(ValueError, match="skip"):
+        next(teacher.push_prior(6, skip=7))
