@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from boltzflow.cli.systems_cmd import format_table, systems_table
 
 __all__ = ["QUICKSTART", "register"]
 
+#: processes that sample the shipped models side by side (one torch thread each; fewer on a
+#: machine with fewer cores)
+SHOWCASE_WORKERS = 2
 #: the demo's workflow, in the source checkout beside the package
 QUICKSTART = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.toml"
 
@@ -57,9 +61,13 @@ def _show_models(out_dir: Path) -> None:
     if not SHOWCASE.is_file():
         print(f"no shipped models to show ({SHOWCASE} not found)\n")
         return
-    print(f"shipped models ({SHOWCASE.parent}): sampling and reweighting, one CPU thread")
+    workers = max(1, min(SHOWCASE_WORKERS, os.cpu_count() or 1))
+    print(
+        f"shipped models ({SHOWCASE.parent}): sampling and reweighting, one CPU thread per "
+        f"model, {workers} side by side"
+    )
     start = time.perf_counter()
-    rows = run_showcase(SHOWCASE, out_dir, progress=True)
+    rows = run_showcase(SHOWCASE, out_dir, progress=True, workers=workers)
     print()
     print(showcase_table(rows))
     print(

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,29 +183,65 @@ def _estimate_dict(est: Any, raw: dict[str, Any]) -> dict[str, Any]:
     return {"value": float(est.value), "low": float(est.ci_low), "high": float(est.ci_high)}
 
 
+def _one_thread_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print(
+        f"  {r['model']} (K = {r['steps'] or '-'}): N = {r['n']}, ESS/N {r['ess_fraction']:.3f}",
+        flush=True,
+    )
+
+
+def _rows(showcase: Showcase, workers: int, progress: bool) -> list[dict[str, Any]]:
+    """One row per (entry, K), in list order; ``workers > 1``: rows run in that many worker
+    processes of one torch thread each (spawned; shut down on any error or Ctrl-C)."""
+    jobs = [(entry, steps) for entry in showcase.entries for steps in entry.steps]
+    if workers == 1:
+        rows = []
+        for entry, steps in jobs:
+            rows.append(_row(entry, steps, showcase))
+            if progress:
+                _print_row(rows[-1])
+        return rows
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker)
+    try:
+        futures = {pool.submit(_row, e, k, showcase): i for i, (e, k) in enumerate(jobs)}
+        done: dict[int, dict[str, Any]] = {}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            if progress:
+                _print_row(done[futures[future]])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [done[i] for i in range(len(jobs))]
+
+
 def run_showcase(
     path: str | os.PathLike[str] = SHOWCASE,
     out_dir: str | os.PathLike[str] | None = None,
     *,
     progress: bool = True,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Sample every listed model at each of its step counts; returns one row per (model, K).
 
-    With ``out_dir``: writes ``shipped_models.json``, ``shipped_models.md`` and the figure
-    ``shipped_models.png`` (ESS/N against samples per second, log axis) there.
+    ``workers``: processes that sample rows side by side, one torch thread each (rows are
+    timed in their own process, so samples/s stay per core while the cores are not shared;
+    the rows are identical for any number). With ``out_dir``: writes ``shipped_models.json``,
+    ``shipped_models.md`` and the figure ``shipped_models.png`` (ESS/N against samples per
+    second, log axis) there.
+
+    Raises:
+        ValueError: ``workers < 1``; the list's errors (:func:`load_showcase`).
     """
+    _positive_int(workers, "workers")
     showcase = load_showcase(path)
-    rows = []
-    for entry in showcase.entries:
-        for steps in entry.steps:
-            rows.append(_row(entry, steps, showcase))
-            if progress:
-                r = rows[-1]
-                print(
-                    f"  {r['model']} (K = {r['steps'] or '-'}): N = {r['n']}, "
-                    f"ESS/N {r['ess_fraction']:.3f}",
-                    flush=True,
-                )
+    rows = _rows(showcase, workers, progress)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

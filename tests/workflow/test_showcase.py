@@ -69,3 +69,30 @@ def test_bad_lists_are_refused_with_the_reason(tmp_path, text, error, words):
     with pytest.raises(error, match=None) as info:
         load_showcase(_write(tmp_path, text))
     assert words in str(info.value)
+
+
+def test_worker_processes_give_the_same_rows_in_list_order(tmp_path):
+    path = _write(
+        tmp_path,
+        f"""
+n = 200
+[[model]]
+name = "{MODELS / "dw4-f2d2"}"
+steps = [2, 1]
+[[model]]
+name = "{MODELS / "aldp-nf-internal"}"
+n = 100
+""",
+    )
+    alone = run_showcase(path, progress=False)
+    side_by_side = run_showcase(path, progress=False, workers=2)
+    assert [(r["model"], r["steps"]) for r in side_by_side] == [
+        ("dw4-f2d2", 2),
+        ("dw4-f2d2", 1),
+        ("aldp-nf-internal", None),
+    ]
+    for a, b in zip(alone, side_by_side, strict=True):
+        a.pop("samples_per_s"), b.pop("samples_per_s")
+        assert a == b
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        run_showcase(path, workers=0)
