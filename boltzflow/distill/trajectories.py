@@ -151,7 +151,8 @@ def teacher_trajectories(
     prior_scale: float = 1.0,
     partial: str | os.PathLike[str] | None = None,
 ) -> Trajectories:
-    """Integrate ``n`` prior samples through the teacher and record a uniform grid.
+    """Integrate ``n`` prior samples through the teacher and record a uniform grid (exact
+    divergence by the teacher's own ``sampling["trace_mode"]``).
 
     Args:
         teacher: the teacher CNF.
@@ -208,6 +209,9 @@ def teacher_trajectories(
         "method": method,
         "prior_scale": prior_scale,
     }
+    # the teacher's own way to the exact trace: stacked products ("vjp") can need tens of GB
+    # for a large particle network on CPU, where the reverse passes in a loop need little
+    trace_mode = teacher.sampling["trace_mode"]
     parts = _resumable(partial, key)
     done = sum(len(part) for part in parts)
     batches = teacher.push_prior(
@@ -222,7 +226,7 @@ def teacher_trajectories(
         rtol=rtol,
         steps=None,
         divergence="exact",
-        trace_mode="vjp",
+        trace_mode=trace_mode,
         batch_size=batch_size,
         prior_scale=prior_scale,
     )
@@ -235,7 +239,7 @@ def teacher_trajectories(
                 path, logp = res.path, res.delta_logp_path  # (K + 1, B, dim), (K + 1, B)
                 vk, dk = [], []
                 for k in range(grid + 1):
-                    v, div = exact_divergence(net, times[k], path[k])
+                    v, div = exact_divergence(net, times[k], path[k], mode=trace_mode)
                     vk.append(v)
                     dk.append(div)
                 parts.append(

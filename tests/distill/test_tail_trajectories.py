@@ -128,3 +128,28 @@ def test_push_prior_skip_integrates_the_same_later_points(teacher: TeacherCNF) -
     assert len(later) == 2 and all(torch.equal(a, b) for a, b in zip(full[1:], later, strict=True))
     with pytest.raises(ValueError, match="skip"):
         next(teacher.push_prior(6, skip=7))
+
+
+def test_trajectories_take_the_teachers_trace_mode(
+    teacher: TeacherCNF, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teacher that traces by reverse passes in a loop (large networks on CPU) keeps doing so
+    for its trajectories; the result equals the stacked products' up to rounding."""
+    import boltzflow.distill.trajectories as module
+    import boltzflow.flows.ode as ode
+
+    stacked = _make(teacher)
+    modes: list[str] = []
+    real = ode.exact_divergence
+
+    def spy(*args, mode: str = "vjp", **kwargs):
+        modes.append(mode)
+        return real(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(ode, "exact_divergence", spy)
+    monkeypatch.setattr(module, "exact_divergence", spy)
+    monkeypatch.setitem(teacher.sampling, "trace_mode", "loop")
+    looped = _make(teacher)
+    assert modes and set(modes) == {"loop"}
+    for name in ("x", "logp", "v", "div"):
+        torch.testing.assert_close(getattr(looped, name), getattr(stacked, name))
