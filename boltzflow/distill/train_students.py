@@ -67,6 +67,7 @@ from boltzflow.distill.falcon import FALCON, FALCONLossConfig, falcon_loss
 from boltzflow.distill.flowmap import init_from_teacher
 from boltzflow.distill.flowmap_loss import FlowMapLoss, FlowMapLossConfig, LossContext
 from boltzflow.distill.trajectories import (
+    TRAJECTORY_DIVERGENCES,
     Trajectories,
     tail_partial_file,
     teacher_trajectories,
@@ -153,7 +154,8 @@ class TrajectoryConfig:
     """Teacher trajectory cache: ``n`` trajectories on ``grid`` uniform intervals (a power of 2
     so that 1, 2, 4, ... step jumps lie on the grid), plus ``tail_fraction · n`` more started
     from the prior widened by ``tail_scale`` (the prior's tails, where a student's log q is
-    otherwise never supervised). The fields are keywords of
+    otherwise never supervised); ``divergence = "quadrature"`` integrates log p by
+    ``quadrature_points`` Gauss-Legendre nodes per grid interval. The fields are keywords of
     :func:`boltzflow.distill.trajectories.teacher_trajectories`."""
 
     n: int = 16384
@@ -164,8 +166,19 @@ class TrajectoryConfig:
     seed: int = 12345
     tail_fraction: float = 0.0
     tail_scale: float = 1.5
+    divergence: str = "exact"
+    quadrature_points: int = 3
 
     def __post_init__(self) -> None:
+        if self.divergence not in TRAJECTORY_DIVERGENCES:
+            raise ValueError(
+                f"trajectories.divergence must be one of {list(TRAJECTORY_DIVERGENCES)}, got "
+                f"{self.divergence!r}"
+            )
+        if self.quadrature_points < 1:
+            raise ValueError(
+                f"trajectories.quadrature_points must be >= 1, got {self.quadrature_points}"
+            )
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("trajectories.n and trajectories.batch_size must be >= 1")
         if self.grid < 1 or self.grid & (self.grid - 1):
@@ -184,6 +197,8 @@ class TrajectoryConfig:
         out = dataclasses.asdict(self)
         if self.tail_fraction == 0.0:
             del out["tail_fraction"], out["tail_scale"]
+        if self.divergence == "exact":
+            del out["divergence"], out["quadrature_points"]
         return out
 
 

@@ -153,3 +153,37 @@ def test_trajectories_take_the_teachers_trace_mode(
     assert modes and set(modes) == {"loop"}
     for name in ("x", "logp", "v", "div"):
         torch.testing.assert_close(getattr(looped, name), getattr(stacked, name))
+
+
+def test_quadrature_trajectories_converge_to_the_exactly_tracked_ones(teacher: TeacherCNF) -> None:
+    """Positions, velocities and divergences on the grid agree up to the solver tolerance
+    (the exact run's step control also sees log p); log p by Gauss-Legendre nodes per interval
+    converges to the trace tracked at every stage as the nodes increase (tight tolerances, so
+    that the quadrature error is what is seen)."""
+
+    def make(**kw) -> Trajectories:
+        return teacher_trajectories(teacher, 40, grid=4, seed=3, atol=1e-9, rtol=1e-9, **kw)
+
+    exact = _make(teacher, tail_fraction=0.1)
+    quad = _make(teacher, tail_fraction=0.1, divergence="quadrature", quadrature_points=3)
+    assert len(quad) == 44 and quad.n_prior == 40 and torch.equal(quad.logp[:, 0], torch.zeros(44))
+    for name in ("x", "v", "div"):
+        torch.testing.assert_close(getattr(quad, name), getattr(exact, name), atol=1e-4, rtol=0)
+    tracked = make()
+    err = {
+        q: float(
+            (make(divergence="quadrature", quadrature_points=q).logp - tracked.logp).abs().max()
+        )
+        for q in (1, 6)
+    }
+    assert err[6] < 1e-6 and err[1] > 100 * err[6], err
+
+
+def test_quadrature_settings_are_checked_and_keep_old_caches_valid() -> None:
+    assert "divergence" not in TrajectoryConfig().options()
+    opts = TrajectoryConfig(divergence="quadrature", quadrature_points=2).options()
+    assert opts["divergence"] == "quadrature" and opts["quadrature_points"] == 2
+    with pytest.raises(ValueError, match=r"trajectories\.divergence"):
+        TrajectoryConfig(divergence="hutchinson")
+    with pytest.raises(ValueError, match="quadrature_points"):
+        TrajectoryConfig(divergence="quadrature", quadrature_points=0)
