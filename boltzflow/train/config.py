@@ -130,7 +130,10 @@ class ModelConfig:
     ``base_nf`` (internal only): path of a trained ``nf_internal`` model (file or run folder)
     whose flow becomes the teacher's frozen base: the CNF is trained on the NF latents of the
     data and the NF's transform is used (so ``standardize_dihedrals`` is the NF's); None: no
-    base (:class:`~boltzflow.flows.cnf.TeacherCNF`, "NF base")."""
+    base (:class:`~boltzflow.flows.cnf.TeacherCNF`, "NF base"). ``init_from``: a finished
+    teacher (model file or run folder) of the same architecture whose weights start this run, to
+    continue training with another schedule (path relative to the working directory); None:
+    fresh weights."""
 
     backbone: str = "egnn"
     scale: float = 1.0
@@ -143,8 +146,11 @@ class ModelConfig:
     attention: bool = True
     coords_range: float = 15.0
     base_nf: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError(f"model.init_from must be a path (string), got {self.init_from!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {self.backbone!r} is not one of {sorted(BACKBONES)}")
         positive_float(self.scale, "model.scale")

@@ -50,6 +50,7 @@ __all__ = [
     "basin_weights",
     "build_teacher",
     "load_base_nf",
+    "start_from",
     "system_zmatrix",
     "train_teacher",
 ]
@@ -177,6 +178,29 @@ def basin_weights(system: str, data: Tensor, delta_f: float) -> tuple[Tensor, di
         "share_drawn": share,
     }
     return weights, summary
+
+
+def start_from(teacher: TeacherCNF, path: str | os.PathLike[str]) -> None:
+    """Copy the weights of the finished teacher at ``path`` (model file or run folder) into
+    ``teacher`` (``model.init_from``).
+
+    Raises:
+        FileNotFoundError: nothing loadable at ``path``.
+        ValueError: a teacher of another architecture, system convention or transform (its
+            ``model_config`` differs from the one this run builds).
+    """
+    done = TeacherCNF.load(path)
+    if done.model_config != teacher.model_config:
+        differ = sorted(
+            k
+            for k in set(done.model_config) | set(teacher.model_config)
+            if done.model_config.get(k) != teacher.model_config.get(k)
+        )
+        raise ValueError(
+            f"model.init_from {path}: that teacher's model differs from this run's in {differ}; "
+            "it can only start a run of the same architecture"
+        )
+    teacher.load_state_dict(done.state_dict())
 
 
 def build_teacher(
@@ -402,6 +426,9 @@ def train_teacher(
         run_info = {**(run_info or {}), "basin_weighting": summary}
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
     teacher = build_teacher(cfg, shape, transform, base_flow)
+    if cfg.model.init_from is not None:
+        start_from(teacher, cfg.model.init_from)
+        run_info = {**(run_info or {}), "init_from": str(Path(cfg.model.init_from).resolve())}
     run_config = {"teacher": cfg.to_dict(), "n_data": len(data), **(run_info or {})}
     teacher.system = run_config.get("system")
     return fit_and_export(
