@@ -283,6 +283,8 @@ class TeacherConfig:
             used = used | {"representation", "standardize_dihedrals"}
         if self.model.base_nf is not None:
             used = used | {"base_nf"}
+        if self.model.init_from is not None:
+            used = used | {"init_from"}
         out["model"] = {k: v for k, v in out["model"].items() if k in used}
         return out
 
@@ -291,7 +293,14 @@ class TeacherConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         cfg = dataclass_from_dict(cls, data, where)
         model_raw = data.get("model", {})
-        common = {"backbone", "scale", "representation", "standardize_dihedrals", "base_nf"}
+        common = {
+            "backbone",
+            "scale",
+            "representation",
+            "standardize_dihedrals",
+            "base_nf",
+            "init_from",
+        }
         unused = set(model_raw) - _BACKBONE_KEYS[cfg.model.backbone] - common
         if unused:
             raise ValueError(

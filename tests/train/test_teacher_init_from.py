@@ -55,3 +55,13 @@ def test_a_teacher_of_another_architecture_is_refused(tmp_path: Path) -> None:
         train_teacher(missing, tiny_data(), tmp_path / "c", SHAPE, progress=False)
     with pytest.raises(ValueError, match="init_from must be a path"):
         _with(tiny_config(2), init_from=3)
+
+
+def test_init_from_survives_the_config_round_trip() -> None:
+    from boltzflow.train.config import TeacherConfig, load_teacher_config
+
+    cfg = TeacherConfig.from_dict({"model": {"backbone": "egnn", "init_from": "runs/t"}})
+    assert cfg.model.init_from == "runs/t" and TeacherConfig.from_dict(cfg.to_dict()) == cfg
+    assert "init_from" not in TeacherConfig().to_dict()["model"]  # older runs' records unchanged
+    lj13 = Path(__file__).resolve().parents[2] / "workflows/configs/teacher_lj13.toml"
+    assert load_teacher_config(lj13, "cpu2h_more").model.init_from == "runs/lj13_teacher_5x64"
