@@ -30,6 +30,7 @@ from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.flow_matching import wrap_columns
 from boltzflow.flows.ode import exact_divergence, gauss_legendre
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.progress import Progress
 
 __all__ = ["TRAJECTORY_DIVERGENCES", "Trajectories", "tail_partial_file", "teacher_trajectories"]
 
@@ -246,8 +247,6 @@ def teacher_trajectories(
         skip=done,
         seed=seed,
         times=out_times,
-        progress=progress,
-        desc="teacher trajectories",
         method=method,
         atol=atol,
         rtol=rtol,
@@ -260,8 +259,10 @@ def teacher_trajectories(
     net = teacher.net
     was_training = teacher.training
     teacher.eval()
+    # counted once a batch is complete, traces included (the solve alone is the small part)
+    bar = Progress(n, initial=done, enabled=progress, desc="teacher trajectories", unit="traj")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bar:
             for _, res in batches:
                 path = res.path[grid_index]  # (K + 1, B, dim)
                 if nodes is None:
@@ -287,6 +288,7 @@ def teacher_trajectories(
                 start = time.perf_counter()
                 if partial is not None:
                     _joined(parts).save(partial, info={"resume": key})
+                bar.update(res.path.shape[1])
     finally:
         teacher.train(was_training)
     return _joined(parts)  # seconds: those of the earlier runs (in the file) and this one

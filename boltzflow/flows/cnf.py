@@ -525,7 +525,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         if prior_scale != 1.0:
             x0 = x0 * prior_scale
         probe_gen = torch.Generator().manual_seed(seed + 1)  # Hutchinson probes
-        with Progress(n - skip, enabled=progress, desc=desc, unit="sample") as bar:
+        with Progress(n, initial=skip, enabled=progress, desc=desc, unit="sample") as bar:
             for start in range(skip, n, batch_size):
                 xb = x0[start : start + batch_size]
                 res = self._solve(xb, 0.0, 1.0, opts, probe_gen, times=times)

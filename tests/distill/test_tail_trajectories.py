@@ -187,3 +187,14 @@ def test_quadrature_settings_are_checked_and_keep_old_caches_valid() -> None:
         TrajectoryConfig(divergence="hutchinson")
     with pytest.raises(ValueError, match="quadrature_points"):
         TrajectoryConfig(divergence="quadrature", quadrature_points=0)
+
+
+def test_trajectory_progress_counts_finished_batches(
+    teacher: TeacherCNF, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    partial = tmp_path / "t.partial.pt"
+    _make(teacher, batch_size=20, partial=partial, progress=True)
+    err = capsys.readouterr().err
+    assert "teacher trajectories" in err and "40/40" in err
+    _make(teacher, batch_size=20, partial=partial, progress=True)  # all done: nothing to redo
+    assert "40/40" in capsys.readouterr().err
