@@ -23,17 +23,19 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 TEACHER_ESS = 0.1107
 #: the teacher on the NF's latent (sampling seed 0, N = 10,000)
 NFBASE_ESS = 0.5812
+#: the LJ13 teacher (sampling seed 0, N = 2,000: about 12 CPU-minutes)
+LJ13_ESS = 0.5109
 
 
-def _exact_teacher_card(name: str, ess: float) -> object:
-    """A card check of an exact-likelihood ALDP teacher: seed 0, N = 10,000, slow."""
+def _exact_teacher_card(name: str, ess: float, n: int = 10_000) -> object:
+    """A card check of an exact-likelihood teacher: seed 0, N samples, slow."""
     marks = [pytest.mark.slow, pytest.mark.timeout(3600)]
-    return pytest.param(name, 0, 10_000, ess, id=name, marks=marks)
+    return pytest.param(name, 0, n, ess, id=name, marks=marks)
 
 
 #: (folder, sampling seed, N, ESS/N from the card); the teachers' exact-likelihood sampling of
-#: 10,000 samples takes 12-15 CPU-minutes, so their card checks are slow tests (with their own
-#: timeout: the suite's 600 s is shorter)
+#: 10,000 ALDP samples (or 2,000 LJ13 ones) takes 12-15 CPU-minutes, so their card checks are
+#: slow tests (with their own timeout: the suite's 600 s is shorter)
 CARDS = [
     pytest.param("aldp-nf-internal", 0, 10_000, 0.4392, id="aldp-nf-internal"),
     pytest.param("aldp-ff96-nf-internal", 0, 10_000, 0.5822, id="aldp-ff96-nf-internal"),
@@ -41,7 +43,7 @@ CARDS = [
     pytest.param("aldp-falcon-internal", 0, 10_000, 0.0604, id="aldp-falcon-internal"),
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
-    pytest.param("lj13-teacher", 3, 10_000, 0.3381, id="lj13-teacher", marks=pytest.mark.slow),
+    _exact_teacher_card("lj13-teacher", LJ13_ESS, n=2_000),
     _exact_teacher_card("aldp-teacher-internal", TEACHER_ESS),
     _exact_teacher_card("aldp-teacher-nfbase", NFBASE_ESS),
 ]
@@ -65,6 +67,17 @@ def test_shipped_model_has_card_and_fits(name):
     folder = MODELS / name
     assert (folder / "card.md").is_file()
     assert _model_file(folder).stat().st_size <= 5 * 1024 * 1024
+
+
+def test_shipped_lj13_teacher_samples_mean_free_x_and_log_q(tmp_path):
+    """A short run of the LJ13 teacher (its card's figures are slow)."""
+    out = tmp_path / "t.h5"
+    argv = ["--quiet", "sample", str(MODELS / "lj13-teacher"), "-n", "8", "-o", str(out)]
+    assert main(argv) == 0
+    s = read_samples(out)
+    assert s.x.shape == (8, 39) and np.isfinite(s.log_q).all() and np.isfinite(s.log_w).all()
+    np.testing.assert_allclose(s.x.reshape(8, 13, 3).mean(axis=1), 0.0, atol=1e-5)
+    assert load_model(MODELS / "lj13-teacher").sampling["divergence"] == "quadrature"
 
 
 @pytest.mark.parametrize("name", ["aldp-teacher-internal", "aldp-teacher-nfbase"])
