@@ -72,7 +72,7 @@ def _show_models(out_dir: Path) -> None:
     print(showcase_table(rows))
     print(
         f"({time.perf_counter() - start:.0f} s; samples/s: model work only, energies excluded; "
-        f"figure {out_dir / 'shipped_models.png'}; each model's card gives ESS/N at N = 10,000)\n"
+        f"figure {out_dir / 'shipped_models.png'}; each model's card gives ESS/N at larger N)\n"
     )
 
 
