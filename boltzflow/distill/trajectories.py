@@ -268,7 +268,7 @@ def teacher_trajectories(
                 if nodes is None:
                     logp = res.delta_logp_path  # (K + 1, B)
                 else:
-                    logp = _quadrature_logp(net, res.path, out_times, nodes, trace_mode)
+                    logp = _quadrature_logp(net, res.path, times, out_times, nodes, trace_mode)
                 vk, dk = [], []
                 for k in range(grid + 1):
                     v, div = exact_divergence(net, times[k], path[k], mode=trace_mode)
@@ -316,15 +316,17 @@ def _output_times(
 def _quadrature_logp(
     net: torch.nn.Module,
     path: Tensor,
+    times: Tensor,
     out_times: Tensor,
     nodes: tuple[Tensor, Tensor],
     trace_mode: str,
 ) -> Tensor:
     """``(K + 1, B)`` log p_t - log p_0 at the grid times: minus the Gauss-Legendre sums of the
-    exact trace over each interval, accumulated (``path (T, B, dim)`` at ``out_times``)."""
+    exact trace over each interval of the grid ``times (K + 1,)``, accumulated (``path
+    (T, B, dim)`` at ``out_times``)."""
     weights, node_index = nodes
     k = node_index.shape[0]
-    width = out_times[node_index[:, 0] + node_index.shape[1]] - out_times[node_index[:, 0] - 1]
+    width = times[1:] - times[:-1]
     steps = []
     for i in range(k):
         total = torch.zeros(path.shape[1], dtype=path.dtype, device=path.device)
