@@ -5,6 +5,7 @@
     boltzflow sample runs/dw4_nf -n 10000 -o samples.h5             # NF student: one pass
     boltzflow sample runs/dw4_f2d2 --steps 2 --guidance 0.1 -n 10000 -o samples.h5
                                        # F2D2 with maximum-likelihood self-guidance
+    boltzflow sample runs/t -n 10000 -o samples.h5 --resume  # continue an interrupted run
 
 Every model kind goes through the one sampling path (:mod:`boltzflow.sampling.draw`): batches
 are drawn, weighted against the system the model was trained for (or ``--system``) and
@@ -94,7 +95,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         # streamed in place: Ctrl-C keeps the completed batches (marked partial), an error
         # leaves no file; a shard of a distributed run keeps them on errors too (the job's
         # other shards stay, and the manifest says the run is incomplete)
-        keep = (lambda _: True) if me.distributed else None
+        # (and a resumed file keeps its rows whatever happens)
+        resuming = args.resume and plan.path.exists()
+        keep = (lambda _: True) if me.distributed or resuming else None
         with remove_on_failure(plan.path, replaces=True, keep_on_interrupt=True, keep=keep):
             result = write_sharded_draws(
                 model,
@@ -106,6 +109,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 batch_size=batch_size,
                 provenance=provenance,
                 progress=True,
+                resume=args.resume,
                 **settings,
             )
     except KeyboardInterrupt as err:
@@ -118,15 +122,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             system.close()
     if not me.is_main:
         return 0
-    cost = cost_of(result.batches)
     where = (
         args.output if result.manifest is None else f"{me.world_size} shards ({result.manifest})"
     )
-    line = (
-        f"wrote {result.n} samples to {where}: {provenance['model']}, "
-        f"{'' if steps is None else f'{steps} steps, '}NFE {cost.nfe_per_sample:.1f} per sample, "
-        f"{cost.seconds_per_1000:.3f} s per 1000 samples" + (" on rank 0" if me.distributed else "")
-    )
+    drawn = sum(len(b.out.x) for b in result.batches)
+    line = f"wrote {result.n} samples to {where}: {provenance['model']}"
+    if drawn < result.n:  # a resumed run
+        line += f" ({result.n - drawn} kept from the interrupted run, {drawn} drawn now)"
+    if result.batches:
+        cost = cost_of(result.batches)
+        line += (
+            f", {'' if steps is None else f'{steps} steps, '}NFE {cost.nfe_per_sample:.1f} per "
+            f"sample, {cost.seconds_per_1000:.3f} s per 1000 samples"
+            + (" on rank 0" if me.distributed else "")
+        )
     if result.ess is not None:
         line += f", ESS/N {result.ess / result.n:.4f} (N = {result.n})"
     print(line)
@@ -172,5 +181,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="F2D2 only: maximum-likelihood self-guidance scale (flow units^2 per nat; "
         "default 0, off); log q stays the exact density of the guided map",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue OUT if an interrupted run of the same command (model, seed, -n, "
+        "settings) left it: its rows are kept and only the rest is drawn, the same rows as an "
+        "uninterrupted run (to solver tolerance); without it OUT is replaced",
     )
     p.set_defaults(func=_cmd_sample, distributed=True)

@@ -57,6 +57,7 @@ from boltzflow.models.protocol import (
     SamplingMixin,
     check_batch_size,
     check_count,
+    check_skip,
     check_steps,
     check_trained_for,
 )
@@ -266,6 +267,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        skip: int = 0,
         **settings: Any,
     ) -> Iterator[FlowOutput]:
         """Yield ``n`` samples with their log density in ``steps`` steps, batch by batch.
@@ -277,6 +279,8 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
                 output.
             batch_size: rows per batch (default :attr:`batch_size`).
             progress: unused (the few-step students are fast); accepted for the protocol.
+            skip: draw all ``n`` prior points but yield only rows ``skip`` on (to resume an
+                interrupted draw: the same rows as without it).
             **settings: a subclass's own sampling settings (:meth:`_draw_batch`; F2D2's
                 ``guidance``); the base class has none and raises ``TypeError`` for any.
 
@@ -287,6 +291,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
             ``steps`` network evaluations.
         """
         check_count(n)
+        check_skip(skip, n)
         batch_size = check_batch_size(batch_size) or self.batch_size
         steps = self._steps(steps)
         p = self._param()
@@ -295,7 +300,7 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, n, batch_size):
+            for start in range(skip, n, batch_size):
                 t0, c0 = time.perf_counter(), time.process_time()
                 z = z_all[start : start + batch_size]
                 with torch.no_grad():

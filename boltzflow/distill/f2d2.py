@@ -126,6 +126,7 @@ class F2D2(FlowMapStudent):
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        skip: int = 0,
         guidance: float = 0.0,
     ) -> Iterator[FlowOutput]:
         """:meth:`Student.iter_samples <boltzflow.distill.base.Student.iter_samples>` with
@@ -144,7 +145,13 @@ class F2D2(FlowMapStudent):
         if guidance and self.transform is not None:
             raise ValueError("guidance is implemented for Cartesian F2D2 students only")
         return super().iter_samples(
-            n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, guidance=guidance
+            n,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            skip=skip,
+            guidance=guidance,
         )
 
     def _draw_batch(

@@ -73,6 +73,7 @@ from boltzflow.models.protocol import (
     SamplingMixin,
     check_batch_size,
     check_count,
+    check_skip,
     check_steps,
     check_trained_for,
 )
@@ -511,8 +512,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             solve, both in flow units (``res.x`` not re-projected onto the mean-free subspace).
         """
         check_count(n)
-        if not 0 <= skip <= n:
-            raise ValueError(f"skip must be in [0, n = {n}], got {skip}")
+        skip = check_skip(skip, n)
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
         if prior_scale != 1.0 and self.periodic is not None:
@@ -540,6 +540,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        skip: int = 0,
         **settings: Any,
     ) -> Iterator[FlowOutput]:
         """Yield ``n`` samples with exact (or estimated) log q batch by batch.
@@ -554,6 +555,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             seed: seeds the prior draw (and Hutchinson probes); same seed -> same output.
             batch_size: rows per ODE solve (None: ``sampling["batch_size"]``).
             progress: show a progress bar.
+            skip: yield only rows ``skip`` on (:meth:`push_prior`; to resume a draw).
             **settings: override :attr:`sampling` (``method``, ``atol``, ``rtol``,
                 ``divergence``, ``trace_mode``, ``quadrature_points``).
 
@@ -568,6 +570,7 @@ class TeacherCNF(SamplingMixin, PriorFlowMixin, nn.Module):
             batch_size=batch_size,
             progress=progress,
             desc="sample",
+            skip=skip,
             **settings,
         )
         for xb, res in batches:

@@ -4,8 +4,9 @@ Every model maps prior noise to data and reports the density of what it produced
 
 - ``sample(n, *, steps=None, seed=0, batch_size=None) -> (x (n, dim), log_q (n,))``;
 - ``log_prob(x, *, steps=None, batch_size=None) -> log_q (N,)``;
-- ``iter_samples(n, *, steps, seed, batch_size, progress)`` yields :class:`FlowOutput` batches
-  (samples, log q and cost) and ``sample_with_stats`` concatenates them;
+- ``iter_samples(n, *, steps, seed, batch_size, progress, skip)`` yields :class:`FlowOutput`
+  batches (samples, log q and cost) and ``sample_with_stats`` concatenates them; ``skip`` drops
+  the first rows of the draw (all ``n`` prior points are drawn first), to resume one;
 - ``system`` (the name of the system it was trained for), ``dim``, ``log_q_kind`` (how its log q
   is obtained, one of :data:`LOG_Q_KINDS`), ``uses_steps`` (whether ``steps`` changes the model);
 - ``save(path)`` and ``load(path, *, system=None)``, which refuses a checkpoint trained for
@@ -35,6 +36,7 @@ __all__ = [
     "SamplingMixin",
     "check_batch_size",
     "check_count",
+    "check_skip",
     "check_steps",
     "check_trained_for",
     "system_name",
@@ -166,6 +168,13 @@ def check_steps(steps: Any) -> int | None:
 def check_batch_size(batch_size: Any) -> int | None:
     """``None`` (the model's default) or a positive batch size."""
     return None if batch_size is None else check_count(batch_size, "batch_size")
+
+
+def check_skip(skip: Any, n: int) -> int:
+    """``skip`` (rows of a draw of ``n`` already done) as an int in ``[0, n]``."""
+    if isinstance(skip, bool) or int(skip) != skip or not 0 <= skip <= n:
+        raise ValueError(f"skip must be an int in [0, n = {n}], got {skip!r}")
+    return int(skip)
 
 
 def system_name(system: Any) -> str | None:

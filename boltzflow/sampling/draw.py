@@ -115,6 +115,7 @@ def iter_draws(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool = False,
+    skip: int = 0,
     **settings: Any,
 ) -> Iterator[DrawBatch]:
     """Draw ``n`` samples of ``model`` batch by batch, with energies and log weights.
@@ -128,15 +129,19 @@ def iter_draws(
         batch_size: rows per batch (None: the model's default).
         progress: show progress over the ``n`` samples (a bar on a terminal, periodic lines
             otherwise); the model's own bar stays off.
+        skip: yield only rows ``skip`` on of the ``n`` (to resume a draw; the same rows as
+            without it, the ODE teacher's Hutchinson probes aside).
         **settings: further model settings (the teacher's ODE options).
 
     Yields:
         :class:`DrawBatch` per batch, x ``(B, dim)`` and log q ``(B,)`` as float64 on the CPU.
     """
+    if skip:
+        settings["skip"] = skip
     batches = model.iter_samples(
         n, steps=steps, seed=seed, batch_size=batch_size, progress=False, **settings
     )
-    with Progress(n, desc="sample", unit="sample", enabled=progress) as bar:
+    with Progress(n, initial=skip, desc="sample", unit="sample", enabled=progress) as bar:
         for out in batches:
             x = out.x.detach().cpu().double()
             log_q = out.log_q.detach().cpu().double()
@@ -173,6 +178,7 @@ def write_draws(
     provenance: dict[str, Any],
     atomic: bool = True,
     n_planned: int | None = None,
+    append: bool = False,
 ) -> list[DrawBatch]:
     """Write draws to an HDF5 sample store (:class:`~boltzflow.io.samples.SampleWriter`).
 
@@ -185,6 +191,8 @@ def write_draws(
             False streams into ``path`` itself, keeping every completed batch if interrupted
             (the file is then marked partial, see :func:`~boltzflow.io.samples.read_samples`).
         n_planned: rows asked for (recorded; reported when the file is partial).
+        append: continue the store at ``path`` (not atomic; its provenance is kept, see
+            :class:`~boltzflow.io.samples.SampleWriter` mode ``"a"``).
 
     Returns:
         the batches written (for ESS, cost and further analysis).
@@ -192,7 +200,10 @@ def write_draws(
     done: list[DrawBatch] = []
 
     def write(target: str | os.PathLike[str]) -> None:
-        with SampleWriter(target, dim=dim, provenance=provenance, n_planned=n_planned) as writer:
+        mode = "a" if append else "w"
+        with SampleWriter(
+            target, dim=dim, provenance=provenance, n_planned=n_planned, mode=mode
+        ) as writer:
             for batch in batches:
                 out = batch.out
                 cols: dict[str, Any] = {"log_q": out.log_q}
@@ -205,6 +216,8 @@ def write_draws(
                 writer.append(out.x, **cols)
                 done.append(batch)
 
+    if append and atomic:
+        raise ValueError("append continues a store in place; it cannot be atomic")
     if atomic:
         with atomic_path(path, suffix=".h5") as tmp:
             write(tmp)

@@ -18,6 +18,7 @@ the row counts (K integers) and, with a system, the two log-sum-exps of the Kish
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,13 @@ import torch
 
 from boltzflow import distributed
 from boltzflow.distributed import DistInfo
+from boltzflow.io.samples import read_samples
 from boltzflow.io.shards import shard_path, write_manifest
 from boltzflow.sampling import draw
 from boltzflow.sampling.draw import DrawBatch
 from boltzflow.sampling.reduction import LOCAL, ProcessGroupReduction
 
-__all__ = ["ShardPlan", "ShardedDraw", "shard_plan", "write_sharded_draws"]
+__all__ = ["ShardPlan", "ShardedDraw", "resumable_rows", "shard_plan", "write_sharded_draws"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,31 @@ def shard_plan(output: str | os.PathLike[str], n: int, seed: int, me: DistInfo) 
     return plans
 
 
+def resumable_rows(path: Path, provenance: dict[str, Any]) -> int:
+    """Rows of the store at ``path`` that a resumed draw with ``provenance`` keeps (0: none).
+
+    Raises:
+        ValueError: the store holds another draw (its provenance differs; the message names
+            the keys) or more rows than the draw asks for.
+        InvalidFileError: the store is damaged (:func:`~boltzflow.io.samples.read_samples`).
+    """
+    if not path.exists():
+        return 0
+    old = read_samples(path, allow_partial=True)
+    new = json.loads(json.dumps(dict(provenance), default=str))  # as a store records it
+    stored = old.provenance
+    differ = sorted(k for k in set(new) | set(stored) if new.get(k) != stored.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"cannot resume {path}: it holds another draw ({shown}); remove it or write elsewhere"
+        )
+    n = int(new.get("n", old.n))
+    if old.n > n:
+        raise ValueError(f"cannot resume {path}: it holds {old.n} rows, more than n = {n}")
+    return old.n
+
+
 @dataclass(frozen=True)
 class ShardedDraw:
     """The result of :func:`write_sharded_draws` on one rank.
@@ -111,6 +138,7 @@ def write_sharded_draws(
     batch_size: int | None = None,
     provenance: dict[str, Any],
     progress: bool = False,
+    resume: bool = False,
     **settings: Any,
 ) -> ShardedDraw:
     """Draw ``n`` samples over all ranks and write one store per rank (module docstring).
@@ -125,6 +153,9 @@ def write_sharded_draws(
         provenance: recorded in every store, with ``rank``, ``world_size``, ``rows`` and the
             rank's ``seed`` (``base_seed``: the run's) added under several ranks.
         progress: show progress (rank 0 only).
+        resume: continue this rank's store if it holds rows of the same draw (the same
+            provenance: model, seed, n, settings): its rows are kept and only the rest is drawn
+            (:func:`resumable_rows`); ESS is then of all rows, the batches only the new ones.
 
     Returns:
         this rank's :class:`ShardedDraw`. Every rank must call this (it ends in collectives).
@@ -141,6 +172,7 @@ def write_sharded_draws(
             facts = {"world_size": me.world_size, "n_planned": n, "seed": seed}
             shards = [{**p.to_dict(), "seed": p.seed} for p in plans]
             manifest = write_manifest(output, shards=shards, complete=False, **facts)
+    kept = resumable_rows(plan.path, prov) if resume else 0
     batches = draw.iter_draws(  # looked up at call time (tests replace it)
         model,
         plan.n,
@@ -149,17 +181,27 @@ def write_sharded_draws(
         seed=plan.seed,
         batch_size=batch_size,
         progress=progress and me.is_main,
+        skip=kept,
         **settings,
     )
     plan.path.parent.mkdir(parents=True, exist_ok=True)
     done = draw.write_draws(
-        plan.path, batches, dim=model.dim, provenance=prov, atomic=False, n_planned=plan.n
+        plan.path,
+        batches,
+        dim=model.dim,
+        provenance=prov,
+        atomic=False,
+        n_planned=plan.n,
+        append=kept > 0,
     )
-    written = sum(len(b.out.x) for b in done)
+    written = kept + sum(len(b.out.x) for b in done)
     ess = None
     if system is not None:
         red = ProcessGroupReduction() if me.distributed else LOCAL
-        log_w = torch.cat([b.log_w for b in done]) if done else torch.empty(0)
+        if kept:  # the kept rows' weights are in the store
+            log_w = torch.from_numpy(read_samples(plan.path).log_w)
+        else:
+            log_w = torch.cat([b.log_w for b in done]) if done else torch.empty(0)
         ess = red.kish_ess(log_w.numpy())
     if not me.distributed:
         return ShardedDraw(plan, done, written, ess, None)

@@ -156,6 +156,20 @@ def test_same_seed_same_samples(kind_and_model: tuple[str, Model]) -> None:
     assert not torch.equal(x, x3)
 
 
+def test_skip_yields_the_rest_of_the_same_draw(kind_and_model: tuple[str, Model]) -> None:
+    """``skip`` (a resumed ``boltzflow sample``) gives the rows an uninterrupted draw gives."""
+    _, model = kind_and_model
+    steps = STEPS if model.uses_steps else None
+    full = model.sample_with_stats(6, steps=steps, seed=3, batch_size=2)
+    rest = list(model.iter_samples(6, steps=steps, seed=3, batch_size=2, skip=4))
+    assert len(rest) == 1
+    assert torch.equal(rest[0].x, full.x[4:]) and torch.equal(rest[0].log_q, full.log_q[4:])
+    assert list(model.iter_samples(6, steps=steps, seed=3, skip=6)) == []
+    for bad in (-1, 7, 1.5):
+        with pytest.raises(ValueError, match="skip must be an int in"):
+            next(iter(model.iter_samples(6, steps=steps, seed=3, skip=bad)))
+
+
 @pytest.mark.parametrize("kind", sorted(EXACT))
 def test_log_prob_of_own_samples_is_the_returned_log_q(kind: str) -> None:
     model = build(kind)
