@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from boltzflow.nn.embeddings import TimeEmbedding, broadcast_time
 
-__all__ = ["EGNN", "EGNNLayer", "neighbour_index"]
+__all__ = ["EGNN", "EGNNLayer", "neighbour_index", "neighbours"]
 
 
 def neighbour_index(n: int, device: torch.device | None = None) -> Tensor:
@@ -25,6 +25,16 @@ def neighbour_index(n: int, device: torch.device | None = None) -> Tensor:
     full = torch.arange(n, device=device).expand(n, n)
     mask = ~torch.eye(n, dtype=torch.bool, device=device)
     return full[mask].reshape(n, n - 1)
+
+
+def neighbours(v: Tensor, nbr: Tensor) -> Tensor:
+    """``(B, n, n - 1, F)``: row ``[b, i, k]`` is ``v[b, nbr[i, k]]`` for ``v (B, n, F)``.
+
+    The same values as ``v[:, nbr, :]``; ``index_select`` on the flat index is several times
+    faster on a CPU than advanced indexing (the gathers were a seventh of a student's time).
+    """
+    out = torch.index_select(v, 1, nbr.reshape(-1))
+    return out.reshape(v.shape[0], nbr.shape[0], nbr.shape[1], v.shape[-1])
 
 
 class EGNNLayer(nn.Module):
@@ -59,11 +69,11 @@ class EGNNLayer(nn.Module):
     def forward(self, h: Tensor, x: Tensor, nbr: Tensor) -> tuple[Tensor, Tensor]:
         """Update features ``h (B, n, H)`` and positions ``x (B, n, d)``; ``nbr`` from
         :func:`neighbour_index`."""
-        diff = x[:, :, None, :] - x[:, nbr, :]  # (B, n, n-1, d)
+        diff = x[:, :, None, :] - neighbours(x, nbr)  # (B, n, n-1, d)
         d2 = diff.pow(2).sum(-1, keepdim=True)  # (B, n, n-1, 1)
         a, b = self.edge_in(h).chunk(2, dim=-1)  # (B, n, H) each
         # d2 * w rather than Linear(1, H)(d2): the same map, but batches well under torch.func
-        m = self.edge_mlp(a[:, :, None, :] + b[:, nbr, :] + d2 * self.edge_d2.weight[:, 0])
+        m = self.edge_mlp(a[:, :, None, :] + neighbours(b, nbr) + d2 * self.edge_d2.weight[:, 0])
         if self.attention is not None:
             m = m * self.attention(m)
         w = self.coords_range * torch.tanh(self.coord_mlp(m))
