@@ -114,8 +114,10 @@ class Student(SamplingMixin, PriorFlowMixin, nn.Module, abc.ABC):
     log_q_kind: ClassVar[str] = ""
     #: whether ``steps`` selects the discretisation (False for one-pass flows)
     uses_steps: ClassVar[bool] = True
-    #: default rows per batch of ``sample`` and ``log_prob``
-    batch_size: ClassVar[int] = 4096
+    #: default rows per batch of ``sample`` and ``log_prob``: on one CPU thread 256 rows were
+    #: the fastest or within 10 % of it for the DW4, LJ13 and ALDP students, 4,096 rows up to
+    #: 2 times slower (the EGNN's edge tensors leave the cache; docs/benchmarks.md)
+    batch_size: ClassVar[int] = 256
 
     def __init__(
         self,

@@ -302,7 +302,7 @@ class SampleSpec:
     n: int = 2000
     steps: tuple[int, ...] = (1, 2, 4)
     teacher: bool = True
-    batch_size: int = 4096
+    batch_size: int = 256  # student rows per batch (Student.batch_size: fastest on a CPU)
     teacher_batch_size: int | None = None
 
     def __post_init__(self) -> None:

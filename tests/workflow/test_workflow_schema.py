@@ -69,7 +69,7 @@ def test_defaults_come_from_the_dataclasses(tmp_path):
     assert dataclasses.asdict(wf.data) == data
     assert wf.seed == 0 and wf.threads == 1 and wf.device is None and wf.students == {}
     # the values the quickstart depends on (changing one changes its results)
-    assert (wf.sample.n, wf.sample.steps, wf.sample.batch_size) == (2000, (1, 2, 4), 4096)
+    assert (wf.sample.n, wf.sample.steps, wf.sample.batch_size) == (2000, (1, 2, 4), 256)
     assert wf.benchmark.steps == (1, 2, 4, 8) and (wf.benchmark.n_val, wf.benchmark.n_check) == (
         1000,
         256,
