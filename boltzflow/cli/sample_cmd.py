@@ -128,7 +128,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     drawn = sum(len(b.out.x) for b in result.batches)
     line = f"wrote {result.n} samples to {where}: {provenance['model']}"
     if drawn < result.n:  # a resumed run
-        line += f" ({result.n - drawn} kept from the interrupted run, {drawn} drawn now)"
+        line += f" ({result.n - drawn} already in the file, {drawn} drawn now)"
     if result.batches:
         cost = cost_of(result.batches)
         line += (

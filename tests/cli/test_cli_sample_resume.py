@@ -60,7 +60,7 @@ def test_resume_continues_an_interrupted_draw(
 
     assert _sample(teacher, out, "--resume") == 0
     said = capsys.readouterr().out
-    assert f"wrote {N} samples" in said and f"({2 * BATCH} kept from the interrupted run" in said
+    assert f"wrote {N} samples" in said and f"({2 * BATCH} already in the file" in said
     done = read_samples(out)  # complete now
     assert done.complete and done.n == N
     np.testing.assert_array_equal(done.x, reference.x)
@@ -77,7 +77,7 @@ def test_resume_of_a_complete_file_draws_nothing(
     assert _sample(teacher, out) == 0
     capsys.readouterr()
     assert _sample(teacher, out, "--resume") == 0
-    assert f"({N} kept from the interrupted run, 0 drawn now)" in capsys.readouterr().out
+    assert f"({N} already in the file, 0 drawn now)" in capsys.readouterr().out
     np.testing.assert_array_equal(read_samples(out).x, reference.x)
 
 
