@@ -49,7 +49,14 @@ import boltzflow
 from boltzflow.errors import InvalidFileError, PartialFileError
 from boltzflow.io.atomic import atomic_path
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SampleSet", "SampleWriter", "read_samples"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SampleSet",
+    "SampleWriter",
+    "read_samples",
+    "recorded_provenance",
+]
 
 FORMAT_NAME = "boltzflow-samples"
 FORMAT_VERSION = 2
@@ -68,6 +75,11 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
     ):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
     return arr
+
+
+def recorded_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """``provenance`` as a store records it (JSON round trip; non-JSON values as strings)."""
+    return json.loads(json.dumps(dict(provenance), default=str))
 
 
 def _key(name: str) -> str:
@@ -184,7 +196,7 @@ class SampleWriter:
             raise ValueError(f"n_planned must be a non-negative int or None, got {n_planned!r}")
         self.path = Path(path)
         self.dim = dim
-        self.provenance = json.loads(json.dumps(dict(provenance), default=str))
+        self.provenance = recorded_provenance(provenance)
         self.position_dtype = position_dtype
         self.chunk_rows = int(chunk_rows)
         self.n_planned = None if n_planned is None else int(n_planned)

@@ -18,7 +18,6 @@ the row counts (K integers) and, with a system, the two log-sum-exps of the Kish
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from boltzflow import distributed
 from boltzflow.distributed import DistInfo
-from boltzflow.io.samples import read_samples
+from boltzflow.io.samples import read_samples, recorded_provenance
 from boltzflow.io.shards import shard_path, write_manifest
 from boltzflow.sampling import draw
 from boltzflow.sampling.draw import DrawBatch
@@ -94,7 +93,7 @@ def resumable_rows(path: Path, provenance: dict[str, Any]) -> int:
     if not path.exists():
         return 0
     old = read_samples(path, allow_partial=True)
-    new = json.loads(json.dumps(dict(provenance), default=str))  # as a store records it
+    new = recorded_provenance(provenance)
     stored = old.provenance
     differ = sorted(k for k in set(new) | set(stored) if new.get(k) != stored.get(k))
     if differ:
