@@ -5,6 +5,8 @@
     boltzflow sample runs/dw4_nf -n 10000 -o samples.h5             # NF student: one pass
     boltzflow sample runs/dw4_f2d2 --steps 2 --guidance 0.1 -n 10000 -o samples.h5
                                        # F2D2 with maximum-likelihood self-guidance
+    boltzflow sample runs/lj13_f2d2 --steps 4 --exact-logdet -n 2000 -o exact.h5
+                                       # F2D2 weighted by its map's exact log-det (checks the head)
     boltzflow sample runs/t -n 10000 -o samples.h5 --resume  # continue an interrupted run
 
 Every model kind goes through the one sampling path (:mod:`boltzflow.sampling.draw`): batches
@@ -51,6 +53,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzflow import distributed
     from boltzflow.io.outputs import remove_on_failure
+    from boltzflow.models.protocol import LOG_Q_KINDS
     from boltzflow.sampling.draw import cost_of
     from boltzflow.sampling.sharded import write_sharded_draws
     from boltzflow.systems import load_system
@@ -65,15 +68,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     given = sorted(k for k in settings if k not in ("steps", "batch_size", "threads"))
     if given and not hasattr(model, "sampling"):  # only a teacher has ODE settings
         raise ValueError(f"{given} are ODE settings of a teacher; {args.model} holds a student")
-    if args.guidance is not None:  # F2D2 only (boltzflow.distill.f2d2_guidance)
+    given_f2d2 = {"guidance": args.guidance, "exact_logdet": args.exact_logdet or None}
+    f2d2_settings = {k: v for k, v in given_f2d2.items() if v is not None}
+    if f2d2_settings:  # F2D2 only (boltzflow.distill.f2d2)
         from boltzflow.distill import F2D2
 
         if not isinstance(model, F2D2):
             kind = getattr(model, "student_kind", "teacher_cnf")
-            raise ValueError(
-                f"--guidance is a setting of F2D2 students; {args.model} holds a {kind}"
-            )
-        settings["guidance"] = args.guidance
+            flags = ", ".join("--" + k.replace("_", "-") for k in f2d2_settings)
+            what = "is a setting" if len(f2d2_settings) == 1 else "are settings"
+            raise ValueError(f"{flags} {what} of F2D2 students; {args.model} holds a {kind}")
+        settings.update(f2d2_settings)
     steps = settings.pop("steps", None)
     batch_size = settings.pop("batch_size", None)
     system_name = args.system or model.system
@@ -86,7 +91,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "n": args.n,
         "steps": steps,
         "sampling": settings,
-        "log_q_kind": model.log_q_kind,
+        "log_q_kind": LOG_Q_KINDS["step_logdet"] if args.exact_logdet else model.log_q_kind,
         "log_q": getattr(model, "log_q_convention", None)
         or ("density on the mean-free subspace" if model.mean_free else "density"),
         "energy": energy_provenance_of(system),  # what computed the u column (None: no u)
@@ -181,6 +186,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="F2D2 only: maximum-likelihood self-guidance scale (flow units^2 per nat; "
         "default 0, off); log q stays the exact density of the guided map",
+    )
+    p.add_argument(
+        "--exact-logdet",
+        action="store_true",
+        help="F2D2 only: log q from the exact Jacobian log-determinant of every step the "
+        "sampler takes instead of the divergence head (the same samples; dim reverse passes "
+        "per step): checks the head's importance weights",
     )
     p.add_argument(
         "--resume",

@@ -22,15 +22,18 @@ Targets (the losses below, weighted by :func:`f2d2_loss` with an :class:`F2D2Los
   with the two-jump side as a stop-gradient target;
 - teacher pairs (optional): exact jumps read off cached teacher trajectories.
 
-Sampling takes one setting of its own, ``guidance`` (default 0, off): the paper's maximum-likelihood
-self-guidance, one gradient step of the noise uphill on the student's one-jump log-likelihood
-before the K jumps, with log q the exact density of the guided map
-(:mod:`boltzflow.distill.f2d2_guidance`).
+Sampling takes two settings of its own: ``guidance`` (default 0, off), the paper's
+maximum-likelihood self-guidance, one gradient step of the noise uphill on the student's one-jump
+log-likelihood before the K jumps, with log q the exact density of the guided map
+(:mod:`boltzflow.distill.f2d2_guidance`); and ``exact_logdet`` (default off), log q from the exact
+Jacobian log-determinant of each jump the sampler applies instead of the divergence head
+(:meth:`~boltzflow.distill.flowmap.FlowMapStudent.push_exact`): the same samples, weighted by
+their own density, at FALCON's cost; what checks the head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -128,13 +131,16 @@ class F2D2(FlowMapStudent):
         progress: bool = False,
         skip: int = 0,
         guidance: float = 0.0,
+        exact_logdet: bool = False,
     ) -> Iterator[FlowOutput]:
         """:meth:`Student.iter_samples <boltzflow.distill.base.Student.iter_samples>` with
         maximum-likelihood self-guidance of scale ``guidance`` (flow units squared per nat;
         0: none, the unguided sampler exactly). With guidance each batch costs one more forward
         pass (counted in ``nfe``), a backward pass and the m = (n - 1) d (or dim) Hessian rows
         through it; log q stays the density of what is sampled
-        (:mod:`boltzflow.distill.f2d2_guidance`).
+        (:mod:`boltzflow.distill.f2d2_guidance`). With ``exact_logdet`` the same samples get log q
+        from the exact log-determinant of every jump's Jacobian instead of the divergence head
+        (``event_dim`` reverse-mode products per jump).
 
         Raises:
             ValueError: a negative or non-finite ``guidance`` (at the call), guidance on an
@@ -152,22 +158,29 @@ class F2D2(FlowMapStudent):
             progress=progress,
             skip=skip,
             guidance=guidance,
+            exact_logdet=bool(exact_logdet),
         )
 
     def _draw_batch(
-        self, z: Tensor, steps: int, *, guidance: float = 0.0
+        self, z: Tensor, steps: int, *, guidance: float = 0.0, exact_logdet: bool = False
     ) -> tuple[Tensor, Tensor, int]:
+        push = self.push_exact if exact_logdet else self.push
         if not guidance:
-            return super()._draw_batch(z, steps)
-        y, ladj = self._push_guided(likelihood_guidance(self, z), steps, guidance)
+            y, ladj = push(z, steps)
+            return y, ladj, steps
+        y, ladj = self._push_guided(likelihood_guidance(self, z), steps, guidance, push)
         return y, ladj, steps + 1
 
     def _push_guided(
-        self, field: LikelihoodGuidance, steps: int, guidance: float
+        self,
+        field: LikelihoodGuidance,
+        steps: int,
+        guidance: float,
+        push: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor]:
         # log q = log p(z) - log det(dz'/dz) - ladj_K(z'): the guided ladj relative to p(z)
         z_guided, log_det = field.step(guidance)
-        y, ladj = self.push(z_guided, steps)
+        y, ladj = (push or self.push)(z_guided, steps)
         return y, ladj + log_det
 
     def draw_guided(

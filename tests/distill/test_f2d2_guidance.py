@@ -1,6 +1,7 @@
 """F2D2 maximum-likelihood self-guidance: scale 0 is the unguided sampler, log q is the density
 of the guided map (against closed forms and brute-force Jacobians in float64), bad scales are
-refused, and ``boltzflow sample --guidance`` round-trips.
+refused, and ``boltzflow sample --guidance`` round-trips; ``exact_logdet`` weights the same
+samples by the exact log-det of the map they went through.
 
 The exact model: the autonomous field v(x) = c x^2 (per coordinate) has the flow map
 X(x, s, t) = x / (1 - c (t - s) x), average velocity u = c x^2 / (1 - c h x) and integrated
@@ -283,3 +284,85 @@ def test_guidance_script_on_a_smoke_trained_student(
     assert out["largest_scale"] <= q["q0.1"] <= q["q1"] <= q["q10"] <= q["q50"]
     with pytest.raises(SystemExit):
         module.main([*args, "--guidance", "-0.1"])
+
+
+# -- exact_logdet: the same samples weighted by the exact log-det of the map they went through --
+
+
+def _k_step_map(model: F2D2, steps: int) -> callable:
+    """z (dim,) -> x (dim,): ``steps`` jumps of the student (flow units), projected."""
+
+    def fn(zi: Tensor) -> Tensor:
+        y = zi[None]
+        for k in range(steps):
+            y = model._project(model.jump(y, k / steps, (k + 1) / steps)[0])
+        return y[0]
+
+    return fn
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_exact_logdet_is_the_density_of_the_k_step_map(steps: int) -> None:
+    """On a random mean-free EGNN F2D2 (head untrained): same samples as the head sampler, and
+    log q = log p(z) - log|det B^T J B| of the brute-force Jacobian of the whole K-step map on
+    the mean-free subspace; the head's log q is far from it."""
+    model = _egnn_f2d2()
+    x_head, log_q_head = model.sample(5, steps=steps, seed=2)
+    x, log_q = model.sample(5, steps=steps, seed=2, exact_logdet=True)
+    torch.testing.assert_close(x, x_head, rtol=0, atol=1e-12)
+    z = _noise(model, 5, 2)
+    basis = subspace_basis(model.prior, z)
+    fn = _k_step_map(model, steps)
+    for i in range(5):
+        jac = basis.T @ torch.autograd.functional.jacobian(fn, z[i]) @ basis
+        expected = model.prior.log_prob(z[i : i + 1])[0] - torch.linalg.slogdet(jac)[1]
+        assert abs(float(log_q[i] - expected)) < 1e-9, f"sample {i}"
+    assert float((log_q - log_q_head).abs().max()) > 0.1, "an untrained head matched exactly"
+
+
+def test_exact_logdet_equals_exact_heads_with_and_without_guidance() -> None:
+    """Exact heads (v = C x^2): the head's log q is already the density, so both agree."""
+    model = QuadraticF2D2(3)
+    for guidance in (0.0, 0.3):
+        _, log_q = model.sample(6, steps=2, seed=4, guidance=guidance)
+        _, log_q_exact = model.sample(6, steps=2, seed=4, guidance=guidance, exact_logdet=True)
+        torch.testing.assert_close(log_q_exact, log_q, rtol=0, atol=1e-10)
+
+
+def test_sample_command_takes_exact_logdet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``boltzflow sample --exact-logdet`` writes the library's exact log q and records how
+    log q was obtained; refused for another kind of student."""
+    torch.manual_seed(0)
+    student = F2D2.build(
+        "egnn",
+        prior=MeanFreeGaussian(4, 2),
+        n_particles=4,
+        spatial_dim=2,
+        backbone_options={"hidden": 8, "layers": 1},
+        system="dw4",
+    )
+    student.save(tmp_path / "student.pt")
+    out = tmp_path / "s.h5"
+    args = ["sample", str(tmp_path), "--steps", "2", "-n", "12", "--seed", "1", "-o", str(out)]
+    assert main([*args, "--exact-logdet"]) == 0
+    data = read_samples(out)
+    _, log_q = student.sample(12, steps=2, seed=1, exact_logdet=True)
+    torch.testing.assert_close(torch.as_tensor(data.log_q), log_q.double(), rtol=0, atol=1e-6)
+    assert data.provenance["sampling"] == {"exact_logdet": True}
+    assert data.provenance["log_q_kind"] == "exact step log-det"
+    assert main(args) == 0
+    assert read_samples(out).provenance["log_q_kind"] == "divergence head"
+    other = tmp_path / "falcon"
+    other.mkdir()
+    FALCON.build(
+        "egnn",
+        prior=MeanFreeGaussian(4, 2),
+        n_particles=4,
+        spatial_dim=2,
+        backbone_options={"hidden": 8, "layers": 1},
+        system="dw4",
+    ).save(other / "student.pt")
+    capsys.readouterr()
+    bad = ["sample", str(other), "-n", "5", "-o", str(tmp_path / "f.h5"), "--exact-logdet"]
+    assert main(bad) == 2
+    assert "--exact-logdet is a setting of F2D2 students" in capsys.readouterr().err
