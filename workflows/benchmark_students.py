@@ -20,6 +20,9 @@ student and baseline at 1, 2, 4 and 8 steps it reports
   the same error when the model's ``log_prob`` scores those points (data -> noise);
 - FALCON's inversion error |z - X^-1(X(z))| (median, max) on noise samples, X^-1 its learned
   backward map;
+- for F2D2 at ``--ess-steps`` (unless ``--no-exact-check``): the ESS/N of the same samples
+  with log q from the exact log-determinant of the map they went through instead of the
+  divergence head (``boltzflow sample --exact-logdet``), and the spread of the difference;
 - the spread of ESS/N over ``--ess-seeds`` further sampling seeds at ``--ess-steps`` steps, for
   the students and baselines and (unless ``--no-teacher-ess-seeds``) for the teacher on the
   same prior draws, with each model's ratio to the teacher seed by seed and the ESS/N of all
@@ -200,6 +203,17 @@ def _evaluate(
                 args=args,
             )
         )
+    if kind == "f2d2" and args.exact_check and steps == args.ess_steps:
+        # the same samples weighted by the exact log-det of the map they went through: what the
+        # head's log q is worth as an importance weight (FlowMapStudent.push_exact)
+        _, log_q_exact = model.sample(
+            args.n, steps=steps, seed=args.seed, batch_size=args.batch, exact_logdet=True
+        )
+        lw = sample_log_weights(system, x, log_q_exact)
+        extra.update(
+            ess_fraction_exact_logdet=ess_fraction(lw),
+            logq_head_minus_exact_sd=float((log_q - log_q_exact).double().std()),
+        )
     if kind == "falcon":
         p = model._param()
         z = model.prior.sample(
@@ -263,6 +277,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest="teacher_ess_seeds",
         action="store_false",
         help="skip the teacher on the extra seeds (each costs a full teacher sampling run)",
+    )
+    parser.add_argument(
+        "--no-exact-check",
+        dest="exact_check",
+        action="store_false",
+        help="skip F2D2's ESS/N at --ess-steps with the exact log-det of the same samples in "
+        "place of its divergence head (event_dim reverse passes per step)",
     )
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--seed", type=int, default=11)
@@ -371,6 +392,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if spread:
         text += f"\n\nESS/N over {args.ess_seeds + 1} sampling seeds (N = {args.n} each):\n"
         text += spread
+    checked = [r for r in rows if "ess_fraction_exact_logdet" in r]
+    if checked:
+        text += "\n\nF2D2's divergence head against the exact log-det of the same samples:\n"
+        text += "\n".join(
+            f"- {r['model']} K={r['steps']}: ESS/N {r['ess_fraction']:.4f} with the head, "
+            f"{r['ess_fraction_exact_logdet']:.4f} with the exact log-det; sd of log q "
+            f"(head - exact) {r['logq_head_minus_exact_sd']:.3f} nats"
+            for r in checked
+        )
     print()
     print(
         f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "

@@ -382,6 +382,9 @@ def test_benchmark_script_gives_the_same_molecular_rows(benchmarked, tmp_path):
     }
     rows = {(r["model"], r["steps"]): r for r in saved["rows"]}
     assert set(rows) == set(workflow)
+    exact = rows[("f2d2", 4)]  # --ess-steps: the head against the exact log-det, same samples
+    assert 0 < exact["ess_fraction_exact_logdet"] <= 1 and exact["logq_head_minus_exact_sd"] > 0
+    assert "with the exact log-det" in report["table_markdown"]
     for key in [("f2d2", 1), ("f2d2", 4), ("falcon", 4), ("nf", "-")]:  # same model, seed, N
         a, b = rows[key], workflow[key]
         assert a["ess_fraction"] == pytest.approx(b["ess_fraction"]), key
