@@ -76,7 +76,8 @@ T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
-    """The launcher stopped this rank (SIGTERM), usually because another rank failed."""
+    """SIGTERM stopped this process: the launcher stopping a rank (usually because another rank
+    failed), ``kill``, or a batch scheduler's preemption."""
 
 
 @dataclass(frozen=True)
@@ -231,9 +232,23 @@ def shutdown() -> None:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(
-        f"terminated by signal {signum} (the launcher stops every rank when one fails)"
-    )
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside (main thread only; elsewhere a no-op), SIGTERM raises :class:`Terminated`,
+    so that ``finally`` blocks and writers run as on Ctrl-C: a batch scheduler's SIGTERM before
+    it kills a job (SLURM's preemption, ``kill``, a launcher stopping a rank) leaves closed
+    files, marked partial, instead of an HDF5 file flagged open for writing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -242,20 +257,16 @@ def session(*, timeout: float | None = None, device: str | None = None) -> Itera
 
     While several processes run, SIGTERM raises :class:`Terminated` in the main thread, so that
     the usual clean-up (writers closing their files marked partial) happens. A single process
-    is left exactly as it was.
+    is left as it was (the command line wraps every command in :func:`sigterm_raises`).
     """
     own = not (dist.is_available() and dist.is_initialized())
     me = init(timeout=timeout, device=device)
-    previous = None
-    if me.distributed and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     clean = False
     try:
-        yield me
+        with sigterm_raises() if me.distributed else contextlib.nullcontext():
+            yield me
         clean = True
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if own:
             if clean and me.distributed:
                 # every rank reaches this point before any tears the group down: a rank that

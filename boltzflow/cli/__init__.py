@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or not env.is_main
     quiet_before = set_quiet(True) if quiet else None
     try:
-        with distributed.session():
+        # SIGTERM (kill, a scheduler's preemption, the launcher) stops a command as Ctrl-C does
+        with distributed.sigterm_raises(), distributed.session():
             return int(args.func(args) or 0)
     except distributed.Terminated:
-        print(f"{where}: terminated by the launcher (another rank failed?)", file=sys.stderr)
+        why = " by the launcher (another rank failed?)" if env.distributed else " (SIGTERM)"
+        print(f"{where}: terminated{why}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("boltzflow: interrupted", file=sys.stderr)

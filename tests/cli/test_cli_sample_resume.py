@@ -3,6 +3,8 @@ the file an uninterrupted run writes; a file of another draw is refused, not ext
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,19 @@ def _sample(teacher: Path, out: Path, *extra: str, seed: int = 1) -> int:
     return main([*argv, "--seed", str(seed), *extra])
 
 
-def _interrupt_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
-    """Ctrl-C when the teacher is asked for batch number ``batches`` (0-based) of a draw."""
+def _interrupt_after(
+    monkeypatch: pytest.MonkeyPatch, batches: int, *, sigterm: bool = False
+) -> None:
+    """Ctrl-C (or a real SIGTERM to this process) when the teacher is asked for batch number
+    ``batches`` (0-based) of a draw."""
     original = TeacherCNF.iter_samples
 
     def iter_samples(self: Any, n: int, **kw: Any) -> Iterator[Any]:
         for i, out in enumerate(original(self, n, **kw)):
             if i == batches:
-                raise KeyboardInterrupt
+                if not sigterm:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread
             yield out
 
     monkeypatch.setattr(TeacherCNF, "iter_samples", iter_samples)
@@ -103,4 +110,22 @@ def test_without_resume_the_file_is_replaced(
         _interrupt_after(m, 1)
         assert _sample(teacher, out) == 130
     assert _sample(teacher, out, seed=1) == 0
+    np.testing.assert_array_equal(read_samples(out).x, reference.x)
+
+
+def test_sigterm_stops_the_draw_like_ctrl_c_and_resume_finishes_it(
+    teacher: Path, reference: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``kill`` or a scheduler's preemption: exit 143, the finished batches kept in a closed
+    store marked partial, and ``--resume`` completes the same draw."""
+    out = tmp_path / "s.h5"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3, sigterm=True)
+        assert _sample(teacher, out) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM)" in err and f"kept {3 * BATCH} of {N} samples" in err
+    kept = read_samples(out, allow_partial=True)
+    assert kept.n == 3 * BATCH and not kept.complete
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    assert _sample(teacher, out, "--resume") == 0
     np.testing.assert_array_equal(read_samples(out).x, reference.x)
