@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -213,12 +214,11 @@ def test_other_students_refuse_guidance() -> None:
         falcon.sample(4, steps=1, guidance=0.1)
 
 
-def test_sample_command_takes_guidance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """``boltzflow sample --guidance`` writes the guided sampler's samples and log q (the same
-    as the library's for the same seed) and records the scale; refused for other models and
-    for bad values."""
+def _saved_dw4_student(cls: type, folder: Path) -> Any:
+    """A small random EGNN student of ``cls`` for ``dw4`` saved as ``folder/student.pt``."""
     torch.manual_seed(0)
-    student = F2D2.build(
+    folder.mkdir(exist_ok=True)
+    student = cls.build(
         "egnn",
         prior=MeanFreeGaussian(4, 2),
         n_particles=4,
@@ -226,7 +226,15 @@ def test_sample_command_takes_guidance(tmp_path: Path, capsys: pytest.CaptureFix
         backbone_options={"hidden": 8, "layers": 1},
         system="dw4",
     )
-    student.save(tmp_path / "student.pt")
+    student.save(folder / "student.pt")
+    return student
+
+
+def test_sample_command_takes_guidance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``boltzflow sample --guidance`` writes the guided sampler's samples and log q (the same
+    as the library's for the same seed) and records the scale; refused for other models and
+    for bad values."""
+    student = _saved_dw4_student(F2D2, tmp_path)
     out = tmp_path / "s.h5"
     args = ["sample", str(tmp_path), "--steps", "2", "-n", "20", "--seed", "3", "-o", str(out)]
     assert main([*args, "--guidance", "0.1"]) == 0
@@ -241,15 +249,7 @@ def test_sample_command_takes_guidance(tmp_path: Path, capsys: pytest.CaptureFix
         assert stop.value.code == 2
         assert "--guidance must be a number >= 0" in capsys.readouterr().err
     other = tmp_path / "falcon"
-    other.mkdir()
-    FALCON.build(
-        "egnn",
-        prior=MeanFreeGaussian(4, 2),
-        n_particles=4,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 1},
-        system="dw4",
-    ).save(other / "student.pt")
+    _saved_dw4_student(FALCON, other)
     bad = ["sample", str(other), "-n", "5", "-o", str(tmp_path / "f.h5")]
     assert main([*bad, "--guidance", "0.1"]) == 2
     assert "--guidance is a setting of F2D2 students" in capsys.readouterr().err
@@ -332,16 +332,7 @@ def test_exact_logdet_equals_exact_heads_with_and_without_guidance() -> None:
 def test_sample_command_takes_exact_logdet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``boltzflow sample --exact-logdet`` writes the library's exact log q and records how
     log q was obtained; refused for another kind of student."""
-    torch.manual_seed(0)
-    student = F2D2.build(
-        "egnn",
-        prior=MeanFreeGaussian(4, 2),
-        n_particles=4,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 1},
-        system="dw4",
-    )
-    student.save(tmp_path / "student.pt")
+    student = _saved_dw4_student(F2D2, tmp_path)
     out = tmp_path / "s.h5"
     args = ["sample", str(tmp_path), "--steps", "2", "-n", "12", "--seed", "1", "-o", str(out)]
     assert main([*args, "--exact-logdet"]) == 0
@@ -353,15 +344,7 @@ def test_sample_command_takes_exact_logdet(tmp_path: Path, capsys: pytest.Captur
     assert main(args) == 0
     assert read_samples(out).provenance["log_q_kind"] == "divergence head"
     other = tmp_path / "falcon"
-    other.mkdir()
-    FALCON.build(
-        "egnn",
-        prior=MeanFreeGaussian(4, 2),
-        n_particles=4,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 1},
-        system="dw4",
-    ).save(other / "student.pt")
+    _saved_dw4_student(FALCON, other)
     capsys.readouterr()
     bad = ["sample", str(other), "-n", "5", "-o", str(tmp_path / "f.h5"), "--exact-logdet"]
     assert main(bad) == 2
