@@ -53,7 +53,8 @@ distill``; held-out seeded-MD frames):
         --n 10000 --batch 10000 --teacher-batch 1000 --ess-seeds 0 \\
         --json runs/benchmark_students_aldp.json
 
-Prints the table (markdown) and writes the JSON beside it.
+Prints the table (markdown) and writes the JSON beside it; the JSON is rewritten after every row
+(``"complete": false`` until the run ends), so an interrupted run keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -314,6 +315,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--reference-profile: {err} ({name!r} has none)") from None
     profiles: dict[str, FreeEnergyProfile] = {}
     rows: list[dict[str, Any]] = []
+    json_path = Path(args.json)
+
+    def save_rows() -> None:
+        """The rows so far, written after each one (``complete`` false until the end), so an
+        interrupted run keeps what it measured: on LJ13 the teacher's seeds take an hour."""
+        partial = {"system": name, "settings": vars(args), "rows": rows, "complete": False}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, json.dumps(jsonable(partial), indent=2) + "\n")
 
     # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
     # progress lines (also in a log file): the teacher's exact likelihood is the slow part
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     _add_molecular(row, samples, system=system, mol=mol, profiles=profiles, args=args)
     rows.append(row)
+    save_rows()
     print(f"teacher: ESS/N {ess:.4f}, {args.n / out.seconds:.1f} samples/s", flush=True)
 
     models: list[tuple[str, Any]] = []
@@ -381,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 profiles=profiles,
             )
             rows.append(row)
+            save_rows()
             print(
                 f"{label} K={row['steps']}: ESS/N {row['ess_fraction']:.4f}, "
                 f"{row['samples_per_s']:.0f}/s, median |dlogq| {row['logq_err_median']:.3f}",
@@ -406,7 +417,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{name}: N = {args.n} samples per row, NLL on {len(val)} reference points, "
         f"log q check on {args.n_check} samples, {args.threads} thread(s)"
     )
-    path = Path(args.json)
     molecular = None
     if mol is not None:
         boltzmann = _frames_boltzmann(args.reference)
@@ -414,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         molecular["profiles"] = profiles
         print(molecular["note"])
         if profiles or reference is not None:
-            figure = path.with_name(f"{path.stem}_profile_phi.png")
+            figure = json_path.with_name(f"{json_path.stem}_profile_phi.png")
             molecular["plot"] = str(plot_phi_profiles(figure, profiles, reference))
     print(text)
     report = {
@@ -426,14 +436,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher_sampling": teacher.sampling,
         "rows": rows,
         "table_markdown": text,
+        "complete": True,
     }
     if molecular is not None:
         report["molecular"] = molecular
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(jsonable(report), indent=2) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(jsonable(report), indent=2) + "\n")
     if molecular is not None and "plot" in molecular:
         print(f"\nwrote {molecular['plot']}")
-    print(f"\nwrote {path}")
+    print(f"\nwrote {json_path}")
     return report
 
 

@@ -382,6 +382,7 @@ def test_benchmark_script_gives_the_same_molecular_rows(benchmarked, tmp_path):
     }
     rows = {(r["model"], r["steps"]): r for r in saved["rows"]}
     assert set(rows) == set(workflow)
+    assert saved["complete"] is True
     exact = rows[("f2d2", 4)]  # --ess-steps: the head against the exact log-det, same samples
     assert 0 < exact["ess_fraction_exact_logdet"] <= 1 and exact["logq_head_minus_exact_sd"] > 0
     assert "with the exact log-det" in report["table_markdown"]
@@ -401,6 +402,33 @@ def test_benchmark_script_gives_the_same_molecular_rows(benchmarked, tmp_path):
     assert {"teacher", "f2d2 K=4", "falcon K=4", "nf"} <= set(saved["molecular"]["profiles"])
     figure = Path(saved["molecular"]["plot"])
     assert figure == tmp_path / "bench_profile_phi.png" and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_script_keeps_the_rows_of_an_interrupted_run(benchmarked, tmp_path, monkeypatch):
+    """The JSON is rewritten after every row: a run stopped at the 4-step row keeps the
+    teacher's and the 1-step row, marked incomplete."""
+    out, _ = benchmarked
+    script = _script("benchmark_students")
+    evaluate = script._evaluate
+
+    def stop_at_four_steps(name, model, steps, **kw):
+        if steps == 4:
+            raise KeyboardInterrupt
+        return evaluate(name, model, steps, **kw)
+
+    monkeypatch.setattr(script, "_evaluate", stop_at_four_steps)
+    argv = [
+        *["--teacher", str(out / "teacher"), f"--student=f2d2={out / 'students' / 'f2d2'}"],
+        *[f"--reference={out / 'data/reference.h5'}", "--steps", "1", "4", "--n", "32"],
+        *["--batch", "32", "--n-val", "8", "--n-check", "4", "--ess-seeds", "0"],
+        *["--no-baselines", f"--json={tmp_path / 'bench.json'}"],
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is False
+    assert [(r["model"], r["steps"]) for r in saved["rows"]][1:] == [("f2d2", 1)]
+    assert saved["rows"][0]["model"] == "teacher" and _finite(saved["rows"][0]["ess_fraction"])
 
 
 def test_benchmark_script_names_a_missing_reference_profile(tmp_path):
