@@ -210,7 +210,8 @@ def _evaluate(
         _, log_q_exact = model.sample(
             args.n, steps=steps, seed=args.seed, batch_size=args.batch, exact_logdet=True
         )
-        lw = sample_log_weights(system, x, log_q_exact)
+        # same x, so same energies: only log q changes in log w = -u - log q
+        lw = samples.log_w + (log_q - log_q_exact).double().cpu()
         extra.update(
             ess_fraction_exact_logdet=ess_fraction(lw),
             logq_head_minus_exact_sd=float((log_q - log_q_exact).double().std()),
@@ -317,12 +318,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     json_path = Path(args.json)
 
-    def save_rows() -> None:
-        """The rows so far, written after each one (``complete`` false until the end), so an
-        interrupted run keeps what it measured: on LJ13 the teacher's seeds take an hour."""
-        partial = {"system": name, "settings": vars(args), "rows": rows, "complete": False}
+    def save_rows(complete: bool = False, **extra: Any) -> dict[str, Any]:
+        """The report with the rows so far, written after each row (``complete`` false until
+        the end), so an interrupted run keeps what it measured: on LJ13 the teacher's seeds
+        take an hour."""
+        report = {
+            "system": name,
+            "teacher": str(args.teacher),
+            "students": args.student,
+            "reference": str(args.reference),
+            "settings": vars(args),
+            "teacher_sampling": teacher.sampling,
+            "rows": rows,
+            **extra,
+            "complete": complete,
+        }
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json_path, json.dumps(jsonable(partial), indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(jsonable(report), indent=2) + "\n")
+        return report
 
     # teacher: adaptive ODE with the exact trace, as configured in its checkpoint
     # progress lines (also in a log file): the teacher's exact likelihood is the slow part
@@ -427,21 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figure = json_path.with_name(f"{json_path.stem}_profile_phi.png")
             molecular["plot"] = str(plot_phi_profiles(figure, profiles, reference))
     print(text)
-    report = {
-        "system": name,
-        "teacher": str(args.teacher),
-        "students": args.student,
-        "reference": str(args.reference),
-        "settings": vars(args),
-        "teacher_sampling": teacher.sampling,
-        "rows": rows,
-        "table_markdown": text,
-        "complete": True,
-    }
+    extra: dict[str, Any] = {"table_markdown": text}
     if molecular is not None:
-        report["molecular"] = molecular
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(jsonable(report), indent=2) + "\n")
+        extra["molecular"] = molecular
+    report = save_rows(complete=True, **extra)
     if molecular is not None and "plot" in molecular:
         print(f"\nwrote {molecular['plot']}")
     print(f"\nwrote {json_path}")
