@@ -525,3 +525,18 @@ def test_compiled_matches_eager():
     e_ref, f_ref = eager.energy_and_forces(x)
     torch.testing.assert_close(e, e_ref, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-8)
+    # Compiled chunks run one per thread: the thread count changes no bit, and a graph
+    # through the compiled energy (built in the calling thread) gives the same forces.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        e_one, f_one = compiled.energy_and_forces(x)
+        torch.set_num_threads(2)
+        e_two, f_two = compiled.energy_and_forces(x)
+        assert torch.equal(compiled.energy(x), e_two)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(e_one, e_two) and torch.equal(f_one, f_two)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(compiled.energy(xg).sum(), xg)
+    torch.testing.assert_close(-grad, f_ref, rtol=1e-10, atol=1e-8)
