@@ -45,7 +45,9 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -185,16 +187,18 @@ class _Torsions(nn.Module):
 class _Nonbonded(nn.Module):
     """Σ over interacting pairs of k_e q_i q_j / r + c12 / r¹² − c6 / r⁶ (no cutoff).
 
-    ``pairs`` index the force field's list of all unique pairs (None: all of them);
-    ``coulomb`` = k_e·q_i q_j in kJ/mol·nm, ``c12`` = 4εσ¹², ``c6`` = 4εσ⁶ (exceptions already
-    substituted).
+    Parameters run over the force field's list of all unique pairs: ``coulomb`` = k_e·q_i q_j
+    in kJ/mol·nm, ``c12`` = 4εσ¹², ``c6`` = 4εσ⁶ (exceptions already substituted), zero for
+    pairs that do not interact; ``keep`` marks the interacting pairs (None: all of them).
+    A mask rather than a gather of the interacting pairs' distances: compiled, the gather
+    became an element-by-element load and made this term 3x slower.
     """
 
     def __init__(
-        self, pairs: Tensor | None, coulomb: Tensor, c12: Tensor, c6: Tensor, has_lj: bool
+        self, keep: Tensor | None, coulomb: Tensor, c12: Tensor, c6: Tensor, has_lj: bool
     ) -> None:
         super().__init__()
-        self.register_buffer("pairs", pairs)
+        self.register_buffer("keep", None if keep is None else _column(keep))
         self.register_buffer("coulomb", _column(coulomb))
         self.register_buffer("c12", _column(c12))
         self.register_buffer("c6", _column(c6))
@@ -202,7 +206,11 @@ class _Nonbonded(nn.Module):
 
     def forward(self, pos: Tensor, pair_r: Tensor | None) -> Tensor:
         assert pair_r is not None  # internal: the force field computes it for pairwise terms
-        r = pair_r if self.pairs is None else pair_r.index_select(0, self.pairs)
+        r = pair_r
+        if self.keep is not None:
+            # Pairs with no interaction have zero parameters; r = 1 there keeps them finite
+            # (and their gradient zero) when two such atoms coincide.
+            r = torch.where(self.keep, r, 1.0)
         inv_r = 1.0 / r
         energy = self.coulomb * inv_r
         if self.has_lj:
@@ -378,14 +386,14 @@ def _nonbonded(index: int, force: openmm.NonbondedForce, n: int, pairs: Tensor) 
         sig[slot] = s.value_in_unit(_NM)
         ep[slot] = epsilon.value_in_unit(_KJ)
     keep = (qq != 0.0) | (ep != 0.0)  # pairs fully excluded (or uncharged, no LJ) drop out
-    selected = None if keep.all() else torch.as_tensor(np.flatnonzero(keep))
-    s6 = sig[keep] ** 6
+    qq, ep = np.where(keep, qq, 0.0), np.where(keep, ep, 0.0)
+    s6 = sig**6
     return _Nonbonded(
-        selected,
-        _tensor(ONE_4PI_EPS0 * qq[keep]),
-        _tensor(4.0 * ep[keep] * s6 * s6),
-        _tensor(4.0 * ep[keep] * s6),
-        has_lj=bool((ep[keep] != 0.0).any()),
+        None if keep.all() else torch.as_tensor(keep),
+        _tensor(ONE_4PI_EPS0 * qq),
+        _tensor(4.0 * ep * s6 * s6),
+        _tensor(4.0 * ep * s6),
+        has_lj=bool((ep != 0.0).any()),
     )
 
 
@@ -539,6 +547,31 @@ def _custom_gb(index: int, force: openmm.CustomGBForce, n: int, pairs: Tensor) -
 
 
 # -- the force field ----------------------------------------------------------------------------
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _chunk_pool(threads: int) -> ThreadPoolExecutor:
+    """One process-wide pool of ``threads`` threads for compiled chunks, kept between calls
+    (a thread's first call into a compiled function costs several milliseconds)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != threads:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="boltzflow-ff")
+        return _POOL
+
+
+def _forget_pool() -> None:
+    # A forked child inherits the pool object but not its threads: it makes its own.
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class TorchForceField(nn.Module):
     """Batched potential energy of a compiled ``openmm.System`` (see :func:`compile_openmm_system`).
 
@@ -549,9 +582,11 @@ class TorchForceField(nn.Module):
         pairs: ``(2, n_pairs)`` all unique atom pairs (i < j), or None without pairwise terms.
         temperature: default temperature in K for :meth:`reduced_energy` (None: pass one).
         chunk_size: configurations per evaluation pass (None: :meth:`auto_chunk_size`).
-        compiled: evaluate through ``torch.compile`` (fuses the elementwise work; about 4-7x
-            faster on CPU here, after a one-off compilation of tens of seconds per chunk size,
-            dtype and gradient mode). Chunks are padded to ``chunk_size`` so one shape serves.
+        compiled: evaluate through ``torch.compile`` (fuses the elementwise work; on CPU
+            about 6-12x faster than eager here, after a one-off compilation of 5-20 s per chunk
+            size, dtype and gradient mode). Chunks are padded to ``chunk_size`` so one shape
+            serves; on CPU they run one per thread, ``torch.get_num_threads()`` at a time, in
+            a pool of threads kept for the process.
 
     ``to(device)`` / ``to(dtype)`` move every parameter, as for any ``nn.Module``.
     """
@@ -578,6 +613,7 @@ class TorchForceField(nn.Module):
         self.chunk_size = chunk_size
         self.compiled = compiled
         self._compiled_total: object = None
+        self._compiled_keys: set[tuple[object, ...]] = set()
 
     @property
     def dim(self) -> int:
@@ -671,28 +707,50 @@ class TorchForceField(nn.Module):
             # On CPU: kernels of one thread each, called from a C++ wrapper that releases the
             # GIL, so that _map_chunks can run one chunk per core (the compiler's own OpenMP
             # loops gained only 1.3x from a second core here; one chunk per core gains 2x).
-            options = {"cpp_wrapper": True, "cpp.threads": 1} if pos.device.type == "cpu" else {}
+            # vec_isa_ok: take the SIMD instruction set the CPU reports. Inductor otherwise
+            # confirms it by loading a test library in a child process, which crashed at
+            # random here (torch 2.13) and then silently gave scalar code, 4x slower.
+            options = (
+                {"cpp_wrapper": True, "cpp.threads": 1, "cpp.vec_isa_ok": True}
+                if pos.device.type == "cpu"
+                else {}
+            )
             self._compiled_total = torch.compile(self._total, dynamic=False, options=options)
         return self._compiled_total(pos)[:rows]
 
-    def _map_chunks(self, fn: Callable[[Tensor], _T], chunks: Iterator[Tensor]) -> list[_T]:
+    def _map_chunks(
+        self, fn: Callable[[Tensor], _T], chunks: Iterator[Tensor], key: tuple[object, ...]
+    ) -> list[_T]:
         """``[fn(chunk) for chunk in chunks]``; compiled on CPU, in torch.get_num_threads()
-        threads, at most two chunks per thread in flight (memory stays bounded). The first
-        chunk runs in the calling thread, so any compilation happens there, once."""
+        threads, at most two chunks per thread in flight (memory stays bounded).
+
+        ``key`` names what ``fn`` compiles (pass size, gradient mode): the first chunk of a
+        new key runs in the calling thread, so that compilation happens there, once.
+        """
         threads = torch.get_num_threads()
         if not self.compiled or self.device.type != "cpu" or threads < 2:
             return [fn(chunk) for chunk in chunks]
-        first = next(chunks, None)
-        if first is None:
-            return []
-        results = [fn(first)]
-        with ThreadPoolExecutor(threads, thread_name_prefix="boltzflow-ff") as pool:
-            pending: deque[Future[_T]] = deque()
+        results = []
+        if key not in self._compiled_keys:
+            first = next(chunks, None)
+            if first is None:
+                return []
+            results.append(fn(first))
+            self._compiled_keys.add(key)
+        pool = _chunk_pool(threads)
+        pending: deque[Future[_T]] = deque()
+        try:
             for chunk in chunks:
                 pending.append(pool.submit(fn, chunk))
                 if len(pending) >= 2 * threads:
                     results.append(pending.popleft().result())
             results.extend(future.result() for future in pending)
+        finally:  # on an error or Ctrl-C, drop what has not started and wait for the rest
+            for future in pending:
+                future.cancel()
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()
         return results
 
     def energy_terms(self, x: Tensor, *, chunk_size: int | None = None) -> dict[str, Tensor]:
@@ -730,7 +788,7 @@ class TorchForceField(nn.Module):
                 with torch.no_grad():
                     return self._chunk_energy(chunk, size)
 
-            outs = self._map_chunks(evaluate, chunks)
+            outs = self._map_chunks(evaluate, chunks, (size, "energy"))
         return torch.cat(outs) if outs else x.new_zeros(0, dtype=self.dtype, device=self.device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -754,7 +812,7 @@ class TorchForceField(nn.Module):
                 (grad,) = torch.autograd.grad(e.sum(), xc)
             return e.detach(), -grad
 
-        results = self._map_chunks(evaluate, chunks)
+        results = self._map_chunks(evaluate, chunks, (size, "energy_and_forces"))
         energies, forces = [e for e, _ in results], [f for _, f in results]
         if not energies:
             empty = x.new_zeros(0, dtype=self.dtype, device=self.device)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import multiprocessing
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from openmm import app, unit
 from openmm.app.internal import customgbforces
 
 from boltzflow.constants import kt_kj_per_mol
-from boltzflow.systems import load_system
+from boltzflow.systems import load_system, torch_ff
 from boltzflow.systems.torch_ff import TorchForceField, compile_openmm_system
 
 KJ = unit.kilojoule_per_mole
@@ -540,3 +542,42 @@ def test_compiled_matches_eager():
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(compiled.energy(xg).sum(), xg)
     torch.testing.assert_close(-grad, f_ref, rtol=1e-10, atol=1e-8)
+
+
+def test_compiled_chunks_run_in_threads_in_order_and_errors_propagate():
+    # The thread pool of compiled CPU chunks (no compilation happens: fn is plain Python).
+    ff = compile_openmm_system(_aldp_system("aldp_vacuum"), compiled=True)
+    chunks = [torch.full((3, 1), float(k)) for k in range(9)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen: set[str] = set()
+
+        def tag(chunk: torch.Tensor) -> float:
+            seen.add(threading.current_thread().name)
+            return float(chunk[0, 0])
+
+        assert ff._map_chunks(tag, iter(chunks), ("test", 1)) == list(range(9))
+        assert any(name.startswith("boltzflow-ff") for name in seen)
+
+        def fail_on_five(chunk: torch.Tensor) -> float:
+            if chunk[0, 0] == 5:
+                raise ValueError("chunk five")
+            return float(chunk[0, 0])
+
+        with pytest.raises(ValueError, match="chunk five"):
+            ff._map_chunks(fail_on_five, iter(chunks), ("test", 1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_forked_child_makes_its_own_chunk_pool():
+    torch_ff._chunk_pool(2)
+    assert torch_ff._POOL is not None
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply(_pool_is_unset) is True
+
+
+def _pool_is_unset() -> bool:
+    return torch_ff._POOL is None
