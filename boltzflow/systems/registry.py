@@ -64,6 +64,7 @@ _DEFAULTED_PARAMETERS: dict[str, tuple[str, ...]] = {
         "dtype",
         "device",
         "chunk_size",
+        "compiled",
         "platform",
         "n_workers",
         "threads",

@@ -88,6 +88,14 @@ def test_unknown_backend_is_a_clear_error():
         load_system("aldp", device="gpu7")
     with pytest.raises(ValueError, match="chunk_size"):
         load_system("aldp", chunk_size=-1)
+    with pytest.raises(ValueError, match="compiled must be true or false, got 'yes'"):
+        load_system("aldp", compiled="yes")
+
+
+def test_compiled_option_reaches_the_force_field():
+    # Building does not compile (that happens at the first evaluation).
+    assert load_system("aldp_vacuum", compiled=True).torch_force_field().compiled
+    assert not load_system("aldp_vacuum").torch_force_field().compiled
 
 
 def test_backend_of_a_definition_without_the_key(tmp_path: Path, monkeypatch):
