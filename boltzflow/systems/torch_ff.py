@@ -60,6 +60,7 @@ from openmm import unit
 from torch import Tensor, nn
 
 from boltzflow.constants import kt_kj_per_mol
+from boltzflow.nn.compile import CPU_OPTIONS, cpp_compiler
 
 __all__ = ["ONE_4PI_EPS0", "TorchForceField", "compile_openmm_system"]
 
@@ -707,11 +708,8 @@ class TorchForceField(nn.Module):
             # On CPU: kernels of one thread each, called from a C++ wrapper that releases the
             # GIL, so that _map_chunks can run one chunk per core (the compiler's own OpenMP
             # loops gained only 1.3x from a second core here; one chunk per core gains 2x).
-            # vec_isa_ok: take the SIMD instruction set the CPU reports. Inductor otherwise
-            # confirms it by loading a test library in a child process, which crashed at
-            # random here (torch 2.13) and then silently gave scalar code, 4x slower.
             options = (
-                {"cpp_wrapper": True, "cpp.threads": 1, "cpp.vec_isa_ok": True}
+                {**CPU_OPTIONS, "cpp_wrapper": True, "cpp.threads": 1}
                 if pos.device.type == "cpu"
                 else {}
             )
@@ -866,10 +864,16 @@ def compile_openmm_system(
 
     Raises:
         ValueError: a force or setting the torch force field cannot reproduce exactly; the
-            message names the force (index, class and name).
+            message names the force (index, class and name); ``compiled=True`` on the CPU
+            without a C++ compiler.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if compiled and torch.device(device).type == "cpu" and not cpp_compiler():
+        raise ValueError(
+            "compiled=True on the CPU needs a C++ compiler on PATH (g++, or $CXX); "
+            "use compiled=False"
+        )
     n = system.getNumParticles()
     for a in range(n):
         if system.isVirtualSite(a):

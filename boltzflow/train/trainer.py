@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from boltzflow import distributed
 from boltzflow.io.atomic import atomic_write_text
 from boltzflow.io.checkpoint import load_checkpoint, save_checkpoint
+from boltzflow.nn.compile import CPU_OPTIONS, cpp_compiler
 from boltzflow.progress import Progress
 from boltzflow.train.config import TrainConfig
 from boltzflow.train.prefetch import step_batches
@@ -223,7 +223,7 @@ class Trainer:
                 "train.compile needs a loss whose batches are built ahead (a BatchedLoss, "
                 "such as the teacher's); this model's loss draws its batches inside the step"
             )
-        if config.compile and self.device.type == "cpu" and not _cpp_compiler():
+        if config.compile and self.device.type == "cpu" and not cpp_compiler():
             raise ValueError("train.compile on CPU needs a C++ compiler on PATH (g++, or $CXX)")
         self.out_dir = Path(out_dir)
         self.model_kind = model_kind
@@ -374,7 +374,8 @@ class Trainer:
             stream = step_batches(self.loss_fn.make_batch, self.step, end, cfg.data_workers)
             batch_loss = self.loss_fn.batch_loss
             if cfg.compile:  # the constructor allows compile only here
-                batch_loss = torch.compile(batch_loss)
+                options = CPU_OPTIONS if self.device.type == "cpu" else None
+                batch_loss = torch.compile(batch_loss, options=options)
         ddp = None
         if self.dist.distributed:  # after resume: every rank holds the same weights
             from torch.nn.parallel import DistributedDataParallel
@@ -482,11 +483,6 @@ def _result_keys(cfg: Any) -> Any:
     if not isinstance(cfg, dict):
         return cfg
     return {k: _result_keys(v) for k, v in cfg.items() if k not in _RESULT_NEUTRAL}
-
-
-def _cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend would call, if there is one."""
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
 def _asdict(cfg: Any) -> dict[str, Any]:

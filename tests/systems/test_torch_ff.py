@@ -581,3 +581,11 @@ def test_forked_child_makes_its_own_chunk_pool():
 
 def _pool_is_unset() -> bool:
     return torch_ff._POOL is None
+
+
+def test_compiled_on_cpu_without_a_compiler_is_refused_up_front(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ there
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler on PATH"):
+        compile_openmm_system(_aldp_system("aldp_vacuum"), compiled=True)
+    assert not compile_openmm_system(_aldp_system("aldp_vacuum")).compiled
