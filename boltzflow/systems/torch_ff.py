@@ -729,6 +729,7 @@ class TorchForceField(nn.Module):
         if not self.compiled or self.device.type != "cpu" or threads < 2:
             return [fn(chunk) for chunk in chunks]
         results = []
+        key = (*key, self.dtype, self.device)  # .to() makes a new graph too
         if key not in self._compiled_keys:
             first = next(chunks, None)
             if first is None:
