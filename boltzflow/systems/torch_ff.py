@@ -549,18 +549,20 @@ def _custom_gb(index: int, force: openmm.CustomGBForce, n: int, pairs: Tensor) -
 
 # -- the force field ----------------------------------------------------------------------------
 _POOL: ThreadPoolExecutor | None = None
+_POOL_THREADS = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _chunk_pool(threads: int) -> ThreadPoolExecutor:
     """One process-wide pool of ``threads`` threads for compiled chunks, kept between calls
     (a thread's first call into a compiled function costs several milliseconds)."""
-    global _POOL
+    global _POOL, _POOL_THREADS
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != threads:
+        if _POOL is None or _POOL_THREADS != threads:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
             _POOL = ThreadPoolExecutor(threads, thread_name_prefix="boltzflow-ff")
+            _POOL_THREADS = threads
         return _POOL
 
 
