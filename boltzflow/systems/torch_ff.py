@@ -618,6 +618,23 @@ class TorchForceField(nn.Module):
         self._compiled_total: object = None
         self._compiled_keys: set[tuple[object, ...]] = set()
 
+    def _forget_compiled(self) -> None:
+        self._compiled_total = None
+        self._compiled_keys = set()
+
+    def _apply(self, fn: Callable[..., object], recurse: bool = True) -> TorchForceField:
+        # .to(device / dtype): compile anew, with the options of the new device.
+        out = super()._apply(fn, recurse)
+        self._forget_compiled()
+        return out
+
+    def __getstate__(self) -> dict[str, object]:
+        # A copy (copy.deepcopy, pickle) compiles its own graph: the compiled callable is
+        # bound to this instance.
+        state = dict(super().__getstate__())
+        state.update(_compiled_total=None, _compiled_keys=set())
+        return state
+
     @property
     def dim(self) -> int:
         return 3 * self.n_atoms

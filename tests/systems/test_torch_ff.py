@@ -542,6 +542,12 @@ def test_compiled_matches_eager():
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(compiled.energy(xg).sum(), xg)
     torch.testing.assert_close(-grad, f_ref, rtol=1e-10, atol=1e-8)
+    # A copy, or a move to another dtype, compiles its own graph (not the original's).
+    twin = copy.deepcopy(compiled)
+    assert twin._compiled_total is None and compiled._compiled_total is not None
+    single = copy.deepcopy(compiled).to(torch.float32)
+    assert single._compiled_total is None and not single._compiled_keys
+    torch.testing.assert_close(single.energy(x), e_ref.float(), rtol=1e-4, atol=1e-3)
 
 
 def test_compiled_chunks_run_in_threads_in_order_and_errors_propagate():
