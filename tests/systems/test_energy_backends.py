@@ -70,6 +70,7 @@ def test_default_backend_and_switch_through_load_system(aldp_pair):
     assert (torch_system.backend, openmm_system.backend) == ("torch", "openmm")
     assert torch_system.energy_provenance()["backend"] == "torch"
     assert torch_system.energy_provenance()["dtype"] == "float64"
+    assert torch_system.energy_provenance()["compiled"] is False
     assert openmm_system.energy_provenance()["platform"] == "Reference"
     f32 = load_system("aldp", dtype="float32", chunk_size=16)
     assert f32.energy_dtype == torch.float32 and f32.torch_force_field().chunk_size == 16
@@ -94,7 +95,9 @@ def test_unknown_backend_is_a_clear_error():
 
 def test_compiled_option_reaches_the_force_field():
     # Building does not compile (that happens at the first evaluation).
-    assert load_system("aldp_vacuum", compiled=True).torch_force_field().compiled
+    compiled = load_system("aldp_vacuum", compiled=True)
+    assert compiled.torch_force_field().compiled
+    assert compiled.energy_provenance()["compiled"] is True
     assert not load_system("aldp_vacuum").torch_force_field().compiled
 
 
