@@ -615,12 +615,12 @@ class TorchForceField(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.compiled = compiled
-        self._compiled_total: object = None
-        self._compiled_keys: set[tuple[object, ...]] = set()
+        self._forget_compiled()
 
     def _forget_compiled(self) -> None:
-        self._compiled_total = None
-        self._compiled_keys = set()
+        """No compiled graph yet: the next compiled evaluation compiles (once per key)."""
+        self._compiled_total: object = None
+        self._compiled_keys: set[tuple[object, ...]] = set()
 
     def _apply(self, fn: Callable[..., object], recurse: bool = True) -> TorchForceField:
         # .to(device / dtype): compile anew, with the options of the new device.
@@ -632,8 +632,12 @@ class TorchForceField(nn.Module):
         # A copy (copy.deepcopy, pickle) compiles its own graph: the compiled callable is
         # bound to this instance.
         state = dict(super().__getstate__())
-        state.update(_compiled_total=None, _compiled_keys=set())
+        del state["_compiled_total"], state["_compiled_keys"]
         return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        self._forget_compiled()
 
     @property
     def dim(self) -> int:
