@@ -72,7 +72,8 @@ import torch
 from boltzflow.analysis.free_energy import ReferenceProfile, load_reference_profile
 from boltzflow.analysis.report import jsonable
 from boltzflow.data import load_positions
-from boltzflow.distill import EulerBaseline, load_student
+from boltzflow.distill import FALCON, EulerBaseline, load_student
+from boltzflow.distill.flowmap import FlowMapStudent
 from boltzflow.distill.train_students import teacher_system
 from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.io.atomic import atomic_write_text
@@ -243,6 +244,20 @@ def _evaluate(
     return row
 
 
+def _compile(model: Any, args: argparse.Namespace) -> float | None:
+    """``--compile``: a flow-map student's exact log-det jumps through ``torch.compile``
+    (FALCON's sampler, F2D2's exact check), compiled here by an untimed warm-up draw so that
+    the rows' samples/s exclude the one-off compilation; its seconds, or None."""
+    if not args.compile or not isinstance(model, FlowMapStudent):
+        return None
+    model.set_compiled(True)
+    if not isinstance(model, FALCON):
+        return None  # F2D2 compiles only its exact check, which is not timed
+    start = time.perf_counter()
+    model.sample(min(args.batch, args.n), steps=args.steps[0], seed=args.seed + 7)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=str(ROOT / "runs/dw4_teacher"))
@@ -286,6 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_false",
         help="skip F2D2's ESS/N at --ess-steps with the exact log-det of the same samples in "
         "place of its divergence head (event_dim reverse passes per step)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="students' exact log-det jumps through torch.compile (FALCON's sampler, F2D2's "
+        "exact check; the teacher and the baselines stay eager); the compilation is done by an "
+        "untimed warm-up draw and reported as compile_s",
     )
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--seed", type=int, default=11)
@@ -390,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models.append(("euler (exact step log-det)", EulerBaseline(teacher, logdet="exact")))
     for label, model in models:
         model.eval()
+        compile_s = _compile(model, args)
         for steps in args.steps if model.uses_steps else [None]:
             row = _evaluate(
                 label,
@@ -403,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mol=mol,
                 profiles=profiles,
             )
+            if compile_s is not None:
+                row["compile_s"] = compile_s
             rows.append(row)
             save_rows()
             print(

@@ -65,7 +65,6 @@ from torch.func import jvp
 from boltzflow.distill.base import register_student
 from boltzflow.distill.flowmap import (
     FlowMapStudent,
-    map_and_logdet,
     newton_inverse,
     subspace_basis,
     time_grid,
@@ -150,8 +149,10 @@ class FALCON(FlowMapStudent):
     ) -> tuple[Tensor, Tensor]:
         """``X(x, s, t) (B, dim)`` and ``log|det dX/dx| (B,)`` from the full Jacobian on the
         space the flow lives on (:func:`~boltzflow.distill.flowmap.map_and_logdet`)."""
-        s_b, t_b = _times(s, x), _times(t, x)
-        return map_and_logdet(self.flow_map, x, subspace_basis(self.prior, x), extra=(s_b, t_b))
+        return self.exact_jump(x, _times(s, x), _times(t, x))
+
+    def _exact_map(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        return self.flow_map(x, s, t)
 
     def _jump_ladj(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # push: ladj = sum of the steps' log|det|; pull (the learned backward map):

@@ -32,8 +32,14 @@ def neighbours(v: Tensor, nbr: Tensor) -> Tensor:
 
     The same values as ``v[:, nbr, :]``; ``index_select`` on the flat index is several times
     faster on a CPU than advanced indexing (the gathers were a seventh of a student's time).
+    Under ``torch.compile`` it is advanced indexing instead: with torch 2.13, inductor's code for
+    the reverse-mode product of ``index_select`` under ``vmap`` (the rows of an exact Jacobian)
+    is wrong (docs/benchmarks.md, compiled Jacobians, 2026-12-08), that of indexing is right.
     """
-    out = torch.index_select(v, 1, nbr.reshape(-1))
+    if torch.compiler.is_compiling():
+        out = v[:, nbr.reshape(-1), :]
+    else:
+        out = torch.index_select(v, 1, nbr.reshape(-1))
     return out.reshape(v.shape[0], nbr.shape[0], nbr.shape[1], v.shape[-1])
 
 
