@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from boltzflow.distill.base import Student, prior_from_config, transform_from_config
-from boltzflow.flows.ode import jacobian_rows, over_row_chunks
+from boltzflow.flows.ode import jacobian_rows, over_fixed_chunks, over_row_chunks
 from boltzflow.flows.priors import MeanFreeGaussian, Prior
 from boltzflow.nn import EGNN, MLP, ParticleTransformer, TorusMLP, build_backbone
-from boltzflow.nn.compile import CPU_OPTIONS, cpp_compiler
+from boltzflow.nn.compile import CompiledPaths
 from boltzflow.systems.internal_coords import InternalCoordinates
 
 __all__ = [
@@ -314,7 +314,7 @@ def newton_inverse(
     return x, jac, res
 
 
-class FlowMapStudent(Student):
+class FlowMapStudent(CompiledPaths, Student):
     """A student that is a two-time flow map ``net(t, x, s=s)`` applied in ``steps`` jumps.
 
     Subclasses implement :meth:`_jump_ladj`, one jump with its contribution to
@@ -336,32 +336,6 @@ class FlowMapStudent(Student):
     def __init__(self, net: nn.Module, prior: Prior, **kwargs: Any) -> None:
         super().__init__(prior, **kwargs)
         self.net = net
-        self.compiled = False
-        self._compiled_jump: Callable[..., tuple[Tensor, Tensor]] | None = None
-
-    def set_compiled(self, enabled: bool = True) -> None:
-        """Run the exact log-det jumps of sampling (:meth:`exact_jump` without gradients:
-        FALCON's sampler, F2D2's ``exact_logdet``) through ``torch.compile``: the same values to
-        rounding, 2-2.5 x faster on a CPU for DW4's EGNN (docs/benchmarks.md, compiled
-        Jacobians, 2026-12-08), after a compilation of 10-60 s in each process. Rows go
-        through in :func:`~boltzflow.flows.ode.jacobian_rows` chunks of one compiled shape (a
-        short last chunk is padded). Training (gradients on) always runs eagerly.
-
-        Raises:
-            ValueError: ``enabled`` on a CPU model without a C++ compiler (inductor needs one).
-        """
-        if enabled and self._param().device.type == "cpu" and cpp_compiler() is None:
-            raise ValueError("compiled sampling on CPU needs a C++ compiler on PATH (g++, or $CXX)")
-        self.compiled = bool(enabled)
-        self._compiled_jump = None
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self._compiled_jump = None  # a move or cast compiles its own graph
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # copies compile their own graph
-        return {**dict(super().__getstate__()), "_compiled_jump": None}
 
     def _exact_map(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         """The jump ``x (B, dim)`` -> ``(B, dim)`` whose Jacobian :meth:`exact_jump` takes."""
@@ -369,8 +343,13 @@ class FlowMapStudent(Student):
 
     def exact_jump(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One jump ``s -> t`` (times ``(B,)``) of ``x (B, dim)`` and the exact ``log|det|``
-        ``(B,)`` of its Jacobian on the flow's subspace (:func:`map_and_logdet`), compiled when
-        :attr:`compiled` and gradients are off."""
+        ``(B,)`` of its Jacobian on the flow's subspace (:func:`map_and_logdet`).
+
+        With :meth:`set_compiled` and gradients off (FALCON's sampler, F2D2's ``exact_logdet``)
+        it runs through ``torch.compile`` in :func:`~boltzflow.flows.ode.jacobian_rows` chunks
+        of one shape: the same values to rounding, 2-4 x faster on a CPU after a compilation of
+        10-60 s per process (docs/benchmarks.md, compiled Jacobians, 2026-12-08). Training
+        (gradients on) always runs eagerly."""
         basis = subspace_basis(self.prior, x)
         if self.compiled and not torch.is_grad_enabled():
             return self._exact_jump_compiled(x, s, t, basis)
@@ -379,25 +358,16 @@ class FlowMapStudent(Student):
     def _exact_jump_compiled(
         self, x: Tensor, s: Tensor, t: Tensor, basis: Tensor
     ) -> tuple[Tensor, Tensor]:
-        rows = jacobian_rows(x)
-        if self._compiled_jump is None:
+        def build() -> Callable[..., tuple[Tensor, Tensor]]:
+            # basis depends only on the prior, dtype and device; a cast drops the graph
+            def chunk(xc: Tensor, sc: Tensor, tc: Tensor) -> tuple[Tensor, Tensor]:
+                return map_and_logdet(
+                    self._exact_map, xc, basis, extra=(sc, tc), batch_rows=len(xc)
+                )
 
-            def chunk(xc: Tensor, sc: Tensor, tc: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-                return map_and_logdet(self._exact_map, xc, b, extra=(sc, tc), batch_rows=len(xc))
+            return chunk
 
-            options = CPU_OPTIONS if x.device.type == "cpu" else None
-            self._compiled_jump = torch.compile(chunk, options=options, dynamic=False)
-        compiled = self._compiled_jump
-
-        def part(xc: Tensor, sc: Tensor, tc: Tensor) -> tuple[Tensor, Tensor]:
-            n = len(xc)
-            if n < rows:  # one compiled shape: pad with copies of the first row
-                pad = rows - n
-                xc, sc, tc = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (xc, sc, tc))
-            y, ladj = compiled(xc, sc, tc, basis)
-            return y[:n], ladj[:n]
-
-        y, ladj = over_row_chunks(part, rows, x, s, t)
+        y, ladj = over_fixed_chunks(self._compiled("exact_jump", build), jacobian_rows(x), x, s, t)
         return y, ladj
 
     @classmethod

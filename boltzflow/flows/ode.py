@@ -97,6 +97,23 @@ def over_row_chunks(
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
+def over_fixed_chunks(
+    fn: Callable[..., tuple[Tensor, ...]], rows: int, *tensors: Tensor
+) -> tuple[Tensor, ...]:
+    """:func:`over_row_chunks` with every slice exactly ``rows`` rows long, a short last one
+    padded with copies of its first row and its outputs cut back: one shape for a compiled
+    ``fn``. Rows must be independent of each other in ``fn``."""
+
+    def padded(*chunk: Tensor) -> tuple[Tensor, ...]:
+        n = len(chunk[0])
+        if n == rows:
+            return fn(*chunk)
+        full = (torch.cat([c, c[:1].expand(rows - n, *c.shape[1:])]) for c in chunk)
+        return tuple(out[:n] for out in fn(*full))
+
+    return over_row_chunks(padded, rows, *tensors)
+
+
 @dataclass
 class ODEResult:
     """Outcome of :func:`integrate`.
@@ -252,6 +269,7 @@ def integrate(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     times: Tensor | None = None,
+    trace: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> ODEResult:
     """Integrate ``dx/dt = field(t, x)`` from ``t0`` to ``t1`` with the log-density change.
 
@@ -271,6 +289,10 @@ def integrate(
         times: ``(T,)`` monotone output times, ``T >= 2``, replacing ``t0, t1`` (the solve runs
             from ``times[0]`` to ``times[-1]``); the result then carries the path at them. Not
             with ``divergence="quadrature"``.
+        trace: ``trace(t, x (B, dim)) -> (v (B, dim), div (B,))`` in place of
+            :func:`exact_divergence` for ``"exact"`` and ``"quadrature"`` (e.g. a compiled one,
+            :meth:`boltzflow.flows.cnf.TeacherCNF.set_compiled`); ``trace_mode`` and
+            ``chunk_size`` are then unused.
 
     Returns:
         :class:`ODEResult`.
@@ -295,6 +317,11 @@ def integrate(
         ts = times.to(dtype=x.dtype, device=x.device)
     kwargs = _solver_kwargs(method, atol, rtol, steps, ts)
     counted = _Counted(field)
+    if trace is None:
+
+        def trace(t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            return exact_divergence(field, t, y, mode=trace_mode, chunk_size=chunk_size)
+
     nan = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
 
     with torch.no_grad():
@@ -316,9 +343,7 @@ def integrate(
             path = odeint(counted, x, torch.cat([ts[:1], t_nodes, ts[1:]]), **kwargs)
             delta = torch.zeros_like(nan)
             for k in range(quadrature_points):
-                _, div = exact_divergence(
-                    field, t_nodes[k], path[k + 1], mode=trace_mode, chunk_size=chunk_size
-                )
+                _, div = trace(t_nodes[k], path[k + 1])
                 delta = delta - (t1 - t0) * weights[k] * div
             return ODEResult(
                 path[-1],
@@ -339,9 +364,7 @@ def integrate(
         else:
 
             def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-                v, div = exact_divergence(
-                    field, t, state[0], mode=trace_mode, chunk_size=chunk_size
-                )
+                v, div = trace(t, state[0])
                 return v, -div
 
         counted = _Counted(augmented)

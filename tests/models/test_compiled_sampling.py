@@ -1,6 +1,8 @@
-"""Compiled exact log-det jumps (``FlowMapStudent.set_compiled``): the same samples and log q as
-the eager path for FALCON and F2D2 ``exact_logdet``, short last chunks included; gradients still
-run eagerly; a CPU without a C++ compiler is refused up front; copies drop the compiled graph.
+"""Compiled sampling paths (``set_compiled``): a teacher's exact divergence (both the trace at
+every solver stage and the quadrature after the path) and the exact log-det jumps of FALCON and
+F2D2 ``exact_logdet`` give the eager samples and log q, short last chunks included; gradients
+still run eagerly; a CPU without a C++ compiler is refused up front; copies drop the compiled
+graph; ``boltzflow sample --compile`` records it.
 
 The FALCON check also guards against a torch 2.13 inductor bug found here: the reverse-mode
 product of ``index_select`` under ``vmap`` compiled to wrong Jacobian rows (log-det errors of
@@ -18,8 +20,11 @@ from torch.func import vjp, vmap
 
 from boltzflow.cli import main
 from boltzflow.distill import F2D2, FALCON, flowmap
+from boltzflow.flows import ode
+from boltzflow.flows.cnf import TeacherCNF
 from boltzflow.flows.priors import MeanFreeGaussian
 from boltzflow.io.samples import read_samples
+from boltzflow.nn import compile as compile_module
 from boltzflow.nn.compile import cpp_compiler
 from boltzflow.nn.egnn import neighbour_index, neighbours
 
@@ -54,7 +59,7 @@ def test_compiled_jumps_match_eager(cls: type, monkeypatch: pytest.MonkeyPatch) 
     x0, log_q0 = model.sample(40, steps=3, seed=5, **settings)
     model.set_compiled(True)
     x1, log_q1 = model.sample(40, steps=3, seed=5, **settings)
-    assert model._compiled_jump is not None, "the compiled path was not taken"
+    assert "exact_jump" in model._compiled_fns, "the compiled path was not taken"
     torch.testing.assert_close(x1, x0, rtol=0, atol=1e-10)
     torch.testing.assert_close(log_q1, log_q0, rtol=0, atol=1e-10)
     assert float(log_q0.std()) > 0.1  # the log-dets are far from constant
@@ -79,23 +84,59 @@ def test_compiled_vmap_vjp_of_neighbours_is_exact() -> None:
     torch.testing.assert_close(torch.compile(jac)(x), jac(x), rtol=0, atol=1e-12)
 
 
+def _teacher(divergence: str) -> TeacherCNF:
+    """A random float64 DW4-shaped EGNN 1 x 16 teacher, dopri5 at 1e-6."""
+    torch.manual_seed(3)
+    teacher = TeacherCNF.build(
+        "egnn",
+        dim=8,
+        n_particles=4,
+        spatial_dim=2,
+        mean_free=True,
+        backbone_options={"hidden": 16, "layers": 1},
+        sampling={"atol": 1e-6, "rtol": 1e-6, "divergence": divergence, "trace_mode": "loop"},
+    ).double()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return teacher
+
+
+@needs_compiler
+@pytest.mark.parametrize("divergence", ["exact", "quadrature"])
+def test_compiled_teacher_matches_eager(divergence: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 rows in chunks of 16; the eager side runs the model's own trace mode ("loop")
+    monkeypatch.setattr(ode, "CPU_JACOBIAN_ROWS", 16)
+    teacher = _teacher(divergence)
+    x0, log_q0 = teacher.sample(40, seed=2, batch_size=40)
+    x_val = x0[:10] * 1.1  # other points than the samples, still mean-free
+    lp0 = teacher.log_prob(x_val)
+    teacher.set_compiled(True)
+    x1, log_q1 = teacher.sample(40, seed=2, batch_size=40)
+    assert "trace" in teacher._compiled_fns, "the compiled path was not taken"
+    torch.testing.assert_close(x1, x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(log_q1, log_q0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(teacher.log_prob(x_val), lp0, rtol=0, atol=1e-9)
+    assert float(log_q0.std()) > 0.1
+
+
 def test_compiled_needs_a_cpp_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flowmap, "cpp_compiler", lambda: None)
-    model = _student(FALCON)
-    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
-        model.set_compiled(True)
-    assert not model.compiled
-    model.set_compiled(False)  # turning it off needs nothing
+    monkeypatch.setattr(compile_module, "cpp_compiler", lambda: None)
+    for model in (_student(FALCON), _teacher("exact")):
+        with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+            model.set_compiled(True)
+        assert not model.compiled
+        model.set_compiled(False)  # turning it off needs nothing
 
 
 def test_copies_and_moves_drop_the_compiled_graph() -> None:
     model = _student(FALCON)
-    model.compiled, model._compiled_jump = True, lambda *a: None  # as after a first draw
+    model.compiled, model._compiled_fns = True, {"exact_jump": len}  # as after a first draw
     twin = copy.deepcopy(model)
-    assert twin.compiled and twin._compiled_jump is None
-    assert model._compiled_jump is not None
+    assert twin.compiled and twin._compiled_fns == {}
+    assert model._compiled_fns
     model.float()
-    assert model._compiled_jump is None
+    assert model._compiled_fns == {}
 
 
 @needs_compiler
@@ -134,3 +175,13 @@ def test_sample_command_compile(tmp_path: Path, capsys: pytest.CaptureFixture) -
     bad = ["sample", str(f2d2), "-n", "5", "-o", str(tmp_path / "f.h5"), "--compile"]
     assert main(bad) == 2
     assert "--exact-logdet" in capsys.readouterr().err
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    _teacher("exact").float().save(teacher / "teacher.pt", extra={"run": {"system": "dw4"}})
+    out = tmp_path / "t.h5"
+    args = ["sample", str(teacher), "-n", "6", "-o", str(out), "--compile"]
+    assert main(args) == 0
+    assert read_samples(out).provenance["compiled"] is True
+    bad = [*args[:-1], "--divergence", "hutchinson", "--compile"]
+    assert main(bad) == 2
+    assert "'hutchinson'" in capsys.readouterr().err
