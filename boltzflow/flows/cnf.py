@@ -455,7 +455,7 @@ class TeacherCNF(CompiledPaths, SamplingMixin, PriorFlowMixin, nn.Module):
         self.eval()
         try:
             return integrate(
-                self.net,
+                self._compiled("field", lambda: self.net) if self.compiled else self.net,
                 x,
                 t0=t0,
                 t1=t1,
@@ -477,9 +477,9 @@ class TeacherCNF(CompiledPaths, SamplingMixin, PriorFlowMixin, nn.Module):
         """The exact divergence of :meth:`set_compiled`: velocity and Jacobian trace by
         ``vmap``-stacked reverse-mode products through ``torch.compile``, in
         :func:`~boltzflow.flows.ode.jacobian_rows` chunks of one shape, whatever the model's
-        ``trace_mode``: the same values to rounding, 1.6-2.3 x faster on a CPU (DW4 and LJ13
-        EGNN teachers) after a compilation of 30-40 s per process (docs/benchmarks.md, compiled
-        Jacobians, 2026-12-08). Used for the ``"exact"`` and ``"quadrature"`` divergences."""
+        ``trace_mode`` (docs/benchmarks.md, compiled exact log q, 2026-12-08). Used for the
+        ``"exact"`` and ``"quadrature"`` divergences; the velocity of the position solves
+        (``"quadrature"``, ``"none"``) is compiled apart (one graph per batch size)."""
 
         def build() -> Any:
             def chunk(t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
