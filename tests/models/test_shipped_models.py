@@ -43,6 +43,7 @@ CARDS = [
     pytest.param("aldp-falcon-internal", 0, 10_000, 0.0604, id="aldp-falcon-internal"),
     pytest.param("dw4-teacher", 0, 256, 0.8949, id="dw4-teacher"),
     pytest.param("dw4-f2d2", 2, 10_000, 0.8159, id="dw4-f2d2"),
+    pytest.param("dw4-falcon", 1, 10_000, 0.7799, id="dw4-falcon"),
     pytest.param("lj13-f2d2", 0, 10_000, 0.0963, id="lj13-f2d2"),
     _exact_teacher_card("lj13-teacher", LJ13_ESS, n=2_000),
     _exact_teacher_card("aldp-teacher-internal", TEACHER_ESS),
