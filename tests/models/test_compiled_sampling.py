@@ -31,21 +31,22 @@ from boltzflow.nn.egnn import neighbour_index, neighbours
 needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler")
 
 
-def _student(cls: type, seed: int = 0) -> FALCON | F2D2:
-    """A random float64 EGNN 2 x 16 student on DW4's 4 particles in 2-D, pushed away from the
-    identity (float64: compiled and eager then agree to rounding, far below the bug's 1e-2)."""
-    torch.manual_seed(seed)
+def _student(cls: type, hidden: int = 16, layers: int = 2, push: float = 0.2) -> FALCON | F2D2:
+    """A random float64 EGNN ``layers x hidden`` student on DW4's 4 particles in 2-D, its
+    weights pushed by ``push`` away from the identity map (float64: compiled and eager then
+    agree to rounding, far below the bug's 1e-2)."""
+    torch.manual_seed(0)
     model = cls.build(
         "egnn",
         prior=MeanFreeGaussian(4, 2),
         n_particles=4,
         spatial_dim=2,
-        backbone_options={"hidden": 16, "layers": 2},
+        backbone_options={"hidden": hidden, "layers": layers},
         system="dw4",
     ).double()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(push * torch.randn_like(p))
     return model
 
 
@@ -143,15 +144,7 @@ def test_copies_and_moves_drop_the_compiled_graph() -> None:
 def test_sample_command_compile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``boltzflow sample --compile``: the eager samples to float32 rounding, recorded in the
     provenance; refused for F2D2 without ``--exact-logdet``."""
-    torch.manual_seed(0)
-    model = FALCON.build(
-        "egnn",
-        prior=MeanFreeGaussian(4, 2),
-        n_particles=4,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 1},
-        system="dw4",
-    )
+    model = _student(FALCON, hidden=8, layers=1, push=0.0).float()
     model.save(tmp_path / "student.pt")
     out = tmp_path / "s.h5"
     args = ["sample", str(tmp_path), "--steps", "2", "-n", "20", "-o", str(out), "--compile"]
@@ -163,14 +156,7 @@ def test_sample_command_compile(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert data.provenance["compiled"] is True
     f2d2 = tmp_path / "f2d2"
     f2d2.mkdir()
-    F2D2.build(
-        "egnn",
-        prior=MeanFreeGaussian(4, 2),
-        n_particles=4,
-        spatial_dim=2,
-        backbone_options={"hidden": 8, "layers": 1},
-        system="dw4",
-    ).save(f2d2 / "student.pt")
+    _student(F2D2, hidden=8, layers=1, push=0.0).float().save(f2d2 / "student.pt")
     capsys.readouterr()
     bad = ["sample", str(f2d2), "-n", "5", "-o", str(tmp_path / "f.h5"), "--compile"]
     assert main(bad) == 2
