@@ -157,9 +157,12 @@ def _compile_model(model: Any, args: argparse.Namespace, settings: dict[str, Any
     """``--compile``: a teacher's exact divergence, or the exact log-det jumps of a FALCON
     student (of F2D2 with ``--exact-logdet``), through ``torch.compile``; refused where there
     is nothing to compile."""
+    import sys
+
     from boltzflow.distill import FALCON
     from boltzflow.distill.flowmap import FlowMapStudent
     from boltzflow.flows.cnf import TeacherCNF
+    from boltzflow.progress import is_quiet
 
     if isinstance(model, TeacherCNF):
         divergence = settings.get("divergence") or model.sampling["divergence"]
@@ -179,6 +182,13 @@ def _compile_model(model: Any, args: argparse.Namespace, settings: dict[str, Any
             "--exact-logdet"
         )
     model.set_compiled(True)
+    if not is_quiet():
+        print(
+            "boltzflow sample: --compile: the first batch compiles the exact log q "
+            "(once per process, 20-110 s on a CPU)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _report_interrupted(path: str, n: int) -> None:

@@ -141,9 +141,12 @@ def test_copies_and_moves_drop_the_compiled_graph() -> None:
 
 
 @needs_compiler
-def test_sample_command_compile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sample_command_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``boltzflow sample --compile``: the eager samples to float32 rounding, recorded in the
     provenance; refused for F2D2 without ``--exact-logdet``."""
+    monkeypatch.delenv("BOLTZFLOW_QUIET", raising=False)
     model = _student(FALCON, hidden=8, layers=1, push=0.0).float()
     model.save(tmp_path / "student.pt")
     out = tmp_path / "s.h5"
@@ -154,6 +157,7 @@ def test_sample_command_compile(tmp_path: Path, capsys: pytest.CaptureFixture) -
     torch.testing.assert_close(torch.as_tensor(data.x), x.double(), rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.as_tensor(data.log_q), log_q.double(), rtol=0, atol=1e-4)
     assert data.provenance["compiled"] is True
+    assert "compiles the exact log q" in capsys.readouterr().err  # the one-off wait is announced
     f2d2 = tmp_path / "f2d2"
     f2d2.mkdir()
     _student(F2D2, hidden=8, layers=1, push=0.0).float().save(f2d2 / "student.pt")
