@@ -348,7 +348,7 @@ class FlowMapStudent(CompiledPaths, Student):
         With :meth:`set_compiled` and gradients off (FALCON's sampler, F2D2's ``exact_logdet``)
         it runs through ``torch.compile`` in :func:`~boltzflow.flows.ode.jacobian_rows` chunks
         of one shape: the same values to rounding, 2-4 x faster on a CPU after a compilation of
-        10-60 s per process (docs/benchmarks.md, compiled Jacobians, 2026-12-08). Training
+        20-40 s per process (docs/benchmarks.md, compiled exact log q, 2026-12-08). Training
         (gradients on) always runs eagerly."""
         basis = subspace_basis(self.prior, x)
         if self.compiled and not torch.is_grad_enabled():

@@ -34,7 +34,7 @@ def neighbours(v: Tensor, nbr: Tensor) -> Tensor:
     faster on a CPU than advanced indexing (the gathers were a seventh of a student's time).
     Under ``torch.compile`` it is advanced indexing instead: with torch 2.13, inductor's code for
     the reverse-mode product of ``index_select`` under ``vmap`` (the rows of an exact Jacobian)
-    is wrong (docs/benchmarks.md, compiled Jacobians, 2026-12-08), that of indexing is right.
+    is wrong (docs/benchmarks.md, compiled exact log q, 2026-12-08); that of indexing is right.
     """
     if torch.compiler.is_compiling():
         out = v[:, nbr.reshape(-1), :]
