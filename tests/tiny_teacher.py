@@ -40,19 +40,25 @@ def tiny_data() -> torch.Tensor:
     return base + 0.3 * torch.randn(200, 8, generator=gen)
 
 
-def dw4_like_teacher(folder: Path, sampling: dict | None = None) -> Path:
-    """An untrained DW4-shaped teacher (EGNN 1 x 8, system ``dw4``) saved in ``folder``;
-    ``sampling``: its sampling defaults (default: dopri5 at atol = rtol = 1e-3)."""
-    torch.manual_seed(0)
-    teacher = TeacherCNF.build(
+def dw4_like(sampling: dict, *, hidden: int = 8, seed: int = 0) -> TeacherCNF:
+    """An untrained DW4-shaped teacher (EGNN 1 x ``hidden``, weights seeded by ``seed``) with
+    the sampling defaults ``sampling``."""
+    torch.manual_seed(seed)
+    return TeacherCNF.build(
         "egnn",
         dim=8,
         n_particles=4,
         spatial_dim=2,
         mean_free=True,
-        backbone_options={"hidden": 8, "layers": 1},
-        sampling={"atol": 1e-3, "rtol": 1e-3} if sampling is None else sampling,
+        backbone_options={"hidden": hidden, "layers": 1},
+        sampling=sampling,
     )
+
+
+def dw4_like_teacher(folder: Path, sampling: dict | None = None) -> Path:
+    """An untrained DW4-shaped teacher (EGNN 1 x 8, system ``dw4``) saved in ``folder``;
+    ``sampling``: its sampling defaults (default: dopri5 at atol = rtol = 1e-3)."""
+    teacher = dw4_like({"atol": 1e-3, "rtol": 1e-3} if sampling is None else sampling)
     folder.mkdir()
     teacher.save(folder / "teacher.pt", extra={"run": {"system": "dw4"}})
     return folder

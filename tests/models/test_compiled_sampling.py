@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_teacher import dw4_like
 from torch.func import vjp, vmap
 
 from boltzflow.cli import main
@@ -87,16 +88,8 @@ def test_compiled_vmap_vjp_of_neighbours_is_exact() -> None:
 
 def _teacher(divergence: str) -> TeacherCNF:
     """A random float64 DW4-shaped EGNN 1 x 16 teacher, dopri5 at 1e-6."""
-    torch.manual_seed(3)
-    teacher = TeacherCNF.build(
-        "egnn",
-        dim=8,
-        n_particles=4,
-        spatial_dim=2,
-        mean_free=True,
-        backbone_options={"hidden": 16, "layers": 1},
-        sampling={"atol": 1e-6, "rtol": 1e-6, "divergence": divergence, "trace_mode": "loop"},
-    ).double()
+    sampling = {"atol": 1e-6, "rtol": 1e-6, "divergence": divergence, "trace_mode": "loop"}
+    teacher = dw4_like(sampling, hidden=16, seed=3).double()
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.2 * torch.randn_like(p))
